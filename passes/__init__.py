@@ -1,0 +1,1 @@
+"""Substitution passes: one module per pass (see surgeon.pass_manager.REGISTRY)."""

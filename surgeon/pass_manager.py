@@ -1,0 +1,240 @@
+"""Pass infrastructure: frozen-dataclass passes, a lazy name registry, pipeline specs, ordering.
+
+A pass is a frozen dataclass whose fields are its options; ``name`` is its CLI id. ``call(gm, ctx)``
+rewrites ``gm`` in place (or returns a new module) and returns ``PassResult(gm, modified,
+diagnostics)``. Every site a pass touches is *registered* in the context with the submodules it added,
+so the verification guard can switch a site off (``set_site_active``) and the pipeline can rebuild
+the model with only the kept sites (``PassContext.enabled_sites``).
+
+Pipeline spec grammar: ``name{opt=value,opt=value},name2`` — e.g.
+``attention-fp8{p_bits=8,granularity=head},linear-quant{dtype=int8}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable
+
+import networkx as nx
+from torch import fx, nn
+
+from .errors import SurgeonError
+
+# Lazy registry: importing surgeon does not import every pass (some pull heavy deps).
+REGISTRY: dict[str, str] = {
+    "attention-fp8": "surgeon.passes.attention_fp8:AttentionFP8",
+    "linear-quant": "surgeon.passes.linear_quant:LinearQuant",
+    "norm-fold": "surgeon.passes.norm_fold:NormFold",
+    "norm-gate": "surgeon.passes.norm_gate:NormGate",
+    "flow-fold": "surgeon.passes.flow_fold:FlowFold",
+    "flow-inverse": "surgeon.passes.flow_inverse:FlowInverse",
+}
+
+
+@dataclass
+class Diagnostic:
+    """What a pass decided about one site (or about the graph, when ``site`` is None)."""
+
+    pass_name: str
+    site: str | None
+    status: str  # "applied" | "skipped"
+    reason: str = ""
+    module: str = ""
+    kind: str = ""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PassResult:
+    gm: fx.GraphModule
+    modified: bool
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+
+@dataclass
+class SiteRecord:
+    """A substituted site: the submodules that implement it (switchable for verification)."""
+
+    site: str
+    kind: str
+    module: str
+    pass_name: str
+    submodules: list[str]
+    probe: str | None = None  # name of the node whose value is the site's output (for per-site error)
+    reference: str | None = None  # name of the corresponding node in the original graph
+
+
+@dataclass
+class PassContext:
+    """State shared by the passes of one pipeline run.
+
+    ``enabled_sites``: when not None, passes act only on these site ids (the guard rebuilds the
+    model with the sites it kept). ``records`` collects what each pass substituted.
+    """
+
+    enabled_sites: set[str] | None = None
+    records: dict[str, SiteRecord] = field(default_factory=dict)
+    history: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)  # pipeline-wide: seed, calibration data...
+
+    def wants(self, site_id: str) -> bool:
+        return self.enabled_sites is None or site_id in self.enabled_sites
+
+    def register(self, record: SiteRecord) -> None:
+        self.records[record.site] = record
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base of every pass. Subclasses are frozen dataclasses; their fields are the options."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()  # passes that must run before this one when both run
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fit(self, gm: fx.GraphModule, ctx: PassContext, batches: Iterable[Any]) -> None:
+        """Optional: fit parameters on the fit batches after calibration (default: nothing)."""
+
+    def spec(self) -> str:
+        """The pipeline spec that recreates this pass with its options."""
+        opts = ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        return f"{self.name}{{{opts}}}" if opts else self.name
+
+    def __str__(self) -> str:
+        return self.spec()
+
+
+def pass_class(name: str) -> type[Pass]:
+    """Resolve a registered pass name to its class (imports its module on first use)."""
+    if name not in REGISTRY:
+        raise SurgeonError(f"unknown pass '{name}' (known: {', '.join(sorted(REGISTRY))})")
+    module_name, cls_name = REGISTRY[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise SurgeonError(f"pass '{name}' is not available in this version of surgeon") from exc
+        raise
+    return getattr(module, cls_name)
+
+
+def _coerce(cls: type, f: dataclasses.Field, raw: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    typ = hints.get(f.name, str)
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Literal:
+        for choice in args:
+            if str(choice) == raw:
+                return choice
+        raise SurgeonError(f"option {cls.name}.{f.name}={raw} is not one of {', '.join(map(str, args))}")
+    if origin is typing.Union:  # Optional[X]
+        if raw.lower() in ("none", "null"):
+            return None
+        typ = next(a for a in args if a is not type(None))
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if typ in (int, float):
+            return typ(raw)
+    except ValueError:
+        raise SurgeonError(f"option {cls.name}.{f.name}={raw} is not a valid {typ.__name__}") from None
+    return raw
+
+
+_SPEC = re.compile(r"\s*([A-Za-z0-9_-]+)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
+
+
+def parse_pipeline(spec: str) -> list[Pass]:
+    """Parse ``name{opt=value,...},name2`` into pass instances (options validated)."""
+    if not spec or not spec.strip():
+        raise SurgeonError("empty pass pipeline: name at least one pass (e.g. attention-fp8)")
+    passes: list[Pass] = []
+    pos = 0
+    while pos < len(spec):
+        m = _SPEC.match(spec, pos)
+        if not m or m.end() == pos:
+            raise SurgeonError(f"cannot parse pass pipeline '{spec}' at character {pos + 1}")
+        pos = m.end()
+        name, body = m.group(1), m.group(2)
+        cls = pass_class(name)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for item in filter(None, (s.strip() for s in (body or "").split(","))):
+            if "=" not in item:
+                raise SurgeonError(f"option '{item}' of pass '{name}' must be written key=value")
+            key, raw = (s.strip() for s in item.split("=", 1))
+            if key not in fields:
+                raise SurgeonError(f"unknown option '{key}' for pass '{name}' (options: {', '.join(fields) or 'none'})")
+            kwargs[key] = _coerce(cls, fields[key], raw)
+        try:
+            passes.append(cls(**kwargs))
+        except (ValueError, TypeError) as exc:  # __post_init__ range checks raise ValueError
+            raise SurgeonError(f"pass '{name}': {exc}") from None
+    return passes
+
+
+def order_passes(passes: list[Pass]) -> list[Pass]:
+    """Order by declared requirements (topological), keeping the user's order where free."""
+    g = nx.DiGraph()
+    index = {id(p): i for i, p in enumerate(passes)}
+    by_name: dict[str, list[Pass]] = {}
+    for p in passes:
+        g.add_node(id(p))
+        by_name.setdefault(p.name, []).append(p)
+    for p in passes:
+        for req in p.requires:
+            for q in by_name.get(req, []):
+                g.add_edge(id(q), id(p))
+    try:
+        order = list(nx.lexicographical_topological_sort(g, key=lambda n: index[n]))
+    except nx.NetworkXUnfeasible:
+        raise SurgeonError("pass requirements form a cycle: " + ", ".join(p.name for p in passes)) from None
+    lookup = {id(p): p for p in passes}
+    return [lookup[n] for n in order]
+
+
+class PassManager:
+    """Runs passes in dependency order; a failure names the passes that ran before it."""
+
+    def __init__(self, passes: list[Pass] | str) -> None:
+        self.passes = order_passes(parse_pipeline(passes) if isinstance(passes, str) else list(passes))
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> tuple[fx.GraphModule, PassContext, list[Diagnostic]]:
+        ctx = ctx or PassContext()
+        diags: list[Diagnostic] = []
+        for p in self.passes:
+            try:
+                result = p.call(gm, ctx)
+            except SurgeonError:
+                raise
+            except Exception as exc:
+                before = ", ".join(ctx.history) or "none"
+                raise RuntimeError(f"pass '{p.spec()}' failed (passes run before it: {before}): "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            gm = result.gm
+            gm.graph.lint()
+            gm.recompile()
+            diags += result.diagnostics
+            ctx.history.append(p.name)
+        return gm, ctx, diags
+
+
+def set_site_active(gm: nn.Module, record: SiteRecord, active: bool) -> None:
+    """Switch a substituted site between its substitute (True) and the exact computation (False).
+
+    Every submodule a pass adds honours an ``active`` attribute; inactive means "compute exactly what
+    the original computed" (a quantizer becomes the identity)."""
+    for name in record.submodules:
+        gm.get_submodule(name).active = active

@@ -1,0 +1,1 @@
+"""Exporters: they lower a GraphModule to a deployable file, never rewrite it."""
