@@ -1,0 +1,302 @@
+"""FP8 / INT8 quantize-dequantize custom ops and the ``Quantizer`` module.
+
+The four ops live in the ``surgeon`` namespace and each has a fake (meta) implementation, so
+``torch.export`` captures every quantize and every dequantize as one node that an ONNX exporter can
+lower 1:1 to ``QuantizeLinear`` / ``DequantizeLinear`` (opset 21):
+
+    surgeon::quantize_fp8(x, scale, axis)                  q = saturate_e4m3(x / scale)
+    surgeon::dequantize_fp8(q, scale, axis)                y = float32(q) * scale
+    surgeon::quantize_int8(x, scale, zero_point, axis)     q = clamp(rne(x / scale) + zp, -128, 127)
+    surgeon::dequantize_int8(q, scale, zero_point, axis)   y = (float32(q) - zp) * scale
+
+``scale`` (and ``zero_point``) is 0-d (per tensor, ``axis`` ignored) or 1-d of length
+``x.shape[axis]`` (per channel / per head), exactly ONNX's per-axis semantics. Bit for bit the
+results equal ``onnx.reference`` and onnxruntime (tests/test_quant.py checks 100k+ values including
+±0, subnormals, ±448, values past ±448, ±inf and NaN): the division is a true ``x / scale`` (a
+multiplication by ``1/scale`` rounds differently), saturation maps ±inf and everything past ±448 to
+±448, NaN stays NaN, rounding is to nearest even.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .calibration import Histogram, RunningAmax
+from .errors import SurgeonError
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT8_MAX = 127.0  # symmetric int8: |q| <= 127, so -128 is never produced by a symmetric scale
+
+QDType = Literal["fp8", "int8"]
+Method = Literal["max", "percentile", "mse"]
+
+__all__ = [
+    "FP8_MAX", "INT8_MAX", "Quantizer", "fake_quant", "quantize", "dequantize", "qmax",
+]
+
+
+def qmax(dtype: str) -> float:
+    """Largest magnitude a calibrated clip value is mapped to (448 for fp8, 127 for int8)."""
+    if dtype == "fp8":
+        return FP8_MAX
+    if dtype == "int8":
+        return INT8_MAX
+    raise SurgeonError(f"unknown quantization dtype '{dtype}' (known: fp8, int8)")
+
+
+def _broadcast(p: Tensor, x: Tensor, axis: int, what: str) -> Tensor:
+    """Shape a 0-d / 1-d per-axis parameter so it broadcasts along ``axis`` of ``x`` (ONNX semantics)."""
+    if p.dim() == 0:
+        return p
+    if p.dim() != 1:
+        raise SurgeonError(f"{what} must be 0-d (per tensor) or 1-d (per axis), got shape {tuple(p.shape)}")
+    if not 0 <= axis < x.dim():
+        raise SurgeonError(f"quantization axis {axis} is out of range for a {x.dim()}-d tensor (axis must be non-negative)")
+    if p.shape[0] != x.shape[axis]:
+        raise SurgeonError(f"{what} has {p.shape[0]} entries but dimension {axis} of the tensor has {x.shape[axis]}")
+    return p.reshape([-1] + [1] * (x.dim() - axis - 1))
+
+
+@torch.library.custom_op("surgeon::quantize_fp8", mutates_args=())
+def _quantize_fp8(x: Tensor, scale: Tensor, axis: int) -> Tensor:
+    s = _broadcast(scale, x, axis, "scale").to(torch.float32)
+    # clamp before the cast: torch's e4m3 cast turns |v| >= 464 into NaN, ONNX saturate=1 gives ±448;
+    # clamp keeps NaN as NaN and maps ±inf to ±448, as QuantizeLinear does.
+    return (x.to(torch.float32) / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+@_quantize_fp8.register_fake
+def _(x: Tensor, scale: Tensor, axis: int) -> Tensor:
+    return torch.empty_like(x, dtype=torch.float8_e4m3fn)
+
+
+@torch.library.custom_op("surgeon::dequantize_fp8", mutates_args=())
+def _dequantize_fp8(q: Tensor, scale: Tensor, axis: int) -> Tensor:
+    s = _broadcast(scale, q, axis, "scale").to(torch.float32)
+    return q.to(torch.float32) * s
+
+
+@_dequantize_fp8.register_fake
+def _(q: Tensor, scale: Tensor, axis: int) -> Tensor:
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+@torch.library.custom_op("surgeon::quantize_int8", mutates_args=())
+def _quantize_int8(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+    s = _broadcast(scale, x, axis, "scale").to(torch.float32)
+    zp = _broadcast(zero_point, x, axis, "zero_point").to(torch.float32)
+    # torch.round is round-half-to-even, as ONNX QuantizeLinear specifies. NaN has no int8 image
+    # (ONNX leaves it undefined); map it to the zero point so the result is at least deterministic.
+    v = (torch.round(x.to(torch.float32) / s) + zp).clamp(-128.0, 127.0)
+    return torch.where(torch.isnan(v), zp.expand_as(v), v).to(torch.int8)
+
+
+@_quantize_int8.register_fake
+def _(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+    return torch.empty_like(x, dtype=torch.int8)
+
+
+@torch.library.custom_op("surgeon::dequantize_int8", mutates_args=())
+def _dequantize_int8(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+    s = _broadcast(scale, q, axis, "scale").to(torch.float32)
+    zp = _broadcast(zero_point, q, axis, "zero_point").to(torch.int32)
+    # (q - zp) is an exact small integer, so the float product rounds once, like ONNX.
+    return (q.to(torch.int32) - zp).to(torch.float32) * s
+
+
+@_dequantize_int8.register_fake
+def _(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+def _zero_point(scale: Tensor, zero_point: Tensor | None) -> Tensor:
+    return torch.zeros_like(scale, dtype=torch.int8) if zero_point is None else zero_point
+
+
+def quantize(x: Tensor, scale: Tensor, axis: int = 0, dtype: QDType = "fp8",
+             zero_point: Tensor | None = None) -> Tensor:
+    """Quantize ``x`` with ``scale`` (0-d or 1-d along ``axis``) to float8_e4m3fn or int8."""
+    if dtype == "fp8":
+        return torch.ops.surgeon.quantize_fp8(x, scale, axis)
+    if dtype == "int8":
+        return torch.ops.surgeon.quantize_int8(x, scale, _zero_point(scale, zero_point), axis)
+    raise SurgeonError(f"unknown quantization dtype '{dtype}' (known: fp8, int8)")
+
+
+def dequantize(q: Tensor, scale: Tensor, axis: int = 0, zero_point: Tensor | None = None) -> Tensor:
+    """Dequantize a float8_e4m3fn or int8 tensor to float32 (the dtype follows ``q``)."""
+    if q.dtype == torch.float8_e4m3fn:
+        return torch.ops.surgeon.dequantize_fp8(q, scale, axis)
+    if q.dtype == torch.int8:
+        return torch.ops.surgeon.dequantize_int8(q, scale, _zero_point(scale, zero_point), axis)
+    raise SurgeonError(f"cannot dequantize a {q.dtype} tensor (expected float8_e4m3fn or int8)")
+
+
+def fake_quant(x: Tensor, scale: Tensor | float, axis: int | None = None, dtype: QDType = "fp8",
+               zero_point: Tensor | None = None) -> Tensor:
+    """``dequantize(quantize(x))`` in ``x``'s dtype: the value a quantized runtime would compute with.
+
+    ``axis=None`` means per tensor (``scale`` must then be 0-d)."""
+    if not isinstance(scale, Tensor):
+        scale = torch.tensor(scale, dtype=torch.float32, device=x.device)
+    if axis is None:
+        if scale.dim() != 0:
+            raise SurgeonError(f"a per-tensor scale must be 0-d, got shape {tuple(scale.shape)} (pass axis=)")
+        axis = 0
+    elif axis < 0:
+        axis += x.dim()
+    y = dequantize(quantize(x, scale, axis, dtype, zero_point), scale, axis, zero_point)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+class Quantizer(nn.Module):
+    """A calibrated fake-quantization point: ``x → dq(q(x))`` with a static scale.
+
+    ``mode == "observe"``: record bounded statistics of ``x`` (running amax, and a fixed-size histogram
+    for ``percentile`` / ``mse``) and return ``x`` unchanged. ``finalize()`` turns them into the
+    ``scale`` buffer. ``mode == "quant"``: ``dequantize(quantize(x, scale), scale)`` through the
+    ``surgeon::`` custom ops — what ``torch.export`` captures (``scale`` becomes a constant).
+    ``active = False`` makes the module the identity in every mode (the verification guard's switch).
+
+    ``axis=None`` is per tensor; an int gives one scale per index of that dimension (per channel /
+    per head), its length fixed at the first observation.
+    """
+
+    def __init__(self, dtype: QDType = "fp8", axis: int | None = None, method: Method = "max",
+                 percentile: float = 99.99, bins: int = 2048, name: str = "") -> None:
+        super().__init__()
+        qmax(dtype)  # validates dtype
+        if method not in ("max", "percentile", "mse"):
+            raise SurgeonError(f"unknown calibration method '{method}' (known: max, percentile, mse)")
+        if not 0.0 < percentile <= 100.0:
+            raise SurgeonError(f"percentile must be in (0, 100], got {percentile}")
+        self.dtype: str = dtype
+        self.axis = axis
+        self.method: str = method
+        self.percentile = float(percentile)
+        self.bins = int(bins)
+        self.name = name  # filled in by calibrate() so errors name the module
+        self.mode: str = "observe"
+        self.active: bool = True
+        self.calibrated: bool = False
+        self.amax: RunningAmax | None = None
+        self.hist: Histogram | None = None
+        self.register_buffer("scale", torch.ones((), dtype=torch.float32))
+        if dtype == "int8":
+            self.register_buffer("zero_point", torch.zeros((), dtype=torch.int8))
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_scale(cls, scale: Tensor | float, dtype: QDType = "fp8", axis: int | None = None) -> "Quantizer":
+        """A quantizer with a known scale, already in ``quant`` mode."""
+        q = cls(dtype=dtype, axis=axis)
+        scale = torch.as_tensor(scale, dtype=torch.float32).detach().clone()
+        if axis is None and scale.dim() != 0:
+            raise SurgeonError(f"a per-tensor scale must be 0-d, got shape {tuple(scale.shape)}")
+        if axis is not None and scale.dim() != 1:
+            raise SurgeonError(f"a per-axis scale must be 1-d, got shape {tuple(scale.shape)}")
+        if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+            raise SurgeonError("quantization scales must be finite and positive")
+        q._set_scale(scale)
+        return q
+
+    def _set_scale(self, scale: Tensor) -> None:
+        self.scale = scale.to(self.scale.device, torch.float32)
+        if self.dtype == "int8":
+            self.zero_point = torch.zeros_like(self.scale, dtype=torch.int8)
+        self.calibrated = True
+        self.mode = "quant"
+
+    # -- calibration -------------------------------------------------------------------------------
+    def _axis(self, x: Tensor) -> int | None:
+        if self.axis is None:
+            return None
+        axis = self.axis + x.dim() if self.axis < 0 else self.axis
+        if not 0 <= axis < x.dim():
+            raise SurgeonError(f"quantizer {self.name or ''} axis {self.axis} is out of range for a {x.dim()}-d tensor".replace("  ", " "))
+        return axis
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        """Fold ``x`` into the bounded statistics (memory independent of how many batches)."""
+        axis = self._axis(x)
+        if self.amax is None:
+            self.amax = RunningAmax(axis)
+        self.amax.update(x)
+        if self.method != "max":
+            if self.hist is None:
+                self.hist = Histogram(self.bins, axis=axis)
+            self.hist.update(x)
+
+    def reset(self) -> None:
+        """Forget the statistics (the scale stays until the next ``finalize``)."""
+        self.amax = None
+        self.hist = None
+
+    def merge(self, other: "Quantizer") -> None:
+        """Fold another quantizer's statistics into this one (e.g. from another worker)."""
+        if other.amax is None:
+            return
+        if self.amax is None:
+            self.amax = RunningAmax(other.amax.axis)
+        self.amax.merge(other.amax)
+        if other.hist is not None:
+            if self.hist is None:
+                self.hist = Histogram(other.hist.bins, axis=other.hist.axis)
+            self.hist.merge(other.hist)
+
+    def clip(self) -> Tensor:
+        """The calibrated clip value(s) |x| is mapped to ±qmax from (before the zero guard)."""
+        label = self.name or "a quantizer"
+        if self.amax is None or self.amax.value is None:
+            raise SurgeonError(f"calibration never reached {label}: no statistics to compute its scale from")
+        amax = self.amax.value
+        if not bool(torch.isfinite(amax).all()):
+            raise SurgeonError(f"calibration saw NaN/Inf in {label}")
+        if self.method == "max":
+            return amax
+        assert self.hist is not None
+        if self.method == "percentile":
+            c = self.hist.percentile(self.percentile)
+        else:
+            c = self.hist.mse_clip(self.dtype)
+        return torch.minimum(c.to(amax), amax)
+
+    def finalize(self) -> None:
+        """Compute ``scale`` from the statistics (clip / 448 for fp8, clip / 127 for symmetric int8)
+        and switch to ``quant`` mode."""
+        c = self.clip().to(torch.float32)
+        # A channel that was always 0 quantizes exactly with any scale; 1 keeps dequant finite.
+        scale = torch.where(c > 0, c / qmax(self.dtype), torch.ones_like(c))
+        self._set_scale(scale)
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "observe":
+            self.observe(x)
+            return x
+        if not self.active:
+            return x
+        if not self.calibrated:
+            raise SurgeonError(f"quantizer {self.name or '(unnamed)'} is in quant mode but was never calibrated")
+        axis = self._axis(x)
+        return fake_quant(x, self.scale, axis, self.dtype,
+                          self.zero_point if self.dtype == "int8" else None)
+
+    def extra_repr(self) -> str:
+        parts = [f"dtype={self.dtype}", f"axis={self.axis}", f"method={self.method}"]
+        if self.method == "percentile":
+            parts.append(f"percentile={self.percentile:g}")
+        parts.append(f"mode={self.mode}")
+        if not self.active:
+            parts.append("active=False")
+        if not self.calibrated:
+            parts.append("scale=uncalibrated")
+        elif self.scale.dim() == 0:
+            parts.append(f"scale={self.scale.item():.6g}")
+        else:
+            parts.append(f"scale[{self.scale.numel()}] in [{self.scale.min().item():.4g}, {self.scale.max().item():.4g}]")
+        return ", ".join(parts)
