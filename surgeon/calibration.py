@@ -78,10 +78,13 @@ class RunningAmax:
 class Histogram:
     """Fixed-size histogram of |x| (one row per index of ``axis``, or one row per tensor).
 
-    Row ``c`` covers ``[0, hi[c])`` with ``bins`` equal bins; ``hi`` is a power of two. When a value
-    beyond ``hi`` arrives, ``hi`` doubles as often as needed and each doubling merges adjacent bin
-    pairs, so bin edges stay exact and memory stays ``bins`` counts per row. Non-finite values are
-    counted in ``nonfinite`` and left out of the bins.
+    Row ``c`` covers ``[0, hi[c])`` with ``bins`` equal bins; ``hi`` is the smallest power of two
+    strictly above the largest value seen. When a value ``>= hi`` arrives, ``hi`` doubles as often as
+    needed and each doubling merges adjacent bin pairs, so memory stays ``bins`` counts per row. Bin
+    widths are powers of two, so ``floor(|x| / width)`` is exact and pair-merging commutes with
+    binning: the counts do not depend on how the stream was split into batches, and merging two
+    histograms equals histogramming both streams. Non-finite values are counted in ``nonfinite`` and
+    left out of the bins.
     """
 
     def __init__(self, bins: int = 2048, axis: int | None = None) -> None:
@@ -104,24 +107,21 @@ class Histogram:
             raise SurgeonError(f"histogram along axis {self.axis} has {self.counts.shape[0]} rows, "
                                f"a new batch has {rows}")
 
-    def _grow(self, new_hi: Tensor) -> None:
-        """Raise ``hi`` to at least ``new_hi`` (rows where it is larger) by doubling + pair-merging."""
+    def _grow(self, new_max: Tensor) -> None:
+        """Raise ``hi`` strictly above ``new_max`` where it is not (the smallest power of two)."""
+        assert self.hi is not None
+        need = (new_max >= self.hi) & (new_max > 0)
+        if bool(need.any()):
+            self._rescale(torch.where(need, _pow2_above(new_max), self.hi))
+
+    def _rescale(self, target: Tensor) -> None:
+        """Widen each row's range to ``target`` (a power of two >= ``hi``) by pair-merging bins."""
         assert self.counts is not None and self.hi is not None
-        need = new_hi > self.hi
-        if not bool(need.any()):
-            return
-        empty = need & (self.hi == 0)
-        # a row that has seen only zeros holds them all in bin 0, which stays bin 0 at any range
-        self.hi = torch.where(empty, _pow2_ceil(new_hi), self.hi)
-        grow = need & ~empty
-        if not bool(grow.any()):
-            return
-        k = torch.zeros_like(self.hi, dtype=torch.int64)
-        ratio = torch.where(grow, new_hi / self.hi, torch.ones_like(self.hi))
-        k = torch.where(grow, torch.ceil(torch.log2(ratio)).to(torch.int64), k)
-        # log2 of a ratio just above a power of two may round down: make sure hi·2^k >= new_hi
-        k = torch.where(grow & (self.hi * torch.exp2(k.to(torch.float64)) < new_hi), k + 1, k)
-        self.hi = self.hi * torch.exp2(k.to(torch.float64))
+        # a row that has seen only zeros (hi == 0) holds them in bin 0, which is bin 0 at any range
+        grow = (target > self.hi) & (self.hi > 0)
+        ratio = torch.where(grow, target / torch.where(grow, self.hi, torch.ones_like(self.hi)), 1.0)
+        k = torch.round(torch.log2(ratio)).to(torch.int64)  # exact: both are powers of two
+        self.hi = torch.maximum(self.hi, target)
         half = self.bins // 2
         for step in range(min(int(k.max()), self.bins.bit_length())):
             rows = k > step
@@ -150,7 +150,7 @@ class Histogram:
         self.counts += torch.bincount(idx, minlength=self.counts.numel()).view_as(self.counts)
 
     def merge(self, other: "Histogram") -> None:
-        """Add ``other``'s counts (exact: both ranges are powers of two)."""
+        """Add ``other``'s counts (exact: both ranges are powers of two, so their bins align)."""
         if other.counts is None:
             return
         if other.bins != self.bins:
@@ -159,8 +159,9 @@ class Histogram:
         self._ensure(other.counts.shape[0], other.counts.device)
         theirs = Histogram(other.bins, other.axis)
         theirs.counts, theirs.hi = other.counts.clone(), other.hi.clone()
-        theirs._grow(self.hi)  # type: ignore[arg-type]
-        self._grow(theirs.hi)
+        target = torch.maximum(self.hi, theirs.hi)  # type: ignore[arg-type]
+        theirs._rescale(target)
+        self._rescale(target)
         assert self.counts is not None and self.amax is not None
         self.counts += theirs.counts
         self.amax = torch.maximum(self.amax, other.amax)
@@ -193,9 +194,18 @@ class Histogram:
         """Clip value minimizing the expected squared error of symmetric ``dtype`` quantization
         (``fp8`` e4m3 with scale clip/448, ``int8`` with scale clip/127) over the histogram.
 
-        Each bin's mass sits at its centre; candidates are ``amax · 2^(-i/16)`` (a geometric grid, so
-        that fp8's log-spaced grid is searched as finely near 0.1·amax as near amax), ``amax`` itself
-        included: the result is never worse than max calibration on the histogram."""
+        Candidates are ``amax · 2^(-i/16)``: a geometric grid, so that fp8's log-spaced levels are
+        searched as finely near 0.01·amax as near amax; ``amax`` itself is the first, so the result
+        is never worse than max calibration on the histogram. Per bin of width ``w`` and centre
+        ``m``, with local quantization step ``δ(m)`` (int8: the scale; e4m3: ``2^(e-3)·scale``):
+
+            m > clip   →  (m − clip)²          clipped
+            δ(m) < w   →  δ(m)² / 12           many levels inside the bin: uniform rounding noise
+            otherwise  →  (q(m) − m)²          the bin is narrower than a level: its centre decides
+
+        (evaluating only centres, as pytorch-quantization does, overstates fp8's error on the many
+        small values whose levels are finer than a bin, which biases the search toward large clips).
+        """
         from .quant import FP8_MAX, INT8_MAX  # quant imports this module at import time
 
         if dtype not in ("fp8", "int8"):
@@ -203,8 +213,8 @@ class Histogram:
         counts, hi, amax = self._checked()
         qmax = FP8_MAX if dtype == "fp8" else INT8_MAX
         w = counts.to(torch.float64)
-        centres = ((torch.arange(self.bins, dtype=torch.float64, device=counts.device) + 0.5)[None, :]
-                   * (hi / self.bins)[:, None]).to(torch.float32)
+        width = (hi / self.bins).to(torch.float32)[:, None]
+        centres = (torch.arange(self.bins, dtype=torch.float32, device=counts.device) + 0.5)[None, :] * width
         best_err = torch.full_like(hi, math.inf)
         best = amax.clone()
         for i in range(candidates):
@@ -213,9 +223,14 @@ class Histogram:
             v = centres / scale
             if dtype == "fp8":
                 q = v.clamp(-qmax, qmax).to(torch.float8_e4m3fn).to(torch.float32)
+                # e4m3: 3 mantissa bits; exponents below -6 are subnormal with the step of -6
+                step = torch.exp2(torch.floor(torch.log2(v)).clamp(min=-6.0) - 3.0) * scale
             else:
                 q = torch.round(v).clamp(-qmax, qmax)
-            err = ((q * scale - centres).to(torch.float64) ** 2 * w).sum(dim=1)
+                step = scale.expand_as(v)
+            e = torch.where(step < width, step * step / 12.0, (q * scale - centres) ** 2)
+            e = torch.where(v > qmax, (centres - clip[:, None]) ** 2, e)
+            err = (e.to(torch.float64) * w).sum(dim=1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, clip, best)
@@ -225,10 +240,10 @@ class Histogram:
         return sum(t.numel() * t.element_size() for t in (self.counts, self.hi, self.amax) if t is not None)
 
 
-def _pow2_ceil(v: Tensor) -> Tensor:
-    """Smallest power of two >= v (v > 0), in float64."""
-    p = torch.exp2(torch.ceil(torch.log2(v)))
-    return torch.where(p < v, p * 2, p)
+def _pow2_above(v: Tensor) -> Tensor:
+    """Smallest power of two > v (v > 0), in float64."""
+    p = torch.exp2(torch.floor(torch.log2(v)) + 1)
+    return torch.where(p <= v, p * 2, p)
 
 
 @runtime_checkable

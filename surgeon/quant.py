@@ -14,7 +14,8 @@ lower 1:1 to ``QuantizeLinear`` / ``DequantizeLinear`` (opset 21):
 results equal ``onnx.reference`` and onnxruntime (tests/test_quant.py checks 100k+ values including
 ±0, subnormals, ±448, values past ±448, ±inf and NaN): the division is a true ``x / scale`` (a
 multiplication by ``1/scale`` rounds differently), saturation maps ±inf and everything past ±448 to
-±448, NaN stays NaN, rounding is to nearest even.
+±448, NaN stays NaN, rounding is to nearest even. INT8 saturates ±inf to 127 / -128 and maps NaN to
+-128, as onnxruntime does (the ONNX spec leaves NaN → int8 undefined).
 """
 
 from __future__ import annotations
@@ -88,10 +89,10 @@ def _(q: Tensor, scale: Tensor, axis: int) -> Tensor:
 def _quantize_int8(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
     s = _broadcast(scale, x, axis, "scale").to(torch.float32)
     zp = _broadcast(zero_point, x, axis, "zero_point").to(torch.float32)
-    # torch.round is round-half-to-even, as ONNX QuantizeLinear specifies. NaN has no int8 image
-    # (ONNX leaves it undefined); map it to the zero point so the result is at least deterministic.
+    # torch.round is round-half-to-even, as ONNX QuantizeLinear specifies. NaN has no int8 image in
+    # the spec; onnxruntime and onnx.reference both give -128, and so do we (torch's cast is undefined).
     v = (torch.round(x.to(torch.float32) / s) + zp).clamp(-128.0, 127.0)
-    return torch.where(torch.isnan(v), zp.expand_as(v), v).to(torch.int8)
+    return torch.where(torch.isnan(v), torch.full_like(v, -128.0), v).to(torch.int8)
 
 
 @_quantize_int8.register_fake
