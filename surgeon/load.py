@@ -285,17 +285,17 @@ def _load_factory(source: str) -> LoadedModel:
         except Exception as exc:  # noqa: BLE001 - a module that fails at import time is the user's
             raise SurgeonError(f"cannot import module '{module_name}' of factory '{source}': "
                                f"{_one_line(exc)}") from exc
-    if not hasattr(module, attr):
-        raise SurgeonError(f"module '{module_name}' has no attribute '{attr}' (factory '{source}')")
-    factory = getattr(module, attr)
-    if not callable(factory):
-        raise SurgeonError(f"factory '{source}' is not callable (it is a {type(factory).__name__})")
-    try:
-        result = factory()
-    except SurgeonError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise SurgeonError(f"factory '{source}' raised {_one_line(exc)}") from exc
+        if not hasattr(module, attr):
+            raise SurgeonError(f"module '{module_name}' has no attribute '{attr}' (factory '{source}')")
+        factory = getattr(module, attr)
+        if not callable(factory):
+            raise SurgeonError(f"factory '{source}' is not callable (it is a {type(factory).__name__})")
+        try:
+            result = factory()  # still inside: a factory may import its siblings lazily
+        except SurgeonError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise SurgeonError(f"factory '{source}' raised {_one_line(exc)}") from exc
     inputs = None
     if isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], nn.Module):
         inputs = _as_inputs(result[1])
@@ -539,6 +539,12 @@ def _load_hf(path: Path, source: str, text: str | None) -> LoadedModel:
     if "input_ids" in params:
         tokenizer = _load_tokenizer(transformers, path, source, notes)
         inputs.update(_example_text(model, tokenizer, DEFAULT_TEXT if text is None else text))
+        if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+            # AutoModel of an encoder-decoder (T5, BART) runs both stacks; teacher-forcing the same ids
+            # through the decoder gives it a realistic input of the same shape.
+            inputs["decoder_input_ids"] = inputs["input_ids"].clone()
+            if "decoder_attention_mask" in params and "attention_mask" in inputs:
+                inputs["decoder_attention_mask"] = inputs["attention_mask"].clone()
     elif text is not None:
         _refuse_text(text, source, f"a {type(model).__name__} (no input_ids)")
     if "pixel_values" in params:

@@ -113,6 +113,19 @@ def test_hf_gpt2_without_pad_token_pads_with_fallback(save_hf, hf_tokenizer, tmp
     _assert_same_outputs(loaded.model, original, loaded.example_inputs)
 
 
+def test_hf_encoder_decoder_gets_decoder_inputs(save_hf, hf_tokenizer):
+    torch.manual_seed(7)
+    cfg = transformers.T5Config(vocab_size=len(hf_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                num_heads=4, decoder_start_token_id=0)
+    original = transformers.T5Model(cfg).eval()
+    loaded = load_model(save_hf(original, "t5"))
+    inputs = loaded.example_inputs
+    assert set(inputs) == {"input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"}
+    assert torch.equal(inputs["decoder_input_ids"], inputs["input_ids"])
+    _assert_batch_seq(inputs)
+    original.config.use_cache = False
+    _assert_same_outputs(loaded.model, original, inputs)
+
 def test_hf_vit_dir_gives_pixel_values_and_no_tokenizer(save_hf):
     torch.manual_seed(3)
     cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
