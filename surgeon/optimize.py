@@ -1,0 +1,677 @@
+"""The optimize pipeline: capture → passes → calibrate/fit → guard → rebuild → re-export → report.
+
+Python API::
+
+    result = surgeon.optimize(model, example_inputs, calib=batches, passes="attention-fp8",
+                              tolerance=0.999, metric=None)
+    result.module          # the optimized GraphModule (kept sites only), same inputs/outputs as the model
+    result.report          # the dict written to report.json (docs/report.md)
+    result.save("out/")    # model.pt2 + report.json + report.html, atomically
+
+Stages (each a plain function with a typed result; ``timings_s`` in the report names them):
+
+1. ``capture`` the model (dynamic batch/sequence); the captured ``gm0`` is never modified.
+2. ``prepare_batches``: materialise the calibration batches (inputs only) and validate them before any
+   work: non-empty, finite, same structure/dtype/rank as the example inputs, and accepted by ``gm0``;
+   ``split_batches``: a seeded split into fit and check parts (the check part is never used to fit).
+3. ``apply_passes`` on a copy of ``gm0``; ``fit_passes``: ``calibrate`` then every pass's ``fit``, on
+   the fit batches only.
+4. ``surgeon.verify.guard`` on the check batches: per-site and end-to-end figures, rollback.
+5. ``rebuild``: a fresh copy of ``gm0`` with only the kept sites substituted, calibrated state copied
+   site by site; its end-to-end figures are the reported ones.
+6. ``reexport`` with ``torch.export`` (batch/sequence dynamic where the original accepted any size);
+   ``Result.save`` writes ``OUTDIR`` atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from . import __version__
+from ._inputs import Inputs, as_args_kwargs, call, describe
+from .errors import SurgeonError, ToleranceNotMet
+from .pass_manager import Diagnostic, Pass, PassContext, PassManager, SiteRecord, parse_pipeline, set_site_active
+from .verify import Figures, GuardResult, Metric, Tolerance, guard, measure_model, parse_tolerance
+
+DEFAULT_PASSES = "attention-fp8"
+DEFAULT_CHECK_FRACTION = 0.25
+TEXT_BATCH = 8  # sentences per calibration batch for text models
+TEXT_MAX_LENGTH = 128
+
+
+# --------------------------------------------------------------------------------------------------
+# calibration data
+# --------------------------------------------------------------------------------------------------
+def _items(inputs: Inputs) -> list[tuple[str, Any]]:
+    args, kwargs = as_args_kwargs(inputs)
+    return [(f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+
+
+def _normalise(batch: Any, example: Inputs) -> Inputs:
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, list):
+        return tuple(batch)
+    if isinstance(batch, Mapping) and not isinstance(batch, dict):
+        return dict(batch)  # e.g. a tokenizer's BatchEncoding
+    return batch
+
+
+def _mismatch(batch: Any, example: Inputs) -> str | None:
+    """Why ``batch`` cannot stand in for ``example`` (structure, dtype, rank), or None."""
+    if not isinstance(batch, (tuple, dict)):
+        return f"expected a tuple or dict of inputs, got {type(batch).__name__}"
+    if isinstance(example, dict) != isinstance(batch, dict):
+        want = f"keyword inputs ({', '.join(example)})" if isinstance(example, dict) else f"a tuple of {len(example)} input(s)"
+        got = f"keyword inputs ({', '.join(batch)})" if isinstance(batch, dict) else f"a tuple of {len(batch)} input(s)"
+        return f"expected {want}, got {got}"
+    if isinstance(example, dict) and set(example) != set(batch):
+        return f"expected inputs {', '.join(example)}, got {', '.join(map(str, batch)) or 'none'}"
+    if isinstance(example, tuple) and len(example) != len(batch):
+        return f"expected {len(example)} input(s), got {len(batch)}"
+    ex = dict(_items(example))
+    for name, value in _items(batch):
+        want = ex[name]
+        if isinstance(want, torch.Tensor):
+            if not isinstance(value, torch.Tensor):
+                return f"input '{name}' is a {type(value).__name__}, expected a tensor"
+            if value.dtype != want.dtype:
+                return (f"input '{name}' has dtype {str(value.dtype).replace('torch.', '')}, expected "
+                        f"{str(want.dtype).replace('torch.', '')}")
+            if value.dim() != want.dim():
+                return f"input '{name}' has {value.dim()} dimension(s), expected {want.dim()}"
+        elif type(value) is not type(want) and not (want is None and value is None):
+            return f"input '{name}' is a {type(value).__name__}, expected {type(want).__name__}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _signature(batch: Inputs) -> tuple:
+    return tuple((n, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (n, repr(v)) for n, v in _items(batch))
+
+
+def prepare_batches(calib: Iterable[Any] | None, example_inputs: Inputs, gm0: nn.Module) -> tuple[list[Inputs], bool]:
+    """Materialise and validate the calibration batches: ``(batches, weak)``.
+
+    ``calib=None`` → the example inputs as the only batch (``weak=True``). Batches are numbered from 1
+    in messages. Each distinct shape signature is run once through ``gm0`` (the captured graph's shape
+    guards are what decide whether the model accepts it)."""
+    example = _normalise(example_inputs, example_inputs)
+    if calib is None:
+        return [example], True
+    if isinstance(calib, (torch.Tensor, dict)) or (isinstance(calib, tuple) and calib and isinstance(calib[0], torch.Tensor)):
+        raise SurgeonError("calib must be an iterable of input tuples (or dicts), one per batch — "
+                           "wrap a single batch in a list")
+    batches = [_normalise(b, example) for b in calib]
+    if not batches:
+        raise SurgeonError("calibration data is empty")
+    seen: set[tuple] = set()
+    for i, batch in enumerate(batches, 1):
+        why = _mismatch(batch, example)
+        if why:
+            raise SurgeonError(f"calibration batch {i} does not match the model's inputs: {why}")
+        for name, value in _items(batch):
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise SurgeonError(f"calibration data contains NaN/Inf (batch {i}, input '{name}')")
+        sig = _signature(batch)
+        if sig in seen:
+            continue
+        try:
+            with torch.no_grad():
+                call(gm0, batch)
+        except SurgeonError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure here means the model refuses the batch
+            raise SurgeonError(f"calibration batch {i} does not match the model's inputs: {_first_line(exc)}") from exc
+        seen.add(sig)
+    return batches, False
+
+
+@dataclass
+class Split:
+    """Fit and check batches (indices into the materialised calibration batches, 0-based)."""
+
+    fit: list[Inputs]
+    check: list[Inputs]
+    fit_index: list[int]
+    check_index: list[int]
+    independent: bool  # False when a single batch serves as both
+
+
+def split_batches(batches: Sequence[Inputs], check_fraction: float = DEFAULT_CHECK_FRACTION, seed: int = 0) -> Split:
+    """Seeded split: ``round(n·check_fraction)`` check batches, at least one of each when n ≥ 2."""
+    n = len(batches)
+    if not 0.0 < check_fraction < 1.0:
+        raise SurgeonError(f"check fraction must be in (0, 1), got {check_fraction}")
+    if n == 1:
+        return Split([batches[0]], [batches[0]], [0], [0], False)
+    n_check = min(max(1, round(n * check_fraction)), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    check_index = sorted(perm[:n_check])
+    fit_index = sorted(perm[n_check:])
+    return Split([batches[i] for i in fit_index], [batches[i] for i in check_index], fit_index, check_index, True)
+
+
+def _batch_size(batch: Inputs) -> int:
+    for _, v in _items(batch):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    return 1
+
+
+# --------------------------------------------------------------------------------------------------
+# passes, fitting, rebuild
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Applied:
+    """A rewritten copy of the captured graph and what the passes recorded."""
+
+    gm: fx.GraphModule
+    ctx: PassContext
+    diagnostics: list[Diagnostic]
+    passes: list[Pass]
+
+
+def resolve_passes(passes: str | Pass | Sequence[Pass]) -> list[Pass]:
+    if isinstance(passes, str):
+        return parse_pipeline(passes)
+    if isinstance(passes, Pass):
+        return [passes]
+    out = list(passes)
+    if not out:
+        raise SurgeonError("empty pass pipeline: name at least one pass (e.g. attention-fp8)")
+    return out
+
+
+def apply_passes(gm0: fx.GraphModule, passes: Sequence[Pass], seed: int = 0) -> Applied:
+    """Run the pipeline on a deep copy of ``gm0`` (which stays untouched)."""
+    manager = PassManager(list(passes))
+    gm, ctx, diags = manager.run(copy.deepcopy(gm0), PassContext(options={"seed": seed}))
+    return Applied(gm, ctx, diags, manager.passes)
+
+
+def fit_passes(applied: Applied, fit: Sequence[Inputs], *, progress: bool = False) -> dict:
+    """Calibrate every calibratable on the fit batches, then run each pass's ``fit``."""
+    from .calibration import calibratables, calibrate
+
+    info: dict[str, Any] = {"calibrated": 0}
+    torch.manual_seed(int(applied.ctx.options.get("seed", 0)))
+    if calibratables(applied.gm):
+        stats = calibrate(applied.gm, list(fit), desc="calibrating", progress=progress)
+        info = stats.to_json()
+    for p in applied.passes:
+        p.fit(applied.gm, applied.ctx, list(fit))
+    return info
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, leaf, module)
+
+
+def rebuild(gm0: fx.GraphModule, applied: Applied, kept: Sequence[str]) -> tuple[fx.GraphModule, PassContext]:
+    """A fresh copy of ``gm0`` with only the ``kept`` sites substituted, carrying their fitted state.
+
+    State is copied site by site through the ``SiteRecord``s (the i-th submodule of a site's record in
+    the fitted graph → the i-th of the same site in the rebuilt one): a pass may number its submodules
+    by position, so equal names need not mean the same site once some are left out."""
+    from .calibration import calibratables
+
+    ctx = PassContext(enabled_sites=set(kept), options=dict(applied.ctx.options))
+    final, ctx, _ = PassManager(applied.passes).run(copy.deepcopy(gm0), ctx)
+    if set(ctx.records) != set(kept):
+        raise RuntimeError(f"rebuilding with the kept sites registered {sorted(ctx.records)} instead of "
+                           f"{sorted(kept)}: a pass ignores PassContext.enabled_sites")
+    covered: set[str] = set()
+    for site in kept:
+        src, dst = applied.ctx.records[site], ctx.records[site]
+        if len(src.submodules) != len(dst.submodules):
+            raise RuntimeError(f"site {site}: the pass added {len(dst.submodules)} submodule(s) on rebuild, "
+                               f"{len(src.submodules)} before")
+        for s, d in zip(src.submodules, dst.submodules):
+            _set_submodule(final, d, copy.deepcopy(applied.gm.get_submodule(s)))
+            covered.add(d)
+    for name, module in calibratables(final):
+        if any(name == c or name.startswith(c + ".") for c in covered):
+            continue
+        try:
+            source = applied.gm.get_submodule(name)
+        except AttributeError:
+            source = None
+        if source is None or type(source) is not type(module):
+            raise RuntimeError(f"calibratable '{name}' of the rebuilt model has no fitted counterpart")
+        _set_submodule(final, name, copy.deepcopy(source))
+    for record in ctx.records.values():
+        set_site_active(final, record, True)
+    for _, module in calibratables(final):
+        module.mode = "quant"
+    final.recompile()
+    return final, ctx
+
+
+# --------------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    """Outputs as built-in containers: a ModelOutput (a Mapping) or namedtuple becomes a dict."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return {k: _plain(v) for k, v in value._asdict().items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+@contextmanager
+def plain_outputs(gm: fx.GraphModule, example_inputs: Inputs) -> Iterator[bool]:
+    """Temporarily make an exported GraphModule return built-in containers (dict for a ModelOutput).
+
+    A ``.pt2`` whose output spec names a library class (transformers' ModelOutput) only loads in a
+    process that imported that class first; with dicts it loads with torch alone."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None or info.out_spec is None:
+        yield False
+        return
+    with torch.no_grad():
+        out = call(gm, example_inputs)
+    _, spec = pytree.tree_flatten(_plain(out))
+    if spec == info.out_spec or spec.num_leaves != info.out_spec.num_leaves:
+        yield False
+        return
+    old_attr = getattr(gm, "_out_spec", None)
+    gm.graph._codegen.pytree_info = info._replace(out_spec=spec)
+    gm._out_spec = spec
+    gm.recompile()
+    try:
+        yield True
+    finally:
+        gm.graph._codegen.pytree_info = info
+        gm._out_spec = old_attr
+        gm.recompile()
+
+
+def _auto_dynamic(inputs: Inputs) -> Any:
+    from .capture import _auto_dynamic_shapes
+
+    arg_spec, kw_spec = _auto_dynamic_shapes(inputs)
+    return tuple(arg_spec) + tuple(kw_spec.values())
+
+
+def reexport(final: fx.GraphModule, example_inputs: Inputs, dynamic_shapes: Any) -> tuple[Any, list[str]]:
+    """``torch.export`` the final model with the capture's dynamic shapes: ``(program, notes)``."""
+    args, kwargs = as_args_kwargs(example_inputs)
+    notes: list[str] = []
+    attempts = [dynamic_shapes] if dynamic_shapes is not None else [_auto_dynamic(example_inputs)]
+    attempts.append(None)
+    last: Exception | None = None
+    with plain_outputs(final, example_inputs) as changed:
+        if changed:
+            notes.append("model.pt2 returns the model's output as a plain dict (no library class is needed to load it)")
+        for ds in attempts:
+            try:
+                ep = torch.export.export(final, tuple(args), kwargs or None, dynamic_shapes=ds, strict=False)
+                if ds is None:
+                    notes.append("model.pt2 has static shapes: the dynamic export failed "
+                                 f"({_first_line(last) if last else 'not attempted'})")
+                return ep, notes
+            except Exception as exc:  # noqa: BLE001 - the next attempt is static; the note keeps the cause
+                last = exc
+    raise SurgeonError(f"cannot export the optimized model with torch.export: {_first_line(last)}")  # type: ignore[arg-type]
+
+
+def export_info(ep: Any) -> dict:
+    """Input dimensions of an exported program: an int where static, "dynamic" where symbolic."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    inputs: dict[str, list] = {}
+    user_inputs = set(ep.graph_signature.user_inputs)
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user_inputs:
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            inputs[node.name] = [int(d) if is_concrete_int(d) else "dynamic" for d in val.shape]
+    return {"inputs": inputs, "format": "torch.export (.pt2)"}
+
+
+# --------------------------------------------------------------------------------------------------
+# the result
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    """What ``optimize`` returns. ``report`` is the dict ``save`` writes as ``report.json``."""
+
+    module: fx.GraphModule
+    report: dict
+    exported: Any  # torch.export.ExportedProgram of ``module`` (plain-container outputs)
+    original: nn.Module
+    example_inputs: Inputs
+    check_batches: list[Inputs] = field(repr=False, default_factory=list)
+    guard: GuardResult | None = field(repr=False, default=None)
+
+    @property
+    def met(self) -> bool:
+        """Whether the written model meets the tolerance."""
+        return bool(self.report["tolerance"]["met"])
+
+    def save(self, outdir: str | os.PathLike, *, force: bool = False, target: str = "torch") -> Path:
+        """Write ``model.pt2``, target files, ``report.json`` and ``report.html`` into ``outdir``, atomically.
+
+        Everything is written into ``OUTDIR.partial-<pid>`` and renamed into place at the end; with
+        ``force`` an existing ``outdir`` is swapped out and deleted only once the new one is in place.
+        On any error nothing new remains (and an existing ``outdir`` is left as it was)."""
+        from . import report as rep
+
+        out = Path(outdir)
+        if out.exists() and not force:
+            raise SurgeonError(f"output directory '{out}' already exists (use --force to replace it)")
+        if out.exists() and not out.is_dir():
+            raise SurgeonError(f"output path '{out}' exists and is not a directory")
+        check_target(target)
+        start = time.perf_counter()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.parent / f"{out.name}.partial-{os.getpid()}"
+        old = out.parent / f"{out.name}.old-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        moved_old = False
+        try:
+            partial.mkdir()
+            outputs: dict[str, str] = {}
+            if self.exported is None:
+                raise SurgeonError("the optimized model could not be exported with torch.export; model.pt2 "
+                                   "cannot be written")
+            torch.export.save(self.exported, str(partial / "model.pt2"))
+            outputs["model"] = "model.pt2"
+            if target != "torch":
+                from . import targets  # type: ignore[attr-defined]
+
+                written = targets.write_target(target, self, partial)
+                if isinstance(written, (list, tuple)):
+                    outputs["target"] = [os.path.basename(str(p)) for p in written]
+                elif written:
+                    outputs["target"] = os.path.basename(str(written))
+            outputs["report_json"] = "report.json"
+            outputs["report_html"] = "report.html"
+            self.report["outputs"] = outputs
+            self.report["timings_s"]["save"] = round(time.perf_counter() - start, 4)
+            rep.write_json(self.report, partial / "report.json")
+            rep.write_html(self.report, partial / "report.html")
+            if out.exists():
+                out.rename(old)
+                moved_old = True
+            partial.rename(out)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            if moved_old and not out.exists():
+                old.rename(out)
+                moved_old = False
+            raise
+        if moved_old:
+            shutil.rmtree(old, ignore_errors=True)
+        return out
+
+
+def check_target(name: str) -> None:
+    """Refuse an unknown target before any work."""
+    if name == "torch":
+        return
+    try:
+        from . import targets  # type: ignore[attr-defined]
+    except ImportError:
+        targets = None  # type: ignore[assignment]
+    if targets is None or not hasattr(targets, "write_target"):
+        raise SurgeonError(f"unknown target '{name}' (known: torch)")
+    known = getattr(targets, "TARGETS", None)
+    if known is not None and name not in known:
+        raise SurgeonError(f"unknown target '{name}' (known: {', '.join(['torch', *known])})")
+
+
+# --------------------------------------------------------------------------------------------------
+# the pipeline
+# --------------------------------------------------------------------------------------------------
+def _variants(gm0: fx.GraphModule) -> dict[str, str]:
+    try:
+        from .analysis import analyze_graph
+
+        return {s.id: s.variant for s in analyze_graph(gm0).sites}
+    except Exception:  # noqa: BLE001 - variants only decorate the report
+        return {}
+
+
+def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | None = None, *,
+             passes: str | Pass | Sequence[Pass] = DEFAULT_PASSES, tolerance: Any = None,
+             metric: Metric | None = None, seed: int = 0, check_fraction: float = DEFAULT_CHECK_FRACTION,
+             progress: bool = False, source: str | None = None, _timings: dict[str, float] | None = None) -> Result:
+    """Substitute, calibrate, verify and re-export ``model``; see the module docstring.
+
+    ``calib``: an iterable of batches (each a tuple of positional inputs or a dict of keyword inputs,
+    shaped like ``example_inputs``); None → the example inputs (weak calibration, warned).
+    ``tolerance``: a number (minimum mean end-to-end cosine; with ``metric``, the minimum metric), a
+    string ``"cosine_min=0.995,cosine_mean=0.999"``, a dict, or a ``Tolerance``; default cosine mean
+    ≥ 0.999. ``metric(ref_outputs, outputs) -> float`` (higher is better) replaces the cosine criterion
+    and is averaged over the check batches. Raises ``SurgeonError`` on bad input; a configuration
+    that does not meet the tolerance is still returned (``Result.met`` is False)."""
+    from .capture import capture
+
+    timings: dict[str, float] = dict(_timings or {})
+    notes: list[str] = []
+    pass_list = resolve_passes(passes)
+    tol = parse_tolerance(tolerance, has_metric=metric is not None)
+
+    t = time.perf_counter()
+    cap = capture(model, example_inputs)
+    gm0 = cap.gm
+    timings["capture"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    batches, weak = prepare_batches(calib, example_inputs, gm0)
+    split = split_batches(batches, check_fraction, seed)
+    timings["data"] = time.perf_counter() - t
+    if weak:
+        notes.append("no calibration data: the example inputs calibrate and check the model, so the calibration "
+                     "is weak and the check is not independent")
+    elif not split.independent:
+        notes.append("a single calibration batch: it is used for both fitting and checking, so the check is "
+                     "not independent")
+
+    t = time.perf_counter()
+    applied = apply_passes(gm0, pass_list, seed)
+    timings["passes"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cal_info = fit_passes(applied, split.fit, progress=progress)
+    timings["calibrate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    records = list(applied.ctx.records.values())
+    verdict = guard(gm0, applied.gm, records, split.check, tol, metric, progress=progress)
+    timings["verify"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    final, _ = rebuild(gm0, applied, verdict.kept)
+    final.eval()
+    figures = measure_model(gm0, final, split.check, metric)
+    timings["rebuild"] = time.perf_counter() - t
+    del applied.gm  # the fitted copy is no longer needed (memory)
+
+    t = time.perf_counter()
+    ep, export_notes = reexport(final, example_inputs, cap.dynamic_shapes)
+    notes += export_notes
+    timings["export"] = time.perf_counter() - t
+
+    if not verdict.met:
+        notes.append(f"no configuration met the tolerance ({tol.describe()}); the best one measured was kept")
+    elif tol.violations(figures):
+        notes.append("the rebuilt model misses the tolerance by a margin the guard's measurement did not show "
+                     f"({', '.join(tol.violations(figures))})")
+    from .report import make_report
+
+    calibration = {
+        "batches": {"fit": len(split.fit), "check": len(split.check), "total": len(batches)},
+        "samples": {"fit": sum(map(_batch_size, split.fit)), "check": sum(map(_batch_size, split.check))},
+        "check_index": split.check_index,
+        "independent_check": split.independent and not weak,
+        "weak": weak,
+        "seed": seed,
+        "check_fraction": check_fraction,
+        "calibrate": cal_info,
+    }
+    report = make_report(
+        surgeon_version=__version__,
+        model={"source": source or type(model).__name__, "class": type(model).__name__,
+               "inputs": describe(example_inputs)},
+        passes=[p.spec() for p in pass_list],
+        capture=cap.to_json(),
+        calibration=calibration,
+        guard=verdict,
+        final=figures,
+        diagnostics=applied.diagnostics,
+        variants=_variants(gm0),
+        timings=timings,
+        export=export_info(ep),
+        warnings=notes,
+    )
+    for n in notes:
+        if "weak" in n or "not independent" in n or "tolerance" in n:
+            warnings.warn(n, stacklevel=2)
+    return Result(final, report, ep, model, example_inputs, list(split.check), verdict)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+def read_calibration(path: str, loaded: Any) -> list[Inputs]:
+    """Calibration batches from ``--calib FILE``: sentences (text models) or a ``.pt`` list of inputs."""
+    p = Path(path)
+    if not p.exists():
+        raise SurgeonError(f"cannot read calibration file '{path}': no such file")
+    if p.is_dir():
+        raise SurgeonError(f"cannot read calibration file '{path}': it is a directory")
+    if p.suffix.lower() in (".pt", ".pth"):
+        try:
+            data = torch.load(p, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+            raise SurgeonError(f"cannot read calibration file '{path}': not a torch.save file of input tuples "
+                               f"({_first_line(exc)})") from None
+        if isinstance(data, (tuple, dict, torch.Tensor)) or not isinstance(data, list):
+            raise SurgeonError(f"calibration file '{path}' must hold a list of input tuples (or dicts), one per "
+                               f"batch; it holds a {type(data).__name__}")
+        if not data:
+            raise SurgeonError(f"calibration file '{path}' is empty")
+        return data
+    if not loaded.is_text:
+        raise SurgeonError(f"calibration file '{path}' is not a .pt file: a model without a tokenizer needs a .pt "
+                           "file holding a list of input tuples (text files need a Hugging Face text model)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SurgeonError(f"cannot read calibration file '{path}': not UTF-8 text") from None
+    except OSError as exc:
+        raise SurgeonError(f"cannot read calibration file '{path}': {exc.strerror or exc}") from None
+    sentences = [line.strip() for line in text.splitlines() if line.strip()]
+    if not sentences:
+        raise SurgeonError(f"calibration file '{path}' is empty")
+    return [loaded.text_inputs(sentences[i:i + TEXT_BATCH], max_length=TEXT_MAX_LENGTH)
+            for i in range(0, len(sentences), TEXT_BATCH)]
+
+
+def _fmt(v: Any, digits: int = 6) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}g}"
+
+
+def _cos(v: Any) -> str:
+    """Cosines with six decimals: 0.9999996 must not print as 1."""
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6f}"
+
+
+def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
+    """Per-site table and the headline figures."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    r = result.report
+    table = Table(title="surgeon optimize — sites")
+    for col in ("kind", "module", "status", "SQNR dB", "cosine", "solo e2e cosine", "reason"):
+        table.add_column(col)
+    style = {"applied": "green", "rolled_back": "red", "skipped": "dim"}
+    for s in r["sites"]:
+        m = s.get("metrics") or {}
+        table.add_row(s["kind"], s["module"] or "<root>", f"[{style.get(s['status'], '')}]{s['status']}[/]",
+                      _fmt(m.get("sqnr_db"), 4), _cos(m.get("cosine")),
+                      _cos((s.get("solo_end_to_end") or {}).get("cosine_mean")), s.get("reason", ""))
+    if r["sites"]:
+        console.print(table)
+    c, e = r["counts"], r["end_to_end"]
+    console.print(f"sites: {c['applied']} applied, {c['rolled_back']} rolled back, {c['skipped']} skipped",
+                  soft_wrap=True)
+    line = (f"end to end ({e['samples']} check samples): cosine mean {_cos(e['cosine_mean'])}, "
+            f"min {_cos(e['cosine_min'])}, max rel err {_fmt(e['max_rel_err'], 4)}")
+    if e.get("metric") is not None:
+        line += f", metric {_fmt(e['metric'])}"
+    console.print(line + f" — tolerance ({r['tolerance']['description']}) "
+                  + ("met" if r["tolerance"]["met"] else "NOT met"), soft_wrap=True)
+    console.print(f"report: {outdir / 'report.html'} ({outdir / 'report.json'}); model: {outdir / 'model.pt2'}",
+                  soft_wrap=True, markup=False, highlight=False)
+
+
+def run_cli(args: Any) -> int:
+    """``surgeon optimize`` (argparse namespace from ``surgeon.cli``)."""
+    from .load import load_model
+
+    out = Path(args.output)
+    force = bool(getattr(args, "force", False))
+    if out.exists() and not force:
+        raise SurgeonError(f"output directory '{out}' already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise SurgeonError(f"output path '{out}' exists and is not a directory")
+    target = getattr(args, "target", "torch") or "torch"
+    check_target(target)
+    pass_list = parse_pipeline(args.passes or DEFAULT_PASSES)
+    tol = parse_tolerance(args.tolerance)
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    loaded = load_model(args.model, trust_pickle=getattr(args, "trust_pickle", False), text=getattr(args, "text", None))
+    timings["load"] = time.perf_counter() - t
+    calib = None
+    if args.calib:
+        calib = read_calibration(args.calib, loaded)
+    else:
+        print("surgeon: warning: no --calib given: the example inputs calibrate and check the model, so the "
+              "calibration is weak (give a calibration file)", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CLI prints its own warnings from the report
+        result = optimize(loaded.model, loaded.example_inputs, calib, passes=pass_list, tolerance=tol,
+                          seed=getattr(args, "seed", 0), progress=sys.stderr.isatty() or sys.stdout.isatty(),
+                          source=str(args.model), _timings=timings)
+    for note in result.report["warnings"]:
+        if args.calib or "weak" not in note:
+            print(f"surgeon: warning: {note}", file=sys.stderr)
+    result.save(out, force=force, target=target)
+    print_summary(result, out)
+    if not result.met:
+        e = result.report["end_to_end"]
+        raise ToleranceNotMet(f"tolerance not met ({result.report['tolerance']['description']}): best model kept "
+                              f"{result.report['counts']['applied']} site(s), cosine mean {_cos(e['cosine_mean'])}; "
+                              f"written to {out}")
+    return 0
