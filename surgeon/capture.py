@@ -85,7 +85,10 @@ def _first_line(exc: BaseException) -> str:
 
 def capture(model: nn.Module, example_inputs: Inputs, *, dynamic: bool = True) -> Captured:
     """Capture ``model`` (put in eval mode) as a GraphModule; raise ``CaptureError`` if impossible."""
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:  # ExportedProgram.module() refuses .eval(); it is already inference-only
+        pass
     notes: list[str] = []
     attempts = [("export", True), ("export-static", False)] if dynamic else [("export-static", False)]
     last_exc: BaseException | None = None

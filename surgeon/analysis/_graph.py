@@ -44,12 +44,18 @@ if hasattr(nn, "RMSNorm"):
     _MODULE_OPS.append((nn.RMSNorm, "rms_norm"))
 
 SHAPE_OPS = {"sym_size", "size", "dim", "numel", "sym_numel", "sym_stride", "stride", "_assert_tensor_metadata",
-             "sym_constrain_range_for_size", "_assert_scalar", "sym_storage_offset"}
+             "sym_constrain_range_for_size", "_assert_scalar", "sym_storage_offset",
+             # value-free constructors: their result depends on the input's shape, not its values
+             "ones_like", "zeros_like", "full_like", "new_ones", "new_zeros", "new_full", "rand_like",
+             "randn_like"}
 TRANSPARENT = {"to", "dropout"}  # value-preserving in eval mode
 PRODUCTS = {"matmul", "bmm", "mm", "einsum", "baddbmm"}
 PARAMETRIC = {"linear", "conv", "addmm", "matmul", "mm", "bmm", "einsum"}  # parametric when a weight is constant
 VIEWS = {"view", "reshape", "_unsafe_view", "permute", "transpose", "unsqueeze", "squeeze", "expand",
          "flatten", "unflatten", "contiguous", "repeat", "repeat_interleave", "expand_as", "view_as"}
+
+
+_VIEW_LIKE = VIEWS | {"slice", "select", "as_strided", "alias", "to", "narrow", "diagonal"}
 
 
 def _target_name(target: Any) -> str:
@@ -130,7 +136,43 @@ class GraphView:
         for n in self.nodes:
             for i in self.data_inputs(n):
                 g.add_edge(i, n)
+        # An in-place write (index_put_, copy_, x[i] = v) puts data into a buffer: whoever reads that
+        # buffer afterwards depends on the written value, although no argument says so.
+        order = {n: i for i, n in enumerate(self.nodes)}
+        for m in self.nodes:
+            base = self.mutated_base(m)
+            if base is None:
+                continue
+            readers, todo = [], [base]
+            while todo:
+                cur = todo.pop()
+                for u in cur.users:
+                    if u is m or order[u] <= order[m]:
+                        if self._ops[u] in _VIEW_LIKE and order[u] < order[m]:
+                            todo.append(u)  # a view taken before the write sees it too
+                        continue
+                    readers.append(u)
+            for r in readers:
+                g.add_edge(m, r)
         return g
+
+    def mutated_base(self, n: fx.Node) -> fx.Node | None:
+        """The buffer an in-place node writes into (through views/slices), else None."""
+        if n.op not in ("call_function", "call_method"):
+            return None
+        if n.target is operator.setitem:
+            target = n.args[0]
+        elif isinstance(n.target, torch._ops.OpOverload):
+            if not n.target._schema.is_mutable or not n.args:
+                return None
+            target = n.args[0]
+        elif _target_name(n.target).endswith("_") and not _target_name(n.target).endswith("__") and n.args:
+            target = n.args[0]
+        else:
+            return None
+        while isinstance(target, fx.Node) and self._ops.get(target) in _VIEW_LIKE and target.args:
+            target = target.args[0]
+        return target if isinstance(target, fx.Node) else None
 
     @cached_property
     def dynamic(self) -> set[fx.Node]:

@@ -30,6 +30,8 @@ _UNARY_HEAD = {"exp", "sigmoid", "softplus", "tanh", "atan", "abs", "neg", "log"
 _SLICING = {"slice", "select", "getitem", "split", "index", "index_select", "narrow"} | VIEWS
 _BINARY = {"add", "sub", "mul", "div", "rsub", "pow", "maximum", "minimum", "where"}
 _CHAIN = {"mul", "div", "add", "sub"}
+# Joins and reductions of conditioner values are still conditioner values (GIN: s − mean(s)).
+_JOIN_REDUCE = {"cat", "stack", "flip", "roll", "mean", "sum", "amax", "amin", "logsumexp", "cumsum"}
 _MERGE_WRITES = {"index_put", "copy", "slice_scatter", "select_scatter", "index_copy", "scatter", "masked_scatter"}
 _SCALE_FNS = ("exp", "sigmoid", "softplus", "tanh", "atan", "exp2")
 
@@ -76,16 +78,27 @@ class _Finder:
         op = v.op(n)
         if _parametric(v, n):
             res = True
-        elif op in _UNARY_HEAD or op in _SLICING:
-            src = next((a for a in n.all_input_nodes if v.is_dynamic(a)), None)
-            res = src is not None and self.conditioner(src)
-        elif op in _BINARY:
+        elif op in _UNARY_HEAD or op in _SLICING or op in _BINARY or op in _JOIN_REDUCE:
             dyn = [a for a in n.all_input_nodes if v.is_dynamic(a)]
             res = bool(dyn) and all(self.conditioner(a) for a in dyn)
         else:
             res = False
         self._cond[n] = res
         return res
+
+    def sources(self, c: fx.Node) -> set[fx.Node]:
+        """The parametric layers whose outputs the conditioner value ``c`` is computed from."""
+        out, todo, seen = set(), [c], set()
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if _parametric(self.v, n):
+                out.add(n)
+            else:
+                todo += [a for a in n.all_input_nodes if self.conditioner(a)]
+        return out
 
     def chain_step(self, n: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         """If ``n`` is u ∘ c with exactly one conditioner operand c: return (u, c)."""
@@ -98,6 +111,7 @@ class _Finder:
         ca, cb = self.conditioner(a), self.conditioner(b)
         if ca == cb:
             return None
+
         if v.op(n) in ("div", "sub") and ca:  # c / u or c − u do not transform u affinely by c
             return None
         return (b, a) if ca else (a, b)
@@ -179,8 +193,12 @@ def find_couplings(view: GraphView) -> tuple[list[Site], list[NearMiss]]:
     continued = {w for cur in steps if (w := continues(cur)) is not None}
     sites: list[Site] = []
     misses: list[NearMiss] = []
-    for start, (u, _) in steps.items():
+    for start, (u, c0) in steps.items():
         if start in continued:
+            continue
+        # A transform's input never comes out of its own conditioner network (x·cos + rotate(x)·sin
+        # in rotary embeddings: both terms are one projection's output).
+        if any(view.has_path(p, u) for p in f.sources(c0)):
             continue
         chain, cur = [start], start
         while (cur := continues(cur)) is not None:

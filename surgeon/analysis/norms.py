@@ -65,17 +65,31 @@ def _inv_std_source(view: GraphView, n: fx.Node) -> tuple[fx.Node | None, str]:
     return (x, "var" if view.op(stat) == "var" else "rms") if x is not None else (None, "")
 
 
+def _scaled_copy_of(view: GraphView, a: object, src: fx.Node) -> bool:
+    """``a`` is ``src`` (through casts) or ``src`` times a constant (γ applied before normalising)."""
+    if not isinstance(a, fx.Node):
+        return False
+    a = view.skip_back(a, _CASTS)
+    if a is src:
+        return True
+    if view.op(a) == "mul" and len(a.args) == 2:
+        x, y = a.args
+        return (isinstance(x, fx.Node) and view.skip_back(x, _CASTS) is src and not view.is_dynamic(y)) or \
+               (isinstance(y, fx.Node) and view.skip_back(y, _CASTS) is src and not view.is_dynamic(x))
+    return False
+
+
 def _hand_written(view: GraphView) -> list[_Norm]:
     """Hand-written RMSNorm / LayerNorm: x·rsqrt(mean(x²)+eps) or (x−μ)/sqrt(var+eps)."""
     found: list[_Norm] = []
     for n in view.nodes:
         op = view.op(n)
         x = flavor = None
-        if op == "mul":
-            for a, b in ((n.args[0], n.args[1]), (n.args[1], n.args[0])) if len(n.args) == 2 else ():
+        if op == "mul" and len(n.args) == 2:
+            for a, b in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
                 if isinstance(b, fx.Node):
                     src, stat = _inv_std_source(view, b)
-                    if src is not None and isinstance(a, fx.Node) and view.skip_back(a, _CASTS) is src:
+                    if src is not None and _scaled_copy_of(view, a, src):
                         x, flavor = src, "rmsnorm" if stat == "rms" else "layernorm"
                         break
         elif op == "div" and isinstance(n.args[1], fx.Node) and view.op(n.args[1]) == "sqrt":
@@ -83,11 +97,11 @@ def _hand_written(view: GraphView) -> list[_Norm]:
             if view.op(inner) == "add":
                 stat = next((a for a in inner.args if isinstance(a, fx.Node)), None)
                 src = _reduction_of_square(view, stat) if stat is not None else None
-                if src is not None and isinstance(n.args[0], fx.Node) and view.skip_back(n.args[0], _CASTS) is src:
+                if src is not None and _scaled_copy_of(view, n.args[0], src):
                     x, flavor = src, "rmsnorm" if view.op(stat) == "mean" else "layernorm"
         if x is None:
             continue
-        # (x − mean(x)) normalised by its own variance is a LayerNorm written out.
+        # (x − mean(x)) normalised by its own second moment is a LayerNorm written out.
         if view.op(x) == "sub" and isinstance(x.args[1], fx.Node) and view.op(x.args[1]) == "mean" \
                 and x.args[1].args[0] is x.args[0]:
             flavor, x = "layernorm", view.skip_back(x.args[0], _CASTS)
@@ -143,18 +157,27 @@ def find_norm_residuals(view: GraphView) -> tuple[list[Site], list[NearMiss]]:
     for nm in norms:
         x = nm.x
         closing = None
-        # The closing add has x itself (through casts) as an operand, so only x's users are candidates.
-        for xs in view.skip_forward(x, _CASTS):
-            for add in view.users(xs):
-                if view.op(add) != "add" or len(add.args) < 2:
-                    continue
-                a, b = add.args[0], add.args[1]
-                if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-                    continue
-                other = b if a is xs else a if b is xs else None
-                if other is not None and other is not xs and view.has_path(nm.node, other):
-                    if closing is None or view.has_path(add, closing):  # the nearest closing add
-                        closing = add
+        # The closing add reads x itself (through casts), or a chain of adds starting at x when
+        # parallel branches are summed one after the other: (x + attn(n1(x))) + mlp(n2(x)).
+        frontier = [(xs, xs) for xs in view.skip_forward(x, _CASTS)]
+        for _ in range(4):
+            nxt = []
+            for via, cur in frontier:
+                for add in view.users(cur):
+                    if view.op(add) != "add" or len(add.args) < 2:
+                        continue
+                    a, b = add.args[0], add.args[1]
+                    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+                        continue
+                    other = b if a is cur else a if b is cur else None
+                    if other is None or other is cur:
+                        continue
+                    if view.has_path(nm.node, other):
+                        if closing is None or view.has_path(add, closing):  # the nearest closing add
+                            closing = add
+                    else:
+                        nxt.append((via, add))
+            frontier = nxt
         if closing is not None:
             pre[nm.node] = closing
             owned_adds.setdefault(closing, []).append(nm.node)
@@ -164,7 +187,8 @@ def find_norm_residuals(view: GraphView) -> tuple[list[Site], list[NearMiss]]:
         details = {"norm": nm.flavor, "written": nm.written}
         if nm.node in pre:
             add = pre[nm.node]
-            siblings = [o for o in owned_adds[add] if o is not nm.node]
+            # parallel: other pre-norms read the same residual stream x (GPT-NeoX, parallel blocks)
+            siblings = [o for o in norms if o is not nm and o.x is nm.x and o.node in pre]
             variant = "parallel" if siblings else "pre"
             sites.append(Site("norm_residual", module, variant, {"norm": nm.node, "input": nm.x, "add": add},
                               {"x": view.shape(nm.x)}, dict(details)))
