@@ -1,0 +1,347 @@
+"""Quantize Linear / MatMul / Conv layers with a constant weight to FP8 or INT8 (weights + activations).
+
+Before:  y = x · Wᵀ + b                       (aten.linear, nn.Linear; aten.matmul x·W; conv1d/2d/3d)
+After:   y = dq(q(x; s_x)) · dq(W_q; s_W) + b
+         W_q = q(Wᵀ; s_W) is stored quantized (float8_e4m3fn / int8 buffer), s_W per output channel
+         (``granularity=channel``) or per tensor; s_x per tensor, static, calibrated (max |
+         percentile | mse). The linear weight is stored transposed ([in, out], per-channel axis 1),
+         so the ONNX file holds ``DequantizeLinear(W_q) → MatMul`` with nothing in between: the
+         layout ONNX Runtime's QDQ fusion turns into one integer kernel (MatMulIntegerToFloat).
+         Embedding tables no linear owns (``embeddings=True``): weight-only FP8 with a per-tensor
+         scale, gathered *before* the dequantize — ``dq(gather(E_q, ids); s_E) = gather(dq(E_q), ids)``
+         exactly for a per-tensor scale — so the table is an FP8 initializer and only the rows read
+         are dequantized.
+INT8 weights use 7 bits (|q| ≤ 63) unless ``reduce_range=False``: x86 CPUs without VNNI multiply u8
+activations by s8 weights with ``vpmaddubsw``, whose int16 pair sums saturate when 2·255·|w| > 32767;
+with |w| ≤ 63 they cannot, so ONNX Runtime computes exactly what the torch module computes.
+
+Skipped when: the weight is not a constant (computed from an input); the constant is the left
+operand of the matmul; a conv is transposed; a table is also read by a linear (tied weights: the
+linear owns it) or has fewer than ``min_table`` elements; the node is already quantized.
+Sites: ``linear:<module path>:<node>`` (one per layer) and ``embedding:<module path>:<node>``;
+each is one switchable submodule, so the guard can roll back single layers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from surgeon.analysis._graph import GraphView
+from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
+from surgeon.quant import FP8_MAX, Quantizer, dequantize, quantize
+
+__all__ = ["LinearQuant", "QuantLinear", "QuantEmbedding", "PREFIX"]
+
+PREFIX = "surgeon_linear_quant_"
+INT8_WEIGHT_MAX = {True: 63.0, False: 127.0}  # reduce_range → 7-bit weights (see module docstring)
+
+
+def _weight_scale(w: Tensor, axis: int | None, dtype: str, qmax: float) -> Tensor:
+    """Symmetric weight scale: max for fp8 (a float format keeps relative precision over its range);
+    for int8 the clip per channel that minimises the weight's squared error (grid over 0.5–1 × max)."""
+    a = w.detach().abs().float()
+    amax = a.amax() if axis is None else a.movedim(axis, 0).reshape(a.shape[axis], -1).amax(1)
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    if dtype == "fp8":
+        return amax / FP8_MAX
+    rows = w.detach().float().reshape(1, -1) if axis is None else w.detach().float().movedim(axis, 0).reshape(w.shape[axis], -1)
+    amax_r = amax.reshape(-1)
+    best = amax_r / qmax
+    best_err = torch.full_like(best, float("inf"))
+    for ratio in torch.linspace(0.5, 1.0, 26):
+        s = (amax_r * ratio / qmax)[:, None]
+        err = ((torch.round(rows / s).clamp(-qmax, qmax) * s - rows) ** 2).sum(1)
+        better = err < best_err
+        best = torch.where(better, s[:, 0], best)
+        best_err = torch.where(better, err, best_err)
+    return best.reshape(amax.shape)
+
+
+def _quantize_weight(w: Tensor, axis: int | None, dtype: str, reduce_range: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(W_q, scale, zero_point) with the exact semantics of surgeon's Q custom ops."""
+    if dtype == "fp8":
+        s = _weight_scale(w, axis, dtype, FP8_MAX)
+        return quantize(w.float(), s, axis or 0, "fp8"), s, None
+    qmax = INT8_WEIGHT_MAX[reduce_range]
+    s = _weight_scale(w, axis, dtype, qmax)
+    zp = torch.zeros_like(s, dtype=torch.int8)
+    return quantize(w.float(), s, axis or 0, "int8", zp), s, zp
+
+
+class QuantLinear(nn.Module):
+    """``dq(q(x)) ⊗ dq(W_q) + b`` for one layer; ``active=False`` computes the original layer exactly.
+
+    ``op``: ``linear`` (y = x Wᵀ + b, W_q stored as Wᵀ), ``matmul`` (y = x W), ``conv`` (F.convNd)."""
+
+    def __init__(self, op: str, weight: Tensor, bias: Tensor | None, *, dtype: str = "fp8",
+                 granularity: str = "channel", method: str = "max", reduce_range: bool = True,
+                 conv: dict | None = None, name: str = "") -> None:
+        super().__init__()
+        self.op, self.dtype, self.conv = op, dtype, dict(conv or {})
+        self.active: bool = True
+        # The float weight stays for rollback (active=False); only the branch traced lands in a file.
+        self.register_buffer("weight", weight.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach())
+        stored = weight.detach().t().contiguous() if op == "linear" else weight.detach()
+        # output channel: columns of Wᵀ / W (axis 1), rows of a conv weight (axis 0)
+        self.axis = None if granularity == "tensor" else (0 if op == "conv" else 1)
+        q, s, zp = _quantize_weight(stored, self.axis, dtype, reduce_range)
+        self.register_buffer("qweight", q)
+        self.register_buffer("wscale", s)
+        self.register_buffer("wzero", zp)
+        self.act = Quantizer(dtype=dtype, axis=None, method=method, name=name)
+
+    def _exact(self, x: Tensor) -> Tensor:
+        return self._apply_op(x, self.weight, transposed=False)
+
+    def _apply_op(self, x: Tensor, w: Tensor, transposed: bool) -> Tensor:
+        if self.op == "linear":
+            y = torch.matmul(x, w) if transposed else F.linear(x, w)
+        elif self.op == "matmul":
+            y = torch.matmul(x, w)
+        else:
+            conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+            return conv(x, w, self.bias, **self.conv)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized_weight(self) -> Tensor:
+        return dequantize(self.qweight, self.wscale, self.axis or 0, self.wzero)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.active or self.act.mode == "observe":
+            if self.active:
+                self.act(x)  # record statistics of the float model's activation
+            return self._exact(x)
+        return self._apply_op(self.act(x), self.dequantized_weight(), transposed=self.op == "linear")
+
+    def extra_repr(self) -> str:
+        gran = "tensor" if self.axis is None else f"channel(axis={self.axis})"
+        return f"op={self.op}, dtype={self.dtype}, weight={tuple(self.weight.shape)}, granularity={gran}" + (
+            "" if self.active else ", active=False")
+
+
+class QuantEmbedding(nn.Module):
+    """Weight-only FP8 table lookup: ``gather(dq(E_q; s_row), ids)`` with one scale per row."""
+
+    def __init__(self, weight: Tensor, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.active: bool = True
+        self.padding_idx = padding_idx
+        self.register_buffer("weight", weight.detach())
+        q, s, _ = _quantize_weight(weight.detach(), 0, "fp8", True)
+        self.register_buffer("qweight", q)
+        self.register_buffer("wscale", s)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if not self.active:
+            return F.embedding(ids, self.weight)
+        return F.embedding(ids, dequantize(self.qweight, self.wscale, 0))
+
+    def extra_repr(self) -> str:
+        return f"fp8 weight-only, table={tuple(self.weight.shape)}" + ("" if self.active else ", active=False")
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t.overloadpacket.__name__
+    return getattr(t, "__name__", str(t))
+
+
+def _safe(path: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]", "_", path) or "root"
+
+
+@dataclass(frozen=True)
+class LinearQuant(Pass):
+    """FP8 / INT8 quantization of every layer with a constant weight (see the module docstring)."""
+
+    name: ClassVar[str] = "linear-quant"
+    requires: ClassVar[tuple[str, ...]] = ("attention-fp8", "norm-fold", "norm-gate")
+    dtype: Literal["fp8", "int8"] = "fp8"
+    granularity: Literal["channel", "tensor"] = "channel"
+    method: Literal["max", "percentile", "mse"] = "max"
+    embeddings: bool = True  # weight-only FP8 for tables no linear owns (the word embeddings)
+    reduce_range: bool = True  # int8 only: 7-bit weights, exact on AVX2 u8·s8 kernels
+    min_table: int = 1024  # smaller tables are not worth a Q/DQ pair
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("fp8", "int8"):
+            raise ValueError(f"dtype must be fp8 or int8, got {self.dtype}")
+        if self.granularity not in ("channel", "tensor"):
+            raise ValueError(f"granularity must be channel or tensor, got {self.granularity}")
+        if self.method not in ("max", "percentile", "mse"):
+            raise ValueError(f"method must be max, percentile or mse, got {self.method}")
+
+    # -- matching ---------------------------------------------------------------------------------
+    def _layer(self, gm: fx.GraphModule, view: GraphView, node: fx.Node) -> tuple[str, fx.Node, Tensor, Tensor | None, dict] | str | None:
+        """(op, x, weight, bias, conv options) for a quantizable layer, a skip reason, or None."""
+        op = view.op(node)
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            if isinstance(mod, nn.Linear):
+                return "linear", node.args[0], mod.weight, mod.bias, {}
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+                    return f"conv padding {mod.padding_mode}/{mod.padding} is not lowered by this pass"
+                return "conv", node.args[0], mod.weight, mod.bias, dict(
+                    stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups)
+            return None
+        if node.op != "call_function":
+            return None
+        name = _target_name(node)
+        if op == "linear":
+            x, w = view.arg(node, 0, "input"), view.arg(node, 1, "weight")
+            b = view.arg(node, 2, "bias")
+            wt = view.constant(w)
+            if wt is None:
+                return "weight is not a constant (computed at run time)"
+            bt = view.constant(b) if isinstance(b, fx.Node) else None
+            if isinstance(b, fx.Node) and bt is None:
+                return "bias is not a constant"
+            return "linear", x, wt, bt, {}
+        if op in ("matmul", "mm") and name in ("matmul", "mm"):
+            a, w = node.args[0], node.args[1]
+            wt = view.constant(w)
+            if wt is None:
+                if view.constant(a) is not None:
+                    return "the constant is the left operand (W·x): only x·W is quantized"
+                return None  # activation × activation (attention): not a layer
+            if wt.dim() != 2:
+                return f"matmul weight has {wt.dim()} dims (2 expected)"
+            return "matmul", a, wt, None, {}
+        if op == "conv" and name in ("conv1d", "conv2d", "conv3d", "convolution"):
+            x, w = node.args[0], node.args[1]
+            wt = view.constant(w)
+            if wt is None:
+                return "conv weight is not a constant"
+            b = node.args[2] if len(node.args) > 2 else None
+            bt = view.constant(b) if isinstance(b, fx.Node) else None
+            if isinstance(b, fx.Node) and bt is None:
+                return "conv bias is not a constant"
+            n = wt.dim() - 2
+            if name == "convolution":
+                if node.args[6]:
+                    return "transposed convolution"
+                stride, padding, dilation, groups = node.args[3], node.args[4], node.args[5], node.args[8]
+            else:
+                def at(i: int, default: Any) -> Any:
+                    return node.args[i] if len(node.args) > i else default
+                stride, padding, dilation, groups = at(3, 1), at(4, 0), at(5, 1), at(6, 1)
+            if isinstance(padding, str):
+                return f"conv padding '{padding}' is not lowered by this pass"
+            return "conv", x, wt, bt, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+        return None
+
+    # -- the pass -----------------------------------------------------------------------------------
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        view = GraphView(gm)
+        diags: list[Diagnostic] = []
+        modified = False
+        used: set[str] = {t for t in dict(gm.named_modules()) if t.startswith(PREFIX)}
+        linear_weights: set[int] = set()
+
+        def new_name(module_path: str) -> str:
+            base = PREFIX + _safe(module_path)
+            name, k = base, 1
+            while name in used or hasattr(gm, name):
+                k += 1
+                name = f"{base}_{k}"
+            used.add(name)
+            return name
+
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and str(node.target).startswith(PREFIX):
+                continue
+            found = self._layer(gm, view, node)
+            if found is None:
+                continue
+            module = view.module_path(node)
+            site = f"linear:{module or '<root>'}:{node.name}"
+            if isinstance(found, str):
+                diags.append(Diagnostic(self.name, site, "skipped", found, module, "linear"))
+                continue
+            op, x, w, b, conv = found
+            linear_weights.add(w.untyped_storage().data_ptr())
+            if not ctx.wants(site):
+                continue
+            sub = new_name(module or node.name)
+            layer = QuantLinear(op, w, b, dtype=self.dtype, granularity=self.granularity, method=self.method,
+                                reduce_range=self.reduce_range, conv=conv, name=sub)
+            gm.add_submodule(sub, layer)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(sub, (x,))
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "tensor_meta", "stack_trace")})
+            old = node.name
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            ctx.register(SiteRecord(site, "linear", module, self.name, [sub], probe=new.name, reference=old))
+            shape = "x".join(map(str, w.shape))
+            diags.append(Diagnostic(self.name, site, "applied", f"{self.dtype} {op} weight[{shape}] "
+                                    f"{self.granularity}, activation per tensor ({self.method})", module, "linear"))
+            modified = True
+
+        if self.embeddings:
+            modified |= self._tables(gm, view, ctx, diags, linear_weights, new_name)
+        if modified:
+            _drop_dead_constants(gm)
+        return PassResult(gm, modified, diags)
+
+    def _tables(self, gm: fx.GraphModule, view: GraphView, ctx: PassContext, diags: list[Diagnostic],
+                linear_weights: set[int], new_name: Any) -> bool:
+        modified = False
+        for node in list(gm.graph.nodes):
+            if view.op(node) != "embedding":
+                continue
+            if node.op == "call_module":
+                mod = gm.get_submodule(str(node.target))
+                table, ids, pad = mod.weight, node.args[0], mod.padding_idx
+            elif node.op == "call_function":
+                table, ids = view.constant(view.arg(node, 0, "weight")), view.arg(node, 1, "indices")
+                pad = view.arg(node, 2, "padding_idx", -1)
+                pad = None if pad is None or pad < 0 else pad
+            else:
+                continue
+            module = view.module_path(node)
+            site = f"embedding:{module or '<root>'}:{node.name}"
+            if table is None:
+                diags.append(Diagnostic(self.name, site, "skipped", "table is not a constant", module, "embedding"))
+                continue
+            if table.untyped_storage().data_ptr() in linear_weights:
+                diags.append(Diagnostic(self.name, site, "skipped", "table is tied to a linear weight (the linear "
+                                        "quantizes it)", module, "embedding"))
+                continue
+            if table.numel() < self.min_table:
+                diags.append(Diagnostic(self.name, site, "skipped", f"table has {table.numel()} elements "
+                                        f"(< min_table={self.min_table})", module, "embedding"))
+                continue
+            if not ctx.wants(site):
+                continue
+            sub = new_name(module or node.name)
+            gm.add_submodule(sub, QuantEmbedding(table, pad))
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(sub, (ids,))
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "tensor_meta", "stack_trace")})
+            old = node.name
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            ctx.register(SiteRecord(site, "embedding", module, self.name, [sub], probe=new.name, reference=old))
+            diags.append(Diagnostic(self.name, site, "applied", f"fp8 weight-only table[{'x'.join(map(str, table.shape))}]",
+                                    module, "embedding"))
+            modified = True
+        return modified
+
+
+def _drop_dead_constants(gm: fx.GraphModule) -> None:
+    """Erase get_attr nodes left without users (the weights now live in the quantized submodules)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()

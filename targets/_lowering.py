@@ -1,0 +1,100 @@
+"""Translation table: surgeon's quantize/dequantize custom ops → standard ONNX Q/DQ (opset 21).
+
+``torch.onnx.export(..., dynamo=True, custom_translation_table=TABLE)`` calls these functions with
+onnxscript values while it builds the graph; they only *lower* (each custom op becomes exactly one
+``QuantizeLinear`` / ``DequantizeLinear``), they never change what is computed.
+
+* fp8: ``QuantizeLinear(x, scale, zp=FLOAT8E4M3FN 0, saturate=1)`` and ``DequantizeLinear(q, scale)``
+  — the custom ops have exactly ONNX's saturating round-to-nearest-even semantics (surgeon/quant.py).
+* int8 on activations: ``surgeon::quantize_int8`` produces int8 with zero point ``zp``. It is written
+  as a *uint8* QuantizeLinear with zero point ``zp + 128``, and the DequantizeLinear reading it gets
+  the same shifted zero point. The identity ``clamp(r + zp + 128, 0, 255) - 128 = clamp(r + zp, -128,
+  127)`` makes both pairs compute the same dequantized value bit for bit; the shift is what makes the
+  layout fast and exact on x86 CPUs: ONNX Runtime's MLAS kernels multiply *u8* activations by *s8*
+  weights (``vpmaddubsw``); s8 activations are converted at run time and round differently.
+* int8 weights (constant int8 tensors feeding ``surgeon::dequantize_int8``) stay int8 initializers
+  with an int8 zero point: that is the S8 weight ORT's QDQ fusion turns into ``MatMulIntegerToFloat``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnxscript import ir
+from onnxscript import opset21 as op
+
+OPSET = 21  # blocked scales need 21; ORT 1.31 runs all of it
+
+
+def _const(name: str, dtype: int, dims: list[int], value: int) -> Any:
+    n = int(np.prod(dims)) if dims else 1
+    return op.Constant(value=onnx.helper.make_tensor(name, dtype, dims, [value] * n))
+
+
+def _dims(v: Any) -> list[int]:
+    shape = getattr(v, "shape", None)
+    if shape is None:
+        raise ValueError("a quantization scale needs a static shape (0-d or 1-d constant)")
+    dims = [int(d) for d in shape]
+    if len(dims) > 1:
+        raise ValueError(f"a quantization scale must be 0-d or 1-d, got shape {dims}")
+    return dims
+
+
+def _axis_kw(scale: Any, axis: int) -> dict:
+    # ONNX ignores `axis` for a 0-d scale, but writing it only where it matters keeps graphs readable.
+    return {"axis": int(axis)} if _dims(scale) else {}
+
+
+def quantize_fp8(x: Any, scale: Any, axis: int) -> Any:
+    zp = _const("zp_fp8", onnx.TensorProto.FLOAT8E4M3FN, _dims(scale), 0)
+    return op.QuantizeLinear(x, scale, zp, saturate=1, **_axis_kw(scale, axis))
+
+
+def dequantize_fp8(q: Any, scale: Any, axis: int) -> Any:
+    return op.DequantizeLinear(q, scale, **_axis_kw(scale, axis))
+
+
+def _shifted_zero_point(zero_point: Any) -> Any:
+    # uint8(zp + 128): computed in the graph from the int8 zero point; ORT (and the exporter's
+    # optimizer) folds it to a uint8 constant, which is what the QDQ fusion requires.
+    wide = op.Add(op.Cast(zero_point, to=onnx.TensorProto.INT32), op.Constant(value_int=128))
+    return op.Cast(wide, to=onnx.TensorProto.UINT8)
+
+
+def quantize_int8(x: Any, scale: Any, zero_point: Any, axis: int) -> Any:
+    return op.QuantizeLinear(x, scale, _shifted_zero_point(zero_point), **_axis_kw(scale, axis))
+
+
+def dequantize_int8(q: Any, scale: Any, zero_point: Any, axis: int) -> Any:
+    zp = _shifted_zero_point(zero_point) if _is_uint8(q) else zero_point
+    return op.DequantizeLinear(q, scale, zp, **_axis_kw(scale, axis))
+
+
+def _is_uint8(v: Any) -> bool:
+    # The exporter labels values with the torch dtype (int8 here), so look at what produced it: a
+    # QuantizeLinear written by quantize_int8 above (uint8), or anything else (an int8 weight).
+    producer = v.producer() if callable(getattr(v, "producer", None)) else None
+    if producer is not None and producer.op_type == "QuantizeLinear":
+        zp = producer.inputs[2] if len(producer.inputs) > 2 else None
+        zp_node = zp.producer() if zp is not None else None
+        return zp_node is not None and zp_node.op_type == "Cast"
+    dtype = getattr(v, "dtype", None)
+    return dtype == ir.DataType.UINT8
+
+
+def translation_table() -> dict[Callable, Callable]:
+    """The custom-op → onnxscript table for ``torch.onnx.export`` (imports surgeon.quant's ops)."""
+    import torch
+
+    import surgeon.quant  # noqa: F401 - registers torch.ops.surgeon.*
+
+    ops = torch.ops.surgeon
+    return {
+        ops.quantize_fp8.default: quantize_fp8,
+        ops.dequantize_fp8.default: dequantize_fp8,
+        ops.quantize_int8.default: quantize_int8,
+        ops.dequantize_int8.default: dequantize_int8,
+    }

@@ -1,0 +1,495 @@
+"""ONNX targets: ``onnx`` (as computed), ``onnx-fp8`` and ``onnx-int8`` (standard Q/DQ only).
+
+The exporter lowers, it never rewrites: ``torch.onnx.export(dynamo=True)`` with a translation table
+(``targets/_lowering.py``) that turns surgeon's quantize/dequantize custom ops into ``QuantizeLinear``
+/ ``DequantizeLinear`` (opset 21). Whatever the passes stored quantized (FP8 / INT8 buffers feeding a
+dequantize) lands in the file as an FP8 / INT8 initializer, so the file shrinks.
+
+Every file written is verified before it replaces anything:
+
+1. ``onnx.checker.check_model(full_check=True)`` (types and shapes inferred through the graph);
+2. an onnxruntime CPU session (for FP8 files with ``session.disable_quant_qdq = 1``: ORT ≥ 1.31 on
+   CPU otherwise fuses FP8 Q/DQ → MatMul into an integer kernel that rejects float8 inputs);
+3. ORT outputs compared with the torch module exported (max abs diff) and with the original model
+   (cosine per sample), and batch size 1 run against the torch module to prove the batch dimension
+   is really dynamic.
+
+The file is written to a temporary name in the output directory and renamed over ``model.onnx``
+only once all of that holds, so a crash never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from surgeon._inputs import Inputs, as_args_kwargs, call, tensors_of
+from surgeon.errors import SurgeonError
+
+from ._lowering import OPSET, translation_table
+
+IR_VERSION = 10  # onnxruntime 1.31 refuses IR 14 (what onnx.helper writes by default); 10 = opset 21 era
+FP8_SESSION_OPTION = ("session.disable_quant_qdq", "1")
+
+__all__ = ["export_onnx", "verify_onnx", "session", "has_fp8", "needs_fp8_option", "fp32_bytes", "IR_VERSION", "FP8_SESSION_OPTION"]
+
+
+# ------------------------------------------------------------------------------------------------
+# names and dynamic shapes
+# ------------------------------------------------------------------------------------------------
+def _forward_params(module: Any) -> list[str]:
+    fn = module.forward if isinstance(module, nn.Module) else None
+    if fn is None:
+        return []
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def input_names_of(module: Any, inputs: Inputs) -> list[str]:
+    """Names the ONNX inputs get: the keyword names, else the forward's parameter names."""
+    args, kwargs = as_args_kwargs(inputs)
+    params = _forward_params(module)
+    names = [params[i] if i < len(params) else f"input_{i}" for i in range(len(args))]
+    names += [k for k, v in kwargs.items()]
+    return names
+
+
+def _auto_dynamic_shapes(inputs: Inputs) -> Any:
+    """``Dim.AUTO`` on every dim of every tensor input (torch.export keeps what the model allows)."""
+    from torch.export import Dim
+
+    def spec(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return {i: Dim.AUTO for i in range(v.dim())} if v.dim() else None
+        if isinstance(v, (list, tuple)):
+            return type(v)(spec(x) for x in v)
+        if isinstance(v, dict):
+            return {k: spec(x) for k, x in v.items()}
+        return None
+
+    args, kwargs = as_args_kwargs(inputs)
+    if kwargs and not args:
+        return {k: spec(v) for k, v in kwargs.items()}
+    return tuple(spec(a) for a in args) + tuple(spec(v) for v in kwargs.values())
+
+
+def _output_names(module: Any, inputs: Inputs, n_outputs: int) -> list[str] | None:
+    """The original's output names (ModelOutput / dict keys) when they map 1:1 onto ONNX outputs."""
+    try:
+        with torch.no_grad():
+            out = call(module, inputs)
+    except Exception:  # noqa: BLE001 - names are cosmetic
+        return None
+    if hasattr(out, "keys") and callable(out.keys):
+        names = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+        if len(names) == n_outputs and all(isinstance(v, torch.Tensor) for v in out.values()):
+            return names
+        return None
+    if isinstance(out, torch.Tensor):
+        return ["output"] if n_outputs == 1 else None
+    return None
+
+
+def _rename_dims(model: Any, inputs: Inputs, names: Sequence[str]) -> None:
+    """Name symbolic dims ``batch`` (axis 0) and, for 2-d integer inputs (tokens), ``sequence``.
+
+    torch.export gives each input its own symbol (``s72``, ``s43``) even where the model needs them
+    equal; a server reads ``batch`` / ``sequence`` more easily and ORT treats names as documentation."""
+    args, kwargs = as_args_kwargs(inputs)
+    values = list(args) + list(kwargs.values())
+    mapping: dict[str, str] = {}
+    for vi, name in zip(model.graph.input, names):
+        idx = list(names).index(name)
+        v = values[idx] if idx < len(values) else None
+        token_like = isinstance(v, torch.Tensor) and v.dim() == 2 and not v.is_floating_point()
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.dim_param and d.dim_param not in mapping:
+                mapping[d.dim_param] = "batch" if axis == 0 else ("sequence" if token_like and axis == 1 else d.dim_param)
+    if not mapping:
+        return
+
+    def fix(value_infos: Any) -> None:
+        for vi in value_infos:
+            if not vi.type.HasField("tensor_type"):
+                continue
+            for d in vi.type.tensor_type.shape.dim:
+                if d.dim_param in mapping:
+                    d.dim_param = mapping[d.dim_param]
+
+    fix(model.graph.input)
+    fix(model.graph.output)
+    fix(model.graph.value_info)
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------------
+_OP_RE = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>")
+_TARGET_RE = re.compile(r"target=([\w.:]+)\]?\(")
+
+
+def _module_of_op(module: Any, inputs: Inputs, op: str) -> str | None:
+    """Module path (``nn_module_stack``) of the first node calling aten/custom op ``op``."""
+    gm = module if isinstance(module, fx.GraphModule) else None
+    if gm is None and isinstance(module, nn.Module):
+        args, kwargs = as_args_kwargs(inputs)
+        try:
+            gm = torch.export.export(module, args, kwargs or None, strict=False).graph_module
+        except Exception:  # noqa: BLE001
+            return None
+    if gm is None:
+        return None
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        name = getattr(target, "name", None)
+        full = name() if callable(name) else str(target)
+        if full.replace("::", ".").startswith(op):
+            stack = node.meta.get("nn_module_stack") or {}
+            if stack:
+                path = list(stack.values())[-1][0]
+                return re.sub(r"^L\['self'\]\.?", "", str(path)).replace("._modules['", ".").replace("']", "") or "<root>"
+            return "<root>"
+    return None
+
+
+def _conversion_error(exc: BaseException, module: Any, inputs: Inputs) -> SurgeonError | None:
+    chain, seen = [], set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    text = "\n".join(chain)
+    m = _OP_RE.search(text)
+    if not m:
+        return None
+    op = m.group(1) if m.group(2) == "default" else f"{m.group(1)}.{m.group(2)}"
+    where = _module_of_op(module, inputs, m.group(1))
+    loc = f" in module '{where}'" if where else ""
+    return SurgeonError(f"cannot export to ONNX: operator '{op}'{loc} has no ONNX lowering "
+                        f"(replace it, or register a translation for it)")
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """The dynamo exporter prints progress lines and torchvision warnings: keep the CLI clean."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLike, *,
+                dynamic_shapes: Any = "auto", input_names: Sequence[str] | None = None,
+                output_names: Sequence[str] | None = None, opset: int = OPSET,
+                original: nn.Module | None = None) -> Path:
+    """Export ``module_or_ep`` (nn.Module / GraphModule / ExportedProgram) to ``path`` (one file).
+
+    ``dynamic_shapes="auto"`` marks every input dim ``Dim.AUTO`` (batch and sequence stay dynamic
+    where the model allows); ``None`` exports static shapes. Inputs keep the original's names
+    (``input_names`` or the forward's parameter names); outputs take the original's ModelOutput keys
+    when they map 1:1. Surgeon's Q/DQ custom ops lower to standard QuantizeLinear/DequantizeLinear.
+    Raises ``SurgeonError`` naming the operator and its module when an op has no ONNX lowering."""
+    import onnx
+
+    path = Path(path)
+    is_ep = isinstance(module_or_ep, torch.export.ExportedProgram)
+    if isinstance(module_or_ep, nn.Module) and not isinstance(module_or_ep, fx.GraphModule):
+        module_or_ep.eval()  # (an exported program's module refuses eval(): it is already frozen)
+    args, kwargs = as_args_kwargs(example_inputs)
+    names = list(input_names) if input_names else input_names_of(original or module_or_ep, example_inputs)
+    ds = None
+    if not is_ep and dynamic_shapes is not None:
+        ds = _auto_dynamic_shapes(example_inputs) if isinstance(dynamic_shapes, str) else dynamic_shapes
+    try:
+        with _quiet():
+            prog = torch.onnx.export(
+                module_or_ep, () if is_ep else args, kwargs=None if is_ep else (kwargs or None),
+                dynamo=True, opset_version=opset, dynamic_shapes=ds, external_data=False,
+                custom_translation_table=translation_table(), optimize=True, verbose=False)
+    except SurgeonError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - translated to a one-line user error where we can
+        err = _conversion_error(exc, module_or_ep, example_inputs)
+        if err is not None:
+            raise err from exc
+        raise
+    model = prog.model_proto
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    _strip_node_metadata(model)
+    graph_inputs = list(model.graph.input)
+    if len(names) == len(graph_inputs):
+        old_to_new = {vi.name: n for vi, n in zip(graph_inputs, names)}
+        _rename_values(model, old_to_new)
+        _rename_dims(model, example_inputs, names)
+    outs = list(output_names) if output_names else _output_names(original or module_or_ep, example_inputs,
+                                                                  len(model.graph.output)) if not is_ep else None
+    if outs and len(outs) == len(model.graph.output) and len(set(outs)) == len(outs):
+        taken = {vi.name for vi in model.graph.input} | {i.name for i in model.graph.initializer}
+        if not (set(outs) & taken):
+            _rename_values(model, {vi.name: n for vi, n in zip(model.graph.output, outs)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def _strip_node_metadata(model: Any) -> None:
+    # The exporter attaches stack traces and module names to every node: for a small model they are
+    # most of the file, and they carry nothing a runtime uses.
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        del vi.metadata_props[:]
+
+
+def _rename_values(model: Any, mapping: dict[str, str]) -> None:
+    mapping = {k: v for k, v in mapping.items() if k != v}
+    if not mapping:
+        return
+    g = model.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.name in mapping:
+            vi.name = mapping[vi.name]
+    for node in g.node:
+        for i, n in enumerate(node.input):
+            if n in mapping:
+                node.input[i] = mapping[n]
+        for i, n in enumerate(node.output):
+            if n in mapping:
+                node.output[i] = mapping[n]
+
+
+# ------------------------------------------------------------------------------------------------
+# verification
+# ------------------------------------------------------------------------------------------------
+def has_fp8(model_or_path: Any) -> bool:
+    """Whether the ONNX model holds any FLOAT8 tensor (initializer or Q/DQ zero point)."""
+    import onnx
+
+    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
+           onnx.TensorProto.FLOAT8E5M2FNUZ}
+    for t in model.graph.initializer:
+        if t.data_type in fp8:
+            return True
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in fp8:
+                return True
+    return False
+
+
+def needs_fp8_option(model_or_path: Any) -> bool:
+    """Whether ORT must run the file with ``session.disable_quant_qdq = 1``: some QuantizeLinear
+    produces FP8 (its zero point is a float8 tensor). ORT's CPU QDQ fusion turns FP8 Q/DQ around a
+    MatMul into an integer kernel that rejects float8; weight-only FP8 (DequantizeLinear of an FP8
+    initializer, e.g. an embedding table) is not fused and needs no flag — which matters, since the
+    flag also switches off the INT8 fusion."""
+    import onnx
+
+    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
+           onnx.TensorProto.FLOAT8E5M2FNUZ}
+    fp8_values = {t.name for t in model.graph.initializer if t.data_type in fp8}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and any(a.type == onnx.AttributeProto.TENSOR and a.t.data_type in fp8
+                                              for a in node.attribute):
+            fp8_values.update(node.output)
+    return any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in fp8_values
+               for n in model.graph.node)
+
+
+def session(path: str | os.PathLike, *, threads: int | None = None, fp8: bool | None = None,
+            optimized_path: str | os.PathLike | None = None) -> Any:
+    """An onnxruntime CPU session for ``path`` (with the FP8 session option when the file needs it)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if fp8 if fp8 is not None else needs_fp8_option(path):
+        so.add_session_config_entry(*FP8_SESSION_OPTION)
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _feeds(sess: Any, inputs: Inputs) -> dict[str, np.ndarray]:
+    args, kwargs = as_args_kwargs(inputs)
+    values = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
+    names = [i.name for i in sess.get_inputs()]
+    if len(names) != len(values):
+        raise SurgeonError(f"the ONNX file has {len(names)} inputs but {len(values)} tensors were given")
+    return {n: v.detach().cpu().numpy() for n, v in zip(names, values)}
+
+
+def run_ort(sess: Any, inputs: Inputs) -> list[np.ndarray]:
+    """Run ``sess`` on torch inputs (positional order = ONNX input order)."""
+    return sess.run(None, _feeds(sess, inputs))
+
+
+def _torch_outputs(module: Any, inputs: Inputs) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = call(module, inputs)
+    return [t.detach().float().cpu().numpy() for t in tensors_of(out)]
+
+
+def _float_outputs(outs: list[np.ndarray]) -> list[np.ndarray]:
+    return [o.astype(np.float32) for o in outs if np.issubdtype(o.dtype, np.floating)]
+
+
+def _max_abs(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    if len(a) != len(b):
+        raise SurgeonError(f"the ONNX file returns {len(a)} floating outputs, the torch module {len(b)}")
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            raise SurgeonError(f"ONNX output shape {x.shape} differs from the torch module's {y.shape}")
+        if x.size:
+            worst = max(worst, float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))))
+    return worst
+
+
+def cosine_per_sample(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
+    """Cosine of each sample's outputs (all floating outputs, flattened per batch row)."""
+    rows_a = np.concatenate([x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1) for x in a], axis=1)
+    rows_b = np.concatenate([x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1) for x in b], axis=1)
+    rows_a, rows_b = rows_a.astype(np.float64), rows_b.astype(np.float64)
+    num = (rows_a * rows_b).sum(1)
+    den = np.linalg.norm(rows_a, axis=1) * np.linalg.norm(rows_b, axis=1)
+    return np.where(den > 0, num / np.maximum(den, 1e-300), (np.abs(rows_a - rows_b).max(1) == 0).astype(float))
+
+
+def _first_rows(inputs: Inputs, n: int = 1) -> Inputs | None:
+    args, kwargs = as_args_kwargs(inputs)
+    vals = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
+    if not vals or any(v.dim() == 0 or v.shape[0] <= n for v in vals):
+        return None
+    if len({v.shape[0] for v in vals}) != 1:
+        return None
+    cut = lambda v: v[:n] if isinstance(v, torch.Tensor) else v  # noqa: E731
+    if kwargs and not args:
+        return {k: cut(v) for k, v in kwargs.items()}
+    return tuple(cut(a) for a in args)
+
+
+def fp32_bytes(model: nn.Module) -> int:
+    """Bytes the fp32 ONNX file stores for ``model``'s weights: unique float parameters and buffers × 4."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr() if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * (4 if t.is_floating_point() else t.element_size())
+    return total
+
+
+def verify_onnx(path: str | os.PathLike, module: Any, inputs: Inputs, *, original: nn.Module | None = None,
+                original_inputs: Inputs | None = None, fp32_size: int | None = None,
+                check_batch: bool = True) -> dict[str, Any]:
+    """Check ``path`` and compare it in onnxruntime with ``module`` (and ``original``).
+
+    Returns the figures: ``max_abs_diff`` (ORT vs the torch module), ``cosine_min`` / ``cosine_mean``
+    (ORT vs the original, per sample), ``bytes``, ``fp32_bytes``, ``size_ratio``, ``fp8_session_option``
+    and ``batch1_max_abs_diff`` (the batch dimension really is dynamic). Raises ``SurgeonError`` when
+    the checker or onnxruntime rejects the file."""
+    import onnx
+
+    path = Path(path)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001
+        raise SurgeonError(f"onnx.checker rejected {path.name}: {' '.join(str(exc).split())[:300]}") from exc
+    fp8 = needs_fp8_option(path)
+    try:
+        sess = session(path, fp8=fp8)
+        ort_out = _float_outputs(run_ort(sess, inputs))
+    except SurgeonError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise SurgeonError(f"onnxruntime cannot run {path.name}: {' '.join(str(exc).split())[:300]}") from exc
+    ref = _torch_outputs(module, inputs)
+    figures: dict[str, Any] = {
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "opset": OPSET,
+        "max_abs_diff": _max_abs(ort_out, ref),
+        "fp8_session_option": f"{FP8_SESSION_OPTION[0]}={FP8_SESSION_OPTION[1]}" if fp8 else None,
+        "inputs": [{"name": i.name, "shape": [d if isinstance(d, int) else str(d) for d in i.shape]}
+                   for i in sess.get_inputs()],
+    }
+    if original is not None:
+        orig_out = _torch_outputs(original, original_inputs if original_inputs is not None else inputs)
+        if len(orig_out) == len(ort_out):
+            cos = cosine_per_sample(ort_out, orig_out)
+            figures["cosine_min"] = float(cos.min())
+            figures["cosine_mean"] = float(cos.mean())
+        if fp32_size is None:
+            fp32_size = fp32_bytes(original)
+    if fp32_size:
+        figures["fp32_bytes"] = int(fp32_size)
+        figures["size_ratio"] = round(figures["bytes"] / fp32_size, 4)
+    if check_batch:
+        small = _first_rows(inputs)
+        if small is not None:
+            figures["batch1_max_abs_diff"] = _max_abs(_float_outputs(run_ort(sess, small)), _torch_outputs(module, small))
+    return figures
+
+
+def write_onnx(module: Any, example_inputs: Inputs, outdir: str | os.PathLike, *, filename: str = "model.onnx",
+               original: nn.Module | None = None, original_inputs: Inputs | None = None,
+               verify_inputs: Inputs | None = None, input_names: Sequence[str] | None = None,
+               fp32_size: int | None = None, tolerance: float | None = None) -> dict[str, Any]:
+    """Export, verify and atomically place ``OUTDIR/model.onnx``; return the verification figures.
+
+    ``tolerance`` (max abs diff ORT vs torch module), when given, must hold or nothing is written."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".model-", suffix=".onnx.tmp", dir=str(outdir))
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        export_onnx(module, example_inputs, tmp, input_names=input_names, original=original)
+        vin = verify_inputs if verify_inputs is not None else example_inputs
+        figures = verify_onnx(tmp, module, vin, original=original, original_inputs=original_inputs,
+                              fp32_size=fp32_size)
+        if tolerance is not None and figures["max_abs_diff"] > tolerance:
+            raise SurgeonError(f"ONNX file differs from the torch module by {figures['max_abs_diff']:.3g} "
+                               f"(tolerance {tolerance:g}); nothing written")
+        final = outdir / filename
+        os.replace(tmp, final)
+        figures["file"] = final.name
+        figures["path"] = str(final)
+        return figures
+    finally:
+        if tmp.exists():
+            tmp.unlink()
