@@ -300,10 +300,16 @@ def calibrate(module: nn.Module, batches: Iterable[Inputs], *, desc: str = "cali
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     n_batches = n_samples = 0
     start = time.perf_counter()
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, transient=True, disable=not progress) as bar:
+    console = Console(stderr=True)  # stdout stays clean for piped output (JSON reports)
+    # A transient bar shows nothing on a non-terminal, so skip its refresh thread there. rich keeps
+    # one speed sample per advance for `speed_estimate_period` seconds (up to 1000, even when
+    # disabled): a zero period keeps memory flat in the number of batches (no ETA is shown).
+    with Progress(*columns, console=console, transient=True, speed_estimate_period=0.0,
+                  disable=not (progress and console.is_terminal)) as bar:
         task = bar.add_task(desc, total=total)
         with torch.no_grad():
             for inputs in batches:
