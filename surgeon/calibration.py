@@ -206,7 +206,7 @@ class Histogram:
         (evaluating only centres, as pytorch-quantization does, overstates fp8's error on the many
         small values whose levels are finer than a bin, which biases the search toward large clips).
         """
-        from .quant import FP8_MAX, INT8_MAX  # quant imports this module at import time
+        from .quant import FP8_MAX, INT8_MAX, round_half_even  # quant imports this module
 
         if dtype not in ("fp8", "int8"):
             raise SurgeonError(f"unknown quantization dtype '{dtype}' (known: fp8, int8)")
@@ -226,7 +226,7 @@ class Histogram:
                 # e4m3: 3 mantissa bits; exponents below -6 are subnormal with the step of -6
                 step = torch.exp2(torch.floor(torch.log2(v)).clamp(min=-6.0) - 3.0) * scale
             else:
-                q = torch.round(v).clamp(-qmax, qmax)
+                q = round_half_even(v).clamp(-qmax, qmax)
                 step = scale.expand_as(v)
             e = torch.where(step < width, step * step / 12.0, (q * scale - centres) ** 2)
             e = torch.where(v > qmax, (centres - clip[:, None]) ** 2, e)

@@ -378,3 +378,14 @@ def test_percentile_and_mse_clip_on_heavy_tailed_data(dtype):
         assert qs["mse"].clip() > 0.5 * amax
         assert mse["mse"] <= mse["max"]
     assert mse["mse"] < mse["percentile"]  # clipping at p99.9 is far too aggressive for MSE
+
+
+def test_round_half_even_matches_torch_round():
+    from surgeon.quant import round_half_even
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.cat([torch.randn(200_000, generator=g) * 10.0 ** torch.empty(200_000).uniform_(-3, 6, generator=g),
+                   torch.arange(-3000, 3000) + 0.5, torch.tensor([0.49999997, -0.49999997, 1048575.5, -2.5])])
+    expected = torch.round(v.clamp(-2.0**20, 2.0**20))
+    assert torch.equal(round_half_even(v), expected)
+    assert torch.isnan(round_half_even(torch.tensor(float("nan"))))
