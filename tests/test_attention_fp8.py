@@ -407,3 +407,28 @@ def test_options_are_validated():
     (p,) = parse_pipeline("attention-fp8{p_bits=1,granularity=tensor,method=percentile}")
     assert p == AttentionFP8(p_bits=1, granularity="tensor", method="percentile")
     assert p.spec() == "attention-fp8{p_bits=1,granularity=tensor,method=percentile}"
+
+
+# --- the digits ViT (real data, trained in seconds) -----------------------------------------------
+
+@pytest.mark.slow
+def test_digits_vit_top1_drop_with_attention_fp8(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "digits_vit.py"
+    spec = importlib.util.spec_from_file_location("digits_vit", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    data = bench.load_split(0)
+    x_train, _, x_test, y_test = data
+    model, fp32 = bench.train(seed=0, data=data)
+    assert fp32 >= 95.0  # the model is worth measuring on
+    fp8 = bench.evaluate_attention_fp8(model, x_train, x_test, y_test, "attention-fp8")
+    assert fp8["applied"] == 2
+    assert fp32 - fp8["top1"] <= 0.5  # the bar: at most 0.5 points of top-1
+    binary = bench.evaluate_attention_fp8(model, x_train, x_test, y_test, "attention-fp8{p_bits=1}")
+    with capsys.disabled():
+        print(f"\ndigits ViT top-1: fp32 {fp32:.2f} %, attention-fp8 {fp8['top1']:.2f} % "
+              f"(drop {fp32 - fp8['top1']:.2f}), p_bits=1 {binary['top1']:.2f} % (drop {fp32 - binary['top1']:.2f})")
