@@ -162,8 +162,36 @@ def fake_quant(x: Tensor, scale: Tensor | float, axis: int | None = None, dtype:
         axis = 0
     elif axis < 0:
         axis += x.dim()
-    y = dequantize(quantize(x, scale, axis, dtype, zero_point), scale, axis, zero_point)
+    if (isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        # eager training / fitting through a quantizer: straight-through gradient. Under export or
+        # compile the plain Q/DQ ops are traced instead (parameters make activations require grad
+        # there too), so exported graphs hold only the two custom-op nodes.
+        return _FakeQuantSTE.apply(x, scale, axis, dtype, zero_point)
+    return _fake_quant(x, scale, axis, dtype, zero_point)
+
+
+def _fake_quant(x: Tensor, scale: Tensor, axis: int, dtype: str, zero_point: Tensor | None) -> Tensor:
+    y = dequantize(quantize(x, scale, axis, dtype, zero_point), scale, axis, zero_point)  # type: ignore[arg-type]
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Forward: exactly ``_fake_quant``. Backward: the straight-through estimator, zero where the
+    value saturated (outside the representable range the output does not depend on x)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, axis, dtype, zero_point):  # type: ignore[override]
+        s = _broadcast(scale, x, axis, "scale").to(torch.float32)
+        zp = 0.0 if zero_point is None else _broadcast(zero_point, x, axis, "zero_point").to(torch.float32)
+        lo, hi = (-FP8_MAX * s, FP8_MAX * s) if dtype == "fp8" else ((-128.0 - zp) * s, (127.0 - zp) * s)
+        ctx.save_for_backward((x >= lo) & (x <= hi))
+        return _fake_quant(x, scale, axis, dtype, zero_point)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
 
 
 class Quantizer(nn.Module):
@@ -223,6 +251,17 @@ class Quantizer(nn.Module):
             self.zero_point = torch.zeros_like(self.scale, dtype=torch.int8)
         self.calibrated = True
         self.mode = "quant"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # a per-axis scale only gets its length at calibration: take the saved shape, and a saved
+        # scale means a calibrated quantizer
+        if prefix + "scale" in state_dict:
+            saved = state_dict[prefix + "scale"]
+            self.scale = torch.empty_like(saved, dtype=torch.float32, device=self.scale.device)
+            if self.dtype == "int8":
+                self.zero_point = torch.zeros_like(self.scale, dtype=torch.int8)
+            self.calibrated, self.mode = True, "quant"
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- calibration -------------------------------------------------------------------------------
     def _axis(self, x: Tensor) -> int | None:

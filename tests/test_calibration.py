@@ -282,3 +282,18 @@ def test_calibration_memory_does_not_grow_with_batches():
     assert held8 == held128 and len(held8) >= 7
     assert bytes8 == bytes128
     assert peak128 <= 1.10 * peak8, (peak8, peak128)
+
+
+@pytest.mark.parametrize("method", ["max", "percentile", "mse"])
+def test_quantizer_merge_equals_calibrating_on_everything(method):
+    xs = [x for x in _stream(6)]
+    whole = Quantizer("int8", axis=2, method=method)
+    calibrate(whole, [(x,) for x in xs], progress=False)
+    a, b = Quantizer("int8", axis=2, method=method), Quantizer("int8", axis=2, method=method)
+    for x in xs[:2]:
+        a(x)
+    for x in xs[2:]:
+        b(x)
+    a.merge(b)
+    a.finalize()
+    assert torch.equal(a.scale, whole.scale)

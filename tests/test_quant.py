@@ -389,3 +389,23 @@ def test_round_half_even_matches_torch_round():
     expected = torch.round(v.clamp(-2.0**20, 2.0**20))
     assert torch.equal(round_half_even(v), expected)
     assert torch.isnan(round_half_even(torch.tensor(float("nan"))))
+
+
+@pytest.mark.parametrize("dtype", ["fp8", "int8"])
+def test_fake_quant_straight_through_gradient(dtype):
+    x = torch.tensor([0.1, -0.3, 1.0, 5.0, -9.0], requires_grad=True)
+    scale = torch.tensor(2.0 / (448 if dtype == "fp8" else 127))  # representable range ±2
+    y = fake_quant(x, scale, dtype=dtype)
+    assert torch.equal(y.detach(), fake_quant(x.detach(), scale, dtype=dtype))  # forward unchanged
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]  # saturated values get no gradient
+
+
+def test_quantizer_state_dict_round_trip_per_axis():
+    src = Quantizer("int8", axis=1)
+    calibrate(src, [(torch.randn(8, 5),)], progress=False)
+    dst = Quantizer("int8", axis=1)
+    dst.load_state_dict(src.state_dict())
+    assert dst.mode == "quant" and dst.calibrated and torch.equal(dst.scale, src.scale)
+    x = torch.randn(3, 5)
+    assert torch.equal(dst(x), src(x))
