@@ -24,7 +24,6 @@ softmax does not preserve a per-row shift (e.g. tanh soft-capping) or the scores
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Literal, Sequence
 
@@ -254,7 +253,7 @@ def _einsum_parts(node: fx.Node) -> tuple[list[str], str] | None:
     return lhs.split(","), out
 
 
-def _letter_axis(sub: str, letter: str, rank: int | None) -> int | None:
+def _letter_axis(sub: str, letter: str) -> int | None:
     """Axis of ``letter`` in an einsum operand subscript (handles one ellipsis)."""
     if letter not in sub:
         return None
@@ -284,7 +283,7 @@ def _key_axis(view: GraphView, qk: fx.Node, k: fx.Node) -> int | None:
         if parts is None or not parts[1] or parts[1].endswith("."):
             return None
         subs, out = parts
-        return _letter_axis(subs[_product_operand_index(view, qk, k)], out[-1], view.ndim(k))
+        return _letter_axis(subs[_product_operand_index(view, qk, k)], out[-1])
     return None
 
 
@@ -297,7 +296,7 @@ def _head_axis(view: GraphView, prod: fx.Node, operand: fx.Node) -> int | None:
         if parts is None or out_rank is None or out_rank < 4 or "." in parts[1]:
             return None
         head = parts[1][out_rank - 3]
-        axis = _letter_axis(parts[0][_product_operand_index(view, prod, operand)], head, rank)
+        axis = _letter_axis(parts[0][_product_operand_index(view, prod, operand)], head)
         if axis is not None and axis < 0 and rank is not None:
             axis += rank
         return axis

@@ -47,7 +47,7 @@ class ManualAttention(nn.Module):
     """Hand-written multi-head attention with the variants seen in the wild."""
 
     def __init__(self, dim=32, heads=4, scale_by="mul", mask_side="right", causal=False, dropout=0.0,
-                 softcap=None, layout="4d", pv="matmul", seed=0):
+                 softcap=None, layout="4d", pv="matmul", qk="matmul", seed=0):
         super().__init__()
         torch.manual_seed(seed)
         self.h, self.d = heads, dim // heads
@@ -55,15 +55,15 @@ class ManualAttention(nn.Module):
         with torch.no_grad():
             self.qkv.weight.mul_(2.0)  # peaked (non-uniform) attention: a harder case for FP8 P
         self.drop = nn.Dropout(dropout)
-        self.scale_by, self.mask_side, self.causal, self.softcap, self.layout, self.pv = (
-            scale_by, mask_side, causal, softcap, layout, pv)
+        self.scale_by, self.mask_side, self.causal, self.softcap, self.layout, self.pv, self.qk = (
+            scale_by, mask_side, causal, softcap, layout, pv, qk)
 
     def forward(self, x, mask=None):
         B, L, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, L, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
         if self.layout == "3d":
             q, k, v = (t.reshape(B * self.h, L, self.d) for t in (q, k, v))
-        s = q @ k.transpose(-1, -2)
+        s = torch.einsum("bhld,bhsd->bhls", q, k) if self.qk == "einsum" else q @ k.transpose(-1, -2)
         s = s * self.d ** -0.5 if self.scale_by == "mul" else s / math.sqrt(self.d)
         if mask is not None:
             s = s + mask if self.mask_side == "right" else mask + s
@@ -135,7 +135,7 @@ def _count(gm: fx.GraphModule, target) -> int:
 
 
 def _run_pass(model, inputs, pass_=None, ctx=None):
-    """Capture, rewrite, calibrate on fit batches; return (gm, ctx, result, reference outputs)."""
+    """Capture ``model`` and run the pass on it; return (gm, ctx, result)."""
     cap = capture(model, inputs)
     gm = cap.gm
     ctx = ctx or PassContext()
@@ -186,6 +186,13 @@ def test_manual_scale_and_mask_variants(scale_by, mask_side):
     assert record.probe == record.reference and record.submodules[0] == "surgeon_attention_fp8_0"
     names = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     assert {f"surgeon_attention_fp8_0.{r}" for r in "qkvp"} <= names
+
+
+def test_manual_einsum_products_center_k_over_its_key_axis():
+    model = ManualAttention(qk="einsum", pv="einsum").eval()
+    gm, _, _ = _check_fp8(model, _float_mask, expect_reason=CENTERED)
+    k = gm.get_submodule("surgeon_attention_fp8_0.k")
+    assert k.key_axis == 2 and k.quant.axis == 1  # "bhsd": keys on axis 2, heads on axis 1
 
 
 def test_manual_causal_with_eval_dropout():
@@ -372,6 +379,13 @@ def test_binary_p_fit_reduces_pv_error_against_naive_threshold():
     assert torch.equal(out, m.s.reshape(1, -1, 1, 1) * (p > m.tau.reshape(1, -1, 1, 1)).float())
     m.active = False
     assert m(p, v) is p
+    # per tensor: one τ and one s for all heads, still never worse than the naive threshold
+    t = BinaryP(axis=None)
+    for p, v in fit:
+        t(p, v)
+    t.finalize()
+    assert t.tau.dim() == t.s.dim() == 0 and t.fit_error <= t.baseline_error
+    assert err(t.tau.expand(4), t.s.expand(4), fit).sum() <= err(*naive, fit).sum()
 
 
 @pytest.mark.parametrize("model", [ManualAttention(), SDPAAttention(kv_heads=2)], ids=["manual", "sdpa"])
