@@ -204,7 +204,9 @@ class Quantizer(nn.Module):
     ``active = False`` makes the module the identity in every mode (the verification guard's switch).
 
     ``axis=None`` is per tensor; an int gives one scale per index of that dimension (per channel /
-    per head), its length fixed at the first observation.
+    per head), its length fixed at the first observation. In eager mode with gradients enabled the
+    quantizer passes a straight-through gradient (zero where x saturates), so parameters upstream
+    can be fitted through it.
     """
 
     def __init__(self, dtype: QDType = "fp8", axis: int | None = None, method: Method = "max",
@@ -269,7 +271,8 @@ class Quantizer(nn.Module):
             return None
         axis = self.axis + x.dim() if self.axis < 0 else self.axis
         if not 0 <= axis < x.dim():
-            raise SurgeonError(f"quantizer {self.name or ''} axis {self.axis} is out of range for a {x.dim()}-d tensor".replace("  ", " "))
+            raise SurgeonError(f"quantizer {self.name or '(unnamed)'}: axis {self.axis} is out of range "
+                               f"for a {x.dim()}-d tensor")
         return axis
 
     @torch.no_grad()

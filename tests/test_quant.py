@@ -409,3 +409,9 @@ def test_quantizer_state_dict_round_trip_per_axis():
     assert dst.mode == "quant" and dst.calibrated and torch.equal(dst.scale, src.scale)
     x = torch.randn(3, 5)
     assert torch.equal(dst(x), src(x))
+
+
+def test_quantizer_axis_out_of_range_message():
+    q = Quantizer("fp8", axis=3, name="enc.q")
+    with pytest.raises(SurgeonError, match=r"^quantizer enc\.q: axis 3 is out of range for a 2-d tensor$"):
+        q(torch.randn(2, 2))
