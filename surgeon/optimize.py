@@ -309,19 +309,36 @@ def plain_outputs(gm: fx.GraphModule, example_inputs: Inputs) -> Iterator[bool]:
         gm.recompile()
 
 
-def _auto_dynamic(inputs: Inputs) -> Any:
+def auto_dynamic(module: nn.Module, inputs: Inputs) -> Any:
+    """``Dim.AUTO`` on every input dimension, keyed by ``module.forward``'s parameter names.
+
+    Keyed by name, not position: keyword inputs (a tokenizer's dict) need not come in the order of
+    the signature, and a positional spec would give one input's dims to another."""
+    import inspect
+
     from .capture import _auto_dynamic_shapes
 
     arg_spec, kw_spec = _auto_dynamic_shapes(inputs)
-    return tuple(arg_spec) + tuple(kw_spec.values())
+    flat = tuple(arg_spec) + tuple(kw_spec.values())
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return flat
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params) or len(arg_spec) > len(params):
+        return flat
+    spec = {params[i].name: s for i, s in enumerate(arg_spec)}
+    spec.update(kw_spec)
+    return spec
 
 
-def reexport(final: fx.GraphModule, example_inputs: Inputs, dynamic_shapes: Any) -> tuple[Any, list[str]]:
-    """``torch.export`` the final model with the capture's dynamic shapes: ``(program, notes)``."""
+def reexport(final: fx.GraphModule, example_inputs: Inputs) -> tuple[Any, list[str]]:
+    """``torch.export`` the final model, every input dimension ``Dim.AUTO``: ``(program, notes)``.
+
+    Dimensions the model fixes (a feature width) come out static, the others (batch, sequence)
+    dynamic; if the dynamic export fails, a static one is written and the note says why."""
     args, kwargs = as_args_kwargs(example_inputs)
     notes: list[str] = []
-    attempts = [dynamic_shapes] if dynamic_shapes is not None else [_auto_dynamic(example_inputs)]
-    attempts.append(None)
+    attempts = [auto_dynamic(final, example_inputs), None]
     last: Exception | None = None
     with plain_outputs(final, example_inputs) as changed:
         if changed:
@@ -514,7 +531,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     del applied.gm  # the fitted copy is no longer needed (memory)
 
     t = time.perf_counter()
-    ep, export_notes = reexport(final, example_inputs, cap.dynamic_shapes)
+    ep, export_notes = reexport(final, example_inputs)
     notes += export_notes
     timings["export"] = time.perf_counter() - t
 
