@@ -532,7 +532,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
 
     t = time.perf_counter()
     ep, export_notes = reexport(final, example_inputs)
-    notes += export_notes
+    notes += [n for n in export_notes if "static shapes" in n]
     timings["export"] = time.perf_counter() - t
 
     if not verdict.met:
@@ -564,7 +564,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         diagnostics=applied.diagnostics,
         variants=_variants(gm0),
         timings=timings,
-        export=export_info(ep),
+        export={**export_info(ep), "notes": export_notes},
         warnings=notes,
     )
     for n in notes:
