@@ -213,12 +213,13 @@ def fit_passes(applied: Applied, fit: Sequence[Inputs], *, progress: bool = Fals
     from .calibration import calibratables, calibrate
 
     info: dict[str, Any] = {"calibrated": 0}
-    torch.manual_seed(int(applied.ctx.options.get("seed", 0)))
-    if calibratables(applied.gm):
-        stats = calibrate(applied.gm, list(fit), desc="calibrating", progress=progress)
-        info = stats.to_json()
-    for p in applied.passes:
-        p.fit(applied.gm, applied.ctx, list(fit))
+    with torch.random.fork_rng(devices=[]):  # seeded fitting without touching the caller's RNG state
+        torch.manual_seed(int(applied.ctx.options.get("seed", 0)))
+        if calibratables(applied.gm):
+            stats = calibrate(applied.gm, list(fit), desc="calibrating", progress=progress)
+            info = stats.to_json()
+        for p in applied.passes:
+            p.fit(applied.gm, applied.ctx, list(fit))
     return info
 
 

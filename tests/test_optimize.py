@@ -325,6 +325,16 @@ def test_user_metric_and_best_model_when_nothing_meets() -> None:
         optimize(model, ex, toy_batches(4), passes=[ToyRound()], metric=metric)
 
 
+def test_no_site_found_keeps_the_model(capsys: pytest.CaptureFixture) -> None:
+    model, ex = ToyNet().eval(), (torch.randn(2, 5, 8),)
+    res = optimize(model, ex, toy_batches(4), passes=[ToyRound(op="gelu")], progress=True)
+    assert res.report["counts"] == {"applied": 0, "rolled_back": 0, "skipped": 1} and res.met
+    assert res.report["end_to_end"]["cosine_min"] == pytest.approx(1.0, abs=1e-12)
+    assert res.report["end_to_end"]["max_rel_err"] == 0.0
+    x = torch.randn(4, 3, 8)
+    torch.testing.assert_close(res.module(x), model(x), rtol=0, atol=0)
+
+
 def test_no_calibration_is_weak_and_warned() -> None:
     model, ex = ToyNet().eval(), (torch.randn(2, 5, 8),)
     with pytest.warns(UserWarning, match="calibration is weak"):
