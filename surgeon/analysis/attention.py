@@ -52,43 +52,41 @@ def _product_operands(view: GraphView, n: fx.Node) -> list[fx.Node]:
     return [o for o in n.args[:2] if isinstance(o, fx.Node)]
 
 
-def _find_scores_product(view: GraphView, softmax: fx.Node) -> fx.Node | None:
-    """Nearest activation·activation product feeding the softmax through score-shaping ops."""
-    frontier, seen = [softmax.args[0]] if softmax.args and isinstance(softmax.args[0], fx.Node) else [], set()
+def _bounded_search(start: list[fx.Node], step, found):  # noqa: ANN001 - small private helper
+    """Breadth-first from ``start``: ``found(n)`` → stop with its result; ``step(n)`` → next nodes."""
+    frontier, seen = list(start), set()
     for _ in range(_MAX_DEPTH):
         nxt = []
         for n in frontier:
             if n in seen:
                 continue
             seen.add(n)
-            if _is_activation_product(view, n):
-                return n
-            if view.op(n) in SCORE_OPS:
-                nxt += [i for i in view.data_inputs(n) if view.is_dynamic(i)]
-        frontier = nxt
-        if not frontier:
+            hit = found(n)
+            if hit is not None:
+                return hit
+            nxt += step(n)
+        if not nxt:
             break
+        frontier = nxt
     return None
+
+
+def _find_scores_product(view: GraphView, softmax: fx.Node) -> fx.Node | None:
+    """Nearest activation·activation product feeding the softmax through score-shaping ops."""
+    start = [softmax.args[0]] if softmax.args and isinstance(softmax.args[0], fx.Node) else []
+    return _bounded_search(
+        start,
+        step=lambda n: [i for i in view.data_inputs(n) if view.is_dynamic(i)] if view.op(n) in SCORE_OPS else [],
+        found=lambda n: n if _is_activation_product(view, n) else None)
 
 
 def _find_pv(view: GraphView, softmax: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
     """The product P·V fed by the softmax, and the operand node through which P enters it."""
-    frontier, seen = [softmax], set()
-    for _ in range(_MAX_DEPTH):
-        nxt = []
-        for n in frontier:
-            if n in seen:
-                continue
-            seen.add(n)
-            for u in view.users(n):
-                if view.op(u) in PRODUCTS:
-                    return u, n
-                if view.op(u) in PROB_OPS:
-                    nxt.append(u)
-        frontier = nxt
-        if not frontier:
-            break
-    return None, None
+    hit = _bounded_search(
+        [softmax],
+        step=lambda n: [u for u in view.users(n) if view.op(u) in PROB_OPS],
+        found=lambda n: next(((u, n) for u in view.users(n) if view.op(u) in PRODUCTS), None))
+    return hit if hit is not None else (None, None)
 
 
 def _key_axis_ok(view: GraphView, softmax: fx.Node, qk: fx.Node) -> tuple[bool, str]:
