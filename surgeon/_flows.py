@@ -203,7 +203,7 @@ class AuxInverse(nn.Module):
         layers.append(nn.Linear(d, n))
         self.mlp = nn.Sequential(*layers)
         self.corrections = int(corrections)
-        self.flow = flow if corrections > 0 else None
+        self.flow = flow  # the exact forward (pairs for fitting; the correction steps)
         self.active: bool = True
         self.trained: bool = False
 
@@ -289,8 +289,10 @@ def reconstruction_errors(inv: nn.Module, flow: nn.Module, batches: Iterable[Inp
     errs = []
     saved = getattr(inv, "corrections", None)
     try:
-        if corrections is not None and saved is not None:
-            inv.corrections = min(corrections, saved) if inv.flow is None else corrections
+        if corrections is not None:
+            if corrections > 0 and getattr(inv, "flow", None) is None:
+                raise ValueError("correction steps need the inverse's copy of the exact forward")
+            inv.corrections = corrections
         with torch.no_grad():
             for batch in batches:
                 x = single_input(batch)
