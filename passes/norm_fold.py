@@ -75,7 +75,11 @@ class _Closure:
         self.plan: dict[tuple[fx.Node, fx.Node], int] = {}
         self.writers: list[fx.Node] = []
 
-    def const(self, user: fx.Node, c: Any, axis: int) -> str | None:
+    def const(self, user: fx.Node, c: Any, axis: int, writer: bool = False) -> str | None:
+        """Plan centring constant ``c`` (as read by ``user``) along ``axis``; ``writer``: it is summed
+        into the stream itself (a position table, a class token), not the weight of a layer."""
+        if writer and isinstance(c, fx.Node) and c not in self.writers:
+            self.writers.append(c)
         t = constant_of(self.gm, c)
         if t is None:
             return f"'{c.name}' read by '{user.name}' is not a constant"
@@ -116,7 +120,7 @@ class _Closure:
                 if isinstance(o, fx.Node) and o.op == "get_attr":
                     t = constant_of(self.gm, o)
                     oa = axis - (rank - (t.dim() if t is not None else 0))
-                    why = self.const(n, o, oa) if t is not None and oa >= 0 else \
+                    why = self.const(n, o, oa, writer=True) if t is not None and oa >= 0 else \
                         f"the constant '{o.target}' broadcasts over the channel axis"
                 else:
                     os = _shape(view, o)
@@ -171,14 +175,14 @@ class _Closure:
             if sa < 0 or ss[sa] != shape[axis]:
                 return f"'{n.name}' broadcasts over the channel axis"
             if src.op == "get_attr":
-                return self.const(n, src, sa)
+                return self.const(n, src, sa, writer=True)
             return self.centre(src, sa)
         if op == "cat":
             tensors, dim = arg(0, "tensors"), _norm_axis(arg(1, "dim", 0), rank)
             if dim == axis:
                 return f"'{n.name}' concatenates along the channel axis"
             for t in tensors:
-                why = self.const(n, t, axis) if t.op == "get_attr" else self.centre(t, axis)
+                why = self.const(n, t, axis, writer=True) if t.op == "get_attr" else self.centre(t, axis)
                 if why:
                     return why
             return None
@@ -393,7 +397,7 @@ class NormFold(Pass):
             modified |= changed
             diags.append(self._diagnostic(view, p, changed))
         if writers:
-            names = sorted({view.module_path(w) or w.name for w in writers})
+            names = sorted({str(w.target) if w.op == "get_attr" else view.module_path(w) or w.name for w in writers})
             diags.append(Diagnostic(self.name, None, "applied",
                                     f"centred {len(writers)} writer(s) of the residual stream: {', '.join(names)}"))
         gm.recompile()

@@ -227,6 +227,9 @@ class NormGate(Pass):
         diags: list[Diagnostic] = []
         modified = False
         i = sum(1 for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith(PREFIX))
+        # norm-fold centres the residual stream (its new constants end in "_centred"): the block output
+        # then differs from the original's by its mean, so there is no original value to compare with.
+        centred = any(n.op == "get_attr" and "_centred" in str(n.target) for n in gm.graph.nodes)
         for site in analyze_graph(gm).by_kind("norm_residual"):
             if not ctx.wants(site.id):
                 continue
@@ -254,12 +257,16 @@ class NormGate(Pass):
             drop_unused(gm, parts.core)
             probe = new.name if post else site.nodes["add"].name
             unit.target = probe
+            reference = old_name if post else (None if centred else probe)
             ctx.register(SiteRecord(site.id, "norm_residual", site.module, self.name, [name], probe=probe,
-                                    reference=old_name if post else probe))
+                                    reference=reference))
             label = "LayerNorm" if parts.flavor == "layernorm" else "RMSNorm"
             diags.append(Diagnostic(self.name, site.id, "applied",
                                     f"{label} ({site.variant}-norm) → γ⊙tanh(α⊙x+δ)+β, fitted on the "
-                                    f"{'norm output' if post else 'block output'}", site.module, site.kind))
+                                    f"{'norm output' if post else 'block output'}"
+                                    + ("" if reference else "; per-site error not measured: the residual stream "
+                                       "was centred by norm-fold, the original has no equal value to compare"),
+                                    site.module, site.kind))
             modified = True
         gm.recompile()
         return PassResult(gm, modified, diags)

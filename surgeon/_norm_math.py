@@ -143,7 +143,9 @@ def _hand_parts(gm: fx.GraphModule, view: GraphView, node: fx.Node, x: fx.Node, 
             return f"'{n.name}' reduces over {view.arg(n, 1, 'dim')}, not the last axis alone"
         consts = [a for a in n.args if isinstance(a, fx.Node) and a not in core_set and a.op == "get_attr"]
         scalars = [a for a in n.args[1:] if isinstance(a, (int, float)) and not isinstance(a, bool)]
-        if op == "add" and scalars and any(view.op(a) in ("mean", "var") for a in n.args if isinstance(a, fx.Node)):
+        if op == "add" and any(view.op(a) in ("mean", "var") for a in n.args if isinstance(a, fx.Node)):
+            if not scalars:
+                return f"eps is a tensor ('{n.name}' adds a computed or stored value), not a number"
             eps = float(scalars[0])
         elif op == "mul" and consts and weight is None:
             weight = consts[0]
