@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from surgeon._inputs import call
 from surgeon.analysis._graph import GraphView
+from surgeon.calibration import RunningAmax
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
 from surgeon.quant import FP8_MAX, Quantizer, dequantize, quantize
 
@@ -91,11 +93,36 @@ class QuantLinear(nn.Module):
         stored = weight.detach().t().contiguous() if op == "linear" else weight.detach()
         # output channel: columns of Wᵀ / W (axis 1), rows of a conv weight (axis 0)
         self.axis = None if granularity == "tensor" else (0 if op == "conv" else 1)
-        q, s, zp = _quantize_weight(stored, self.axis, dtype, reduce_range)
+        self.reduce_range = reduce_range
+        self.register_buffer("inv_smooth", None)
+        self._set_weight(stored)
+        self.act = Quantizer(dtype=dtype, axis=None, method=method, name=name)
+
+    def _set_weight(self, stored: Tensor) -> None:
+        q, s, zp = _quantize_weight(stored, self.axis, self.dtype, self.reduce_range)
         self.register_buffer("qweight", q)
         self.register_buffer("wscale", s)
         self.register_buffer("wzero", zp)
-        self.act = Quantizer(dtype=dtype, axis=None, method=method, name=name)
+
+    @property
+    def smoothable(self) -> bool:
+        return self.op in ("linear", "matmul")
+
+    def input_channel_amax(self) -> Tensor:
+        """max |W| over outputs, per input channel (the weight side of the smoothing balance)."""
+        w = self.weight.detach().float()
+        return (w.abs().amax(0) if self.op == "linear" else w.abs().amax(1))
+
+    def smooth_with(self, s: Tensor) -> None:
+        """Migrate per-input-channel scale ``s`` from the activation to the weight (SmoothQuant):
+        x·W = (x / s)·(diag(s) W) exactly in real arithmetic; only what gets quantized changes."""
+        stored = self.weight.detach().t() if self.op == "linear" else self.weight.detach()
+        s = s.to(stored)
+        self._set_weight((stored.float() * s[:, None]).contiguous())
+        self.inv_smooth = (1.0 / s).to(torch.float32)
+
+    def _smoothed(self, x: Tensor) -> Tensor:
+        return x if self.inv_smooth is None else x * self.inv_smooth
 
     def _exact(self, x: Tensor) -> Tensor:
         return self._apply_op(x, self.weight, transposed=False)
@@ -116,9 +143,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.active or self.act.mode == "observe":
             if self.active:
-                self.act(x)  # record statistics of the float model's activation
+                self.act(self._smoothed(x))  # statistics of the float model's (smoothed) activation
             return self._exact(x)
-        return self._apply_op(self.act(x), self.dequantized_weight(), transposed=self.op == "linear")
+        return self._apply_op(self.act(self._smoothed(x)), self.dequantized_weight(), transposed=self.op == "linear")
 
     def extra_repr(self) -> str:
         gran = "tensor" if self.axis is None else f"channel(axis={self.axis})"
@@ -170,6 +197,7 @@ class LinearQuant(Pass):
     embeddings: bool = True  # weight-only FP8 for tables no linear owns (the word embeddings)
     reduce_range: bool = True  # int8 only: 7-bit weights, exact on AVX2 u8·s8 kernels
     min_table: int = 1024  # smaller tables are not worth a Q/DQ pair
+    smooth: float = 0.5  # SmoothQuant migration strength α (0 = off), fitted on the fit batches
 
     def __post_init__(self) -> None:
         if self.dtype not in ("fp8", "int8"):
@@ -178,6 +206,59 @@ class LinearQuant(Pass):
             raise ValueError(f"granularity must be channel or tensor, got {self.granularity}")
         if self.method not in ("max", "percentile", "mse"):
             raise ValueError(f"method must be max, percentile or mse, got {self.method}")
+        if not 0.0 <= self.smooth <= 1.0:
+            raise ValueError(f"smooth must be in [0, 1], got {self.smooth}")
+
+    # -- fitting ----------------------------------------------------------------------------------
+    def fit(self, gm: fx.GraphModule, ctx: PassContext, batches: Iterable[Any]) -> None:
+        """SmoothQuant: s_c = amax(x_c)^α / amax(W_c)^(1−α) per input channel, then recalibrate.
+
+        Two streaming passes over the fit batches with bounded state (one running max per input
+        channel per layer): (1) input-channel maxima of every layer's float input; (2) after the
+        weights are requantized as diag(s)·W, the per-tensor activation quantizers are calibrated
+        again on x / s. Other passes' quantizers are left as they are."""
+        if self.smooth <= 0:
+            return
+        layers = [m for _, m in gm.named_modules()
+                  if isinstance(m, QuantLinear) and m.smoothable and m.active and m.dtype == self.dtype]
+        if not layers:
+            return
+        batches = list(batches)
+        amax: dict[int, RunningAmax] = {id(m): RunningAmax(0) for m in layers}
+
+        def record(m: nn.Module, args: tuple) -> None:
+            x = args[0]
+            amax[id(m)].update(x.detach().reshape(-1, x.shape[-1]).t())
+
+        saved = [(m, m.act.mode) for m in layers]
+        for m in layers:
+            m.act.mode = "observe"  # exact float path while measuring
+            m.act.reset()
+        hooks = [m.register_forward_pre_hook(record) for m in layers]
+        try:
+            with torch.no_grad():
+                for b in batches:
+                    call(gm, b)
+        finally:
+            for h in hooks:
+                h.remove()
+        for m in layers:
+            xa = amax[id(m)].value
+            if xa is None:
+                continue
+            wa = m.input_channel_amax().to(xa)
+            ok = (xa > 0) & (wa > 0)
+            sc = torch.where(ok, xa.clamp_min(1e-8) ** self.smooth / wa.clamp_min(1e-8) ** (1 - self.smooth),
+                             torch.ones_like(xa)).clamp(1e-4, 1e4)
+            m.smooth_with(sc)
+            m.act.reset()
+        with torch.no_grad():
+            for b in batches:
+                call(gm, b)
+        for m, mode in saved:
+            if m.act.amax is not None:
+                m.act.finalize()
+            m.act.mode = "quant" if m.act.calibrated else mode
 
     # -- matching ---------------------------------------------------------------------------------
     def _layer(self, gm: fx.GraphModule, view: GraphView, node: fx.Node) -> tuple[str, fx.Node, Tensor, Tensor | None, dict] | str | None:
