@@ -7,10 +7,9 @@ After:   y = dq(q(x; s_x)) · dq(W_q; s_W) + b
          percentile | mse). The linear weight is stored transposed ([in, out], per-channel axis 1),
          so the ONNX file holds ``DequantizeLinear(W_q) → MatMul`` with nothing in between: the
          layout ONNX Runtime's QDQ fusion turns into one integer kernel (MatMulIntegerToFloat).
-         Embedding tables no linear owns (``embeddings=True``): weight-only FP8 with a per-tensor
-         scale, gathered *before* the dequantize — ``dq(gather(E_q, ids); s_E) = gather(dq(E_q), ids)``
-         exactly for a per-tensor scale — so the table is an FP8 initializer and only the rows read
-         are dequantized.
+         Embedding tables no linear owns (``embeddings=True``): weight-only, one scale per row, stored
+         FP8 (dtype=fp8) or INT8 (dtype=int8), so the table — half of a small BERT's weights — shrinks
+         in the file too (see ``QuantEmbedding`` for where the dequantize sits and why).
 INT8 weights use 7 bits (|q| ≤ 63) unless ``reduce_range=False``: x86 CPUs without VNNI multiply u8
 activations by s8 weights with ``vpmaddubsw``, whose int16 pair sums saturate when 2·255·|w| > 32767;
 with |w| ≤ 63 they cannot, so ONNX Runtime computes exactly what the torch module computes.
@@ -154,24 +153,40 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """Weight-only FP8 table lookup: ``gather(dq(E_q; s_row), ids)`` with one scale per row."""
+    """Weight-only table lookup with one scale per row, stored FP8 or INT8.
 
-    def __init__(self, weight: Tensor, padding_idx: int | None = None) -> None:
+    fp8:  ``gather(dq(E_q; s_row), ids)``. ONNX's Gather takes no float8 input, so the dequantize
+          comes first; ORT folds a DequantizeLinear of an initializer to a constant at load time
+          (under the FP8 session option), so the table costs nothing per run.
+    int8: ``float(gather(E_q, ids)) · gather(s_row, ids)``, the same product as a per-row
+          DequantizeLinear but of the rows read only: with INT8 Q/DQ fusion on, ORT keeps
+          DequantizeLinear nodes and would dequantize the whole table on every run."""
+
+    def __init__(self, weight: Tensor, padding_idx: int | None = None, dtype: str = "fp8") -> None:
         super().__init__()
         self.active: bool = True
         self.padding_idx = padding_idx
+        self.dtype = dtype
         self.register_buffer("weight", weight.detach())
-        q, s, _ = _quantize_weight(weight.detach(), 0, "fp8", True)
+        w = weight.detach().float()
+        if dtype == "fp8":
+            q, s, _ = _quantize_weight(w, 0, "fp8", True)
+        else:
+            amax = w.abs().amax(1)
+            s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+            q = quantize(w, s, 0, "int8", torch.zeros_like(s, dtype=torch.int8))
         self.register_buffer("qweight", q)
         self.register_buffer("wscale", s)
 
     def forward(self, ids: Tensor) -> Tensor:
         if not self.active:
             return F.embedding(ids, self.weight)
-        return F.embedding(ids, dequantize(self.qweight, self.wscale, 0))
+        if self.dtype == "fp8":
+            return F.embedding(ids, dequantize(self.qweight, self.wscale, 0))
+        return F.embedding(ids, self.qweight).to(torch.float32) * F.embedding(ids, self.wscale[:, None])
 
     def extra_repr(self) -> str:
-        return f"fp8 weight-only, table={tuple(self.weight.shape)}" + ("" if self.active else ", active=False")
+        return f"{self.dtype} weight-only, table={tuple(self.weight.shape)}" + ("" if self.active else ", active=False")
 
 
 def _target_name(node: fx.Node) -> str:
@@ -193,11 +208,11 @@ class LinearQuant(Pass):
     requires: ClassVar[tuple[str, ...]] = ("attention-fp8", "norm-fold", "norm-gate")
     dtype: Literal["fp8", "int8"] = "fp8"
     granularity: Literal["channel", "tensor"] = "channel"
-    method: Literal["max", "percentile", "mse"] = "max"
-    embeddings: bool = True  # weight-only FP8 for tables no linear owns (the word embeddings)
+    method: Literal["max", "percentile", "mse"] = "mse"  # activation clip; mse beat max and percentile on MiniLM
+    embeddings: bool = True  # weight-only quantization of tables no linear owns (the word embeddings)
     reduce_range: bool = True  # int8 only: 7-bit weights, exact on AVX2 u8·s8 kernels
     min_table: int = 1024  # smaller tables are not worth a Q/DQ pair
-    smooth: float = 0.5  # SmoothQuant migration strength α (0 = off), fitted on the fit batches
+    smooth: float = 0.8  # SmoothQuant migration strength α (0 = off), fitted on the fit batches
 
     def __post_init__(self) -> None:
         if self.dtype not in ("fp8", "int8"):
@@ -405,7 +420,7 @@ class LinearQuant(Pass):
             if not ctx.wants(site):
                 continue
             sub = new_name(module or node.name)
-            gm.add_submodule(sub, QuantEmbedding(table, pad))
+            gm.add_submodule(sub, QuantEmbedding(table, pad, self.dtype))
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_module(sub, (ids,))
             new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "tensor_meta", "stack_trace")})
@@ -413,7 +428,7 @@ class LinearQuant(Pass):
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             ctx.register(SiteRecord(site, "embedding", module, self.name, [sub], probe=new.name, reference=old))
-            diags.append(Diagnostic(self.name, site, "applied", f"fp8 weight-only table[{'x'.join(map(str, table.shape))}]",
+            diags.append(Diagnostic(self.name, site, "applied", f"{self.dtype} weight-only table[{'x'.join(map(str, table.shape))}]",
                                     module, "embedding"))
             modified = True
         return modified
