@@ -5,8 +5,10 @@ Before:  sampling runs the exact inverse x = f⁻¹(z): for masked autoregressiv
 After:   x ≈ g(z) = A·z + c + MLP(z), one pass, then k correction steps x ← x + g(z) − g(f(x)), each one
          pass of the exact forward f (a single pass, even for autoregressive transforms) and one of g.
          The forward graph — the density path, z and log_det — is not touched (bit-identical).
-Fitting: A, c by ridge least squares, then Adam on ‖(g(z) − x)/σ_x‖² over pairs (x, f(x)) from the
-fit batches pushed through the exact forward (never the check batches).
+Fitting: A, c by ridge least squares, then Adam on ‖(g(z) − x)/σ_x‖² over pairs (x̃, f(x̃)),
+x̃ = x + noise·σ_x·ε with x from the fit batches, pushed through the exact forward at every step
+(never the check batches). Safeguard (default): per sample, the iterate with the smallest latent
+residual ‖f(x) − z‖ is returned (one more forward pass), so a diverging step falls back.
 Guard: per-sample ‖inv(f(x)) − x‖ / ‖x‖ on the check batches; the inverse is rejected (not delivered)
 when the median exceeds ``max_rel_err``.
 
@@ -66,7 +68,9 @@ class FlowInverse(Pass):
     steps: int = 2000          # Adam steps
     lr: float = 2e-3
     batch_size: int = 256
-    corrections: int = 2       # k: x ← x + g(z) − g(f(x)), each one forward pass of f and one of g
+    noise: float = 0.3         # jitter of the fit x (× per-dimension std), re-pushed through f each step
+    corrections: int = 3       # k: x ← x + g(z) − g(f(x)), each one forward pass of f and one of g
+    safeguard: bool = True     # per sample, keep the iterate with the smallest ‖f(x) − z‖ (one more pass)
     max_rel_err: float = 1e-2  # guard: median ‖inv(f(x)) − x‖/‖x‖ on the check data must not exceed it
 
     def __post_init__(self) -> None:
@@ -76,6 +80,8 @@ class FlowInverse(Pass):
         for name in ("depth", "corrections"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if not self.noise >= 0:
+            raise ValueError(f"noise must be ≥ 0, got {self.noise}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.max_rel_err > 0:
@@ -123,7 +129,8 @@ class FlowInverse(Pass):
         variants: dict[str, int] = {}
         for s in couplings:
             variants[s.variant] = variants.get(s.variant, 0) + 1
-        inv = AuxInverse(x_shape, self.hidden, self.depth, self.corrections, flow=copy.deepcopy(gm))
+        inv = AuxInverse(x_shape, self.hidden, self.depth, self.corrections, flow=copy.deepcopy(gm),
+                         safeguard=self.safeguard)
         gm.add_submodule(ATTR, inv)
         ctx.register(SiteRecord(site, KIND, "", self.name, [ATTR]))
         found = ", ".join(f"{n} {v}" for v, n in sorted(variants.items()))
@@ -145,7 +152,7 @@ class FlowInverse(Pass):
                     zs.append(first_float(inv.flow(x)))
             x_all, z_all = torch.cat(xs).float(), torch.cat(zs).float()
             stats = train_inverse(inv, x_all, z_all, steps=self.steps, lr=self.lr, batch_size=self.batch_size,
-                                  seed=int(ctx.options.get("seed", 0)))
+                                  noise=self.noise, flow=inv.flow, seed=int(ctx.options.get("seed", 0)))
             inv.fit_stats = {"fit_samples": stats.samples, "fit_steps": stats.steps, "fit_seconds": round(stats.seconds, 3),
                              "fit_rel_err_median_g": stats.fit_rel_err_median}
 
@@ -212,7 +219,9 @@ def _inverses(gm: fx.GraphModule, ctx: PassContext, pass_name: str) -> list[AuxI
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class Distilled:
-    """``distill_inverse``'s result: the inverse (None when rejected or skipped) and its figures."""
+    """``distill_inverse``'s result: the inverse (None when rejected or skipped) and its figures.
+
+    ``fitted`` is the fitted module whatever the guard decided (to report a rejected one's figures)."""
 
     inverse: nn.Module | None
     check: InverseCheck | None
@@ -220,6 +229,7 @@ class Distilled:
     forward: fx.GraphModule  # the captured forward graph (unchanged)
     fit_index: list[int] = field(default_factory=list)
     check_index: list[int] = field(default_factory=list)
+    fitted: nn.Module | None = None
 
 
 def distill_inverse(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any], *,
@@ -238,6 +248,7 @@ def distill_inverse(model: nn.Module, example_inputs: Inputs, calib: Iterable[An
     applied = apply_passes(cap.gm, [p], seed)
     fit_passes(applied, split.fit)
     checks = p.check(applied.gm, applied.ctx, split.check)
+    fitted = applied.gm.get_submodule(ATTR) if hasattr(applied.gm, ATTR) else None
     inverse = p.artifacts(applied.gm, applied.ctx).get("inverse")
     return Distilled(inverse, checks[0] if checks else None, applied.diagnostics, cap.gm,
-                     split.fit_index, split.check_index)
+                     split.fit_index, split.check_index, fitted)

@@ -186,11 +186,15 @@ class AuxInverse(nn.Module):
     as ``e_{j+1} ≈ (I − G·J_f)·e_j``; the step costs one forward (density) pass — a single pass even
     for autoregressive flows — and one pass of g, against D sequential passes for the exact inverse.
 
+    ``safeguard``: evaluate f once more after the last step and return, per sample, the iterate with the
+    smallest latent residual ‖f(x) − z‖ (k + 1 forward passes instead of k); without it a diverging
+    step is returned as is.
+
     ``active`` is the verification guard's switch; it does not touch the flow's forward graph (this
     module is never called by it)."""
 
     def __init__(self, shape: Sequence[int], hidden: int, depth: int, corrections: int = 0,
-                 flow: nn.Module | None = None) -> None:
+                 flow: nn.Module | None = None, safeguard: bool = True) -> None:
         super().__init__()
         self.shape = tuple(int(s) for s in shape)  # one sample's shape, without the batch dimension
         n = math.prod(self.shape)
@@ -203,6 +207,7 @@ class AuxInverse(nn.Module):
         layers.append(nn.Linear(d, n))
         self.mlp = nn.Sequential(*layers)
         self.corrections = int(corrections)
+        self.safeguard = bool(safeguard)
         self.flow = flow  # the exact forward (pairs for fitting; the correction steps)
         self.active: bool = True
         self.trained: bool = False
@@ -213,13 +218,28 @@ class AuxInverse(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         gz = self.g(z)
-        x = gz
-        for _ in range(self.corrections):
-            x = x + gz - self.g(first_float(self.flow(x)))
-        return x
+        if self.corrections == 0:
+            return gz
+        x, best, best_r = gz, gz, None
+        for j in range(self.corrections + (1 if self.safeguard else 0)):
+            fx = first_float(self.flow(x))
+            if self.safeguard:
+                # Keep, per sample, the iterate whose latent residual ‖f(x) − z‖ is smallest: a step
+                # that diverges (g far from f⁻¹ there) then falls back instead of blowing up.
+                r = (fx - z).reshape(z.shape[0], -1).square().sum(1)
+                if best_r is None:
+                    best_r = r
+                else:
+                    better = r < best_r
+                    best = torch.where(better.reshape(-1, *([1] * (x.dim() - 1))), x, best)
+                    best_r = torch.where(better, r, best_r)
+            if j == self.corrections:
+                break
+            x = x + gz - self.g(fx)
+        return best if self.safeguard else x
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, corrections={self.corrections}, trained={self.trained}"
+        return f"shape={self.shape}, corrections={self.corrections}, safeguard={self.safeguard}, trained={self.trained}"
 
 
 @dataclass
@@ -236,9 +256,15 @@ def _rel_errors(x_hat: Tensor, x: Tensor) -> Tensor:
 
 
 def train_inverse(inv: AuxInverse, xs: Tensor, zs: Tensor, *, steps: int, lr: float, batch_size: int,
-                  ridge: float = 1e-4, seed: int = 0) -> TrainStats:
+                  noise: float = 0.0, flow: nn.Module | None = None, ridge: float = 1e-4,
+                  seed: int = 0) -> TrainStats:
     """Fit ``inv.g`` to map ``zs`` to ``xs`` (pairs from the exact forward): closed-form ridge
-    regression for the linear part, then Adam on the mean squared error with a cosine schedule."""
+    regression for the linear part, then Adam on the normalised squared error with a cosine schedule.
+
+    ``noise > 0`` (needs ``flow``): each step's x are jittered by ``noise·σ_x·ε`` and pushed through
+    the exact forward again — still exact pairs, but covering a neighbourhood of the data, which
+    teaches g the local inverse Jacobian the correction steps rely on (and keeps g from memorising
+    the few fit points)."""
     import time
 
     start = time.perf_counter()
@@ -269,6 +295,10 @@ def train_inverse(inv: AuxInverse, xs: Tensor, zs: Tensor, *, steps: int, lr: fl
         for _ in range(steps):
             idx = torch.randint(0, n, (bs,), generator=gen)
             zb, xb = zs_f[idx], xs_f[idx]
+            if noise > 0 and flow is not None:
+                xb = xb + noise * scale * torch.randn(xb.shape, generator=gen)
+                with torch.no_grad():
+                    zb = first_float(flow(xb.reshape(bs, *inv.shape))).reshape(bs, -1).float()
             pred = inv.linear(zb) + inv.mlp(zb)
             loss = ((pred - xb) / scale).pow(2).mean()
             opt.zero_grad(set_to_none=True)

@@ -91,6 +91,22 @@ def test_distilled_beats_untrained_and_corrections_help():
     assert fig["samples"] == sum(b[0].shape[0] for b in check)
 
 
+def test_safeguard_never_increases_the_latent_residual():
+    flow = _maf()
+    gm = capture(flow, _data()[0]).gm
+    torch.manual_seed(1)
+    # untrained g: plain correction steps diverge; the safeguard falls back to the best iterate
+    bare = AuxInverse((D,), 32, 2, corrections=3, flow=gm, safeguard=False)
+    safe = copy.deepcopy(bare)
+    safe.safeguard = True
+    z = flow(_data(1, 64, seed=3)[0][0])[0].detach()
+    with torch.no_grad():
+        res = lambda x: (flow(x)[0] - z).norm(dim=1)  # noqa: E731
+        r_g, r_bare, r_safe = res(bare.g(z)), res(bare(z)), res(safe(z))
+    assert bool((r_safe <= r_g).all()) and bool((r_safe <= r_bare).all())
+    assert float(r_bare.median()) > float(r_safe.median())  # without it, the divergence is returned
+
+
 def test_guard_rejects_above_tolerance_and_delivers_nothing():
     flow = _maf()
     data = _data()
