@@ -209,8 +209,8 @@ class NormGate(Pass):
 
     name: ClassVar[str] = "norm-gate"
     requires: ClassVar[tuple[str, ...]] = ("norm-fold",)  # gate what the exact folds leave
-    steps: int = 300  # Adam steps per site
-    lr: float = 0.01  # relative step size (scaled by each parameter group's magnitude)
+    steps: int = 500  # Adam steps per site
+    lr: float = 0.03  # relative step size (scaled by each parameter group's magnitude)
     reservoir: int = 8  # fit batches kept per site (memory bound)
 
     def __post_init__(self) -> None:
