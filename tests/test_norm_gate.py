@@ -26,7 +26,7 @@ def _batches(n: int, seed: int = 0, shape=(4, 8)):
     return [(torch.randint(0, 50, shape, generator=g),) for _ in range(n)]
 
 
-def _gated(placement: str, spec: str = "norm-gate{steps=40}", fit: bool = True, layers: int = 1):
+def _gated(placement: str, spec: str = "norm-gate{steps=40,lr=0.01}", fit: bool = True, layers: int = 1):
     torch.manual_seed(1)
     model = TinyTransformer(layers=layers, dim=16, placement=placement).eval()
     batches = _batches(5)
@@ -116,7 +116,7 @@ def test_optimize_guard_keeps_sites_within_tolerance():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = surgeon.optimize(model, batches[0], batches, passes="norm-gate{steps=40}", tolerance=0.999)
+        result = surgeon.optimize(model, batches[0], batches, passes="norm-gate{steps=40,lr=0.01}", tolerance=0.999)
     sites = result.report["sites"]
     assert len(sites) == 4 and {s["status"] for s in sites} <= {"applied", "rolled_back"}
     assert all(s["metrics"]["sqnr_db"] is not None for s in sites)
