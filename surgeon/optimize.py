@@ -478,7 +478,8 @@ def _variants(gm0: fx.GraphModule) -> dict[str, str]:
 def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | None = None, *,
              passes: str | Pass | Sequence[Pass] = DEFAULT_PASSES, tolerance: Any = None,
              metric: Metric | None = None, seed: int = 0, check_fraction: float = DEFAULT_CHECK_FRACTION,
-             progress: bool = False, source: str | None = None, _timings: dict[str, float] | None = None) -> Result:
+             progress: bool = False, source: str | None = None, threads: int | None = None,
+             _timings: dict[str, float] | None = None) -> Result:
     """Substitute, calibrate, verify and re-export ``model``; see the module docstring.
 
     ``calib``: an iterable of batches (each a tuple of positional inputs or a dict of keyword inputs,
@@ -487,7 +488,17 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     string ``"cosine_min=0.995,cosine_mean=0.999"``, a dict, or a ``Tolerance``; default cosine mean
     ≥ 0.999. ``metric(ref_outputs, outputs) -> float`` (higher is better) replaces the cosine criterion
     and is averaged over the check batches. Raises ``SurgeonError`` on bad input; a configuration
-    that does not meet the tolerance is still returned (``Result.met`` is False)."""
+    that does not meet the tolerance is still returned (``Result.met`` is False).
+    ``threads``: torch intra-op threads for the run (restored after); None leaves them as they are."""
+    if threads is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return optimize(model, example_inputs, calib, passes=passes, tolerance=tolerance, metric=metric,
+                            seed=seed, check_fraction=check_fraction, progress=progress, source=source,
+                            _timings=_timings)
+        finally:
+            torch.set_num_threads(previous)
     from .capture import capture
 
     timings: dict[str, float] = dict(_timings or {})
@@ -679,9 +690,13 @@ def run_cli(args: Any) -> int:
               "calibration is weak (give a calibration file)", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the CLI prints its own warnings from the report
+        # One intra-op thread unless the user chose (OMP_NUM_THREADS): calibration batches are small,
+        # and on a busy CPU spinning OpenMP workers made the whole run 3.4x slower (89 s vs 26 s for
+        # MiniLM on this 2-core machine under load, bench/optimize_minilm.py).
+        threads = None if os.environ.get("OMP_NUM_THREADS") else 1
         result = optimize(loaded.model, loaded.example_inputs, calib, passes=pass_list, tolerance=tol,
                           seed=getattr(args, "seed", 0), progress=sys.stderr.isatty() or sys.stdout.isatty(),
-                          source=str(args.model), _timings=timings)
+                          source=str(args.model), threads=threads, _timings=timings)
     for note in result.report["warnings"]:
         if args.calib or "weak" not in note:
             print(f"surgeon: warning: {note}", file=sys.stderr)
