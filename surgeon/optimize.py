@@ -659,7 +659,9 @@ def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
         line += f", metric {_fmt(e['metric'])}"
     console.print(line + f" — tolerance ({r['tolerance']['description']}) "
                   + ("met" if r["tolerance"]["met"] else "NOT met"), soft_wrap=True)
-    console.print(f"report: {outdir / 'report.html'} ({outdir / 'report.json'}); model: {outdir / 'model.pt2'}",
+    written = r.get("outputs", {}).get("target")
+    extra = "".join(f", {outdir / f}" for f in ([written] if isinstance(written, str) else written or []))
+    console.print(f"report: {outdir / 'report.html'} ({outdir / 'report.json'}); model: {outdir / 'model.pt2'}{extra}",
                   soft_wrap=True, markup=False, highlight=False)
 
 

@@ -404,6 +404,19 @@ def test_cli_optimize_toy(toy_cli: Path, capsys: pytest.CaptureFixture) -> None:
     assert sorted(os.listdir(toy_cli)) == ["calib.pt", "out", "toyfactory.py"]
 
 
+def test_cli_onnx_target_written_inside_the_atomic_save(toy_cli: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("onnxruntime")
+    torch.save(toy_batches(4), toy_cli / "calib.pt")
+    code, out, err = _run(["optimize", "toyfactory:factory", "-o", "out", "--passes", "toy-round",
+                           "--calib", "calib.pt", "--target", "onnx"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(toy_cli / "out")) == ["model.onnx", "model.pt2", "report.html", "report.json"]
+    rep = json.loads((toy_cli / "out" / "report.json").read_text())
+    assert rep["outputs"]["target"] == "model.onnx" and "onnx" in rep["targets"]
+    assert rep["targets"]["onnx"]["cosine_min"] >= 0.999
+    assert f"model: {Path('out') / 'model.pt2'}, {Path('out') / 'model.onnx'}" in out
+
+
 def test_cli_tolerance_not_met_exit_3_after_writing(toy_cli: Path, capsys: pytest.CaptureFixture) -> None:
     torch.save(toy_batches(4), toy_cli / "calib.pt")
     code, out, err = _run(["optimize", "toyfactory:factory", "-o", "out", "--passes", "toy-round{perturb=0.01}",
