@@ -44,8 +44,8 @@ from torch.utils import _pytree as pytree
 from . import __version__
 from ._inputs import Inputs, as_args_kwargs, call, describe
 from .errors import SurgeonError, ToleranceNotMet
-from .pass_manager import Diagnostic, Pass, PassContext, PassManager, SiteRecord, parse_pipeline, set_site_active
-from .verify import Figures, GuardResult, Metric, Tolerance, guard, measure_model, parse_tolerance
+from .pass_manager import Diagnostic, Pass, PassContext, PassManager, parse_pipeline, set_site_active
+from .verify import GuardResult, Metric, guard, measure_model, parse_tolerance
 
 DEFAULT_PASSES = "attention-fp8"
 DEFAULT_CHECK_FRACTION = 0.25

@@ -9,10 +9,8 @@ rebuild with a site left out renames the others (the rebuild must follow the rec
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
