@@ -321,7 +321,6 @@ class LinearQuant(Pass):
             bt = view.constant(b) if isinstance(b, fx.Node) else None
             if isinstance(b, fx.Node) and bt is None:
                 return "conv bias is not a constant"
-            n = wt.dim() - 2
             if name == "convolution":
                 if node.args[6]:
                     return "transposed convolution"

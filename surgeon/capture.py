@@ -123,6 +123,6 @@ def capture(model: nn.Module, example_inputs: Inputs, *, dynamic: bool = True) -
         return Captured(gm, "fx", example_inputs, None, notes, None)
     except Exception as exc:  # noqa: BLE001
         where = module_of_failure(exc, model) or (last_exc and module_of_failure(last_exc, model))
-        msg = f"cannot capture the model as a graph: torch.export and torch.fx both failed" + (
+        msg = "cannot capture the model as a graph: torch.export and torch.fx both failed" + (
             f" in module '{where}'" if where else "") + f" ({_first_line(last_exc or exc)})"
         raise CaptureError(msg) from exc

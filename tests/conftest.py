@@ -13,6 +13,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# CI shares two cores; intra-op threads fight each other on the small test models (a run of the
+# flow tests took 260 s with the default thread count and 10 s with one).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from surgeon.cli import main
-from tests._models import AffineCoupling, TinyTransformer
+from tests._models import TinyTransformer
 
 
 def _run(capsys, *argv):

@@ -16,14 +16,6 @@ from surgeon.pass_manager import PassManager
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: intra-op threads only contend (10-40× slower here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 from flow_models import ActNorm, AffineCoupling, Flow, InvertibleLinear, Permute, glow_like  # noqa: E402
 from _models import MADE, AffineCoupling as SplitCoupling, Flow as FlipFlow  # noqa: E402
 

@@ -18,14 +18,6 @@ from surgeon.pass_manager import PassManager, parse_pipeline
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: intra-op threads only contend (10-40× slower here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 from flow_models import maf, realnvp  # noqa: E402
 from surgeon.passes.flow_inverse import FlowInverse, distill_inverse  # noqa: E402
 

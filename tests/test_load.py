@@ -20,7 +20,6 @@ from surgeon.load import DEFAULT_TEXT, _OTHER_TEXTS, load_model
 
 transformers = pytest.importorskip("transformers")
 
-torch.set_num_threads(1)
 
 
 def _assert_same_outputs(a: nn.Module, b: nn.Module, inputs) -> None:

@@ -29,7 +29,6 @@ from surgeon.optimize import optimize, prepare_batches, split_batches
 from surgeon.pass_manager import REGISTRY, Diagnostic, Pass, PassContext, PassResult, SiteRecord
 from surgeon.verify import measure_model
 
-torch.set_num_threads(1)
 TOY_SOURCE = textwrap.dedent('''
     import torch
     from torch import nn

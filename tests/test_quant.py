@@ -14,7 +14,7 @@ from torch import nn
 
 from surgeon.calibration import calibrate
 from surgeon.errors import SurgeonError
-from surgeon.quant import FP8_MAX, Quantizer, dequantize, fake_quant, quantize
+from surgeon.quant import Quantizer, dequantize, fake_quant, quantize
 
 RNG = np.random.default_rng(1234)
 

@@ -14,7 +14,6 @@ from surgeon.pass_manager import SiteRecord
 from surgeon.verify import (PairStats, Tolerance, flat_inputs, guard, measure_model, parse_tolerance, run_tapped,
                             sqnr_db)
 
-torch.set_num_threads(1)
 
 
 # --------------------------------------------------------------------------------------------------

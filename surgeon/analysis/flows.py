@@ -16,7 +16,6 @@ Anything else (a gate ``x·σ(Wx)`` in a transformer, a residual add) is not a c
 
 from __future__ import annotations
 
-from functools import lru_cache
 
 import networkx as nx
 import torch
