@@ -205,7 +205,7 @@ class LinearQuant(Pass):
     """FP8 / INT8 quantization of every layer with a constant weight (see the module docstring)."""
 
     name: ClassVar[str] = "linear-quant"
-    requires: ClassVar[tuple[str, ...]] = ("attention-fp8", "norm-fold", "norm-gate")
+    requires: ClassVar[tuple[str, ...]] = ("attention-fp8", "norm-fold", "norm-gate", "flow-inverse")
     dtype: Literal["fp8", "int8"] = "fp8"
     granularity: Literal["channel", "tensor"] = "channel"
     method: Literal["max", "percentile", "mse"] = "mse"  # activation clip; mse beat max and percentile on MiniLM

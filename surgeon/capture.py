@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import logging
 import traceback
@@ -40,8 +41,13 @@ class Captured:
         return {"method": self.method, "dynamic": self.dynamic_shapes is not None, "notes": list(self.notes)}
 
 
-def _auto_dynamic_shapes(inputs: Inputs) -> Any:
-    """``Dim.AUTO`` on every dimension of every tensor input, other leaves static."""
+def auto_dynamic_shapes(module: nn.Module, inputs: Inputs) -> Any:
+    """``Dim.AUTO`` on every dimension of every tensor input (other leaves static), keyed by
+    ``module.forward``'s parameter names.
+
+    Keyed by name, not position: keyword inputs (a tokenizer's dict) need not come in the order of
+    the signature, and a positional spec would give one input's dims to another. Falls back to a
+    tuple in call order when the signature cannot name every input (``*args``, ``**kwargs``)."""
     from torch.export import Dim
 
     def spec(v: Any) -> Any:
@@ -54,7 +60,18 @@ def _auto_dynamic_shapes(inputs: Inputs) -> Any:
         return None
 
     args, kwargs = as_args_kwargs(inputs)
-    return (tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()})
+    arg_spec = [spec(a) for a in args]
+    kw_spec = {k: spec(v) for k, v in kwargs.items()}
+    flat = tuple(arg_spec) + tuple(kw_spec.values())
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return flat
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params) or len(arg_spec) > len(params):
+        return flat
+    named = {params[i].name: s for i, s in enumerate(arg_spec)}
+    named.update(kw_spec)
+    return named
 
 
 @contextlib.contextmanager
@@ -73,10 +90,7 @@ def _export(model: nn.Module, inputs: Inputs, dynamic: bool) -> tuple[Any, Any]:
     args, kwargs = as_args_kwargs(inputs)
     ds = None
     if dynamic:
-        arg_spec, kw_spec = _auto_dynamic_shapes(inputs)
-        # torch.export wants dynamic_shapes keyed like the forward signature; a flat tuple in call
-        # order (positional then keyword) is accepted for both.
-        ds = tuple(arg_spec) + tuple(kw_spec.values()) if kwargs else tuple(arg_spec)
+        ds = auto_dynamic_shapes(model, inputs)
     ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=ds, strict=False)
     return ep, ds
 

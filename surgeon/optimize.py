@@ -18,7 +18,9 @@ Stages (each a plain function with a typed result; ``timings_s`` in the report n
    the fit batches only.
 4. ``surgeon.verify.guard`` on the check batches: per-site and end-to-end figures, rollback.
 5. ``rebuild``: a fresh copy of ``gm0`` with only the kept sites substituted, calibrated state copied
-   site by site; its end-to-end figures are the reported ones.
+   site by site; its end-to-end figures are the reported ones. Then each pass's ``check`` (tests the
+   guard cannot make: a flow inverse's reconstruction error) and ``artifacts`` (modules delivered
+   beside the model: ``Result.inverse``, ``inverse.pt2``).
 6. ``reexport`` with ``torch.export`` (batch/sequence dynamic where the original accepted any size);
    ``Result.save`` writes ``OUTDIR`` atomically.
 """
@@ -43,6 +45,7 @@ from torch.utils import _pytree as pytree
 
 from . import __version__
 from ._inputs import Inputs, as_args_kwargs, call, describe
+from .capture import auto_dynamic_shapes
 from .errors import SurgeonError, ToleranceNotMet
 from .pass_manager import Diagnostic, Pass, PassContext, PassManager, parse_pipeline, set_site_active
 from .verify import GuardResult, Metric, guard, measure_model, parse_tolerance
@@ -310,28 +313,6 @@ def plain_outputs(gm: fx.GraphModule, example_inputs: Inputs) -> Iterator[bool]:
         gm.recompile()
 
 
-def auto_dynamic(module: nn.Module, inputs: Inputs) -> Any:
-    """``Dim.AUTO`` on every input dimension, keyed by ``module.forward``'s parameter names.
-
-    Keyed by name, not position: keyword inputs (a tokenizer's dict) need not come in the order of
-    the signature, and a positional spec would give one input's dims to another."""
-    import inspect
-
-    from .capture import _auto_dynamic_shapes
-
-    arg_spec, kw_spec = _auto_dynamic_shapes(inputs)
-    flat = tuple(arg_spec) + tuple(kw_spec.values())
-    try:
-        params = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return flat
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params) or len(arg_spec) > len(params):
-        return flat
-    spec = {params[i].name: s for i, s in enumerate(arg_spec)}
-    spec.update(kw_spec)
-    return spec
-
-
 def reexport(final: fx.GraphModule, example_inputs: Inputs) -> tuple[Any, list[str]]:
     """``torch.export`` the final model, every input dimension ``Dim.AUTO``: ``(program, notes)``.
 
@@ -339,7 +320,7 @@ def reexport(final: fx.GraphModule, example_inputs: Inputs) -> tuple[Any, list[s
     dynamic; if the dynamic export fails, a static one is written and the note says why."""
     args, kwargs = as_args_kwargs(example_inputs)
     notes: list[str] = []
-    attempts = [auto_dynamic(final, example_inputs), None]
+    attempts = [auto_dynamic_shapes(final, example_inputs), None]
     last: Exception | None = None
     with plain_outputs(final, example_inputs) as changed:
         if changed:
@@ -354,6 +335,30 @@ def reexport(final: fx.GraphModule, example_inputs: Inputs) -> tuple[Any, list[s
             except Exception as exc:  # noqa: BLE001 - the next attempt is static; the note keeps the cause
                 last = exc
     raise SurgeonError(f"cannot export the optimized model with torch.export: {_first_line(last)}")  # type: ignore[arg-type]
+
+
+def export_artifacts(artifacts: Mapping[str, nn.Module], final: fx.GraphModule,
+                     example_inputs: Inputs) -> tuple[dict[str, Inputs], dict[str, Any]]:
+    """Export each artifact (batch dimension dynamic): ``(example inputs, programs)`` by name.
+
+    An artifact maps the model's output back (a flow inverse: z → x), so its example input is the
+    model's first floating output on the example inputs."""
+    inputs: dict[str, Inputs] = {}
+    programs: dict[str, Any] = {}
+    for name, module in artifacts.items():
+        with torch.no_grad():
+            leaves = [t for t in pytree.tree_leaves(_plain(call(final, example_inputs)))
+                      if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if not leaves:
+            raise SurgeonError(f"cannot export the {name}: the model has no floating output to feed it")
+        z = (leaves[0].detach(),)
+        ds = ({0: torch.export.Dim.AUTO},) if z[0].dim() else None
+        try:
+            programs[name] = torch.export.export(module.eval(), z, dynamic_shapes=ds, strict=False)
+        except Exception as exc:  # noqa: BLE001
+            raise SurgeonError(f"cannot export the {name} with torch.export: {_first_line(exc)}") from exc
+        inputs[name] = z
+    return inputs, programs
 
 
 def export_info(ep: Any) -> dict:
@@ -385,6 +390,16 @@ class Result:
     example_inputs: Inputs
     check_batches: list[Inputs] = field(repr=False, default_factory=list)
     guard: GuardResult | None = field(repr=False, default=None)
+    # Modules delivered beside the model, by name (``inverse``: z → x of flow-inverse), each with the
+    # inputs it was exported with.
+    artifacts: dict[str, nn.Module] = field(repr=False, default_factory=dict)
+    artifact_inputs: dict[str, Inputs] = field(repr=False, default_factory=dict)
+    artifact_exports: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def inverse(self) -> nn.Module | None:
+        """The distilled inverse (``flow-inverse``: z → x) when it passed its check, else None."""
+        return self.artifacts.get("inverse")
 
     @property
     def met(self) -> bool:
@@ -419,6 +434,9 @@ class Result:
                                    "cannot be written")
             torch.export.save(self.exported, str(partial / "model.pt2"))
             outputs["model"] = "model.pt2"
+            for name, ep in self.artifact_exports.items():
+                torch.export.save(ep, str(partial / f"{name}.pt2"))
+                outputs[name] = f"{name}.pt2"
             if target != "torch":
                 from . import targets  # type: ignore[attr-defined]
 
@@ -427,6 +445,9 @@ class Result:
                     outputs["target"] = [os.path.basename(str(p)) for p in written]
                 elif written:
                     outputs["target"] = os.path.basename(str(written))
+                for extra in self.artifacts:
+                    if (partial / f"{extra}.onnx").exists():
+                        outputs[f"{extra}_target"] = f"{extra}.onnx"
             outputs["report_json"] = "report.json"
             outputs["report_html"] = "report.html"
             self.report["outputs"] = outputs
@@ -536,15 +557,21 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     timings["verify"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    final, _ = rebuild(gm0, applied, verdict.kept)
+    final, rctx = rebuild(gm0, applied, verdict.kept)
     final.eval()
     figures = measure_model(gm0, final, split.check, metric)
+    with torch.no_grad():
+        checks = [c for p in applied.passes for c in p.check(final, rctx, split.check)]
+    artifacts: dict[str, nn.Module] = {}
+    for p in applied.passes:
+        artifacts.update(p.artifacts(final, rctx))  # detached: the model's export must not carry them
     timings["rebuild"] = time.perf_counter() - t
     del applied.gm  # the fitted copy is no longer needed (memory)
 
     t = time.perf_counter()
     ep, export_notes = reexport(final, example_inputs)
     notes += [n for n in export_notes if "static shapes" in n]
+    artifact_inputs, artifact_exports = export_artifacts(artifacts, final, example_inputs)
     timings["export"] = time.perf_counter() - t
 
     if not verdict.met:
@@ -574,6 +601,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         guard=verdict,
         final=figures,
         diagnostics=applied.diagnostics,
+        checks=checks,
         variants=_variants(gm0),
         timings=timings,
         export={**export_info(ep), "notes": export_notes},
@@ -582,7 +610,8 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     for n in notes:
         if "weak" in n or "not independent" in n or "tolerance" in n:
             warnings.warn(n, stacklevel=2)
-    return Result(final, report, ep, model, example_inputs, list(split.check), verdict)
+    return Result(final, report, ep, model, example_inputs, list(split.check), verdict, artifacts,
+                  artifact_inputs, artifact_exports)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -632,24 +661,67 @@ def _cos(v: Any) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6f}"
 
 
+def _sites_table(sites: list[dict], with_reason: bool) -> tuple[Any, list[str]]:
+    """The per-site table; without ``with_reason`` the reasons come back as numbered notes."""
+    from rich.table import Table
+
+    table = Table(title="surgeon optimize — sites")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("module", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for col in ("SQNR dB", "cosine", "solo e2e"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("reason" if with_reason else "note", overflow="fold", min_width=30 if with_reason else None)
+    style = {"applied": "green", "rolled_back": "red", "skipped": "dim"}
+    notes: list[str] = []
+    for s in sites:
+        m = s.get("metrics") or {}
+        status = s["status"] + (" (exact)" if s.get("exact") else "")
+        reason = s.get("reason", "")
+        if reason and not with_reason:
+            notes.append(reason)
+            reason = f"[{len(notes)}]"
+        table.add_row(s["kind"], s["module"] or "<root>", f"[{style.get(s['status'], '')}]{status}[/]",
+                      _fmt(m.get("sqnr_db"), 4), _cos(m.get("cosine")),
+                      _cos((s.get("solo_end_to_end") or {}).get("cosine_mean")), reason)
+    return table, notes
+
+
 def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
     """Per-site table and the headline figures."""
+    from rich.cells import cell_len
     from rich.console import Console
-    from rich.table import Table
+    from rich.text import Text
 
     console = console or Console()
     r = result.report
-    table = Table(title="surgeon optimize — sites")
-    for col in ("kind", "module", "status", "SQNR dB", "cosine", "solo e2e cosine", "reason"):
-        table.add_column(col)
-    style = {"applied": "green", "rolled_back": "red", "skipped": "dim"}
-    for s in r["sites"]:
-        m = s.get("metrics") or {}
-        table.add_row(s["kind"], s["module"] or "<root>", f"[{style.get(s['status'], '')}]{s['status']}[/]",
-                      _fmt(m.get("sqnr_db"), 4), _cos(m.get("cosine")),
-                      _cos((s.get("solo_end_to_end") or {}).get("cosine_mean")), s.get("reason", ""))
-    if r["sites"]:
-        console.print(table)
+    # The module path identifies the site: never truncate it. Pick the richest layout whose
+    # narrowest rendering fits: the table with reasons, the table with numbered notes under it, or
+    # (narrow terminals) one line per site.
+    layout = None
+    for with_reason in (True, False):
+        table, notes = _sites_table(r["sites"], with_reason)
+        # Rich shrinks (and ellipsises) no_wrap columns to fit, so measure the full cells ourselves:
+        # each cell plus one space of padding a side, and one border character per column and edge.
+        need = 1
+        for col in table.columns:
+            cells = [col.header, *col._cells]
+            widest = max(cell_len(Text.from_markup(c).plain if isinstance(c, str) else str(c)) for c in cells)
+            need += 3 + (min(widest, col.min_width or widest) if col.overflow == "fold" else widest)
+        if need <= console.width:
+            layout = (table, notes)
+            break
+    if r["sites"] and layout is None:
+        for s in r["sites"]:
+            m = s.get("metrics") or {}
+            console.print(f"{s['kind']} {s['module'] or '<root>'}: {s['status']}" + (" (exact)" if s.get("exact") else "")
+                          + (f", SQNR {_fmt(m.get('sqnr_db'), 4)} dB, cosine {_cos(m.get('cosine'))}"
+                             if m.get("cosine") is not None else "") + (f" — {s['reason']}" if s.get("reason") else ""),
+                          soft_wrap=True, markup=False, highlight=False)
+    elif r["sites"]:
+        console.print(layout[0])
+        for i, note in enumerate(layout[1], 1):
+            console.print(f"  [{i}] {note}", soft_wrap=True, markup=False, highlight=False)
     c, e = r["counts"], r["end_to_end"]
     console.print(f"sites: {c['applied']} applied, {c['rolled_back']} rolled back, {c['skipped']} skipped",
                   soft_wrap=True)

@@ -17,7 +17,7 @@ import importlib
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Sequence
 
 import networkx as nx
 from torch import fx, nn
@@ -76,6 +76,9 @@ class PassContext:
 
     ``enabled_sites``: when not None, passes act only on these site ids (the guard rebuilds the
     model with the sites it kept). ``records`` collects what each pass substituted.
+    An exact pass (``norm-fold``) may register no record and ignore ``enabled_sites``: there is
+    nothing for the guard to switch off, so it rewrites the same way on every run; its
+    ``applied`` diagnostics are what the report lists for it.
     """
 
     enabled_sites: set[str] | None = None
@@ -102,6 +105,17 @@ class Pass:
 
     def fit(self, gm: fx.GraphModule, ctx: PassContext, batches: Iterable[Any]) -> None:
         """Optional: fit parameters on the fit batches after calibration (default: nothing)."""
+
+    def check(self, gm: fx.GraphModule, ctx: PassContext, batches: Sequence[Any]) -> list[Any]:
+        """Optional: a pass-specific acceptance test of the *final* model on the check batches, for
+        what the end-to-end guard cannot see (an auxiliary module the forward never calls). Returns
+        objects with ``site``, ``accepted``, ``figures``, ``reason`` and ``to_json()`` (default: none)."""
+        return []
+
+    def artifacts(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, nn.Module]:
+        """Optional: detach and return extra modules the pipeline delivers beside the model, by name
+        (``{"inverse": module}`` → ``Result.inverse`` and ``OUTDIR/inverse.pt2``). Default: none."""
+        return {}
 
     def spec(self) -> str:
         """The pipeline spec that recreates this pass with its options."""

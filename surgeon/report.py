@@ -37,8 +37,13 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def site_entries(guard: GuardResult, diagnostics: Iterable[Diagnostic], variants: dict[str, str]) -> list[dict]:
-    """One entry per site a pass touched: measured sites in graph order, then the skipped ones."""
+def site_entries(guard: GuardResult, diagnostics: Iterable[Diagnostic], variants: dict[str, str],
+                 checks: Iterable[Any] = ()) -> list[dict]:
+    """One entry per site a pass touched: measured sites in graph order, then the exact rewrites
+    (``applied`` with ``exact: true``: nothing to measure or roll back), then the skipped ones.
+
+    ``checks``: pass-specific acceptance tests on the final model (``Pass.check``); their figures go
+    under the site's ``check``, and a rejected one turns an applied site into ``rolled_back``."""
     sites: list[dict] = []
     for c in guard.sites:
         r = c.record
@@ -49,7 +54,23 @@ def site_entries(guard: GuardResult, diagnostics: Iterable[Diagnostic], variants
             entry["reason"] = c.reason
             entry["rollback"] = dict(c.cause)
         sites.append(entry)
+    by_id = {e["id"]: e for e in sites}
+    for chk in checks:
+        entry = by_id.get(chk.site)
+        if entry is None:
+            continue
+        entry["check"] = {"accepted": chk.accepted, **chk.figures}
+        if not chk.accepted and entry["status"] == "applied":
+            entry["status"] = "rolled_back"
+            entry["reason"] = chk.reason
+            entry["rollback"] = {"check": chk.reason}
     measured = {c.record.site for c in guard.sites}
+    for d in diagnostics:
+        if d.status == "applied" and d.site is not None and d.site not in measured:
+            measured.add(d.site)
+            sites.append({"id": d.site, "kind": d.kind, "module": d.module, "variant": variants.get(d.site),
+                          "pass": d.pass_name, "status": "applied", "exact": True, "reason": d.reason,
+                          "metrics": {"sqnr_db": None, "cosine": None, "max_rel_err": None}})
     for d in diagnostics:
         if d.status == "skipped" and d.site is not None and d.site not in measured:
             sites.append({"id": d.site, "kind": d.kind, "module": d.module, "variant": variants.get(d.site),
@@ -60,9 +81,9 @@ def site_entries(guard: GuardResult, diagnostics: Iterable[Diagnostic], variants
 
 def make_report(*, surgeon_version: str, model: dict, passes: list[str], capture: dict, calibration: dict,
                 guard: GuardResult, final: Figures, diagnostics: list[Diagnostic], variants: dict[str, str],
-                timings: dict[str, float], export: dict, warnings: list[str]) -> dict:
+                timings: dict[str, float], export: dict, warnings: list[str], checks: Iterable[Any] = ()) -> dict:
     """The report dict (what ``report.json`` holds; schema in docs/report.md)."""
-    sites = site_entries(guard, diagnostics, variants)
+    sites = site_entries(guard, diagnostics, variants, checks)
     counts = {s: sum(1 for e in sites if e["status"] == s) for s in ("applied", "rolled_back", "skipped")}
     tolerance: Tolerance = guard.tolerance
     end_to_end = final.to_json()

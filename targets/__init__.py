@@ -118,6 +118,12 @@ def write_target(name: str, result_or_gm: Any, outdir: str | os.PathLike, *, exa
     figures.pop("path", None)
     if notes:
         figures["notes"] = notes
+    # Modules delivered beside the model (a flow's distilled inverse) go out as fp32 ONNX too.
+    for extra, module_x in (getattr(res, "artifacts", None) or {}).items():
+        x_inputs = res.artifact_inputs[extra]
+        extra_figures = write_onnx(module_x, x_inputs, outdir, filename=f"{extra}.onnx", verify_inputs=x_inputs)
+        extra_figures.pop("path", None)
+        figures.setdefault("artifacts", {})[extra] = extra_figures
     if isinstance(report, dict):
         report.setdefault("targets", {})[name] = figures
     return path

@@ -36,6 +36,7 @@ import torch
 from torch import fx, nn
 
 from surgeon._inputs import Inputs, as_args_kwargs, call, tensors_of
+from surgeon.capture import auto_dynamic_shapes
 from surgeon.errors import SurgeonError
 
 from ._lowering import OPSET, translation_table
@@ -67,25 +68,6 @@ def input_names_of(module: Any, inputs: Inputs) -> list[str]:
     names = [params[i] if i < len(params) else f"input_{i}" for i in range(len(args))]
     names += [k for k, v in kwargs.items()]
     return names
-
-
-def _auto_dynamic_shapes(inputs: Inputs) -> Any:
-    """``Dim.AUTO`` on every dim of every tensor input (torch.export keeps what the model allows)."""
-    from torch.export import Dim
-
-    def spec(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return {i: Dim.AUTO for i in range(v.dim())} if v.dim() else None
-        if isinstance(v, (list, tuple)):
-            return type(v)(spec(x) for x in v)
-        if isinstance(v, dict):
-            return {k: spec(x) for k, x in v.items()}
-        return None
-
-    args, kwargs = as_args_kwargs(inputs)
-    if kwargs and not args:
-        return {k: spec(v) for k, v in kwargs.items()}
-    return tuple(spec(a) for a in args) + tuple(spec(v) for v in kwargs.values())
 
 
 def _output_names(module: Any, inputs: Inputs, n_outputs: int) -> list[str] | None:
@@ -224,7 +206,8 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
     names = list(input_names) if input_names else input_names_of(original or module_or_ep, example_inputs)
     ds = None
     if not is_ep and dynamic_shapes is not None:
-        ds = _auto_dynamic_shapes(example_inputs) if isinstance(dynamic_shapes, str) else dynamic_shapes
+        ds = (auto_dynamic_shapes(module_or_ep, example_inputs) if isinstance(dynamic_shapes, str)
+              else dynamic_shapes)
     try:
         with _quiet():
             prog = torch.onnx.export(

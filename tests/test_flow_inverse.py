@@ -175,3 +175,48 @@ def test_options_validated():
         parse_pipeline("flow-inverse{corrections=-1}")
     (p,) = parse_pipeline("flow-inverse{hidden=64,corrections=3,max_rel_err=0.02}")
     assert (p.hidden, p.corrections, p.max_rel_err) == (64, 3, 0.02)
+
+
+def test_optimize_delivers_the_inverse_beside_the_model(tmp_path):
+    """Through the whole pipeline: Result.inverse, inverse.pt2 / inverse.onnx and the figures in the report."""
+    import json
+
+    import onnxruntime as ort
+
+    import surgeon
+
+    flow, data = _maf(), _data()
+    res = surgeon.optimize(flow, data[0], data, passes="flow-inverse{hidden=32,depth=2,steps=300,corrections=1,"
+                           "max_rel_err=0.5,batch_size=64}")
+    assert res.inverse is not None
+    (site,) = [s for s in res.report["sites"] if s["pass"] == "flow-inverse"]
+    assert site["status"] == "applied" and site["check"]["accepted"] is True
+    assert 0 < site["check"]["rel_err_median"] <= 0.5
+    # The delivered model is the forward alone: the inverse does not ride along in its export.
+    assert not hasattr(res.module, "surgeon_flow_inverse")
+    out = res.save(tmp_path / "out", target="onnx")
+    report = json.loads((out / "report.json").read_text())
+    assert report["outputs"]["inverse"] == "inverse.pt2" and report["outputs"]["inverse_target"] == "inverse.onnx"
+    assert report["targets"]["onnx"]["artifacts"]["inverse"]["max_abs_diff"] <= 1e-4
+    x = torch.cat([b[0] for b in res.check_batches])
+    with torch.no_grad():
+        z = flow(x)[0]
+        want = res.inverse(z)
+    inv_pt2 = torch.export.load(str(out / "inverse.pt2")).module()
+    assert torch.allclose(inv_pt2(z), want, atol=1e-5)  # any batch size: the batch dimension is dynamic
+    sess = ort.InferenceSession(str(out / "inverse.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: z.numpy()})
+    assert float((torch.from_numpy(got) - want).abs().max()) <= 1e-4
+
+
+def test_optimize_reports_a_rejected_inverse_as_rolled_back():
+    import surgeon
+
+    flow, data = _maf(), _data()
+    res = surgeon.optimize(flow, data[0], data, passes="flow-inverse{hidden=8,depth=1,steps=20,corrections=0,"
+                           "max_rel_err=1e-9,batch_size=64}")
+    assert res.inverse is None
+    (site,) = [s for s in res.report["sites"] if s["pass"] == "flow-inverse"]
+    assert site["status"] == "rolled_back" and site["check"]["accepted"] is False
+    assert site["reason"].startswith("median relative reconstruction error ")
+    assert res.report["counts"]["rolled_back"] == 1

@@ -549,3 +549,35 @@ def test_minilm_attention_fp8(minilm_dir: Path, tmp_path: Path, capsys: pytest.C
     assert fig.cosine_min == pytest.approx(rep["end_to_end"]["cosine_min"], abs=1e-6)
     one = loaded.text_inputs(["Short."], max_length=128)
     assert m(**one)["last_hidden_state"].shape[0] == 1
+
+
+@pytest.mark.parametrize("width", [80, 120, 200])
+def test_summary_never_truncates_module_paths(width: int) -> None:
+    """The module path names the site: whatever the terminal width, it is printed whole, and so is the reason."""
+    import io
+
+    from rich.console import Console
+
+    from surgeon.optimize import print_summary
+
+    long_module = "encoder.layer.10.attention.self.some_long_submodule_name"
+    reason = "end-to-end cosine mean 0.99812 < 0.999 with this site and the earlier ones"
+    report = {"sites": [{"kind": "attention", "module": long_module, "status": "rolled_back", "reason": reason,
+                         "metrics": {"sqnr_db": 30.1, "cosine": 0.9999}, "solo_end_to_end": {"cosine_mean": 0.9991}},
+                        {"kind": "norm_residual", "module": "encoder.layer.0.output.LayerNorm", "status": "applied",
+                         "exact": True, "reason": "folded"}],
+              "counts": {"applied": 1, "rolled_back": 1, "skipped": 0},
+              "end_to_end": {"samples": 8, "cosine_mean": 0.9991, "cosine_min": 0.998, "max_rel_err": 0.2},
+              "tolerance": {"description": "cosine_mean ≥ 0.999", "met": True}, "outputs": {}}
+
+    class R:
+        pass
+
+    res = R()
+    res.report = report
+    buf = io.StringIO()
+    print_summary(res, Path("out"), Console(file=buf, width=width, color_system=None))
+    text = buf.getvalue()
+    assert long_module in text and "…" not in text
+    assert " ".join(text.replace("│", " ").split()).count(reason) == 1  # whole, wherever it wrapped
+    assert "applied (exact)" in text
