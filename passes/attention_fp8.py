@@ -33,7 +33,7 @@ from torch import Tensor, fx, nn
 
 from surgeon._sdpa import AttentionQuant, center_keys, sdpa_reference
 from surgeon.analysis import Site, analyze_graph
-from surgeon.analysis._graph import GraphView
+from surgeon.analysis import GraphView
 from surgeon.errors import SurgeonError
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
 from surgeon.quant import Quantizer

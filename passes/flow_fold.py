@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from surgeon._flows import ancestors, computes, evaluate, module_of, output_leaves, parameter_only
-from surgeon.analysis._graph import SHAPE_OPS, GraphView
+from surgeon.analysis import SHAPE_OPS, GraphView
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
 
 __all__ = ["FlowFold", "PREFIX"]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from surgeon._inputs import call
-from surgeon.analysis._graph import GraphView
+from surgeon.analysis import GraphView
 from surgeon.calibration import RunningAmax
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
 from surgeon.quant import FP8_MAX, Quantizer, dequantize, quantize

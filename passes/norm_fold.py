@@ -37,7 +37,7 @@ from torch import Tensor, fx
 
 from surgeon._norm_math import NormParts, constant_of, copy_meta, drop_unused, find_norms, set_constant, site_id
 from surgeon.analysis import analyze_graph
-from surgeon.analysis._graph import GraphView
+from surgeon.analysis import GraphView
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult
 
 __all__ = ["NormFold"]

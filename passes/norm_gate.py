@@ -44,7 +44,7 @@ from torch import Tensor, fx, nn
 from surgeon._inputs import Inputs
 from surgeon._norm_math import constant_of, copy_meta, drop_unused, find_norms, reference_norm
 from surgeon.analysis import analyze_graph
-from surgeon.analysis._graph import GraphView
+from surgeon.analysis import GraphView
 from surgeon.errors import SurgeonError
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
 

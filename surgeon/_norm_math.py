@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .analysis._graph import GraphView
+from .analysis import GraphView
 
 __all__ = ["NormParts", "find_norms", "reference_norm", "set_constant", "drop_unused", "constant_of",
            "site_id", "copy_meta"]

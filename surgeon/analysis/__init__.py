@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from .._inputs import Inputs
-from ._graph import GraphView
+from ._graph import SHAPE_OPS, GraphView  # GraphView is public: passes read graphs through it
 
 KINDS = ("attention", "norm_residual", "coupling")
 
