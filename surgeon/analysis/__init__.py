@@ -23,6 +23,8 @@ from torch import fx, nn
 from .._inputs import Inputs
 from ._graph import SHAPE_OPS, GraphView  # GraphView is public: passes read graphs through it
 
+__all__ = ["KINDS", "SHAPE_OPS", "Analysis", "GraphView", "NearMiss", "Site", "analyze", "analyze_graph"]
+
 KINDS = ("attention", "norm_residual", "coupling")
 
 
