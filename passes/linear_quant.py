@@ -200,6 +200,20 @@ def _safe(path: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]", "_", path) or "root"
 
 
+def _swap(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, sub: str, layer: nn.Module, x: fx.Node,
+          record: SiteRecord) -> None:
+    """Replace ``node`` by a call of the new submodule ``sub`` on ``x`` and register the site; the
+    record's probe is the new node, its reference the replaced one (the guard compares the two)."""
+    gm.add_submodule(sub, layer)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(sub, (x,))
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "tensor_meta", "stack_trace")})
+    record.probe, record.reference = new.name, node.name
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    ctx.register(record)
+
+
 @dataclass(frozen=True)
 class LinearQuant(Pass):
     """FP8 / INT8 quantization of every layer with a constant weight (see the module docstring)."""
@@ -369,14 +383,7 @@ class LinearQuant(Pass):
             sub = new_name(module or node.name)
             layer = QuantLinear(op, w, b, dtype=self.dtype, granularity=self.granularity, method=self.method,
                                 reduce_range=self.reduce_range, conv=conv, name=sub)
-            gm.add_submodule(sub, layer)
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_module(sub, (x,))
-            new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "tensor_meta", "stack_trace")})
-            old = node.name
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            ctx.register(SiteRecord(site, "linear", module, self.name, [sub], probe=new.name, reference=old))
+            _swap(gm, ctx, node, sub, layer, x, SiteRecord(site, "linear", module, self.name, [sub]))
             shape = "x".join(map(str, w.shape))
             diags.append(Diagnostic(self.name, site, "applied", f"{self.dtype} {op} weight[{shape}] "
                                     f"{self.granularity}, activation per tensor ({self.method})", module, "linear"))
@@ -419,14 +426,8 @@ class LinearQuant(Pass):
             if not ctx.wants(site):
                 continue
             sub = new_name(module or node.name)
-            gm.add_submodule(sub, QuantEmbedding(table, pad, self.dtype))
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_module(sub, (ids,))
-            new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "tensor_meta", "stack_trace")})
-            old = node.name
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            ctx.register(SiteRecord(site, "embedding", module, self.name, [sub], probe=new.name, reference=old))
+            _swap(gm, ctx, node, sub, QuantEmbedding(table, pad, self.dtype), ids,
+                  SiteRecord(site, "embedding", module, self.name, [sub]))
             diags.append(Diagnostic(self.name, site, "applied", f"{self.dtype} weight-only table[{'x'.join(map(str, table.shape))}]",
                                     module, "embedding"))
             modified = True
