@@ -1,7 +1,8 @@
 """``surgeon`` command line: analyze, optimize, export.
 
 Every user error is a one-line message on stderr and a documented exit code (docs/errors.md):
-0 success, 2 bad input, 3 tolerance not met (best model still written), 1 internal error.
+0 success, 2 bad input, 3 tolerance not met (best model still written), 4 would not fit in memory
+(refused before any work), 1 internal error, 130 interrupted.
 ``--debug`` shows tracebacks.
 """
 

@@ -25,3 +25,12 @@ class ToleranceNotMet(SurgeonError):
     """No configuration met the tolerance; the best model found was still written. Exit code 3."""
 
     exit_code = 3
+
+
+class InsufficientMemory(SurgeonError):
+    """The estimated peak memory of the run exceeds what is available; refused before any work. Exit 4.
+
+    A distinct code because the cure differs from other bad input: the same command with smaller
+    calibration batches (or on a larger machine) succeeds."""
+
+    exit_code = 4

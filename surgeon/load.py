@@ -7,7 +7,9 @@ Accepted specs, tried in this order:
 - a directory: a Hugging Face model directory (``config.json`` + weights + tokenizer), loaded with
   ``AutoModel.from_pretrained(dir, local_files_only=True, trust_remote_code=False)``, ``use_cache=False``;
   example inputs from the tokenizer (text) or the config (``pixel_values`` of the configured image size).
-- ``*.pt2``: an ``ExportedProgram`` written by ``torch.export.save``; it carries its example inputs.
+- ``*.pt2``: an ``ExportedProgram`` written by ``torch.export.save``; it carries its example inputs. Its
+  pickled parts (example inputs, some weights) are read with the tensor-only unpickler: a file whose
+  pickles hold anything else is refused (torch itself would fall back to full unpickling).
 - ``*.pt/.pth/.pkl/.pickle/.bin``: a pickle, refused unless ``trust_pickle`` (unpickling runs code);
   read with ``weights_only=True`` first, and fully only when that fails because it holds a module.
 
@@ -112,6 +114,11 @@ def load_model(spec: str | os.PathLike, *, trust_pickle: bool = False, text: str
         elif suffix in PICKLE_SUFFIXES:
             _refuse_text(text, source, "a pickle")
             loaded = _load_pickle(path, source, trust_pickle)
+        elif suffix == ".onnx":
+            # An ONNX file is already an export: the substitutions work on the PyTorch graph it came from.
+            raise SurgeonError(f"unknown model format '{source}': an ONNX file is already an export, and surgeon "
+                               "rewrites PyTorch models; give the .pt2 file, Hugging Face model directory or "
+                               "package.module:factory it was exported from")
         else:
             raise SurgeonError(f"unknown model format '{source}': expected a .pt2 file, a Hugging Face model "
                                "directory, package.module:factory, or a pickle (.pt/.pth/.pkl/.bin)")
@@ -224,12 +231,63 @@ def _keyword_adapter(program: nn.Module, positional: list[str], names: list[str]
     return cls(program, positional)
 
 
-def _load_pt2(path: Path, source: str) -> LoadedModel:
+class _NoOpaquePickles:
+    """Stands in for the ``pickle`` module inside torch's .pt2 archive reader."""
+
+    UnpicklingError = pickle.UnpicklingError
+
+    @staticmethod
+    def loads(data: bytes, **_: Any) -> Any:
+        raise pickle.UnpicklingError("an opaque pickled object (unpickling it could run code from the file)")
+
+
+@contextlib.contextmanager
+def _tensor_only_unpickling() -> Iterator[None]:
+    """Make ``torch.export.load`` unpickle tensors only.
+
+    A .pt2 is a zip of JSON and raw tensor bytes, but its example inputs, some weights and constants
+    are pickles, and torch (2.13) reads them with ``torch.load(weights_only=False)`` (directly, or as
+    a fallback when the tensor-only unpickler refuses) and opaque constants with ``pickle.loads``:
+    a crafted file runs code on load. Inside this context every ``torch.load`` is tensor-only and
+    ``pickle.loads`` in the archive reader refuses."""
+    real_load = torch.load
+
+    def tensor_only_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        kwargs.pop("pickle_module", None)
+        return real_load(*args, **kwargs)
+
     try:
-        with _quiet("torch.export", "torch._export"):
+        from torch.export.pt2_archive import _package
+    except ImportError:  # another torch layout: torch.load is still covered
+        _package = None
+    saved = getattr(_package, "pickle", None)
+    torch.load = tensor_only_load  # type: ignore[assignment]
+    if saved is not None:
+        _package.pickle = _NoOpaquePickles  # type: ignore[union-attr,assignment]
+    try:
+        yield
+    finally:
+        torch.load = real_load  # type: ignore[assignment]
+        if saved is not None:
+            _package.pickle = saved  # type: ignore[union-attr]
+
+
+def _load_pt2(path: Path, source: str) -> LoadedModel:
+    from . import quant  # noqa: F401 - registers torch.ops.surgeon.*, which surgeon's own outputs call
+
+    try:
+        with _quiet("torch.export", "torch._export"), _tensor_only_unpickling():
             ep = torch.export.load(str(path))
         program = ep.module()
     except Exception as exc:  # noqa: BLE001 - any failure to read the archive is the file's fault
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, pickle.UnpicklingError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise SurgeonError(f"refusing to load .pt2 file '{source}': it holds pickled objects beyond tensors "
+                               "(loading them would run code from the file); re-export it with "
+                               "torch.export.save from plain tensors") from exc
         raise SurgeonError(f"could not read .pt2 file '{source}': {_one_line(exc)}") from exc
     # ep.module() makes train()/eval() raise because the graph keeps the mode it was exported in; the
     # plain nn.Module methods only set flags the graph no longer reads, so restore them (capture and

@@ -410,25 +410,18 @@ class Result:
         """Write ``model.pt2``, target files, ``report.json`` and ``report.html`` into ``outdir``, atomically.
 
         Everything is written into ``OUTDIR.partial-<pid>`` and renamed into place at the end; with
-        ``force`` an existing ``outdir`` is swapped out and deleted only once the new one is in place.
-        On any error nothing new remains (and an existing ``outdir`` is left as it was)."""
+        ``force`` an existing ``outdir`` is exchanged with it atomically and deleted only once the new
+        one is in place (``surgeon._resources.atomic_dir``). On any error, or a SIGKILL, ``outdir`` is
+        absent, the old one or the new one, never partial; leftovers of a killed run are removed by
+        the next save to the same ``outdir``."""
         from . import report as rep
+        from ._resources import atomic_dir
 
         out = Path(outdir)
-        if out.exists() and not force:
-            raise SurgeonError(f"output directory '{out}' already exists (use --force to replace it)")
-        if out.exists() and not out.is_dir():
-            raise SurgeonError(f"output path '{out}' exists and is not a directory")
         check_target(target)
         start = time.perf_counter()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.parent / f"{out.name}.partial-{os.getpid()}"
-        old = out.parent / f"{out.name}.old-{os.getpid()}"
-        shutil.rmtree(partial, ignore_errors=True)
-        moved_old = False
-        try:
-            partial.mkdir()
-            outputs: dict[str, str] = {}
+        with atomic_dir(out, force) as partial:
+            outputs: dict[str, Any] = {}
             if self.exported is None:
                 raise SurgeonError("the optimized model could not be exported with torch.export; model.pt2 "
                                    "cannot be written")
@@ -454,18 +447,6 @@ class Result:
             self.report["timings_s"]["save"] = round(time.perf_counter() - start, 4)
             rep.write_json(self.report, partial / "report.json")
             rep.write_html(self.report, partial / "report.html")
-            if out.exists():
-                out.rename(old)
-                moved_old = True
-            partial.rename(out)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            if moved_old and not out.exists():
-                old.rename(out)
-                moved_old = False
-            raise
-        if moved_old:
-            shutil.rmtree(old, ignore_errors=True)
         return out
 
 
@@ -739,14 +720,12 @@ def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
 
 def run_cli(args: Any) -> int:
     """``surgeon optimize`` (argparse namespace from ``surgeon.cli``)."""
+    from ._resources import check_memory, check_output_dir
     from .load import load_model
 
     out = Path(args.output)
     force = bool(getattr(args, "force", False))
-    if out.exists() and not force:
-        raise SurgeonError(f"output directory '{out}' already exists (use --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise SurgeonError(f"output path '{out}' exists and is not a directory")
+    check_output_dir(out, force)
     target = getattr(args, "target", "torch") or "torch"
     check_target(target)
     pass_list = parse_pipeline(args.passes or DEFAULT_PASSES)
@@ -762,6 +741,7 @@ def run_cli(args: Any) -> int:
     else:
         print("surgeon: warning: no --calib given: the example inputs calibrate and check the model, so the "
               "calibration is weak (give a calibration file)", file=sys.stderr)
+    check_memory(loaded.model, loaded.example_inputs, calib)  # refuse before the work, not by an OOM kill
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the CLI prints its own warnings from the report
         # One intra-op thread unless the user chose (OMP_NUM_THREADS): calibration batches are small,

@@ -202,18 +202,20 @@ def export_model(loaded: Any, target: str, outdir: str | os.PathLike, *, warn: A
 
 def run_export_cli(args: Any) -> int:
     """``surgeon export MODEL --target onnx|onnx-fp8|onnx-int8 -o OUTDIR [--force]``."""
+    from surgeon._resources import atomic_dir, check_memory, check_output_dir
     from surgeon.load import load_model
 
     target = getattr(args, "target", None) or "onnx"
     check_target(target)
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise SurgeonError(f"output path '{out}' exists and is not a directory")
-    if out.exists() and not getattr(args, "force", False):
-        raise SurgeonError(f"output directory '{out}' already exists (use --force to replace it)")
+    force = bool(getattr(args, "force", False))
+    check_output_dir(out, force)
     loaded = load_model(args.model, trust_pickle=getattr(args, "trust_pickle", False), text=getattr(args, "text", None))
-    out.mkdir(parents=True, exist_ok=True)
-    report = export_model(loaded, target, out, warn=lambda m: print(f"surgeon: warning: {m}", file=sys.stderr))
+    check_memory(loaded.model, loaded.example_inputs)
+    # Written into OUTDIR.partial-<pid> and renamed into place: OUTDIR is never half-written.
+    with atomic_dir(out, force) as partial:
+        report = export_model(loaded, target, partial,
+                              warn=lambda m: print(f"surgeon: warning: {m}", file=sys.stderr))
     f = report["targets"][target]
     parts = [f"wrote {out / 'model.onnx'} ({f['bytes'] / 1e6:.2f} MB"]
     if f.get("size_ratio") is not None:
