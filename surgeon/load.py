@@ -123,8 +123,26 @@ def load_model(spec: str | os.PathLike, *, trust_pickle: bool = False, text: str
             raise SurgeonError(f"unknown model format '{source}': expected a .pt2 file, a Hugging Face model "
                                "directory, package.module:factory, or a pickle (.pt/.pth/.pkl/.bin)")
     loaded.model.eval()
+    if loaded.kind in ("factory", "pickle"):
+        _check_runs(loaded)
     loaded.notes.extend(_size_one_notes(loaded.example_inputs))
     return loaded
+
+
+def _check_runs(loaded: LoadedModel) -> None:
+    """Refuse example inputs the model cannot run on, now, in one line: later the same mistake surfaces
+    as a capture failure deep inside torch.export (with its own log tracebacks) or an internal error."""
+    from ._inputs import call
+
+    what = "factory" if loaded.kind == "factory" else "pickle"
+    try:
+        with torch.no_grad():
+            call(loaded.model, loaded.example_inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a mismatch between the user's model and inputs
+        from ._inputs import describe
+
+        raise SurgeonError(f"the model of {what} '{loaded.source}' fails on its example inputs "
+                           f"({describe(loaded.example_inputs)}): {_one_line(exc)}") from exc
 
 
 def load(spec: str | os.PathLike, *, trust_pickle: bool = False, text: str | None = None) -> tuple[nn.Module, Inputs]:
