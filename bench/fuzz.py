@@ -119,6 +119,14 @@ def write(rows: list[dict], wall: float, examples: int, out: Path, command: str)
         *_table(rows, "target", ["onnx", "onnx-fp8", "onnx-int8"]),
         "",
     ]
+    met = [r for r in rows if r["kind"] in ("met", "not_met")]
+    applied = sum((r["figures"].get("sites") or {}).get("applied", 0) for r in met)
+    rolled = sum((r["figures"].get("sites") or {}).get("rolled_back", 0) for r in met)
+    skipped = sum((r["figures"].get("sites") or {}).get("skipped", 0) for r in met)
+    some = sum(bool((r["figures"].get("sites") or {}).get("applied", 0)) for r in met)
+    lines += [f"Sites over the {len(met)} written models: {applied} applied, {rolled} rolled back by the guard, "
+              f"{skipped} skipped by a pass; {some} of the models keep at least one applied site (the others "
+              "are the original computation: every site rolled back, or none matched).", ""]
     refused = collections.Counter(r["message"].split(":", 2)[-1].strip()[:160] for r in rows if r["kind"] == "refused")
     if refused:
         lines += ["## Refusal messages", "", "| count | message |", "|---:|---|",
