@@ -42,14 +42,25 @@ import shutil
 import sys
 import tempfile
 import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .errors import InsufficientMemory, SurgeonError
 
-__all__ = ["MemoryEstimate", "available_memory", "estimate_memory", "check_memory", "parse_bytes",
-           "check_output_dir", "clean_stale", "atomic_dir", "PARAM_COPIES", "ACTIVATION_COPIES"]
+__all__ = [
+    "ACTIVATION_COPIES",
+    "PARAM_COPIES",
+    "MemoryEstimate",
+    "atomic_dir",
+    "available_memory",
+    "check_memory",
+    "check_output_dir",
+    "clean_stale",
+    "estimate_memory",
+    "parse_bytes",
+]
 
 PARAM_COPIES = 5
 ACTIVATION_COPIES = 3

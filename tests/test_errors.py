@@ -17,9 +17,9 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -226,7 +226,7 @@ def _run(case: Case, d: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest
     if case.subprocess:
         env = {**os.environ, **case.env, "PYTHONPATH": os.pathsep.join([str(d), str(ROOT)])}
         proc = subprocess.run([sys.executable, "-m", "surgeon", *case.argv], cwd=d, env=env, capture_output=True,
-                              text=True, timeout=120)
+                              text=True, timeout=120, check=False)
         return proc.returncode, proc.stderr
     for k, v in case.env.items():
         monkeypatch.setenv(k, v)
@@ -268,7 +268,7 @@ def test_debug_shows_the_traceback(workdir: Path) -> None:
 def _without_dac(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run the CLI as root without the capabilities that bypass file modes (so chmod 000 means it)."""
     return subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-m",
-                           "surgeon", *argv], cwd=cwd, capture_output=True, text=True, timeout=120,
+                           "surgeon", *argv], cwd=cwd, capture_output=True, text=True, timeout=120, check=False,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(ROOT)])})
 
 
@@ -284,11 +284,11 @@ def test_unreadable_model_and_read_only_outdir(workdir: Path, capsys: pytest.Cap
     try:
         before = _snapshot(workdir) if os.geteuid() == 0 else None
         for argv, message in (
-            (["analyze", "m.pt2"], "surgeon: error: could not read .pt2 file 'm.pt2': PermissionError: [Errno 13] "
-                                   "Permission denied: 'm.pt2'"),
+            (["analyze", "m.pt2"], ("surgeon: error: could not read .pt2 file 'm.pt2': PermissionError: [Errno 13] "
+                                    "Permission denied: 'm.pt2'")),
             (["optimize", "errfac:make", "-o", "ro/out"],
-             f"surgeon: error: cannot write output directory 'ro/out': '{workdir.resolve() / 'ro'}' is not writable "
-             "(Permission denied)"),
+             (f"surgeon: error: cannot write output directory 'ro/out': '{workdir.resolve() / 'ro'}' is not writable "
+              "(Permission denied)")),
         ):
             if os.geteuid() == 0:
                 proc = _without_dac(argv, workdir)
