@@ -229,16 +229,16 @@ def broadcast_module_state(modules: nn.Module | Sequence[nn.Module], src: int = 
                     else theirs[len(layout)])
         raise SurgeonError(f"{what}: rank {rank()} holds a different model than rank {src} (first difference: "
                            f"{diff[0]}); every rank must run the same model and passes")
-    dist = _dist()
+    # one broadcast of all bytes: gloo has no float8 (quantized weights), and one message beats many
+    datas = [v.data if isinstance(v, nn.Parameter) else v for _, v in tensors]
+    parts = [d.detach().contiguous().reshape(-1).view(torch.uint8) for d in datas]
+    buf = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
     with _collective(what):
-        for _, v in tensors:
-            data = v.data if isinstance(v, nn.Parameter) else v
-            if data.is_contiguous():
-                dist.broadcast(data, src=src)
-            else:
-                tmp = data.contiguous()
-                dist.broadcast(tmp, src=src)
-                data.copy_(tmp)
+        _dist().broadcast(buf, src=src)
+    offset = 0
+    for d, p in zip(datas, parts):
+        d.copy_(buf[offset:offset + p.numel()].view(d.dtype).reshape(d.shape))
+        offset += p.numel()
 
 
 def barrier(what: str = "waiting for the other ranks") -> None:
