@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import re
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence, TypeVar
 
@@ -119,6 +120,9 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0].strip() if lines else ''}"[:300]
 
 
+_LOST = re.compile(r"timed out|timeout|connection|closed|reset by peer|broken pipe|socket", re.IGNORECASE)
+
+
 @contextmanager
 def _collective(what: str) -> Iterator[None]:
     """Turn a failed collective (peer gone, timeout) into a one-line ``PeerLost``."""
@@ -127,9 +131,13 @@ def _collective(what: str) -> Iterator[None]:
     except SurgeonError:
         raise
     except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError / DistBackendError / DistNetworkError
+        if not _LOST.search(str(exc)):
+            raise  # not a lost peer (a bug): keep the traceback
+        # gloo's text: "[/path/pair.cc:537] Read error [addr]: Connection reset by peer. This is ..."
+        cause = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", _first_line(exc)).split(". This is typically")[0]
         t = f"timeout {_timeout:g} s" if _timeout is not None else "the process group's timeout"
         raise PeerLost(f"rank {rank()} of {world_size()}: another rank stopped responding during {what} ({t}): "
-                       f"{_first_line(exc)}") from None
+                       f"{cause}") from None
 
 
 def shard(items: Sequence[T]) -> list[T]:

@@ -4,7 +4,7 @@
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT) runs ``surgeon.optimize`` inside a gloo group on a tiny
 attention model and writes what the run decided (scales, kept sites, figures) to ``OUT.json.rank<r>``.
 ``die``: rank 1 calls ``os._exit(1)`` in the middle of verification; ``hang``: rank 1 sleeps while
-rank 0 waits in a collective.
+rank 0 waits in a collective; ``badbatch``: a batch only rank 1 runs is refused by the model.
 """
 
 from __future__ import annotations
@@ -118,7 +118,10 @@ def run(out_json: Path, outdir: Path, mode: str = "") -> dict:
         return float(F.cosine_similarity(ref.flatten(1), out.flatten(1)).mean())
 
     model, example = factory()
-    result = optimize(model, example, batches(), passes=PASSES, seed=0, threads=1,
+    data = batches()
+    if mode == "badbatch":  # batch 4 is rank 1's to run (0-based 3 → 3 % 2): only rank 1 sees the model refuse it
+        data[3] = (torch.randn(2, 5, 15),)
+    result = optimize(model, example, data, passes=PASSES, seed=0, threads=1,
                       metric=metric if mode else None, tolerance=0.5 if mode else None)
     result.save(outdir)
     info = summary(result)
@@ -134,6 +137,7 @@ if __name__ == "__main__":
 
     try:
         run(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "")
-    except SurgeonError as exc:  # what the CLI does with it: one line, its exit code
-        print(f"surgeon: error: {exc}", file=sys.stderr)
+    except SurgeonError as exc:  # what the CLI does with it: one line (once when all ranks agree), its exit code
+        if getattr(exc, "agreed_rank", 0) == 0:
+            print(f"surgeon: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

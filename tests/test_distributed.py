@@ -126,6 +126,17 @@ def test_lost_rank_stops_the_others_with_one_line(tmp_path: Path, mode: str) -> 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # two more subprocesses with a capture each (~10 s)
+def test_bad_batch_seen_by_one_rank_stops_all_with_its_message(tmp_path: Path) -> None:
+    procs = _spawn(["", str(tmp_path / "out"), "badbatch"])
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    lines = [[ln for ln in e.splitlines() if ln.startswith("surgeon:")] for e in errs]
+    assert len(lines[0]) == 1 and lines[1] == [], errs  # printed once, by rank 0, which never ran the batch
+    assert lines[0][0].startswith("surgeon: error: calibration batch 4 does not match the model's inputs: "), lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_under_torchrun(tmp_path: Path) -> None:
     """``torchrun --nproc-per-node 2 -m surgeon optimize``: one summary, OUTDIR from rank 0."""
     (tmp_path / "distfactory.py").write_text(WORKER.read_text())
