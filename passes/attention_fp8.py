@@ -117,6 +117,14 @@ class BinaryP(nn.Module):
             self._C += C
             self._E += E
 
+    def all_reduce_stats(self) -> None:
+        """SUM the least-squares sums A, C, E over the ``torch.distributed`` ranks (float64)."""
+        from surgeon import distributed
+
+        what = f"calibrating {self.name or 'binary P'}"
+        self._A, self._C, self._E = (distributed.all_reduce_optional(t, "sum", what)
+                                     for t in (self._A, self._C, self._E))
+
     def finalize(self) -> None:
         if self._E is None:
             raise SurgeonError(f"calibration never reached {self.name or 'a binary-P module'}: nothing to fit τ and s on")

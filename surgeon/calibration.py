@@ -9,8 +9,10 @@
 
 so memory after 8 batches equals memory after 10 000 (tests/test_calibration.py checks it). Both
 statistics have ``merge(other)``: merging is exact (histogram ranges are powers of two, so two
-histograms always align after pair-merging the narrower one), which is what a later all-reduce
-across workers needs.
+histograms always align after pair-merging the narrower one), and both have ``all_reduce()``, the
+same combination over a ``torch.distributed`` process group (amax: MAX; histogram: range MAX, then
+counts SUM), so ``calibrate`` under ``torchrun`` finalises the scales one process would (see
+``surgeon.distributed``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from torch import Tensor, nn
 from ._inputs import Inputs, as_args_kwargs, call
 from .errors import SurgeonError
 
-__all__ = ["RunningAmax", "Histogram", "Calibratable", "calibratables", "calibrate", "CalibrationStats"]
+__all__ = ["RunningAmax", "Histogram", "Calibratable", "calibratables", "calibrate", "CalibrationStats",
+           "all_reduce_statistics", "can_all_reduce"]
 
 
 def _rows(x: Tensor, axis: int | None) -> Tensor:
@@ -70,6 +73,18 @@ class RunningAmax:
     def merge(self, other: "RunningAmax") -> None:
         if other.value is not None:
             self._fold(other.value)
+
+    def all_reduce(self, what: str = "calibration") -> None:
+        """MAX over the ``torch.distributed`` process group (exact; a no-op without one).
+
+        NaN becomes +inf first (a MAX reduction need not propagate NaN): still non-finite, so a
+        consumer rejects the stream as it would in one process."""
+        from . import distributed
+
+        v = None if self.value is None else torch.nan_to_num(self.value, nan=math.inf)
+        out = distributed.all_reduce_optional(v, "max", what)
+        if out is not None:
+            self.value = out.to(torch.float32)
 
     def nbytes(self) -> int:
         return 0 if self.value is None else self.value.numel() * self.value.element_size()
@@ -167,6 +182,23 @@ class Histogram:
         self.amax = torch.maximum(self.amax, other.amax)
         self.nonfinite += other.nonfinite
 
+    def all_reduce(self, what: str = "calibration") -> None:
+        """Combine with every rank's histogram (``torch.distributed``; a no-op without a group).
+
+        The ranks agree on the widest range (MAX of ``hi``, powers of two), pair-merge up to it, then
+        SUM the counts: the same counts as one histogram of all ranks' data, as with ``merge``."""
+        from . import distributed
+
+        hi = distributed.all_reduce_optional(self.hi, "max", what)
+        if hi is None:
+            return
+        self._ensure(hi.shape[0], hi.device)
+        self._rescale(hi)
+        assert self.counts is not None and self.amax is not None
+        self.counts = distributed.all_reduce(self.counts, "sum", what)
+        self.amax = distributed.all_reduce(self.amax, "max", what)
+        self.nonfinite = int(distributed.all_reduce(torch.tensor([self.nonfinite], dtype=torch.int64), "sum", what))
+
     # -- queries -----------------------------------------------------------------------------------
     def _checked(self) -> tuple[Tensor, Tensor, Tensor]:
         if self.counts is None:
@@ -260,6 +292,25 @@ def calibratables(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in module.named_modules() if isinstance(m, Calibratable)]
 
 
+def can_all_reduce(found: Iterable[tuple[str, nn.Module]]) -> bool:
+    """Whether every calibratable can combine its statistics across processes (``all_reduce_stats``)."""
+    return all(callable(getattr(m, "all_reduce_stats", None)) for _, m in found)
+
+
+def all_reduce_statistics(found: Iterable[tuple[str, nn.Module]]) -> None:
+    """Combine every calibratable's statistics over the process group, in the same order on every
+    rank (``calibratables`` lists modules in definition order, identical for identical graphs).
+
+    A calibratable opts in with ``all_reduce_stats()``: afterwards its ``finalize()`` must give what one
+    process that saw every rank's batches would compute."""
+    for name, m in found:
+        fn = getattr(m, "all_reduce_stats", None)
+        if not callable(fn):
+            raise SurgeonError(f"calibratable '{name or '<root>'}' ({type(m).__name__}) cannot combine its "
+                               "statistics across processes (it has no all_reduce_stats method)")
+        fn()
+
+
 @dataclass
 class CalibrationStats:
     """What a calibration run saw."""
@@ -283,13 +334,20 @@ def _batch_size(inputs: Inputs) -> int:
 
 
 def calibrate(module: nn.Module, batches: Iterable[Inputs], *, desc: str = "calibrating",
-              progress: bool = True, reset: bool = True) -> CalibrationStats:
+              progress: bool = True, reset: bool = True, distributed: bool | None = None) -> CalibrationStats:
     """Stream ``batches`` through ``module`` once and calibrate every calibratable in it.
 
     All calibratables are set to ``observe`` (statistics forgotten first when ``reset``), each batch
     runs under ``torch.no_grad()``, then every calibratable is ``finalize()``d and set to ``quant``.
     ``batches`` may be any iterable (a generator is consumed once; nothing is kept). The module's
-    train/eval mode is left as the caller set it."""
+    train/eval mode is left as the caller set it.
+
+    ``distributed`` (default: whether a ``torch.distributed`` group is active): ``batches`` are this
+    rank's share, and the statistics and counts are combined over all ranks before ``finalize()``
+    (``all_reduce_statistics``), so every rank ends with the scales of one process that saw all shares."""
+    from . import distributed as dist
+
+    combine = dist.active() if distributed is None else (distributed and dist.active())
     found = calibratables(module)
     for name, m in found:
         if getattr(m, "name", None) == "":
@@ -317,6 +375,11 @@ def calibrate(module: nn.Module, batches: Iterable[Inputs], *, desc: str = "cali
                 n_batches += 1
                 n_samples += _batch_size(inputs)
                 bar.advance(task)
+    if combine:
+        counts = dist.all_reduce(torch.tensor([n_batches, n_samples], dtype=torch.int64), "sum", desc)
+        n_batches, n_samples = int(counts[0]), int(counts[1])
+        if n_batches:
+            all_reduce_statistics(found)
     if n_batches == 0:
         raise SurgeonError("no calibration batches: the calibration data is empty")
     for _, m in found:

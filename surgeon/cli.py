@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="torch", help="torch (model.pt2), onnx, onnx-fp8, onnx-int8")
     p.add_argument("--force", action="store_true", help="replace an existing OUTDIR")
     p.add_argument("--seed", type=int, default=0, help="seed for fitting and data splits")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: give up when another rank does not answer within this time "
+                        "(default 300; docs/distributed.md)")
     p.set_defaults(handler=_cmd_optimize)
 
     p = sub.add_parser("export", help="export a model with no pass (onnx, onnx-fp8, onnx-int8)")
@@ -102,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SurgeonError as exc:
         if args.debug:
             raise
-        print(f"surgeon: error: {exc}", file=sys.stderr)
+        if getattr(exc, "agreed_rank", 0) == 0:  # an error every rank raised (distributed.agree) prints once
+            print(f"surgeon: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("surgeon: interrupted", file=sys.stderr)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -116,7 +115,22 @@ def prepare_batches(calib: Iterable[Any] | None, example_inputs: Inputs, gm0: nn
 
     ``calib=None`` → the example inputs as the only batch (``weak=True``). Batches are numbered from 1
     in messages. Each distinct shape signature is run once through ``gm0`` (the captured graph's shape
-    guards are what decide whether the model accepts it)."""
+    guards are what decide whether the model accepts it). Under a process group each rank runs only
+    the batches of its share and the ranks agree on the first bad batch (``surgeon.distributed``)."""
+    from . import distributed
+
+    error: SurgeonError | None = None
+    prepared: tuple[list[Inputs], bool] = ([], False)
+    try:
+        prepared = _prepare_batches(calib, example_inputs, gm0, distributed.rank(), distributed.world_size())
+    except SurgeonError as exc:
+        error = exc
+    distributed.agree(error, "checking the calibration batches", getattr(error, "batch", 0))
+    return prepared
+
+
+def _prepare_batches(calib: Iterable[Any] | None, example_inputs: Inputs, gm0: nn.Module, rank: int,
+                     world: int) -> tuple[list[Inputs], bool]:
     example = _normalise(example_inputs, example_inputs)
     if calib is None:
         return [example], True
@@ -130,22 +144,28 @@ def prepare_batches(calib: Iterable[Any] | None, example_inputs: Inputs, gm0: nn
     for i, batch in enumerate(batches, 1):
         why = _mismatch(batch, example)
         if why:
-            raise SurgeonError(f"calibration batch {i} does not match the model's inputs: {why}")
+            raise _at(i, SurgeonError(f"calibration batch {i} does not match the model's inputs: {why}"))
         for name, value in _items(batch):
             if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise SurgeonError(f"calibration data contains NaN/Inf (batch {i}, input '{name}')")
+                raise _at(i, SurgeonError(f"calibration data contains NaN/Inf (batch {i}, input '{name}')"))
         sig = _signature(batch)
-        if sig in seen:
+        if sig in seen or (i - 1) % world != rank:  # another rank runs this one
             continue
         try:
             with torch.no_grad():
                 call(gm0, batch)
-        except SurgeonError:
-            raise
+        except SurgeonError as exc:
+            raise _at(i, exc)
         except Exception as exc:  # noqa: BLE001 - any failure here means the model refuses the batch
-            raise SurgeonError(f"calibration batch {i} does not match the model's inputs: {_first_line(exc)}") from exc
+            raise _at(i, SurgeonError(f"calibration batch {i} does not match the model's inputs: "
+                                      f"{_first_line(exc)}")) from exc
         seen.add(sig)
     return batches, False
+
+
+def _at(batch: int, exc: SurgeonError) -> SurgeonError:
+    exc.batch = batch  # type: ignore[attr-defined]  # which error ranks agree on: the first bad batch
+    return exc
 
 
 @dataclass
@@ -212,18 +232,39 @@ def apply_passes(gm0: fx.GraphModule, passes: Sequence[Pass], seed: int = 0) -> 
 
 
 def fit_passes(applied: Applied, fit: Sequence[Inputs], *, progress: bool = False) -> dict:
-    """Calibrate every calibratable on the fit batches, then run each pass's ``fit``."""
-    from .calibration import calibratables, calibrate
+    """Calibrate every calibratable on the fit batches, then run each pass's ``fit``.
+
+    Under a process group (``surgeon.distributed``) ``fit`` is the full fit list on every rank: each
+    rank calibrates on its share and the statistics are all-reduced (when every calibratable can;
+    otherwise every rank calibrates on all of them); each pass's ``fit`` runs on every fit batch on
+    every rank with the same seed, and rank 0's fitted site state is broadcast so all ranks verify the
+    same model."""
+    from . import distributed
+    from .calibration import calibratables, calibrate, can_all_reduce
 
     info: dict[str, Any] = {"calibrated": 0}
     with torch.random.fork_rng(devices=[]):  # seeded fitting without touching the caller's RNG state
         torch.manual_seed(int(applied.ctx.options.get("seed", 0)))
-        if calibratables(applied.gm):
-            stats = calibrate(applied.gm, list(fit), desc="calibrating", progress=progress)
+        found = calibratables(applied.gm)
+        if found:
+            sharded = can_all_reduce(found)
+            stats = calibrate(applied.gm, distributed.shard(fit) if sharded else list(fit), desc="calibrating",
+                              progress=progress, distributed=sharded)
             info = stats.to_json()
         for p in applied.passes:
             p.fit(applied.gm, applied.ctx, list(fit))
+        if distributed.active() and any(type(p).fit is not Pass.fit for p in applied.passes):
+            distributed.broadcast_module_state(_fitted_modules(applied))
     return info
+
+
+def _fitted_modules(applied: Applied) -> list[nn.Module]:
+    """What a fit may change: every site's submodules and every calibratable (what ``rebuild`` copies)."""
+    from .calibration import calibratables
+
+    names = {s for r in applied.ctx.records.values() for s in r.submodules} | {n for n, _ in calibratables(applied.gm)}
+    top = sorted(n for n in names if not any(n != o and (o == "" or n.startswith(o + ".")) for o in names))
+    return [applied.gm.get_submodule(n) for n in top]
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -413,7 +454,22 @@ class Result:
         ``force`` an existing ``outdir`` is exchanged with it atomically and deleted only once the new
         one is in place (``surgeon._resources.atomic_dir``). On any error, or a SIGKILL, ``outdir`` is
         absent, the old one or the new one, never partial; leftovers of a killed run are removed by
-        the next save to the same ``outdir``."""
+        the next save to the same ``outdir``. Under a process
+        group only rank 0 writes; the others wait for it and raise its error if it fails."""
+        from . import distributed
+
+        if not distributed.active():
+            return self._save(outdir, force=force, target=target)
+        error: Exception | None = None
+        if distributed.is_writer():
+            try:
+                return_path = self._save(outdir, force=force, target=target)
+            except Exception as exc:  # noqa: BLE001 - every rank raises it (distributed.agree)
+                error = exc
+        distributed.agree(error, "writing OUTDIR")
+        return return_path if distributed.is_writer() else Path(outdir)
+
+    def _save(self, outdir: str | os.PathLike, *, force: bool = False, target: str = "torch") -> Path:
         from . import report as rep
         from ._resources import atomic_dir
 
@@ -501,6 +557,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
                             _timings=_timings)
         finally:
             torch.set_num_threads(previous)
+    from . import distributed
     from .capture import capture
 
     timings: dict[str, float] = dict(_timings or {})
@@ -516,6 +573,8 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     t = time.perf_counter()
     batches, weak = prepare_batches(calib, example_inputs, gm0)
     split = split_batches(batches, check_fraction, seed)
+    # under torchrun: the split is the single-process one, then each rank checks its strided share
+    check_local = distributed.shard(split.check)
     timings["data"] = time.perf_counter() - t
     if weak:
         notes.append("no calibration data: the example inputs calibrate and check the model, so the calibration "
@@ -534,13 +593,13 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
 
     t = time.perf_counter()
     records = list(applied.ctx.records.values())
-    verdict = guard(gm0, applied.gm, records, split.check, tol, metric, progress=progress)
+    verdict = guard(gm0, applied.gm, records, check_local, tol, metric, progress=progress)
     timings["verify"] = time.perf_counter() - t
 
     t = time.perf_counter()
     final, rctx = rebuild(gm0, applied, verdict.kept)
     final.eval()
-    figures = measure_model(gm0, final, split.check, metric)
+    figures = measure_model(gm0, final, check_local, metric)
     with torch.no_grad():
         checks = [c for p in applied.passes for c in p.check(final, rctx, split.check)]
     artifacts: dict[str, nn.Module] = {}
@@ -550,7 +609,8 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     del applied.gm  # the fitted copy is no longer needed (memory)
 
     t = time.perf_counter()
-    ep, export_notes = reexport(final, example_inputs)
+    # only rank 0 writes OUTDIR, so only it needs the exported program
+    ep, export_notes = reexport(final, example_inputs) if distributed.is_writer() else (None, [])
     notes += [n for n in export_notes if "static shapes" in n]
     artifact_inputs, artifact_exports = export_artifacts(artifacts, final, example_inputs)
     timings["export"] = time.perf_counter() - t
@@ -571,6 +631,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         "seed": seed,
         "check_fraction": check_fraction,
         "calibrate": cal_info,
+        "world_size": distributed.world_size(),
     }
     report = make_report(
         surgeon_version=__version__,
@@ -585,10 +646,10 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         checks=checks,
         variants=_variants(gm0),
         timings=timings,
-        export={**export_info(ep), "notes": export_notes},
+        export={**(export_info(ep) if ep is not None else {}), "notes": export_notes},
         warnings=notes,
     )
-    for n in notes:
+    for n in notes if distributed.is_writer() else []:
         if "weak" in n or "not independent" in n or "tolerance" in n:
             warnings.warn(n, stacklevel=2)
     return Result(final, report, ep, model, example_inputs, list(split.check), verdict, artifacts,
@@ -719,26 +780,50 @@ def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
 
 
 def run_cli(args: Any) -> int:
-    """``surgeon optimize`` (argparse namespace from ``surgeon.cli``)."""
+    """``surgeon optimize`` (argparse namespace from ``surgeon.cli``).
+
+    Under ``torchrun`` (WORLD_SIZE > 1) it joins a gloo process group first (``--dist-timeout``):
+    every rank loads the model and data, calibration and verification are shared
+    (``surgeon.distributed``), and only rank 0 writes OUTDIR and prints."""
+    import torch.distributed as tdist
+
+    from . import distributed
+
+    created = not (tdist.is_available() and tdist.is_initialized())
+    joined = distributed.init_from_env(getattr(args, "dist_timeout", None))
+    try:
+        return _run_cli(args, distributed.is_writer())
+    finally:
+        if joined and created:
+            tdist.destroy_process_group()
+
+
+def _run_cli(args: Any, writer: bool) -> int:
+    from . import distributed
     from ._resources import check_memory, check_output_dir
     from .load import load_model
 
     out = Path(args.output)
     force = bool(getattr(args, "force", False))
-    check_output_dir(out, force)
-    target = getattr(args, "target", "torch") or "torch"
-    check_target(target)
-    pass_list = parse_pipeline(args.passes or DEFAULT_PASSES)
-    tol = parse_tolerance(args.tolerance)
-
+    error: SurgeonError | None = None
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    loaded = load_model(args.model, trust_pickle=getattr(args, "trust_pickle", False), text=getattr(args, "text", None))
-    timings["load"] = time.perf_counter() - t
-    calib = None
-    if args.calib:
-        calib = read_calibration(args.calib, loaded)
-    else:
+    try:  # every rank checks the options and reads the inputs; any rank's error stops all of them
+        if writer:
+            check_output_dir(out, force)
+        target = getattr(args, "target", "torch") or "torch"
+        check_target(target)
+        pass_list = parse_pipeline(args.passes or DEFAULT_PASSES)
+        tol = parse_tolerance(args.tolerance)
+
+        t = time.perf_counter()
+        loaded = load_model(args.model, trust_pickle=getattr(args, "trust_pickle", False),
+                            text=getattr(args, "text", None))
+        timings["load"] = time.perf_counter() - t
+        calib = read_calibration(args.calib, loaded) if args.calib else None
+    except SurgeonError as exc:
+        error = exc
+    distributed.agree(error, "reading the model and calibration data")
+    if not args.calib and writer:
         print("surgeon: warning: no --calib given: the example inputs calibrate and check the model, so the "
               "calibration is weak (give a calibration file)", file=sys.stderr)
     check_memory(loaded.model, loaded.example_inputs, calib)  # refuse before the work, not by an OOM kill
@@ -751,10 +836,12 @@ def run_cli(args: Any) -> int:
         result = optimize(loaded.model, loaded.example_inputs, calib, passes=pass_list, tolerance=tol,
                           seed=getattr(args, "seed", 0), progress=sys.stderr.isatty() or sys.stdout.isatty(),
                           source=str(args.model), threads=threads, _timings=timings)
-    for note in result.report["warnings"]:
+    for note in result.report["warnings"] if writer else []:
         if args.calib or "weak" not in note:
             print(f"surgeon: warning: {note}", file=sys.stderr)
     result.save(out, force=force, target=target)
+    if not writer:
+        return 0 if result.met else ToleranceNotMet.exit_code
     print_summary(result, out)
     if not result.met:
         e = result.report["end_to_end"]

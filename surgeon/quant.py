@@ -304,6 +304,18 @@ class Quantizer(nn.Module):
                 self.hist = Histogram(other.hist.bins, axis=other.hist.axis)
             self.hist.merge(other.hist)
 
+    def all_reduce_stats(self) -> None:
+        """Combine the statistics with every other rank's (``torch.distributed``): amax by MAX, the
+        histogram by range MAX then counts SUM, so ``finalize()`` gives the single-process scale."""
+        what = f"calibrating {self.name or 'a quantizer'}"
+        amax = self.amax if self.amax is not None else RunningAmax(self.axis)
+        amax.all_reduce(what)
+        self.amax = amax if amax.value is not None else None
+        if self.method != "max":
+            hist = self.hist if self.hist is not None else Histogram(self.bins, axis=self.axis)
+            hist.all_reduce(what)
+            self.hist = hist if hist.counts is not None else None
+
     def clip(self) -> Tensor:
         """The calibrated clip value(s) |x| is mapped to ±qmax from (before the zero guard)."""
         label = self.name or "a quantizer"

@@ -11,6 +11,12 @@ only this module sees. On the check part, streaming (one batch at a time, only r
   (mean and min over the check samples), max_rel_err and SQNR of that output, or a user
   ``metric(ref_outputs, outputs) -> float`` (higher is better) averaged over the check batches.
 
+Under a ``torch.distributed`` process group (``surgeon.distributed``), ``check`` is this rank's share of
+the check batches: the running sums and counts are SUM-reduced, the maxima MAX- and the minimum
+cosine MIN-reduced over the ranks before any figure is computed, so every rank derives the figures
+(and the rollback decisions) of one process that measured all shares; they differ from it only by
+the order of float64 additions.
+
 Tolerance (``Tolerance``; default: ``cosine_mean ≥ 0.999``): while the kept configuration violates it,
 the kept site with the worst solo figure *for the first violated criterion* is rolled back and the
 configuration is measured again. Rollbacks are exact (an inactive site computes what the original
@@ -213,6 +219,23 @@ class PairStats:
             self.cos_min = min(self.cos_min, c) if not math.isnan(c) else math.nan
             self.samples += 1
 
+    def _pack(self) -> tuple[list[float], list[float], list[float]]:
+        """(SUM, MAX, MIN) terms for a cross-rank reduction; NaN encoded as flags (MAX/MIN need not
+        propagate it)."""
+        cos_nan = isinstance(self.cos_min, float) and math.isnan(self.cos_min)
+        sums = [self.ref2, self.out2, self.dot, self.err2, self.cos_sum, float(self.samples), float(self.nonfinite),
+                float(self.mismatch is not None), float(cos_nan)]
+        maxes = [math.inf if math.isnan(v) else v for v in (self.max_err, self.max_ref)]
+        return sums, maxes, [-math.inf if cos_nan else self.cos_min]
+
+    def _unpack(self, sums: list[float], maxes: list[float], mins: list[float]) -> None:
+        self.ref2, self.out2, self.dot, self.err2, self.cos_sum = sums[:5]
+        self.samples, self.nonfinite = int(sums[5]), bool(sums[6])
+        if sums[7] and self.mismatch is None:
+            self.mismatch = "the output shape differs from the reference's on another rank"
+        self.max_err, self.max_ref = maxes
+        self.cos_min = math.nan if sums[8] else mins[0]
+
     def _rel(self) -> float:
         if self.max_ref == 0.0:
             return 0.0 if self.max_err == 0.0 else math.inf
@@ -277,11 +300,46 @@ class _EndToEnd:
             self.metric_sum += float(self.metric(ref_out, out))
         self.batches += 1
 
+    def _pack(self) -> tuple[list[float], list[float], list[float]]:
+        sums, maxes, mins = self.stats._pack()
+        return sums + [self.metric_sum, float(self.batches)], maxes, mins
+
+    def _unpack(self, sums: list[float], maxes: list[float], mins: list[float]) -> None:
+        self.stats._unpack(sums[:-2], maxes, mins)
+        self.metric_sum, self.batches = sums[-2], int(sums[-1])
+
     def figures(self) -> Figures:
         fig = self.stats.figures()
         if self.metric is not None:
             fig.metric = self.metric_sum / max(self.batches, 1)
         return fig
+
+
+def _combine(accs: Sequence[Any], distributed: bool | None, what: str = "verification") -> None:
+    """Reduce ``PairStats`` / ``_EndToEnd`` accumulators over the process group: three collectives
+    (SUM, MAX, MIN) for all of them together. A no-op without a group or with ``distributed=False``."""
+    from . import distributed as dist
+
+    if not accs or not (dist.active() if distributed is None else (distributed and dist.active())):
+        return
+    packed = [a._pack() for a in accs]
+    flat = [torch.tensor([v for p in packed for v in p[i]], dtype=torch.float64) for i in range(3)]
+    red = [dist.all_reduce(t, op, what).tolist() for t, op in zip(flat, ("sum", "max", "min"))]
+    pos = [0, 0, 0]
+    for a, p in zip(accs, packed):
+        parts = []
+        for i in range(3):
+            parts.append(red[i][pos[i]:pos[i] + len(p[i])])
+            pos[i] += len(p[i])
+        a._unpack(*parts)
+
+
+def _total(n: int, distributed: bool | None, what: str = "verification") -> int:
+    from . import distributed as dist
+
+    if not (dist.active() if distributed is None else (distributed and dist.active())):
+        return n
+    return int(dist.all_reduce(torch.tensor([n], dtype=torch.int64), "sum", what)[0])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,7 +457,8 @@ class _Progress:
 
 
 def measure_config(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord], active: set[str],
-                   check: Sequence[Inputs], metric: Metric | None = None, progress: _Progress | None = None) -> Figures:
+                   check: Sequence[Inputs], metric: Metric | None = None, progress: _Progress | None = None,
+                   *, distributed: bool | None = None) -> Figures:
     """End-to-end figures of ``gm`` with the sites in ``active`` on (others exact) against ``gm0``."""
     _configure(gm, records, active)
     acc = _EndToEnd(metric)
@@ -408,15 +467,19 @@ def measure_config(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[Si
             acc.update(call(gm0, batch), call(gm, batch))
             if progress:
                 progress.advance()
+    _combine([acc], distributed)
     return acc.figures()
 
 
-def measure_model(reference: Any, candidate: Any, check: Sequence[Inputs], metric: Metric | None = None) -> Figures:
-    """End-to-end figures of any ``candidate`` callable against ``reference`` on ``check``."""
+def measure_model(reference: Any, candidate: Any, check: Sequence[Inputs], metric: Metric | None = None, *,
+                  distributed: bool | None = None) -> Figures:
+    """End-to-end figures of any ``candidate`` callable against ``reference`` on ``check`` (this rank's
+    share under a process group, combined over the ranks unless ``distributed=False``)."""
     acc = _EndToEnd(metric)
     with torch.no_grad():
         for batch in check:
             acc.update(call(reference, batch), call(candidate, batch))
+    _combine([acc], distributed)
     return acc.figures()
 
 
@@ -432,12 +495,15 @@ def _fmt(v: float | None) -> str:
 
 
 def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord], check: Sequence[Inputs],
-          tolerance: Tolerance, metric: Metric | None = None, *, progress: bool = False) -> GuardResult:
+          tolerance: Tolerance, metric: Metric | None = None, *, progress: bool = False,
+          distributed: bool | None = None) -> GuardResult:
     """Measure every site of ``gm`` against ``gm0`` on ``check``, roll back until ``tolerance`` holds.
 
-    ``gm`` is left with the kept sites on and the others off."""
+    ``gm`` is left with the kept sites on and the others off. Under a process group ``check`` is this
+    rank's share (possibly empty) and the figures are combined over the ranks (module docstring)."""
     records = list(records)
-    if not check:
+    n_check = _total(len(check), distributed)
+    if not n_check:
         raise SurgeonError("no check batches to verify on")
     site_stats = {r.site: PairStats() for r in records}
     solo_acc = {r.site: _EndToEnd(metric) for r in records}
@@ -464,6 +530,8 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
             first = _first_float(ref_out)
             samples += int(first.shape[0]) if first is not None and first.dim() >= 2 else 1
             bar.advance()
+        _combine([*site_stats.values(), *solo_acc.values(), all_acc], distributed)
+        samples = _total(samples, distributed)
 
         checks = {r.site: SiteCheck(r, site_stats[r.site].site_metrics(), solo_acc[r.site].figures())
                   for r in records}
@@ -487,7 +555,7 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
                        "sites_on": len(kept)}
             kept.remove(worst)
             bar.add(len(check), f"verifying ({len(kept)} site(s) on)")
-            fig = measure_config(gm0, gm, records, set(kept), check, metric, bar)
+            fig = measure_config(gm0, gm, records, set(kept), check, metric, bar, distributed=distributed)
             configs.append((list(kept), fig))
             steps.append({"kept": list(kept), "end_to_end": fig.to_json(), "rolled_back": worst})
 
@@ -507,4 +575,4 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
                 c.status, c.reason, c.cause = "applied", "", {}
     _configure(gm, records, set(kept))
     return GuardResult(sites=list(checks.values()), kept=list(kept), end_to_end=fig, all_applied=all_fig, met=met,
-                       tolerance=tolerance, steps=steps, batches=len(check), samples=samples)
+                       tolerance=tolerance, steps=steps, batches=n_check, samples=samples)
