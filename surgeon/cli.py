@@ -107,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if getattr(exc, "agreed_rank", 0) == 0:  # an error every rank raised (distributed.agree) prints once
             print(f"surgeon: error: {exc}", file=sys.stderr)
+        from .distributed import PeerLost, exit_after_peer_loss
+
+        if isinstance(exc, PeerLost):
+            exit_after_peer_loss(exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
         print("surgeon: interrupted", file=sys.stderr)

@@ -26,6 +26,8 @@ error with exit code 4, instead of a hang.
 
 from __future__ import annotations
 
+import sys
+
 import datetime
 import math
 import os
@@ -49,9 +51,22 @@ _timeout: float | None = None  # what init_from_env set; None when the caller bu
 
 
 class PeerLost(SurgeonError):
-    """Another rank died or stopped answering within the timeout. Exit code 4."""
+    """Another rank died or stopped answering within the timeout. Exit code 5."""
 
     exit_code = 5
+
+
+def exit_after_peer_loss(code: int) -> None:
+    """Leave the process now with ``code``, after a lost peer.
+
+    A normal interpreter exit runs the process group's destructors while gloo's threads still wait
+    on the dead peer; the C++ runtime then aborts (SIGABRT) and the documented exit code is lost. So
+    flush what was printed and ``os._exit``."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _dist() -> Any:

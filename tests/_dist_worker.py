@@ -10,7 +10,6 @@ rank 0 waits in a collective; ``badbatch``: a batch only rank 1 runs is refused 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -140,4 +139,8 @@ if __name__ == "__main__":
     except SurgeonError as exc:  # what the CLI does with it: one line (once when all ranks agree), its exit code
         if getattr(exc, "agreed_rank", 0) == 0:
             print(f"surgeon: error: {exc}", file=sys.stderr)
+        from surgeon.distributed import PeerLost, exit_after_peer_loss
+
+        if isinstance(exc, PeerLost):
+            exit_after_peer_loss(exc.exit_code)
         sys.exit(exc.exit_code)
