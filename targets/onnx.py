@@ -43,8 +43,13 @@ from ._lowering import OPSET, translation_table
 
 IR_VERSION = 10  # onnxruntime 1.31 refuses IR 14 (what onnx.helper writes by default); 10 = opset 21 era
 FP8_SESSION_OPTION = ("session.disable_quant_qdq", "1")
+# ORT 1.31's level-2 rule ReluQuantRewrite drops a Relu feeding a QuantizeLinear whose zero point is
+# the bottom of the quantized range; for FLOAT8E4M3FN (signed) that is false, Q(relu(x)) != Q(x) for
+# x < 0, so FP8 files are opened with it off (docs/deploy.md, found by the fuzzer).
+FP8_DISABLED_OPTIMIZERS = ("ReluQuantRewrite",)
 
-__all__ = ["export_onnx", "verify_onnx", "session", "has_fp8", "needs_fp8_option", "fp32_bytes", "IR_VERSION", "FP8_SESSION_OPTION"]
+__all__ = ["export_onnx", "verify_onnx", "session", "has_fp8", "needs_fp8_option", "fp32_bytes", "IR_VERSION", "FP8_SESSION_OPTION",
+           "FP8_DISABLED_OPTIMIZERS"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,11 +324,13 @@ def session(path: str | os.PathLike, *, threads: int | None = None, fp8: bool | 
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    if fp8 if fp8 is not None else needs_fp8_option(path):
+    use_fp8 = fp8 if fp8 is not None else needs_fp8_option(path)
+    if use_fp8:
         so.add_session_config_entry(*FP8_SESSION_OPTION)
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(FP8_DISABLED_OPTIMIZERS) if use_fp8 else None)
 
 
 def _feeds(sess: Any, inputs: Inputs) -> dict[str, np.ndarray]:
@@ -439,6 +446,7 @@ def verify_onnx(path: str | os.PathLike, module: Any, inputs: Inputs, *, origina
         "max_abs_diff": _max_abs(ort_out, ref),
         "p999_abs_diff": _quantile_abs(ort_out, ref, 0.999),
         "fp8_session_option": f"{FP8_SESSION_OPTION[0]}={FP8_SESSION_OPTION[1]}" if fp8 else None,
+        "ort_disabled_optimizers": list(FP8_DISABLED_OPTIMIZERS) if fp8 else [],
         "inputs": [{"name": i.name, "shape": [d if isinstance(d, int) else str(d) for d in i.shape]}
                    for i in sess.get_inputs()],
     }
