@@ -159,7 +159,11 @@ def plot_sites(report: dict) -> str | None:
     axes[0].set_yticks(ys, labels, fontsize=7)
     axes[0].invert_yaxis()
     axes[1].barh(ys, [v if v is not None else 0.0 for v in one_minus], color=colors)
-    axes[1].set_xscale("log")
+    if any(v is not None for v in one_minus):
+        axes[1].set_xscale("log")  # a log axis needs one positive value (all exact sites: none)
+    for y, v in zip(ys, one_minus):
+        if v is None:
+            axes[1].text(axes[1].get_xlim()[0], y, " n/a (not measured alone)", va="center", fontsize=7)
     axes[1].set_xlabel("1 − end-to-end cosine (mean), only this site on (lower is better)")
     tol = (report.get("tolerance") or {}).get("cosine_mean")
     if tol is not None and tol < 1.0:

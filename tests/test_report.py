@@ -111,3 +111,17 @@ def test_html_without_sites_or_rollbacks() -> None:
     rep["sites"], rep["rollback_steps"] = [], rep["rollback_steps"][:1]
     page = render_html(rep)
     assert "<img" not in page and "<h2>Sites</h2>" in page
+
+
+def test_site_plot_when_no_site_was_measured_alone() -> None:
+    # Only exact rewrites (norm-fold): no solo cosine anywhere. A log axis over all-zero bars made
+    # matplotlib warn "Data has no positive values" on every such report.
+    import warnings
+
+    rep = _report()
+    for s in rep["sites"]:
+        s["solo_end_to_end"] = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        page = render_html(rep)
+    assert page.count("data:image/png;base64,") == 2
