@@ -558,12 +558,16 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         finally:
             torch.set_num_threads(previous)
     from . import distributed
+    from ._resources import check_memory
     from .capture import capture
 
     timings: dict[str, float] = dict(_timings or {})
     notes: list[str] = []
     pass_list = resolve_passes(passes)
     tol = parse_tolerance(tolerance, has_metric=metric is not None)
+    if calib is not None and not isinstance(calib, (list, tuple)):
+        calib = list(calib)  # read once: the memory estimate and the run both need the batches
+    check_memory(model, example_inputs, calib)  # InsufficientMemory (exit 4) before the work, not an OOM kill
 
     t = time.perf_counter()
     cap = capture(model, example_inputs)
@@ -800,7 +804,7 @@ def run_cli(args: Any) -> int:
 
 def _run_cli(args: Any, writer: bool) -> int:
     from . import distributed
-    from ._resources import check_memory, check_output_dir
+    from ._resources import check_output_dir
     from .load import load_model
 
     out = Path(args.output)
@@ -826,7 +830,6 @@ def _run_cli(args: Any, writer: bool) -> int:
     if not args.calib and writer:
         print("surgeon: warning: no --calib given: the example inputs calibrate and check the model, so the "
               "calibration is weak (give a calibration file)", file=sys.stderr)
-    check_memory(loaded.model, loaded.example_inputs, calib)  # refuse before the work, not by an OOM kill
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the CLI prints its own warnings from the report
         # One intra-op thread unless the user chose (OMP_NUM_THREADS): calibration batches are small,

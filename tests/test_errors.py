@@ -302,3 +302,21 @@ def test_unreadable_model_and_read_only_outdir(workdir: Path, capsys: pytest.Cap
     finally:
         os.chmod(workdir / "m.pt2", 0o644)
         os.chmod(workdir / "ro", 0o755)
+
+
+def test_python_api_refuses_a_run_that_would_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The memory check lives in surgeon.optimize, so pipelines calling the API get it too (not only
+    # the CLI), and a generator of batches is read once for both the estimate and the run.
+    import surgeon
+    from surgeon.errors import InsufficientMemory
+    from tests._models import TinyTransformer
+
+    torch.manual_seed(0)
+    model = TinyTransformer(layers=1, dim=16).eval()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setenv("SURGEON_MEMORY_LIMIT", "64K")
+    with pytest.raises(InsufficientMemory, match=r"^would not fit in memory: estimated peak .* exceeds the 64.0 KB available \(SURGEON_MEMORY_LIMIT\); "):
+        surgeon.optimize(model, (ids,), ((ids,) for _ in range(3)), passes="norm-fold")
+    monkeypatch.delenv("SURGEON_MEMORY_LIMIT")
+    result = surgeon.optimize(model, (ids,), ((ids,) for _ in range(3)), passes="norm-fold")
+    assert result.report["calibration"]["batches"]["fit"] + result.report["calibration"]["batches"]["check"] == 3
