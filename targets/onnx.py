@@ -170,8 +170,15 @@ def _conversion_error(exc: BaseException, module: Any, inputs: Inputs) -> Surgeo
     op = m.group(1) if m.group(2) == "default" else f"{m.group(1)}.{m.group(2)}"
     where = _module_of_op(module, inputs, m.group(1))
     loc = f" in module '{where}'" if where else ""
-    return SurgeonError(f"cannot export to ONNX: operator '{op}'{loc} has no ONNX lowering "
-                        f"(replace it, or register a translation for it)")
+    hint = _LOWERING_HINTS.get(m.group(1), "replace it, or register a translation for it")
+    return SurgeonError(f"cannot export to ONNX: operator '{op}'{loc} has no ONNX lowering ({hint})")
+
+
+# Ops a surgeon pass removes where the model allows it: the message names the pass.
+_LOWERING_HINTS = {
+    "aten._linalg_slogdet": "a log-determinant of a constant weight is folded to a constant by the "
+                            "flow-fold pass: add it with --passes flow-fold,…",
+}
 
 
 @contextlib.contextmanager
