@@ -215,6 +215,18 @@ class QuantEmbedding(nn.Module):
         return f"{self.dtype} weight-only, table={tuple(self.weight.shape)}" + ("" if self.active else ", active=False")
 
 
+def _run_with_input_hook(gm: fx.GraphModule, layers: list[QuantLinear], record: Any, batches: list[Any]) -> None:
+    """One pass over ``batches`` with ``record(layer, args)`` seeing every layer's inputs."""
+    hooks = [m.register_forward_pre_hook(record) for m in layers]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                call(gm, b)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _target_name(node: fx.Node) -> str:
     t = node.target
     if isinstance(t, torch._ops.OpOverload):
@@ -318,14 +330,7 @@ class LinearQuant(Pass):
                 st[0] = xtx if st[0] is None else st[0] + xtx
                 st[1] += x.shape[0]
 
-            hooks = [m.register_forward_pre_hook(record) for m in group]
-            try:
-                with torch.no_grad():
-                    for b in batches:
-                        call(gm, b)
-            finally:
-                for h in hooks:
-                    h.remove()
+            _run_with_input_hook(gm, group, record, batches)
             for m in group:
                 h, n = stats.pop(id(m))
                 if h is not None and n:
@@ -342,14 +347,7 @@ class LinearQuant(Pass):
         for m in layers:
             m.act.mode = "observe"  # exact float path while measuring
             m.act.reset()
-        hooks = [m.register_forward_pre_hook(record) for m in layers]
-        try:
-            with torch.no_grad():
-                for b in batches:
-                    call(gm, b)
-        finally:
-            for h in hooks:
-                h.remove()
+        _run_with_input_hook(gm, layers, record, batches)
         for m in layers:
             xa = amax[id(m)].value
             if xa is None:
