@@ -52,6 +52,9 @@ def _session(path: Path, fp8: bool = False) -> Any:
     so.intra_op_num_threads = THREADS
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # Sessions are timed round robin: a finished session's intra-op threads would otherwise keep
+    # spinning and take the cores from the next one (wall times were 2-3× the kernel times).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if fp8:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
