@@ -735,9 +735,9 @@ def _sites_table(sites: list[dict], with_reason: bool) -> tuple[Any, list[str]]:
 
 def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
     """Per-site table and the headline figures."""
-    from rich.cells import cell_len
     from rich.console import Console
-    from rich.text import Text
+
+    from ._console import table_fits
 
     console = console or Console()
     r = result.report
@@ -747,14 +747,7 @@ def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
     layout = None
     for with_reason in (True, False):
         table, notes = _sites_table(r["sites"], with_reason)
-        # Rich shrinks (and ellipsises) no_wrap columns to fit, so measure the full cells ourselves:
-        # each cell plus one space of padding a side, and one border character per column and edge.
-        need = 1
-        for col in table.columns:
-            cells = [col.header, *col._cells]
-            widest = max(cell_len(Text.from_markup(c).plain if isinstance(c, str) else str(c)) for c in cells)
-            need += 3 + (min(widest, col.min_width or widest) if col.overflow == "fold" else widest)
-        if need <= console.width:
+        if table_fits(table, console.width):
             layout = (table, notes)
             break
     if r["sites"] and layout is None:

@@ -120,3 +120,32 @@ def test_python_dash_m_entry_point(factory, tmp_path):
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["counts"]["coupling"] == 2
+
+
+@pytest.mark.parametrize("width", [60, 80, 200])
+def test_table_never_truncates_module_paths(width, factory):
+    # Deep module paths (encoder.layer.3.attention.self…) were cut to "encoder.layer.3.attenti…" at 80
+    # columns: the module names the site, so it is printed whole whatever the terminal width.
+    import io
+
+    from rich.console import Console
+
+    from surgeon._console import print_analysis
+    from surgeon.analysis import analyze
+
+    class Deep(torch.nn.Module):  # module paths as long as a Hugging Face model's
+        def __init__(self):
+            super().__init__()
+            self.sentence_encoder_backbone = TinyTransformer(2, placement="pre")
+
+        def forward(self, ids):
+            return self.sentence_encoder_backbone(ids)
+
+    torch.manual_seed(0)
+    analysis = analyze(Deep(), (torch.randint(0, 50, (2, 7)),))
+    buf = io.StringIO()
+    print_analysis(analysis, explain=True, console=Console(file=buf, width=width, color_system=None))
+    text = buf.getvalue()
+    assert "…" not in text
+    for s in analysis.sites:
+        assert s.module in text
