@@ -92,6 +92,7 @@ def test_plain_export_of_library_models_matches_torch_at_other_shapes(name: str,
     assert first[0].dim_param == "batch"
     if name != "vit":
         assert first[1].dim_param == "sequence"
+    assert "IsNaN" not in {n.op_type for n in m.graph.node}  # softmax NaN guards dropped (finite mask fill)
     _assert_matches(path, model, other)  # another batch size and length: the dims really are dynamic
 
 
@@ -357,3 +358,38 @@ def test_slogdet_without_flow_fold_points_to_the_pass(tmp_path: Path) -> None:
     assert str(info.value) == ("cannot export to ONNX: operator 'aten._linalg_slogdet' has no ONNX lowering (a "
                                "log-determinant of a constant weight is folded to a constant by the flow-fold "
                                "pass: add it with --passes flow-fold,…)")
+
+
+def test_softmax_nan_guard_is_dropped_only_where_the_mask_fill_is_finite() -> None:
+    # Where(IsNaN(softmax(s + Where(m, 0, c))), 0, ·): with c finite the softmax is never NaN on
+    # finite s, so the guard goes; with c = -inf a fully masked row is 0/0 and the guard must stay.
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from surgeon.targets._cleanup import drop_softmax_nan_guards
+
+    def model(fill: float) -> onnx.ModelProto:
+        nodes = [helper.make_node("Where", ["m", "zero", "fill"], ["bias"]),
+                 helper.make_node("Add", ["s", "bias"], ["z"]),
+                 helper.make_node("Softmax", ["z"], ["w"], axis=-1),
+                 helper.make_node("IsNaN", ["w"], ["nan"]),
+                 helper.make_node("Where", ["nan", "zero", "w"], ["guarded"]),
+                 helper.make_node("Identity", ["guarded"], ["y"])]
+        inits = [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                 numpy_helper.from_array(np.array(fill, np.float32), "fill")]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, 3]),
+                                           helper.make_tensor_value_info("m", TensorProto.BOOL, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+    s = np.array([[0.5, -1.0, 2.0], [1.0, 1.0, 1.0]], np.float32)
+    m = np.array([[True, False, True], [False, False, False]])  # second row fully masked
+    finite = model(float(np.finfo(np.float32).min))
+    before = ort.InferenceSession(finite.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"s": s, "m": m})[0]
+    assert drop_softmax_nan_guards(finite) == 1
+    onnx.checker.check_model(finite, full_check=True)
+    assert [n.op_type for n in finite.graph.node] == ["Where", "Add", "Softmax", "Identity"]
+    after = ort.InferenceSession(finite.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"s": s, "m": m})[0]
+    np.testing.assert_array_equal(after, before)
+    infinite = model(float("-inf"))
+    assert drop_softmax_nan_guards(infinite) == 0 and len(infinite.graph.node) == 6
