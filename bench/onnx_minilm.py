@@ -89,8 +89,8 @@ def _fp32_onnx(model: torch.nn.Module, enc: dict, path: Path) -> str:
     except Exception:  # noqa: BLE001
         from surgeon.targets.onnx import export_onnx
 
-        export_onnx(model, dict(enc), path)
-        return "dynamo exporter"
+        export_onnx(model, dict(enc), path, cleanup=False)  # as torch.onnx writes it: no surgeon clean-up
+        return "dynamo exporter (torch.onnx.export(dynamo=True), without surgeon's clean-up)"
 
 
 def _ort_optimize(src: Path, dst: Path) -> None:

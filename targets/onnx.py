@@ -203,13 +203,15 @@ def _quiet() -> Any:
 def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLike, *,
                 dynamic_shapes: Any = "auto", input_names: Sequence[str] | None = None,
                 output_names: Sequence[str] | None = None, opset: int = OPSET,
-                original: nn.Module | None = None) -> Path:
+                original: nn.Module | None = None, cleanup: bool = True) -> Path:
     """Export ``module_or_ep`` (nn.Module / GraphModule / ExportedProgram) to ``path`` (one file).
 
     ``dynamic_shapes="auto"`` marks every input dim ``Dim.AUTO`` (batch and sequence stay dynamic
     where the model allows); ``None`` exports static shapes. Inputs keep the original's names
     (``input_names`` or the forward's parameter names); outputs take the original's ModelOutput keys
     when they map 1:1. Surgeon's Q/DQ custom ops lower to standard QuantizeLinear/DequantizeLinear.
+    ``cleanup=False`` keeps the graph as the exporter wrote it (the softmax NaN guards of
+    ``targets/_cleanup.py`` stay), e.g. for a baseline that surgeon did not touch.
     Raises ``SurgeonError`` naming the operator and its module when an op has no ONNX lowering."""
     import onnx
 
@@ -239,7 +241,8 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
     model = prog.model_proto
     model.ir_version = min(model.ir_version, IR_VERSION)
     _strip_node_metadata(model)
-    drop_softmax_nan_guards(model)  # exact on finite inputs; 6.5 % of a MiniLM run (targets/_cleanup.py)
+    if cleanup:
+        drop_softmax_nan_guards(model)  # exact on finite inputs; 6.5 % of a MiniLM run (targets/_cleanup.py)
     graph_inputs = list(model.graph.input)
     if len(names) == len(graph_inputs):
         old_to_new = {vi.name: n for vi, n in zip(graph_inputs, names)}
