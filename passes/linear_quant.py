@@ -96,13 +96,12 @@ class QuantLinear(nn.Module):
         # The float weight stays for rollback (active=False); only the branch traced lands in a file.
         self.register_buffer("weight", weight.detach())
         self.register_buffer("bias", None if bias is None else bias.detach())
-        stored = weight.detach().t().contiguous() if op == "linear" else weight.detach()
         # output channel: columns of Wᵀ / W (axis 1), rows of a conv weight (axis 0)
         self.axis = None if granularity == "tensor" else (0 if op == "conv" else 1)
         self.reduce_range = reduce_range
         self.register_buffer("inv_smooth", None)
-        self._stored = stored  # float weight in the stored layout, smoothed (not a buffer: never exported)
-        self._set_weight(stored)
+        self._smooth: Tensor | None = None  # SmoothQuant's s itself (1/inv_smooth would round differently)
+        self._set_weight(self._stored_weight())
         self.act = Quantizer(dtype=dtype, axis=None, method=method, name=name)
 
     def _set_weight(self, stored: Tensor) -> None:
@@ -115,6 +114,19 @@ class QuantLinear(nn.Module):
     def smoothable(self) -> bool:
         return self.op in ("linear", "matmul")
 
+    def _stored_weight(self) -> Tensor:
+        """The float weight in the stored layout (Wᵀ for a linear), diag(s)-scaled once smoothed;
+        computed when needed rather than kept, so a layer holds no second float copy of its weight."""
+        w = self.weight.detach()
+        stored = w.t() if self.op == "linear" else w
+        if self._smooth is not None:
+            stored = stored.float() * self._smooth.to(stored)[:, None]
+        return stored.contiguous()
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1] if self.op == "linear" else self.weight.shape[0])
+
     def input_channel_amax(self) -> Tensor:
         """max |W| over outputs, per input channel (the weight side of the smoothing balance)."""
         w = self.weight.detach().float()
@@ -123,14 +135,12 @@ class QuantLinear(nn.Module):
     def smooth_with(self, s: Tensor) -> None:
         """Migrate per-input-channel scale ``s`` from the activation to the weight (SmoothQuant):
         x·W = (x / s)·(diag(s) W) exactly in real arithmetic; only what gets quantized changes."""
-        stored = self.weight.detach().t() if self.op == "linear" else self.weight.detach()
-        s = s.to(stored)
-        self._stored = (stored.float() * s[:, None]).contiguous()
-        self._set_weight(self._stored)
-        self.inv_smooth = (1.0 / s).to(torch.float32)
+        self._smooth = s.to(self.weight)
+        self._set_weight(self._stored_weight())
+        self.inv_smooth = (1.0 / self._smooth).to(torch.float32)
 
     def round_with(self, h: Tensor, damp: float) -> None:
-        """Re-round the stored weight by GPTQ (passes/_gptq.py) for inputs whose second moments are
+        """Re-round the stored weight by GPTQ (surgeon/_gptq.py) for inputs whose second moments are
         ``h`` = E[x̃ᵀx̃] (x̃ the smoothed input). Scales and layout stay; only grid points move."""
         s, zp = self.wscale, self.wzero
         qmax = INT8_WEIGHT_MAX[self.reduce_range]
@@ -141,7 +151,7 @@ class QuantLinear(nn.Module):
                 return torch.round(col / s64).clamp(-qmax, qmax) * s64
             return dequantize(quantize(col.float(), s, 0, "fp8"), s, 0).double()
 
-        w = gptq_round(self._stored.t(), h, round_column, damp)
+        w = gptq_round(self._stored_weight().t(), h, round_column, damp)
         # w is on the grid already: quantizing it again returns exactly the integers chosen above
         q = quantize(w.t().float().contiguous(), s, self.axis or 0, self.dtype, zp)
         self.qweight = q.clamp(-int(qmax), int(qmax)) if self.dtype == "int8" else q
@@ -313,7 +323,7 @@ class LinearQuant(Pass):
         groups: list[list[QuantLinear]] = [[]]
         used = 0
         for m in layers:
-            size = m._stored.shape[0] ** 2 * 8
+            size = m.in_features ** 2 * 8
             if groups[-1] and used + size > budget:
                 groups.append([])
                 used = 0

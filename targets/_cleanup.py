@@ -25,14 +25,16 @@ from onnx import numpy_helper
 __all__ = ["drop_softmax_nan_guards"]
 
 
-def _constants(graph: Any) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+def _constants(graph: Any) -> dict[str, Any]:
+    """Name → TensorProto of initializers and Constant nodes (decoded only when looked at: a large
+    model's weights are never copied to numpy for a check that reads a few scalars)."""
+    protos = {t.name: t for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    values[node.output[0]] = numpy_helper.to_array(a.t)
-    return values
+                    protos[node.output[0]] = a.t
+    return protos
 
 
 def drop_softmax_nan_guards(model: onnx.ModelProto) -> int:
@@ -49,8 +51,11 @@ def drop_softmax_nan_guards(model: onnx.ModelProto) -> int:
     outputs = {o.name for o in graph.output}
 
     def const(name: str) -> np.ndarray | None:
-        v = consts.get(name)
-        return v if v is not None and np.issubdtype(v.dtype, np.floating) else None
+        t = consts.get(name)
+        if t is None or t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                            onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16):
+            return None
+        return numpy_helper.to_array(t)
 
     def finite_mask_fill(add: Any) -> bool:
         for name in add.input:

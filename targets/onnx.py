@@ -46,7 +46,7 @@ from ._lowering import OPSET, translation_table
 
 IR_VERSION = 10  # onnxruntime 1.31 refuses IR 14 (what onnx.helper writes by default); 10 = opset 21 era
 FP8_SESSION_OPTION = ("session.disable_quant_qdq", "1")
-# ORT 1.31's level-2 rule ReluQuantRewrite drops a Relu feeding a QuantizeLinear whose zero point is
+# ORT's (1.31, 1.32) level-2 rule ReluQuantRewrite drops a Relu feeding a QuantizeLinear whose zero point is
 # the bottom of the quantized range; for FLOAT8E4M3FN (signed) that is false, Q(relu(x)) != Q(x) for
 # x < 0, so FP8 files are opened with it off (docs/deploy.md, found by the fuzzer).
 FP8_DISABLED_OPTIMIZERS = ("ReluQuantRewrite",)
