@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Literal
+from typing import Any, ClassVar, Iterable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +41,14 @@ from surgeon.analysis import GraphView
 from surgeon.calibration import RunningAmax
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
 from surgeon.quant import FP8_MAX, Quantizer, dequantize, quantize
+from surgeon.quant_dynamic import dynamic_int8_linear
 
 __all__ = ["LinearQuant", "QuantLinear", "QuantEmbedding", "PREFIX"]
 
 PREFIX = "surgeon_linear_quant_"
+OUTLIERS = "int8-dynamic-outliers"
+INT8_RUNGS = ("int8-static", "int8-dynamic", OUTLIERS)
+DEFAULT_LADDER = ("int8-static", "int8-dynamic", OUTLIERS, "keep")  # without a target profile
 INT8_WEIGHT_MAX = {True: 63.0, False: 127.0}  # reduce_range → 7-bit weights (see module docstring)
 
 
@@ -85,11 +89,16 @@ def _quantize_weight(w: Tensor, axis: int | None, dtype: str, reduce_range: bool
 class QuantLinear(nn.Module):
     """``dq(q(x)) ⊗ dq(W_q) + b`` for one layer; ``active=False`` computes the original layer exactly.
 
-    ``op``: ``linear`` (y = x Wᵀ + b, W_q stored as Wᵀ), ``matmul`` (y = x W), ``conv`` (F.convNd)."""
+    ``op``: ``linear`` (y = x Wᵀ + b, W_q stored as Wᵀ), ``matmul`` (y = x W), ``addmm`` (y = b + x W,
+    HF ``Conv1D``), ``conv`` (F.convNd).
+    ``rung`` selects the substitute while active: ``int8-static`` / ``fp8-static`` (calibrated
+    activation scale, SmoothQuant-scaled weight) or ``int8-dynamic`` (activation range computed at run
+    time per tensor, ``surgeon.quant_dynamic``; its own unsmoothed weight, so the file needs no
+    smoothing Mul). ``rungs`` lists those this layer can take, best first."""
 
     def __init__(self, op: str, weight: Tensor, bias: Tensor | None, *, dtype: str = "fp8",
                  granularity: str = "channel", method: str = "max", reduce_range: bool = True,
-                 conv: dict | None = None, name: str = "") -> None:
+                 conv: dict | None = None, name: str = "", rungs: tuple[str, ...] | None = None) -> None:
         super().__init__()
         self.op, self.dtype, self.conv = op, dtype, dict(conv or {})
         self.active: bool = True
@@ -101,8 +110,43 @@ class QuantLinear(nn.Module):
         self.reduce_range = reduce_range
         self.register_buffer("inv_smooth", None)
         self._smooth: Tensor | None = None  # SmoothQuant's s itself (1/inv_smooth would round differently)
+        self.rungs: tuple[str, ...] = rungs or (f"{dtype}-static",)
+        self.rung: str = self.rungs[0]
         self._set_weight(self._stored_weight())
         self.act = Quantizer(dtype=dtype, axis=None, method=method, name=name)
+        if "int8-dynamic" in self.rungs:
+            q, s, _ = _quantize_weight(self._stored_weight(smoothed=False), self.axis, "int8", reduce_range)
+            self.register_buffer("dqweight", q)
+            self.register_buffer("dwscale", s)
+        if OUTLIERS in self.rungs:
+            # input channels with outlying ranges (``set_outliers``) computed in float beside the
+            # integer product: x·W = (x⊙m)·W + x[:, o]·W[o, :], m = 0 on the outlier channels o
+            self.register_buffer("outlier_index", torch.zeros(0, dtype=torch.long))
+            self.register_buffer("outlier_weight", None)
+            self.register_buffer("inlier_mask", None)
+            self.register_buffer("oqweight", None)
+            self.register_buffer("owscale", None)
+
+    def _inlier_weight(self) -> Tensor:
+        stored = self._stored_weight(smoothed=False).clone()
+        stored[self.outlier_index] = 0  # those rows go to the float product: no part of the int8 scales
+        return stored
+
+    def set_outliers(self, index: Tensor) -> None:
+        """The input channels ``index`` computed in float on the ``int8-dynamic-outliers`` rung: a
+        per-tensor range set by one channel 10–20× wider than the rest costs every other channel
+        3–4 bits (MiniLM's FFN outputs: one channel at 18× the median range)."""
+        index = index.sort().values.to(torch.long)
+        mask = torch.ones(self.in_features, dtype=torch.float32)
+        mask[index] = 0.0
+        self.outlier_index, self.inlier_mask = index, mask
+        self.outlier_weight = self._stored_weight(smoothed=False)[index].to(torch.float32).contiguous()
+        self.oqweight, self.owscale, _ = _quantize_weight(self._inlier_weight(), self.axis, "int8", self.reduce_range)
+
+    @property
+    def outlier_count(self) -> int:
+        index = getattr(self, "outlier_index", None)
+        return 0 if index is None else int(index.numel())
 
     def _set_weight(self, stored: Tensor) -> None:
         q, s, zp = _quantize_weight(stored, self.axis, self.dtype, self.reduce_range)
@@ -112,20 +156,38 @@ class QuantLinear(nn.Module):
 
     @property
     def smoothable(self) -> bool:
-        return self.op in ("linear", "matmul")
+        return self.op in ("linear", "matmul", "addmm")
 
-    def _stored_weight(self) -> Tensor:
+    @property
+    def static(self) -> bool:
+        """Whether the active substitute uses the calibrated activation quantizer."""
+        return not self.rung.startswith("int8-dynamic")
+
+    def _stored_weight(self, smoothed: bool = True) -> Tensor:
         """The float weight in the stored layout (Wᵀ for a linear), diag(s)-scaled once smoothed;
         computed when needed rather than kept, so a layer holds no second float copy of its weight."""
         w = self.weight.detach()
         stored = w.t() if self.op == "linear" else w
-        if self._smooth is not None:
+        if smoothed and self._smooth is not None:
             stored = stored.float() * self._smooth.to(stored)[:, None]
         return stored.contiguous()
 
     @property
     def in_features(self) -> int:
         return int(self.weight.shape[1] if self.op == "linear" else self.weight.shape[0])
+
+    def weight_bytes_saved(self) -> int:
+        """fp32 weight bytes the substitute does not store (4 → 1 byte per weight)."""
+        return 3 * self.weight.numel()
+
+    def benefit(self, rung: str, base: dict[str, float]) -> dict[str, float]:
+        """``base`` (the whole layer in 8 bits) less what the outlier rung keeps in float: k weight
+        rows stored twice (int8 zeros and float) and their k/in share of the multiply-adds."""
+        if rung != OUTLIERS or not self.outlier_count:
+            return dict(base)
+        k, n = self.outlier_count, self.weight.numel() // self.in_features
+        share = 1.0 - k / self.in_features
+        return {"weight_bytes": float(base["weight_bytes"] - 4 * k * n), "macs": float(base["macs"] * share)}
 
     def input_channel_amax(self) -> Tensor:
         """max |W| over outputs, per input channel (the weight side of the smoothing balance)."""
@@ -140,21 +202,35 @@ class QuantLinear(nn.Module):
         self.inv_smooth = (1.0 / self._smooth).to(torch.float32)
 
     def round_with(self, h: Tensor, damp: float) -> None:
-        """Re-round the stored weight by GPTQ (surgeon/_gptq.py) for inputs whose second moments are
-        ``h`` = E[x̃ᵀx̃] (x̃ the smoothed input). Scales and layout stay; only grid points move."""
-        s, zp = self.wscale, self.wzero
+        """Re-round the stored weights by GPTQ (surgeon/_gptq.py) for inputs whose second moments are
+        ``h`` = E[x̃ᵀx̃] (x̃ the smoothed input). Scales and layout stay; only grid points move. The
+        dynamic rung's weight sees the unsmoothed x = x̃·diag(s), so its moments are diag(s)·h·diag(s)."""
+        if f"{self.dtype}-static" in self.rungs:
+            self.qweight = self._gptq(self._stored_weight(), self.wscale, self.dtype, h, damp)
+        if hasattr(self, "dqweight"):
+            s = self._smooth
+            h_x = h if s is None else h * (s.double()[:, None] * s.double()[None, :])
+            self.dqweight = self._gptq(self._stored_weight(smoothed=False), self.dwscale, "int8", h_x, damp)
+            if self.outlier_count:
+                h_o = h_x.clone()  # the outlier inputs are zero in the integer product
+                h_o[self.outlier_index, :] = 0
+                h_o[:, self.outlier_index] = 0
+                self.oqweight = self._gptq(self._inlier_weight(), self.owscale, "int8", h_o, damp)
+
+    def _gptq(self, stored: Tensor, s: Tensor, dtype: str, h: Tensor, damp: float) -> Tensor:
         qmax = INT8_WEIGHT_MAX[self.reduce_range]
         s64 = s.double()
 
         def round_column(col: Tensor) -> Tensor:  # one input channel: a [out] vector, scale per out
-            if self.dtype == "int8":  # the custom op's rounding (half to even), inline: called per column
+            if dtype == "int8":  # the custom op's rounding (half to even), inline: called per column
                 return torch.round(col / s64).clamp(-qmax, qmax) * s64
             return dequantize(quantize(col.float(), s, 0, "fp8"), s, 0).double()
 
-        w = gptq_round(self._stored_weight().t(), h, round_column, damp)
+        w = gptq_round(stored.t(), h, round_column, damp)
         # w is on the grid already: quantizing it again returns exactly the integers chosen above
-        q = quantize(w.t().float().contiguous(), s, self.axis or 0, self.dtype, zp)
-        self.qweight = q.clamp(-int(qmax), int(qmax)) if self.dtype == "int8" else q
+        zp = torch.zeros_like(s, dtype=torch.int8) if dtype == "int8" else None
+        q = quantize(w.t().float().contiguous(), s, self.axis or 0, dtype, zp)
+        return q.clamp(-int(qmax), int(qmax)) if dtype == "int8" else q
 
     def _smoothed(self, x: Tensor) -> Tensor:
         return x if self.inv_smooth is None else x * self.inv_smooth
@@ -165,7 +241,7 @@ class QuantLinear(nn.Module):
     def _apply_op(self, x: Tensor, w: Tensor, transposed: bool) -> Tensor:
         if self.op == "linear":
             y = torch.matmul(x, w) if transposed else F.linear(x, w)
-        elif self.op == "matmul":
+        elif self.op in ("matmul", "addmm"):
             y = torch.matmul(x, w)
         else:
             conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
@@ -180,12 +256,20 @@ class QuantLinear(nn.Module):
             if self.active:
                 self.act(self._smoothed(x))  # statistics of the float model's (smoothed) activation
             return self._exact(x)
+        if self.rung == "int8-dynamic":
+            return dynamic_int8_linear(x, self.dqweight, self.dwscale, self.bias)
+        if self.rung == OUTLIERS:
+            if not self.outlier_count:  # no outlier found: the same as int8-dynamic
+                return dynamic_int8_linear(x, self.dqweight, self.dwscale, self.bias)
+            y = dynamic_int8_linear(x * self.inlier_mask, self.oqweight, self.owscale, self.bias)
+            return y + torch.matmul(x.index_select(-1, self.outlier_index), self.outlier_weight)
         return self._apply_op(self.act(self._smoothed(x)), self.dequantized_weight(), transposed=self.op == "linear")
 
     def extra_repr(self) -> str:
         gran = "tensor" if self.axis is None else f"channel(axis={self.axis})"
-        return f"op={self.op}, dtype={self.dtype}, weight={tuple(self.weight.shape)}, granularity={gran}" + (
-            "" if self.active else ", active=False")
+        return (f"op={self.op}, dtype={self.dtype}, weight={tuple(self.weight.shape)}, granularity={gran}, "
+                f"rung={self.rung}" + (f", float channels={self.outlier_count}" if self.outlier_count else "")
+                + ("" if self.active else ", active=False"))
 
 
 class QuantEmbedding(nn.Module):
@@ -272,7 +356,14 @@ class LinearQuant(Pass):
     granularity: Literal["channel", "tensor"] = "channel"
     method: Literal["max", "percentile", "mse"] = "mse"  # activation clip; mse beat max and percentile on MiniLM
     embeddings: bool = True  # weight-only quantization of tables no linear owns (the word embeddings)
-    reduce_range: bool = True  # int8 only: 7-bit weights, exact on AVX2 u8·s8 kernels
+    # int8: 7-bit weights (exact on AVX2 u8·s8 kernels); None → the target profile's weight bits (7 without one)
+    reduce_range: Optional[bool] = None
+    # int8 activations: auto → the target profile's ladder (static, then dynamic); or only one of them
+    activations: Literal["auto", "static", "dynamic"] = "auto"
+    # int8-dynamic-outliers rung: input channels whose calibrated max |x| is over outliers × the median
+    # channel's are computed in float (at most max_outliers of the channels; 0 = no such rung)
+    outliers: float = 8.0
+    max_outliers: float = 0.02
     min_table: int = 1024  # smaller tables are not worth a Q/DQ pair
     smooth: float = 0.8  # SmoothQuant migration strength α (0 = off), fitted on the fit batches
     rounding: Literal["nearest", "gptq"] = "gptq"  # weight rounding (linear / matmul; convs: nearest)
@@ -294,6 +385,33 @@ class LinearQuant(Pass):
             raise ValueError(f"damp must be > 0, got {self.damp}")
         if self.hessian_mb < 1:
             raise ValueError(f"hessian_mb must be ≥ 1, got {self.hessian_mb}")
+        if self.outliers < 0 or not 0 <= self.max_outliers < 1:
+            raise ValueError(f"outliers must be ≥ 0 and max_outliers in [0, 1), got {self.outliers}, {self.max_outliers}")
+        if self.activations not in ("auto", "static", "dynamic"):
+            raise ValueError(f"activations must be auto, static or dynamic, got {self.activations}")
+        if self.dtype == "fp8" and self.activations == "dynamic":
+            raise ValueError("activations=dynamic needs dtype=int8 (dynamic quantization is uint8 in ONNX)")
+
+    # -- what the target runs -----------------------------------------------------------------------
+    def _reduce_range(self, profile: Any) -> bool:
+        if self.reduce_range is not None:
+            return self.reduce_range
+        return getattr(profile, "int8_weight_bits", 7) < 8
+
+    def _rungs(self, op: str, profile: Any) -> tuple[str, ...]:
+        """The substitutes a layer may take, best first (the guard steps down them before keeping it)."""
+        if self.dtype == "fp8":
+            return ("fp8-static",)
+        ladder = tuple(profile.formats("linear")) if profile is not None else DEFAULT_LADDER
+        if self.activations == "static":
+            ladder = tuple(r for r in ladder if r == "int8-static") or ("int8-static",)
+        elif self.activations == "dynamic":
+            ladder = tuple(r for r in ladder if r.startswith("int8-dynamic")) or ("int8-dynamic",)
+        if self.outliers == 0 or self.max_outliers == 0:
+            ladder = tuple(r for r in ladder if r != OUTLIERS)
+        if op == "conv":  # the dynamic ops are a matmul: a conv keeps its calibrated scale
+            ladder = tuple(r for r in ladder if r == "int8-static") or ("int8-static",)
+        return tuple(r for r in ladder if r in INT8_RUNGS) or ("int8-static",)
 
     # -- fitting ----------------------------------------------------------------------------------
     def fit(self, gm: fx.GraphModule, ctx: PassContext, batches: Iterable[Any]) -> None:
@@ -311,8 +429,20 @@ class LinearQuant(Pass):
         if not layers:
             return
         batches = list(batches)
-        if self.smooth > 0:
-            self._smooth(gm, layers, batches)
+        split = [m for m in layers if OUTLIERS in m.rungs]
+        if split:
+            self._outliers(gm, split, batches)
+            for record in ctx.records.values():  # a layer without outliers: that rung is int8-dynamic's twin
+                if record.pass_name == self.name and OUTLIERS in record.rungs:
+                    m = gm.get_submodule(record.submodules[0])
+                    if isinstance(m, QuantLinear) and not m.outlier_count:
+                        record.rungs = tuple(r for r in record.rungs if r != OUTLIERS)
+                        record.benefit.pop(OUTLIERS, None)
+                    elif isinstance(m, QuantLinear):
+                        record.benefit[OUTLIERS] = m.benefit(OUTLIERS, record.benefit[OUTLIERS])
+        static = [m for m in layers if f"{m.dtype}-static" in m.rungs]  # smoothing serves the static scale only
+        if self.smooth > 0 and static:
+            self._smooth(gm, static, batches)
         if self.rounding == "gptq":
             self._gptq(gm, layers, batches)
 
@@ -345,6 +475,28 @@ class LinearQuant(Pass):
                 h, n = stats.pop(id(m))
                 if h is not None and n:
                     m.round_with(h / n, self.damp)
+
+    def _outliers(self, gm: fx.GraphModule, layers: list[QuantLinear], batches: list[Any]) -> None:
+        amax: dict[int, RunningAmax] = {id(m): RunningAmax(0) for m in layers}
+
+        def record(m: nn.Module, args: tuple) -> None:
+            x = args[0]
+            amax[id(m)].update(x.detach().reshape(-1, x.shape[-1]).t())
+
+        saved = [(m, m.active) for m in layers]
+        for m in layers:
+            m.active = False  # the float model's inputs
+        _run_with_input_hook(gm, layers, record, batches)
+        for m, active in saved:
+            m.active = active
+            a = amax[id(m)].value
+            if a is None or not bool(torch.isfinite(a).all()):
+                continue
+            limit = max(int(self.max_outliers * a.numel()), 1)
+            ratio = a / a.median().clamp_min(1e-12)
+            over = torch.nonzero(ratio > self.outliers).flatten()
+            if over.numel():
+                m.set_outliers(over[ratio[over].argsort(descending=True)][:limit])
 
     def _smooth(self, gm: fx.GraphModule, layers: list[QuantLinear], batches: list[Any]) -> None:
         amax: dict[int, RunningAmax] = {id(m): RunningAmax(0) for m in layers}
@@ -403,6 +555,18 @@ class LinearQuant(Pass):
             if isinstance(b, fx.Node) and bt is None:
                 return "bias is not a constant"
             return "linear", x, wt, bt, {}
+        if op == "addmm" and name == "addmm":  # HF Conv1D (GPT-2): bias + x·W with W [in, out]
+            b, a, w = node.args[0], node.args[1], node.args[2]
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                return "addmm with alpha or beta other than 1"
+            wt, bt = view.constant(w), view.constant(b)
+            if wt is None:
+                if view.constant(a) is not None:
+                    return "the constant is the left operand (W·x): only x·W is quantized"
+                return "weight is not a constant (computed at run time)"
+            if bt is None:
+                return "bias is not a constant"
+            return "addmm", a, wt, bt, {}
         if op in ("matmul", "mm") and name in ("matmul", "mm"):
             a, w = node.args[0], node.args[1]
             wt = view.constant(w)
@@ -413,6 +577,8 @@ class LinearQuant(Pass):
             if wt.dim() != 2:
                 return f"matmul weight has {wt.dim()} dims (2 expected)"
             return "matmul", a, wt, None, {}
+        if op in ("bmm", "einsum") and any(view.constant(a) is not None for a in node.args if isinstance(a, fx.Node)):
+            return f"{op} with a constant operand is not lowered by this pass (only linear, matmul x·W, addmm, conv)"
         if op == "conv" and name in ("conv1d", "conv2d", "conv3d", "convolution"):
             x, w = node.args[0], node.args[1]
             wt = view.constant(w)
@@ -468,12 +634,19 @@ class LinearQuant(Pass):
             if not ctx.wants(site):
                 continue
             sub = new_name(module or node.name)
+            profile = getattr(ctx, "profile", None)
+            rungs = self._rungs(op, profile)
             layer = QuantLinear(op, w, b, dtype=self.dtype, granularity=self.granularity, method=self.method,
-                                reduce_range=self.reduce_range, conv=conv, name=sub)
-            _swap(gm, ctx, node, sub, layer, x, SiteRecord(site, "linear", module, self.name, [sub]))
+                                reduce_range=self._reduce_range(profile), conv=conv, name=sub, rungs=rungs)
+            benefit = {"weight_bytes": float(layer.weight_bytes_saved()), "macs": float(_macs(node, w, op))}
+            record = SiteRecord(site, "linear", module, self.name, [sub], rungs=rungs,
+                                benefit={r: dict(benefit) for r in rungs})
+            _swap(gm, ctx, node, sub, layer, x, record)
             shape = "x".join(map(str, w.shape))
+            bits = 7 if layer.reduce_range and self.dtype == "int8" else 8
             diags.append(Diagnostic(self.name, site, "applied", f"{self.dtype} {op} weight[{shape}] "
-                                    f"{self.granularity}, activation per tensor ({self.method})", module, "linear"))
+                                    f"{self.granularity} ({bits}-bit), activation per tensor: "
+                                    f"{' → '.join(rungs)} ({self.method} clip where static)", module, "linear"))
             modified = True
 
         if self.embeddings:
@@ -513,12 +686,25 @@ class LinearQuant(Pass):
             if not ctx.wants(site):
                 continue
             sub = new_name(module or node.name)
+            rung = f"{self.dtype}-weight-only"
             _swap(gm, ctx, node, sub, QuantEmbedding(table, pad, self.dtype), ids,
-                  SiteRecord(site, "embedding", module, self.name, [sub]))
+                  SiteRecord(site, "embedding", module, self.name, [sub], rungs=(rung,),
+                             benefit={rung: {"weight_bytes": 3.0 * table.numel(), "macs": 0.0}}))
             diags.append(Diagnostic(self.name, site, "applied", f"{self.dtype} weight-only table[{'x'.join(map(str, table.shape))}]",
                                     module, "embedding"))
             modified = True
         return modified
+
+
+def _macs(node: fx.Node, w: Tensor, op: str) -> int:
+    """Multiply-adds per sample the layer moves to 8 bits: output elements per sample × inputs per
+    output (w.numel() / output channels); 0 when the output shape was not recorded."""
+    val = node.meta.get("val")
+    if not isinstance(val, Tensor) or val.dim() == 0:
+        return 0
+    per_sample = val.numel() // max(int(val.shape[0]), 1) if val.dim() > 1 else val.numel()
+    out_channels = w.shape[0] if op in ("linear", "conv") else w.shape[-1]
+    return int(per_sample * (w.numel() // max(int(out_channels), 1)))
 
 
 def _drop_dead_constants(gm: fx.GraphModule) -> None:

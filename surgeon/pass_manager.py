@@ -68,6 +68,12 @@ class SiteRecord:
     submodules: list[str]
     probe: str | None = None  # name of the node whose value is the site's output (for per-site error)
     reference: str | None = None  # name of the corresponding node in the original graph
+    # The substitutes the site can take, best first (its ladder without the final "keep"); the
+    # guard steps a site down it before rolling it back. Empty: one substitute, on or off.
+    rungs: tuple[str, ...] = ()
+    # What each rung buys, by rung: {"weight_bytes": fp32 bytes not stored, "macs": multiply-adds per
+    # sample moved to 8 bits}. The guard keeps what pays most per unit of error.
+    benefit: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -243,6 +249,16 @@ class PassManager:
             diags += result.diagnostics
             ctx.history.append(p.name)
         return gm, ctx, diags
+
+
+def set_site_rung(gm: nn.Module, record: SiteRecord, rung: str | None) -> None:
+    """Put a site on one of its rungs (``None`` or ``"keep"``: the exact computation)."""
+    keep = rung is None or rung == "keep"
+    for name in record.submodules:
+        module = gm.get_submodule(name)
+        module.active = not keep
+        if not keep and hasattr(module, "rung"):
+            module.rung = rung
 
 
 def set_site_active(gm: nn.Module, record: SiteRecord, active: bool) -> None:

@@ -85,11 +85,25 @@ def _is_uint8(v: Any) -> bool:
     return dtype == ir.DataType.UINT8
 
 
+def dynamic_quantize_uint8(x: Any) -> Any:
+    q, scale, zero_point = op.DynamicQuantizeLinear(x)
+    return q, scale, zero_point
+
+
+def matmul_integer_to_float(q: Any, zero_point: Any, scale: Any, w: Any, w_scale: Any, bias: Any = None) -> Any:
+    # The shape ORT's quantize_dynamic writes (MatMulInteger → Cast → Mul by scale·w_scale → Add):
+    # ORT's x86 fusions turn it into DynamicQuantizeMatMul / MatMulIntegerToFloat.
+    acc = op.MatMulInteger(q, w, zero_point)
+    y = op.Mul(op.Cast(acc, to=onnx.TensorProto.FLOAT), op.Mul(scale, w_scale))
+    return y if bias is None else op.Add(y, bias)
+
+
 def translation_table() -> dict[Callable, Callable]:
     """The custom-op → onnxscript table for ``torch.onnx.export`` (imports surgeon.quant's ops)."""
     import torch
 
     import surgeon.quant  # noqa: F401 - registers torch.ops.surgeon.*
+    import surgeon.quant_dynamic  # noqa: F401
 
     ops = torch.ops.surgeon
     return {
@@ -97,4 +111,6 @@ def translation_table() -> dict[Callable, Callable]:
         ops.dequantize_fp8.default: dequantize_fp8,
         ops.quantize_int8.default: quantize_int8,
         ops.dequantize_int8.default: dequantize_int8,
+        ops.dynamic_quantize_uint8.default: dynamic_quantize_uint8,
+        ops.matmul_integer_to_float.default: matmul_integer_to_float,
     }
