@@ -46,7 +46,8 @@ from . import __version__
 from ._inputs import Inputs, as_args_kwargs, call, describe
 from .capture import auto_dynamic_shapes
 from .errors import SurgeonError, ToleranceNotMet
-from .pass_manager import Diagnostic, Pass, PassContext, PassManager, parse_pipeline, set_site_active
+from .pass_manager import (Diagnostic, Pass, PassContext, PassManager, parse_pipeline, set_site_active,
+                           set_site_rung)
 from .verify import GuardResult, Metric, guard, measure_model, parse_tolerance
 
 DEFAULT_PASSES = "attention-fp8"
@@ -272,8 +273,10 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, leaf, module)
 
 
-def rebuild(gm0: fx.GraphModule, applied: Applied, kept: Sequence[str]) -> tuple[fx.GraphModule, PassContext]:
-    """A fresh copy of ``gm0`` with only the ``kept`` sites substituted, carrying their fitted state.
+def rebuild(gm0: fx.GraphModule, applied: Applied, kept: Sequence[str],
+            rungs: Mapping[str, str] | None = None) -> tuple[fx.GraphModule, PassContext]:
+    """A fresh copy of ``gm0`` with only the ``kept`` sites substituted, carrying their fitted state,
+    each on the rung the guard chose (``rungs``: site → rung; absent → its first rung).
 
     State is copied site by site through the ``SiteRecord``s (the i-th submodule of a site's record in
     the fitted graph → the i-th of the same site in the rebuilt one): a pass may number its submodules
@@ -305,7 +308,10 @@ def rebuild(gm0: fx.GraphModule, applied: Applied, kept: Sequence[str]) -> tuple
             raise RuntimeError(f"calibratable '{name}' of the rebuilt model has no fitted counterpart")
         _set_submodule(final, name, copy.deepcopy(source))
     for record in ctx.records.values():
-        set_site_active(final, record, True)
+        if record.rungs:
+            set_site_rung(final, record, (rungs or {}).get(record.site, record.rungs[0]))
+        else:
+            set_site_active(final, record, True)
     for _, module in calibratables(final):
         module.mode = "quant"
     final.recompile()
@@ -601,7 +607,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     timings["verify"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    final, rctx = rebuild(gm0, applied, verdict.kept)
+    final, rctx = rebuild(gm0, applied, verdict.kept, verdict.rungs)
     final.eval()
     figures = measure_model(gm0, final, check_local, metric)
     with torch.no_grad():

@@ -50,9 +50,19 @@ def site_entries(guard: GuardResult, diagnostics: Iterable[Diagnostic], variants
         entry = {"id": r.site, "kind": r.kind, "module": r.module, "variant": variants.get(r.site),
                  "pass": r.pass_name, "status": c.status, "metrics": dict(c.metrics),
                  "solo_end_to_end": c.solo.to_json()}
+        if c.ladder:
+            # the rung it ended on, its ladder, and its solo figures on each rung (rung → cosine mean, ...)
+            entry["rung"] = c.rung
+            entry["ladder"] = list(c.ladder)
+            if len(c.solo_rungs) > 1:
+                entry["solo_end_to_end_by_rung"] = {k: v.to_json() for k, v in c.solo_rungs.items()}
+            if r.benefit:
+                entry["benefit"] = dict(r.benefit.get(c.rung, next(iter(r.benefit.values()))))
         if c.status == "rolled_back":
             entry["reason"] = c.reason
             entry["rollback"] = dict(c.cause)
+        elif c.reason:
+            entry["reason"] = c.reason  # the rungs it stepped down and why
         sites.append(entry)
     by_id = {e["id"]: e for e in sites}
     for chk in checks:

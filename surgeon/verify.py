@@ -37,7 +37,7 @@ from torch.utils import _pytree as pytree
 
 from ._inputs import Inputs, as_args_kwargs, call, tensors_of
 from .errors import SurgeonError
-from .pass_manager import SiteRecord, set_site_active
+from .pass_manager import SiteRecord, set_site_active, set_site_rung
 
 Metric = Callable[[Any, Any], float]
 
@@ -392,16 +392,23 @@ def run_tapped(gm: fx.GraphModule, inputs: Inputs, names: Iterable[str]) -> tupl
 # --------------------------------------------------------------------------------------------------
 # the guard
 # --------------------------------------------------------------------------------------------------
+KEEP = "keep"  # the last rung of every ladder: the site computes exactly what the original computed
+
+
 @dataclass
 class SiteCheck:
     """What the guard measured and decided for one substituted site."""
 
     record: SiteRecord
     metrics: dict[str, float | None]
-    solo: Figures
+    solo: Figures  # the model output with only this site on, at its first rung
     status: str = "applied"  # "applied" | "rolled_back"
     reason: str = ""
     cause: dict[str, Any] = field(default_factory=dict)  # the figure that caused a rollback
+    rung: str = ""  # the rung it ended on ("keep" when rolled back)
+    ladder: tuple[str, ...] = ()  # its rungs, best first, ending in "keep"
+    solo_rungs: dict[str, Figures] = field(default_factory=dict)  # solo figures at each rung
+    steps: list[str] = field(default_factory=list)  # why it left each rung it left
 
 
 @dataclass
@@ -417,11 +424,46 @@ class GuardResult:
     steps: list[dict] = field(default_factory=list)  # configuration after each rollback and its figures
     batches: int = 0
     samples: int = 0
+    rungs: dict[str, str] = field(default_factory=dict)  # kept site → the rung it is on
 
 
-def _configure(gm: fx.GraphModule, records: Sequence[SiteRecord], active: set[str]) -> None:
+def ladder(record: SiteRecord) -> tuple[str, ...]:
+    """A site's rungs, best first, ending in ``keep`` (a single-substitute site: ``("on", "keep")``)."""
+    return (*(record.rungs or ("on",)), KEEP)
+
+
+def _configure(gm: fx.GraphModule, records: Sequence[SiteRecord], active: "set[str] | dict[str, str]") -> None:
+    """Sites in ``active`` on (a set: at their first rung; a dict: at the rung named), the others exact."""
     for r in records:
-        set_site_active(gm, r, r.site in active)
+        rung = active.get(r.site, KEEP) if isinstance(active, dict) else (ladder(r)[0] if r.site in active else KEEP)
+        if r.rungs:
+            set_site_rung(gm, r, rung)
+        else:
+            set_site_active(gm, r, rung != KEEP)
+
+
+class _Benefit:
+    """What a site's rung buys, as one number: its share of all weight bytes saved plus its share of
+    all multiply-adds moved to 8 bits (each share in [0, 1]). Sites that declare no benefit count as
+    the mean of those that do (and as 1 when none does: then the order is by error alone)."""
+
+    def __init__(self, records: Sequence[SiteRecord]) -> None:
+        self.records = {r.site: r for r in records}
+        keys = ("weight_bytes", "macs")
+        first = [r.benefit.get(ladder(r)[0], {}) for r in records]
+        self.totals = {k: sum(float(b.get(k, 0.0)) for b in first) for k in keys}
+        known = [self._raw(r, ladder(r)[0]) for r in records if r.benefit]
+        self.default = (sum(known) / len(known)) if known else 1.0
+
+    def _raw(self, r: SiteRecord, rung: str) -> float:
+        b = r.benefit.get(rung, {})
+        return sum(float(b.get(k, 0.0)) / t for k, t in self.totals.items() if t > 0)
+
+    def __call__(self, site: str, rung: str) -> float:
+        if rung == KEEP:
+            return 0.0
+        r = self.records[site]
+        return self._raw(r, rung) if r.benefit else self.default
 
 
 class _Progress:
@@ -456,10 +498,12 @@ class _Progress:
             self.bar.__exit__(*exc)
 
 
-def measure_config(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord], active: set[str],
+def measure_config(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord],
+                   active: "set[str] | dict[str, str]",
                    check: Sequence[Inputs], metric: Metric | None = None, progress: _Progress | None = None,
                    *, distributed: bool | None = None) -> Figures:
-    """End-to-end figures of ``gm`` with the sites in ``active`` on (others exact) against ``gm0``."""
+    """End-to-end figures of ``gm`` with the sites in ``active`` on (others exact) against ``gm0``;
+    ``active`` a set (first rungs) or a dict site → rung."""
     _configure(gm, records, active)
     acc = _EndToEnd(metric)
     with torch.no_grad():
@@ -497,82 +541,146 @@ def _fmt(v: float | None) -> str:
 def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord], check: Sequence[Inputs],
           tolerance: Tolerance, metric: Metric | None = None, *, progress: bool = False,
           distributed: bool | None = None) -> GuardResult:
-    """Measure every site of ``gm`` against ``gm0`` on ``check``, roll back until ``tolerance`` holds.
+    """Measure every site of ``gm`` against ``gm0`` on ``check``, step sites down their ladders until
+    ``tolerance`` holds.
 
-    ``gm`` is left with the kept sites on and the others off. Under a process group ``check`` is this
-    rank's share (possibly empty) and the figures are combined over the ranks (module docstring)."""
+    Every site starts on its first rung. While the configuration violates the tolerance, the move
+    taken is the one with the most error removed per unit of benefit given up: for each site on a
+    rung and each lower rung of its ladder (``keep`` last), gain = solo error at the current rung −
+    solo error at the lower one (for the first violated criterion; 0 for ``keep``), cost = benefit
+    lost (``_Benefit``). A move that keeps the benefit (an INT8 layer going from a static to a
+    dynamic activation scale) costs nothing and goes first. When no move has a positive gain, the
+    site with the worst solo error goes to ``keep`` (interactions the solo figures cannot see).
+
+    ``gm`` is left with the kept sites on their rungs and the others off. Under a process group
+    ``check`` is this rank's share (possibly empty) and the figures are combined over the ranks."""
     records = list(records)
+    by_site = {r.site: r for r in records}
     n_check = _total(len(check), distributed)
     if not n_check:
         raise SurgeonError("no check batches to verify on")
     site_stats = {r.site: PairStats() for r in records}
-    solo_acc = {r.site: _EndToEnd(metric) for r in records}
+    solo_acc = {(r.site, rung): _EndToEnd(metric) for r in records for rung in ladder(r)[:-1]}
     all_acc = _EndToEnd(metric)
+    exact_acc = _EndToEnd(metric)  # the original against itself: the figures of "no error"
     refs = [r.reference for r in records if r.probe and r.reference]
     samples = 0
     with _Progress(progress, "verifying") as bar, torch.no_grad():
-        bar.add(len(check) * (len(records) + 2))
+        bar.add(len(check) * (len(solo_acc) + 2))
         for batch in check:
             ref_out, ref_vals = run_tapped(gm0, batch, refs)
+            exact_acc.update(ref_out, ref_out)
             bar.advance()
             for r in records:
-                _configure(gm, records, {r.site})
-                out, vals = run_tapped(gm, batch, [r.probe] if (r.probe and r.reference) else [])
-                if r.probe in vals and r.reference in ref_vals:
-                    a, b = _first_float(ref_vals[r.reference]), _first_float(vals[r.probe])
-                    if a is not None and b is not None:
-                        site_stats[r.site].update(a, b)
-                solo_acc[r.site].update(ref_out, out)
-                bar.advance()
+                for i, rung in enumerate(ladder(r)[:-1]):
+                    _configure(gm, records, {r.site: rung})
+                    tap = [r.probe] if (i == 0 and r.probe and r.reference) else []
+                    out, vals = run_tapped(gm, batch, tap)
+                    if r.probe in vals and r.reference in ref_vals:
+                        a, b = _first_float(ref_vals[r.reference]), _first_float(vals[r.probe])
+                        if a is not None and b is not None:
+                            site_stats[r.site].update(a, b)
+                    solo_acc[(r.site, rung)].update(ref_out, out)
+                    bar.advance()
             _configure(gm, records, {r.site for r in records})
             all_out = call(gm, batch)
             all_acc.update(ref_out, all_out)
             first = _first_float(ref_out)
             samples += int(first.shape[0]) if first is not None and first.dim() >= 2 else 1
             bar.advance()
-        _combine([*site_stats.values(), *solo_acc.values(), all_acc], distributed)
+        _combine([*site_stats.values(), *solo_acc.values(), all_acc, exact_acc], distributed)
         samples = _total(samples, distributed)
 
-        checks = {r.site: SiteCheck(r, site_stats[r.site].site_metrics(), solo_acc[r.site].figures())
+        checks = {r.site: SiteCheck(r, site_stats[r.site].site_metrics(), solo_acc[(r.site, ladder(r)[0])].figures(),
+                                    rung=ladder(r)[0], ladder=ladder(r),
+                                    solo_rungs={rung: solo_acc[(r.site, rung)].figures() for rung in ladder(r)[:-1]})
                   for r in records}
+        exact = exact_acc.figures()
+        benefit = _Benefit(records)
         all_fig = all_acc.figures()
-        kept = [r.site for r in records]
+        config = {r.site: ladder(r)[0] for r in records}
         fig = all_fig
-        configs: list[tuple[list[str], Figures]] = [(list(kept), fig)]
-        steps: list[dict] = [{"kept": list(kept), "end_to_end": fig.to_json(), "rolled_back": None}]
-        while kept and (bad := tolerance.violations(fig)):
+        configs: list[tuple[dict[str, str], Figures]] = [(dict(config), fig)]
+        steps: list[dict] = [{"kept": list(config), "rungs": dict(config), "end_to_end": fig.to_json(),
+                              "rolled_back": None}]
+
+        def loss(site: str, rung: str, criterion: str) -> float:
+            """Solo error of ``site`` on ``rung`` for ``criterion`` (0 for keep; NaN counts as worst)."""
+            if rung == KEEP:
+                return 0.0
+            value = _oriented(criterion, checks[site].solo_rungs[rung].get(criterion))
+            base = _oriented(criterion, exact.get(criterion) if criterion == "metric" else
+                             (0.0 if criterion == "max_rel_err" else 1.0))
+            return math.inf if value == -math.inf else max(base - value, 0.0)
+
+        while config and (bad := tolerance.violations(fig)):
             criterion = bad[0]
-            worst = min(kept, key=lambda s: _oriented(criterion, checks[s].solo.get(criterion)))
-            solo_value = checks[worst].solo.get(criterion)
-            now = fig.get(criterion)
-            bound = tolerance.bounds()[criterion]
+            best: tuple[float, float, str, str] | None = None  # (priority, gain, site, to)
+            for site, rung in config.items():
+                lad = checks[site].ladder
+                here = loss(site, rung, criterion)
+                for lower in lad[lad.index(rung) + 1:]:
+                    gain = here - loss(site, lower, criterion)
+                    if not gain > 0:
+                        continue
+                    cost = benefit(site, rung) - benefit(site, lower)
+                    priority = gain / max(cost, 1e-9 * max(benefit(site, rung), 1e-12))
+                    if best is None or (priority, gain) > best[:2]:
+                        best = (priority, gain, site, lower)
+            if best is None:  # the solo figures do not explain it: the worst site goes
+                site = max(config, key=lambda s: loss(s, config[s], criterion))
+                to, why = KEEP, "no single step removes error by the solo figures; the worst of those on"
+            else:
+                _, gain, site, to = best
+                why = (f"the most error removed per benefit given up ({criterion} gain {gain:.3g} for "
+                       f"{benefit(site, config[site]) - benefit(site, to):.3g} of the benefit)")
+            now, bound = fig.get(criterion), tolerance.bounds()[criterion]
             cmp = "<" if CRITERIA[criterion] else ">"
-            c = checks[worst]
-            c.status = "rolled_back"
-            c.reason = (f"end-to-end {criterion} {_fmt(now)} {cmp} {bound:g} with {len(kept)} site(s) on; "
-                        f"with only this site on {criterion} is {_fmt(solo_value)}, the worst of those kept")
-            c.cause = {"criterion": criterion, "solo": solo_value, "end_to_end": now, "bound": bound,
-                       "sites_on": len(kept)}
-            kept.remove(worst)
-            bar.add(len(check), f"verifying ({len(kept)} site(s) on)")
-            fig = measure_config(gm0, gm, records, set(kept), check, metric, bar, distributed=distributed)
-            configs.append((list(kept), fig))
-            steps.append({"kept": list(kept), "end_to_end": fig.to_json(), "rolled_back": worst})
+            c = checks[site]
+            solo_value = c.solo_rungs[config[site]].get(criterion)
+            text = (f"end-to-end {criterion} {_fmt(now)} {cmp} {bound:g} with {len(config)} site(s) on; "
+                    f"with only this site on {criterion} is {_fmt(solo_value)}")
+            worst = max(config, key=lambda s: loss(s, config[s], criterion))
+            if to == KEEP:
+                c.status, c.rung = "rolled_back", KEEP
+                c.reason = text + (", the worst of those kept" if best is None or worst == site
+                                   else f"; rolled back before worse sites: {why}")
+                c.cause = {"criterion": criterion, "solo": solo_value, "end_to_end": now, "bound": bound,
+                           "sites_on": len(config)}
+                del config[site]
+            else:
+                c.steps.append(f"{config[site]} → {to}: {text}; {why}")
+                c.rung = config[site] = to
+            bar.add(len(check), f"verifying ({len(config)} site(s) on)")
+            fig = measure_config(gm0, gm, records, dict(config), check, metric, bar, distributed=distributed)
+            configs.append((dict(config), fig))
+            steps.append({"kept": list(config), "rungs": dict(config), "end_to_end": fig.to_json(),
+                          "rolled_back": site if to == KEEP else None,
+                          "stepped": None if to == KEEP else {"site": site, "to": to}})
 
     met = not tolerance.violations(fig)
     if not met:
         # Nothing met the tolerance: keep the best configuration measured (fewest violated criteria,
-        # then the best first criterion, then the most sites) and say so.
+        # then the best first criterion, then the most benefit) and say so.
         first = next(iter(tolerance.bounds()))
 
-        def score(cfg: tuple[list[str], Figures]) -> tuple:
+        def score(cfg: tuple[dict[str, str], Figures]) -> tuple:
             sites, f = cfg
-            return (-len(tolerance.violations(f)), _oriented(first, f.get(first)), len(sites))
+            return (-len(tolerance.violations(f)), _oriented(first, f.get(first)),
+                    len(sites), sum(benefit(s, r) for s, r in sites.items()))
 
-        kept, fig = max(configs, key=score)
+        config, fig = max(configs, key=score)
+        config = dict(config)
         for s, c in checks.items():
-            if s in kept and c.status == "rolled_back":
-                c.status, c.reason, c.cause = "applied", "", {}
-    _configure(gm, records, set(kept))
-    return GuardResult(sites=list(checks.values()), kept=list(kept), end_to_end=fig, all_applied=all_fig, met=met,
-                       tolerance=tolerance, steps=steps, batches=n_check, samples=samples)
+            if s in config:
+                c.rung = config[s]
+                if c.status == "rolled_back":
+                    c.status, c.reason, c.cause = "applied", "", {}
+    for s, c in checks.items():
+        if s in config and c.steps and not c.reason:
+            c.reason = "; ".join(c.steps)
+    _configure(gm, records, dict(config))
+    kept = [r.site for r in records if r.site in config]
+    return GuardResult(sites=list(checks.values()), kept=kept, end_to_end=fig, all_applied=all_fig, met=met,
+                       tolerance=tolerance, steps=steps, batches=n_check, samples=samples,
+                       rungs={s: config[s] for s in kept if by_site[s].rungs})
