@@ -1,0 +1,106 @@
+"""What a written model buys on this machine: latency side by side with the original, bytes, ISA.
+
+``measure(target, optimized, original, inputs)`` times two files of one target on that target's
+runtime (``Target.runner``), *round robin* in one process, so that whatever else loads the machine
+hits both alike; the figures are medians of ``runs`` timed calls after ``warmup`` calls each. The
+ratio is what the report states (``report["speed"]``, docs/report.md); absolute milliseconds are
+only comparable within one measurement. ``cpu()`` names the instruction sets that decide what INT8
+kernels a CPU runs (AVX2 ``vpmaddubsw``, AVX512-VNNI / AVX-VNNI ``vpdpbusd``, AMX).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+__all__ = ["cpu", "side_by_side", "measure", "DEFAULT_RUNS", "DEFAULT_THREADS"]
+
+DEFAULT_RUNS = 20
+DEFAULT_WARMUP = 3
+DEFAULT_THREADS = 2
+
+_ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16",
+              "fma")
+
+
+def cpu() -> dict[str, Any]:
+    """This CPU: model name, cores, the ISA flags that matter for INT8/FP8 kernels, and a short class
+    (``x86-64 AVX512-VNNI`` / ``x86-64 AVX-VNNI`` / ``x86-64 AVX2`` / the machine name elsewhere)."""
+    flags: set[str] = set()
+    model = platform.processor() or platform.machine()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "model name" and value.strip():
+            model = value.strip()
+    found = [f for f in _ISA_FLAGS if f in flags]
+    if "avx512_vnni" in flags:
+        klass = "x86-64 AVX512-VNNI"
+    elif "avx_vnni" in flags:
+        klass = "x86-64 AVX-VNNI"
+    elif "avx2" in flags:
+        klass = "x86-64 AVX2 (no VNNI)"
+    else:
+        klass = platform.machine() or "unknown"
+    return {"model": model, "cores": os.cpu_count(), "flags": found, "class": klass,
+            "vnni": "avx512_vnni" in flags or "avx_vnni" in flags}
+
+
+def side_by_side(runners: Mapping[str, Callable[[], Any]], *, runs: int = DEFAULT_RUNS,
+                 warmup: int = DEFAULT_WARMUP) -> dict[str, dict[str, float]]:
+    """Median / min / max wall time in ms of each runner, called round robin ``runs`` times."""
+    if runs < 1:
+        raise ValueError(f"runs must be ≥ 1, got {runs}")
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(runs):
+        for name, run in runners.items():
+            t = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {name: {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts)}
+            for name, ts in times.items()}
+
+
+def _shape(inputs: Any) -> dict[str, list[int]]:
+    from .inputs import as_args_kwargs
+
+    args, kwargs = as_args_kwargs(inputs)
+    items = [(f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    return {k: list(getattr(v, "shape", ())) for k, v in items if hasattr(v, "shape")}
+
+
+def measure(target: Any, optimized: str | os.PathLike, original: str | os.PathLike, inputs: Any, *,
+            runs: int = DEFAULT_RUNS, threads: int = DEFAULT_THREADS) -> dict[str, Any]:
+    """``report["speed"]``: latency of ``optimized`` vs ``original`` (two files of ``target``) on
+    ``target``'s runtime, side by side, plus their sizes and this machine's CPU."""
+    runners = {"original": target.runner(original, inputs, threads=threads),
+               "optimized": target.runner(optimized, inputs, threads=threads)}
+    timed = side_by_side(runners, runs=runs)
+    size = {k: Path(p).stat().st_size for k, p in (("original", original), ("optimized", optimized))}
+    o, n = timed["original"]["median_ms"], timed["optimized"]["median_ms"]
+    return {
+        "target": target.name,
+        "runtime": target.runtime,
+        "latency_ms": {k: round(v["median_ms"], 3) for k, v in timed.items()},
+        "latency_ratio": round(n / o, 4) if o > 0 else None,
+        "bytes": size,
+        "size_ratio": round(size["optimized"] / size["original"], 4) if size["original"] else None,
+        "inputs": _shape(inputs),
+        "threads": threads,
+        "runs": runs,
+        "statistic": "median, round robin in one process",
+        "cpu": cpu(),
+    }
