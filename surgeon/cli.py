@@ -51,7 +51,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .targets import run_export_cli  # type: ignore[attr-defined]
+    from .export_cli import run_export_cli
 
     return run_export_cli(args)
 
