@@ -79,7 +79,7 @@ class Profile:
 # ------------------------------------------------------------------------------------------------
 TORCH = Profile(
     runtime="torch",
-    machine="any machine torch runs on (quantization is computed by surgeon's custom ops, exactly)",
+    machine="any CPU or GPU torch runs on (surgeon's custom ops compute the quantization exactly)",
     ladders={"attention": ("fp8", "binary", KEEP), "linear": ("fp8", "int8-static", KEEP),
              "embedding": ("fp8", "int8", KEEP)},
     weight_layout="native",
