@@ -65,7 +65,7 @@ class TorchTarget(Target):
         except Exception:  # noqa: BLE001 - a model whose shapes cannot be symbolic is still exportable
             ep = torch.export.export(module, tuple(args), kwargs or None, strict=False)
             dynamic = False
-        fd, tmp_name = tempfile.mkstemp(prefix=".model-", suffix=".pt2.tmp", dir=str(outdir))
+        fd, tmp_name = tempfile.mkstemp(prefix=".model-", suffix=".tmp.pt2", dir=str(outdir))
         os.close(fd)
         tmp = Path(tmp_name)
         try:
