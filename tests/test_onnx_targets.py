@@ -196,7 +196,9 @@ def test_int8_activation_lowering_is_uint8_with_shifted_zero_point(tmp_path: Pat
 # ------------------------------------------------------------------------------------------------
 def test_unknown_target_is_refused() -> None:
     assert TARGETS == ("onnx", "onnx-fp8", "onnx-int8")
-    with pytest.raises(SurgeonError, match=r"^unknown target 'onnx-int4' \(known: onnx, onnx-fp8, onnx-int8\)$"):
+    # the registry lists every target, torch first (the same message as surgeon optimize's)
+    with pytest.raises(SurgeonError,
+                       match=r"^unknown target 'onnx-int4' \(known: torch, onnx, onnx-fp8, onnx-int8\)$"):
         check_target("onnx-int4")
 
 
@@ -270,30 +272,58 @@ def make():
 '''
 
 
-@pytest.mark.parametrize("target", ["onnx", "onnx-int8"])
-def test_cli_export(target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    from surgeon.cli import main
-
+def _factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "tiny_export_factory.py").write_text(FACTORY)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_cli_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from surgeon.cli import main
+
+    _factory(tmp_path, monkeypatch)
     out = tmp_path / "out"
-    assert main(["export", "tiny_export_factory:make", "--target", target, "-o", str(out)]) == 0
+    assert main(["export", "tiny_export_factory:make", "--target", "onnx", "-o", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    fig = report["targets"][target]
+    fig = report["targets"]["onnx"]
     assert (out / "model.onnx").stat().st_size == fig["bytes"]
     assert fig["max_abs_diff"] <= TOL
     err = capsys.readouterr().err
-    if target == "onnx-int8":
-        assert fig["ort_cpu"]["float_matmul_after_dequantize"] == 0
-        assert "calibrated on the example input only" in err
-        assert report["passes"][0].startswith("linear-quant{dtype=int8")
-    else:
-        assert fig["cosine_min"] > 0.99999 and err == ""
-    assert main(["export", "tiny_export_factory:make", "--target", target, "-o", str(out)]) == 2
+    assert fig["cosine_min"] > 0.99999 and err == ""
+    assert main(["export", "tiny_export_factory:make", "--target", "onnx", "-o", str(out)]) == 2
     assert "already exists (use --force to replace it)" in capsys.readouterr().err
     assert main(["export", "tiny_export_factory:make", "--target", "bogus", "-o", str(tmp_path / "o2")]) == 2
     assert "unknown target 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["onnx-fp8", "onnx-int8"])
+def test_cli_export_refuses_a_target_that_needs_passes(target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    # `surgeon export` writes the model unchanged; quantized files come from the verified pipeline.
+    from surgeon.cli import main
+
+    _factory(tmp_path, monkeypatch)
+    assert main(["export", "tiny_export_factory:make", "--target", target, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"surgeon: error: surgeon export writes the model unchanged; target {target} needs the verified "
+                   f"pipeline: surgeon optimize MODEL --target {target} --calib FILE -o OUTDIR\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_export_factory.py"]  # nothing written
+
+
+def test_cli_optimize_int8_file_is_fused_by_ort(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What `export --target onnx-int8` used to check, through the pipeline that now writes such files.
+    from surgeon.cli import main
+
+    _factory(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    assert main(["optimize", "tiny_export_factory:make", "--passes", "linear-quant{dtype=int8}",
+                 "--target", "onnx-int8", "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    fig = report["targets"]["onnx-int8"]
+    assert (out / "model.onnx").stat().st_size == fig["bytes"]
+    assert fig["max_abs_diff"] <= TOL
+    assert fig["ort_cpu"]["float_matmul_after_dequantize"] == 0 and fig["ort_cpu"]["integer_kernels"] == 2
+    assert any(p.startswith("linear-quant{dtype=int8") for p in report["passes"])
 
 
 @pytest.mark.minilm

@@ -1,0 +1,130 @@
+"""Runtime profiles: what a deployment runtime can run, as data a pass can read.
+
+A :class:`Profile` says, for one runtime on one machine class, which substitute formats each kind of
+site may take (best first, always ending in ``"keep"``: leave the site as it is), how the runtime
+wants weights laid out and quantized, and what must hold in the graph the runtime actually runs.
+It lives in core (not in ``surgeon.targets``) so a pass can consult a target's profile without
+importing the exporters; ``surgeon.targets`` attaches one to every registered target.
+
+The built-in profiles are the module constants below (``TORCH``, ``ORT_CPU``, ``ORT_CPU_FP8``,
+``ORT_CPU_INT8``); ``surgeon targets`` prints them.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+__all__ = ["Profile", "TORCH", "ORT_CPU", "ORT_CPU_FP8", "ORT_CPU_INT8", "KEEP"]
+
+KEEP = "keep"  # the last rung of every ladder: the site stays as it is
+
+
+def _freeze_ladders(ladders: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    items = ladders.items() if isinstance(ladders, Mapping) else ladders
+    return tuple((str(kind), tuple(str(f) for f in formats)) for kind, formats in items)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one runtime runs, on one machine class (frozen and hashable)."""
+
+    runtime: str  # the runtime the file runs in: "torch", "onnxruntime-cpu"
+    machine: str  # the machine class on which the figures are exact, e.g. "x86-64 (AVX2 or later)"
+    # site kind → substitute formats the runtime runs, best first, ending in "keep" (stored as pairs)
+    ladders: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
+    weight_layout: str = "native"  # "transposed" = [in, out] as ONNX MatMul wants; "native" = [out, in] as torch stores
+    int8_weight_bits: int = 8  # 7 where u8·s8 vpmaddubsw saturates (AVX2), 8 where the kernels are exact (VNNI)
+    uint8_activations: bool = False  # int8 activations written as uint8 with zero point + 128 (ORT x86 MLAS)
+    fuses_attention: bool = False  # whether the runtime runs attention as one fused kernel
+    graph_requirements: tuple[str, ...] = ()  # what must hold in the runtime's optimized graph (human-readable)
+
+    def __post_init__(self) -> None:
+        ladders = _freeze_ladders(self.ladders)
+        for kind, formats in ladders:
+            if not formats or formats[-1] != KEEP:
+                raise ValueError(f"profile {self.runtime}: the ladder of '{kind}' must end in '{KEEP}', got {formats}")
+        object.__setattr__(self, "ladders", ladders)
+        object.__setattr__(self, "graph_requirements", tuple(str(r) for r in self.graph_requirements))
+
+    @property
+    def ladder_map(self) -> Mapping[str, tuple[str, ...]]:
+        """The ladders as a read-only mapping (site kind → formats)."""
+        return types.MappingProxyType(dict(self.ladders))
+
+    def kinds(self) -> tuple[str, ...]:
+        """The site kinds the profile has a ladder for."""
+        return tuple(kind for kind, _ in self.ladders)
+
+    def formats(self, kind: str) -> tuple[str, ...]:
+        """Substitute formats for sites of ``kind``, best first; ``("keep",)`` for a kind not listed."""
+        return dict(self.ladders).get(kind, (KEEP,))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "runtime": self.runtime,
+            "machine": self.machine,
+            "ladders": {kind: list(formats) for kind, formats in self.ladders},
+            "weight_layout": self.weight_layout,
+            "int8_weight_bits": self.int8_weight_bits,
+            "uint8_activations": self.uint8_activations,
+            "fuses_attention": self.fuses_attention,
+            "graph_requirements": list(self.graph_requirements),
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# built-in profiles
+# ------------------------------------------------------------------------------------------------
+TORCH = Profile(
+    runtime="torch",
+    machine="any CPU or GPU torch runs on (surgeon's custom ops compute the quantization exactly)",
+    ladders={"attention": ("fp8", "binary", KEEP), "linear": ("fp8", "int8-static", KEEP),
+             "embedding": ("fp8", "int8", KEEP)},
+    weight_layout="native",
+    int8_weight_bits=8,
+    uint8_activations=False,
+    fuses_attention=True,  # scaled_dot_product_attention stays one op in model.pt2
+)
+
+ORT_CPU = Profile(
+    runtime="onnxruntime-cpu",
+    machine="x86-64 (AVX2 or later)",
+    ladders={"attention": ("fp8", KEEP), "linear": ("int8-static", "fp8", KEEP), "embedding": ("int8", "fp8", KEEP)},
+    weight_layout="transposed",
+    int8_weight_bits=7,
+    uint8_activations=True,
+    fuses_attention=False,
+)
+
+ORT_CPU_FP8 = Profile(
+    runtime="onnxruntime-cpu",
+    machine="x86-64 (AVX2 or later)",
+    ladders={"attention": ("fp8", KEEP), "linear": ("fp8", KEEP), "embedding": ("fp8", KEEP)},
+    weight_layout="transposed",
+    int8_weight_bits=7,
+    uint8_activations=True,
+    fuses_attention=False,
+    graph_requirements=(
+        "a file with an FP8 QuantizeLinear runs with session.disable_quant_qdq=1 (else ORT fuses it into "
+        "an integer kernel that rejects float8)",
+        "ReluQuantRewrite is disabled for FP8 files (Q(relu(x)) != Q(x) for signed FP8)",
+    ),
+)
+
+# The requirement texts are what targets/onnx_targets.py checks on ORT's optimized graph.
+INT8_FUSED = "every MatMul with an INT8 weight runs as an integer kernel (MatMulIntegerToFloat / QLinearMatMul / …)"
+INT8_NO_FLOAT_AFTER_DQ = "no float MatMul fed by a DequantizeLinear"
+
+ORT_CPU_INT8 = Profile(
+    runtime="onnxruntime-cpu",
+    machine="x86-64 (AVX2 or later)",
+    ladders={"linear": ("int8-static", "int8-dynamic", KEEP), "embedding": ("int8", KEEP),
+             "attention": ("fp8", KEEP)},
+    weight_layout="transposed",
+    int8_weight_bits=7,
+    uint8_activations=True,
+    fuses_attention=False,
+    graph_requirements=(INT8_FUSED, INT8_NO_FLOAT_AFTER_DQ),
+)

@@ -1,0 +1,152 @@
+"""The ONNX targets ``onnx``, ``onnx-fp8`` and ``onnx-int8``: ``OUTDIR/model.onnx`` for ONNX Runtime's
+CPU provider. Lowering and verification are ``targets/onnx.py``; this module adds what each target
+checks beyond that (which quantization the module carries; for INT8, what ORT's optimized graph fuses,
+against the profile's graph requirements) and the latency measurement."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surgeon import profile as _profile
+
+from ._base import Target, batch_shapes, median_ms
+
+__all__ = ["OnnxTarget", "ONNX", "ONNX_FP8", "ONNX_INT8", "quantized_dtypes", "ort_fusion"]
+
+INTEGER_KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QLinearConv",
+                   "DynamicQuantizeMatMul", "QGemm")
+
+
+def quantized_dtypes(module: Any) -> dict[str, int]:
+    """How many quantize/dequantize points of each dtype the module computes with."""
+    import torch
+    from torch import fx
+
+    from surgeon.quant import Quantizer
+
+    counts = {"fp8": 0, "int8": 0}
+    for _, m in module.named_modules():
+        if isinstance(m, Quantizer) and getattr(m, "active", True):
+            counts[m.dtype] = counts.get(m.dtype, 0) + 1
+        q = getattr(m, "qweight", None)
+        if isinstance(q, torch.Tensor) and getattr(m, "active", True):
+            counts["fp8" if q.dtype == torch.float8_e4m3fn else "int8"] += 1
+    if isinstance(module, fx.GraphModule):
+        for node in module.graph.nodes:
+            name = str(node.target)
+            if "surgeon.quantize_fp8" in name or "surgeon::quantize_fp8" in name:
+                counts["fp8"] += 1
+            elif "surgeon.quantize_int8" in name or "surgeon::quantize_int8" in name:
+                counts["int8"] += 1
+    return counts
+
+
+def ort_fusion(path: str | os.PathLike) -> dict[str, Any]:
+    """What ORT's CPU provider makes of the file: integer kernels vs float MatMuls fed by a DequantizeLinear."""
+    import onnx
+
+    from .onnx import session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = Path(tmp) / "optimized.onnx"
+        session(path, optimized_path=opt)
+        model = onnx.load(str(opt))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    ops: dict[str, int] = {}
+    float_after_dq = 0
+    for n in model.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        if n.op_type in ("MatMul", "Gemm", "FusedMatMul", "FusedGemm"):
+            if any(i in producers and producers[i].op_type == "DequantizeLinear" for i in n.input):
+                float_after_dq += 1
+    integer = sum(ops.get(k, 0) for k in INTEGER_KERNELS)
+    return {"integer_kernels": integer, "float_matmul_after_dequantize": float_after_dq}
+
+
+# How each INT8 graph requirement of the profile is read off ort_fusion()'s figures.
+_INT8_CHECKS = {
+    _profile.INT8_FUSED: lambda f: f["integer_kernels"] > 0,
+    _profile.INT8_NO_FLOAT_AFTER_DQ: lambda f: f["float_matmul_after_dequantize"] == 0,
+}
+
+
+@dataclass(frozen=True)
+class OnnxTarget(Target):
+    """``OUTDIR/model.onnx``: standard ONNX (opset 21), verified in onnxruntime (CPU)."""
+
+    def lower(self, module: Any, example_inputs: Any, outdir: str | os.PathLike, *, original: Any = None,
+              verify_inputs: Any = None, filename: str | None = None, **kw: Any) -> dict[str, Any]:
+        """Export, verify and place the file (``targets/onnx.write_onnx``); add the quantization counts,
+        notes where they do not match the target, and for INT8 what ORT fused (``ort_cpu``)."""
+        from .onnx import write_onnx
+
+        figures = write_onnx(module, example_inputs, outdir, filename=filename or self.filename,
+                             original=original, verify_inputs=verify_inputs, **kw)
+        figures["target"] = self.name
+        counts = quantized_dtypes(module)
+        figures["quantized"] = counts
+        want = self.quantized
+        notes = []
+        if want and counts.get(want, 0) == 0:
+            notes.append(f"target {self.name} but the module has no {want} quantization (add "
+                         f"linear-quant{{dtype={want}}} to the passes): the file computes in float")
+        other = {"fp8": "int8", "int8": "fp8"}.get(want or "", None)
+        if other and counts.get(other, 0):
+            notes.append(f"target {self.name} but the module also quantizes {counts[other]} point(s) to {other}: "
+                         f"the file holds both")
+        if want == "int8":
+            figures["ort_cpu"] = ort_fusion(figures["path"])
+        if notes:
+            figures["notes"] = notes
+        return figures
+
+    def graph_checks(self, path: str | os.PathLike) -> dict[str, Any]:
+        """ORT's optimized graph against the profile's graph requirements (INT8: the fused kernels)."""
+        if self.quantized != "int8":
+            return {}
+        fusion = ort_fusion(path)
+        checks = [{"requirement": r, "met": bool(_INT8_CHECKS[r](fusion))}
+                  for r in self.profile.graph_requirements if r in _INT8_CHECKS]
+        return {"ort_cpu": fusion, "graph_requirements": checks,
+                "graph_requirements_met": all(c["met"] for c in checks)}
+
+    def verify(self, path: str | os.PathLike, module: Any, inputs: Any, *, original: Any = None,
+               **kw: Any) -> dict[str, Any]:
+        """``targets/onnx.verify_onnx`` (checker, ORT vs torch, batch 1) plus ``graph_checks``."""
+        from .onnx import verify_onnx
+
+        figures = verify_onnx(path, module, inputs, original=original, **kw)
+        figures["target"] = self.name
+        figures.update(self.graph_checks(path))
+        return figures
+
+    def time(self, path: str | os.PathLike, inputs: Any, *, runs: int = 20, threads: int = 2) -> dict[str, Any]:
+        """ORT CPU session with ``threads`` intra-op threads and intra-op spinning off; warm-up, then the
+        median of ``runs`` runs in ms."""
+        from .onnx import _feeds, session
+
+        sess = session(path, threads=threads, spinning=False)
+        feeds = _feeds(sess, inputs)
+        med, times = median_ms(lambda: sess.run(None, feeds), runs)
+        return {"target": self.name, "runtime": self.runtime, "median_ms": med, "min_ms": min(times),
+                "runs": runs, "threads": threads, "intra_op_spinning": False, "batch": batch_shapes(inputs)}
+
+
+ONNX = OnnxTarget(
+    name="onnx", format="onnx", runtime=_profile.ORT_CPU.runtime, profile=_profile.ORT_CPU,
+    description="model.onnx as computed (fp32; Q/DQ where the passes quantized), any ONNX runtime",
+    default_passes="attention-fp8")
+
+ONNX_FP8 = OnnxTarget(
+    name="onnx-fp8", format="onnx", runtime=_profile.ORT_CPU_FP8.runtime, profile=_profile.ORT_CPU_FP8,
+    description="model.onnx with FP8 (E4M3FN) Q/DQ and FP8 weights; ORT with session.disable_quant_qdq=1, or an FP8 engine",
+    default_passes="attention-fp8,linear-quant{dtype=fp8}", quantized="fp8")
+
+ONNX_INT8 = OnnxTarget(
+    name="onnx-int8", format="onnx", runtime=_profile.ORT_CPU_INT8.runtime, profile=_profile.ORT_CPU_INT8,
+    description="model.onnx with INT8 weights and UINT8 activations that ORT CPU fuses into integer kernels",
+    default_passes="linear-quant{dtype=int8}", quantized="int8")

@@ -1,0 +1,126 @@
+"""The ``torch`` target: ``OUTDIR/model.pt2`` (``torch.export.save``), run by torch itself.
+
+``surgeon optimize`` writes ``model.pt2`` from its own exported program (``Result.save``); this target
+is the same format for a module on its own (``surgeon export --target torch``) and the latency
+measurement of a written ``.pt2``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surgeon import profile as _profile
+
+from ._base import Target, batch_shapes, median_ms
+
+__all__ = ["TorchTarget", "TORCH"]
+
+
+def _outputs(module: Any, inputs: Any) -> list[Any]:
+    import torch
+
+    from surgeon._inputs import call, tensors_of
+
+    with torch.no_grad():
+        return [t.detach().float() for t in tensors_of(call(module, inputs))]
+
+
+def _max_abs(a: list[Any], b: list[Any]) -> float:
+    from surgeon.errors import SurgeonError
+
+    if len(a) != len(b):
+        raise SurgeonError(f"the .pt2 file returns {len(a)} tensors, the torch module {len(b)}")
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            raise SurgeonError(f".pt2 output shape {tuple(x.shape)} differs from the torch module's {tuple(y.shape)}")
+        if x.numel():
+            worst = max(worst, float((x.double() - y.double()).abs().max()))
+    return worst
+
+
+@dataclass(frozen=True)
+class TorchTarget(Target):
+    """``OUTDIR/model.pt2``: a ``torch.export`` program, loaded with ``torch.export.load``."""
+
+    def lower(self, module: Any, example_inputs: Any, outdir: str | os.PathLike, *, original: Any = None,
+              verify_inputs: Any = None, filename: str | None = None, **kw: Any) -> dict[str, Any]:
+        """torch.export (batch and sequence dynamic where the model allows, else static), save to a
+        temporary name, verify, rename into place."""
+        import torch
+
+        from surgeon._inputs import as_args_kwargs
+        from surgeon.capture import auto_dynamic_shapes
+
+        outdir = Path(outdir)
+        outdir.mkdir(parents=True, exist_ok=True)
+        args, kwargs = as_args_kwargs(example_inputs)
+        try:
+            ep = torch.export.export(module, tuple(args), kwargs or None,
+                                     dynamic_shapes=auto_dynamic_shapes(module, example_inputs), strict=False)
+            dynamic = True
+        except Exception:  # noqa: BLE001 - a model whose shapes cannot be symbolic is still exportable
+            ep = torch.export.export(module, tuple(args), kwargs or None, strict=False)
+            dynamic = False
+        fd, tmp_name = tempfile.mkstemp(prefix=".model-", suffix=".tmp.pt2", dir=str(outdir))
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            torch.export.save(ep, str(tmp))
+            figures = self.verify(tmp, module, verify_inputs if verify_inputs is not None else example_inputs,
+                                  original=original)
+            final = outdir / (filename or self.filename)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        figures.update({"file": final.name, "path": str(final), "target": self.name, "dynamic_shapes": dynamic})
+        return figures
+
+    def verify(self, path: str | os.PathLike, module: Any, inputs: Any, *, original: Any = None,
+               **kw: Any) -> dict[str, Any]:
+        """Load the file with ``torch.export.load`` and compare its outputs with ``module`` (max abs diff)
+        and, given ``original``, the cosine to the original's outputs."""
+        import torch
+
+        path = Path(path)
+        loaded = torch.export.load(str(path)).module()
+        got = _outputs(loaded, inputs)
+        figures: dict[str, Any] = {"file": path.name, "bytes": path.stat().st_size,
+                                   "max_abs_diff": _max_abs(got, _outputs(module, inputs))}
+        if original is not None:
+            ref = _outputs(original, inputs)
+            if len(ref) == len(got):
+                a = torch.cat([t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1) for t in got], 1).double()
+                b = torch.cat([t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1) for t in ref], 1).double()
+                cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+                figures["cosine_min"] = float(cos.min())
+                figures["cosine_mean"] = float(cos.mean())
+        return figures
+
+    def time(self, path: str | os.PathLike, inputs: Any, *, runs: int = 20, threads: int = 2) -> dict[str, Any]:
+        """``torch.export.load(path).module()`` under ``torch.no_grad`` with ``threads`` intra-op threads
+        (restored afterwards); warm-up, then the median of ``runs`` runs in ms."""
+        import torch
+
+        from surgeon._inputs import call
+
+        module = torch.export.load(str(path)).module()
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                med, times = median_ms(lambda: call(module, inputs), runs)
+        finally:
+            torch.set_num_threads(before)
+        return {"target": self.name, "runtime": self.runtime, "median_ms": med, "min_ms": min(times),
+                "runs": runs, "threads": threads, "batch": batch_shapes(inputs)}
+
+
+TORCH = TorchTarget(
+    name="torch", format="pt2", runtime=_profile.TORCH.runtime, profile=_profile.TORCH,
+    description="model.pt2 (torch.export.save): loads with torch alone, batch and sequence dynamic",
+    default_passes="attention-fp8", filename="model.pt2")
