@@ -10,7 +10,7 @@ Exact identity used: softmax(x + c·1) = softmax(x), so subtracting the keys' me
 −q·k̄ to every score of a row) changes nothing before quantization, and removes K's shared
 component, which would otherwise dominate K's FP8 range.
 
-SDPA sites are decomposed exactly (``surgeon._sdpa.sdpa_reference``: default scale 1/√E,
+SDPA sites are decomposed exactly (``surgeon.passes._sdpa.sdpa_reference``: default scale 1/√E,
 ``is_causal`` top-left aligned, boolean and additive masks, GQA) into one submodule
 ``surgeon_attention_fp8_<i>``; hand-written sites get quantizer nodes on the operands of Q·Kᵀ and P·V.
 Quantize/dequantize are the ``surgeon::quantize_fp8`` / ``dequantize_fp8`` custom ops (single
@@ -31,7 +31,7 @@ import networkx as nx
 import torch
 from torch import Tensor, fx, nn
 
-from surgeon._sdpa import AttentionQuant, center_keys, sdpa_reference
+from surgeon.passes._sdpa import AttentionQuant, center_keys, sdpa_reference
 from surgeon.analysis import Site, analyze_graph
 from surgeon.analysis import GraphView
 from surgeon.errors import SurgeonError

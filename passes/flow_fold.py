@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from surgeon._flows import ancestors, computes, evaluate, module_of, output_leaves, parameter_only
+from surgeon.passes._flows import ancestors, computes, evaluate, module_of, output_leaves, parameter_only
 from surgeon.analysis import SHAPE_OPS, GraphView
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
 
@@ -136,7 +136,7 @@ class _TermTest:
 
 def _describe(n: fx.Node, params: set[fx.Node]) -> str:
     """The ops of the folded subgraph, e.g. ``linalg_slogdet → getitem``."""
-    from surgeon._flows import _op_name
+    from surgeon.passes._flows import _op_name
 
     ops, todo, seen = [], [n], set()
     while todo:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from surgeon._flows import (AuxInverse, error_figures, first_float, output_leaves, reconstruction_errors,
+from surgeon.passes._flows import (AuxInverse, error_figures, first_float, output_leaves, reconstruction_errors,
                             single_input, tensor_placeholders, train_inverse)
 from surgeon._inputs import Inputs
 from surgeon.analysis import analyze_graph

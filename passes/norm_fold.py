@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, fx
 
-from surgeon._norm_math import NormParts, constant_of, copy_meta, drop_unused, find_norms, set_constant, site_id
+from surgeon.passes._norm_math import NormParts, constant_of, copy_meta, drop_unused, find_norms, set_constant, site_id
 from surgeon.analysis import analyze_graph
 from surgeon.analysis import GraphView
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .analysis import GraphView
+from surgeon.analysis import GraphView
 
 __all__ = ["NormParts", "find_norms", "reference_norm", "set_constant", "drop_unused", "constant_of",
            "site_id", "copy_meta"]
@@ -169,7 +169,7 @@ def _hand_parts(gm: fx.GraphModule, view: GraphView, node: fx.Node, x: fx.Node, 
 
 def find_norms(gm: fx.GraphModule, view: GraphView) -> list[tuple[Any, NormParts | str]]:
     """Every norm of the graph (analyzer's definition) with its parts or the reason it cannot be read."""
-    from .analysis.norms import _hand_written, _library
+    from surgeon.analysis.norms import _hand_written, _library
 
     out = []
     for nm in _library(view) + _hand_written(view):
