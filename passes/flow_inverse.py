@@ -34,7 +34,7 @@ from torch import fx, nn
 from surgeon.passes._flows import (AuxInverse, error_figures, first_float, output_leaves, reconstruction_errors,
                             single_input, tensor_placeholders, train_inverse)
 from surgeon._inputs import Inputs
-from surgeon.analysis import analyze_graph
+from surgeon.analysis import analyze_graph, site_id
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
 
 __all__ = ["ATTR", "FlowInverse", "InverseCheck", "Distilled", "distill_inverse"]
@@ -118,7 +118,7 @@ class FlowInverse(Pass):
         if math.prod(x_shape) != math.prod(z_shape):
             return skip(f"z has {math.prod(z_shape)} values per sample and x {math.prod(x_shape)}: the forward is not "
                         "a bijection of x")
-        site = f"{KIND}:<root>:{leaves[0].name}"
+        site = site_id(KIND, "", leaves[0].name)
         if not ctx.wants(site):
             return PassResult(gm, False, [])
         from surgeon.calibration import calibratables

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from surgeon.passes._gptq import gptq_round
 from surgeon._inputs import call
-from surgeon.analysis import GraphView
+from surgeon.analysis import GraphView, site_id
 from surgeon.calibration import RunningAmax
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
+from surgeon.passes._gptq import gptq_round
 from surgeon.quant import FP8_MAX, Quantizer, dequantize, quantize
 
 __all__ = ["LinearQuant", "QuantLinear", "QuantEmbedding", "PREFIX"]
@@ -459,7 +459,7 @@ class LinearQuant(Pass):
             if found is None:
                 continue
             module = view.module_path(node)
-            site = f"linear:{module or '<root>'}:{node.name}"
+            site = site_id("linear", module, node.name)
             if isinstance(found, str):
                 diags.append(Diagnostic(self.name, site, "skipped", found, module, "linear"))
                 continue
@@ -498,7 +498,7 @@ class LinearQuant(Pass):
             else:
                 continue
             module = view.module_path(node)
-            site = f"embedding:{module or '<root>'}:{node.name}"
+            site = site_id("embedding", module, node.name)
             if table is None:
                 diags.append(Diagnostic(self.name, site, "skipped", "table is not a constant", module, "embedding"))
                 continue

@@ -35,9 +35,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, fx
 
-from surgeon.passes._norm_math import NormParts, constant_of, copy_meta, drop_unused, find_norms, set_constant, site_id
-from surgeon.analysis import analyze_graph
-from surgeon.analysis import GraphView
+from surgeon.analysis import GraphView, analyze_graph, site_id
+from surgeon.passes._fx import copy_meta
+from surgeon.passes._norm_math import NormParts, constant_of, drop_unused, find_norms, set_constant
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult
 
 __all__ = ["NormFold"]
@@ -360,7 +360,7 @@ class NormFold(Pass):
         for nm, parts in find_norms(gm, view):
             site = sites.get(nm.node)
             kind = "norm_residual" if site else "norm"
-            sid = site.id if site else site_id("norm", view.module_path(nm.node), nm.node)
+            sid = site.id if site else site_id("norm", view.module_path(nm.node), nm.node.name)
             if isinstance(parts, str):
                 diags.append(Diagnostic(self.name, sid, "skipped", f"{nm.flavor}: {parts}",
                                         view.module_path(nm.node), kind))

@@ -42,7 +42,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from surgeon._inputs import Inputs
-from surgeon.passes._norm_math import constant_of, copy_meta, drop_unused, find_norms, reference_norm
+from surgeon.passes._fx import copy_meta
+from surgeon.passes._norm_math import constant_of, drop_unused, find_norms, reference_norm
 from surgeon.analysis import analyze_graph
 from surgeon.analysis import GraphView
 from surgeon.errors import SurgeonError
