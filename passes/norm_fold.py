@@ -25,6 +25,8 @@ Exact rewrite: the pass registers no guarded site (there is nothing for the guar
 fold cannot be switched off without keeping both weight sets); it applies identically on every run,
 including the pipeline's rebuild, and reports one diagnostic per norm. Constants are replaced by new
 parameters (``<name>_folded``, ``<name>_centred``); tied weights are untied where a fold needs it.
+Each norm it rewrites carries ``node.meta["surgeon"] = {"pass": "norm-fold", "residual_centred": bool}``
+(True where the residual stream was centred) for later passes to read.
 """
 
 from __future__ import annotations
@@ -451,6 +453,8 @@ class NormFold(Pass):
             else:
                 new = g.call_function(aten.layer_norm.default, (parts.x, [parts.dim], w, None, parts.eps))
             copy_meta(new, parts.node)
+            # what later passes read (norm-gate: the stream is centred, the original has no equal value)
+            new.meta["surgeon"] = {"pass": self.name, "residual_centred": p.centred}
             out = new
             if not fold and parts.bias is not None:
                 out = g.call_function(aten.add.Tensor, (new, parts.bias))
