@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["REGISTRY", "pass_class", "registered", "register", "unregister"]
 
+
 def _discover() -> dict[str, str]:
     """name → "surgeon.passes.<module>:<Class>" for every top-level class of this directory's public
     modules that derives from ``Pass`` and sets ``name`` to a string literal (read, not imported)."""
