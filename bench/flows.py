@@ -149,7 +149,7 @@ def evaluate(name: str, flow: Flow, data: tuple[Tensor, Tensor, Tensor, Tensor],
              calib_batch: int = 64, samples: int = 1000, seed: int = 0) -> dict:
     """Every figure of one trained flow (see the module docstring)."""
     import surgeon
-    from surgeon._flows import bpd_change, error_figures
+    from surgeon.passes._flows import bpd_change, error_figures
     from surgeon.passes.flow_inverse import FlowInverse, distill_inverse
 
     ytr, yte, jtr, jte = data

@@ -10,7 +10,7 @@ Exact identity used: softmax(x + c·1) = softmax(x), so subtracting the keys' me
 −q·k̄ to every score of a row) changes nothing before quantization, and removes K's shared
 component, which would otherwise dominate K's FP8 range.
 
-SDPA sites are decomposed exactly (``surgeon._sdpa.sdpa_reference``: default scale 1/√E,
+SDPA sites are decomposed exactly (``surgeon.passes._sdpa.sdpa_reference``: default scale 1/√E,
 ``is_causal`` top-left aligned, boolean and additive masks, GQA) into one submodule
 ``surgeon_attention_fp8_<i>``; hand-written sites get quantizer nodes on the operands of Q·Kᵀ and P·V.
 Quantize/dequantize are the ``surgeon::quantize_fp8`` / ``dequantize_fp8`` custom ops (single
@@ -31,11 +31,11 @@ import networkx as nx
 import torch
 from torch import Tensor, fx, nn
 
-from surgeon._sdpa import AttentionQuant, center_keys, sdpa_reference
-from surgeon.analysis import Site, analyze_graph
-from surgeon.analysis import GraphView
+from surgeon.analysis import GraphView, Site, analyze_graph
 from surgeon.errors import SurgeonError
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
+from surgeon.passes._fx import copy_meta
+from surgeon.passes._sdpa import AttentionQuant, center_keys, sdpa_reference
 from surgeon.quant import Quantizer
 
 __all__ = ["AttentionFP8", "BinaryP", "CenteredQuantizer", "FP8SDPA", "ManualAttentionQuant", "TAU_GRID"]
@@ -245,12 +245,6 @@ class ManualAttentionQuant(_SiteModule):
 _MATMULS = {"matmul", "bmm", "mm", "baddbmm"}
 _ROW_VIEWS = {"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "expand", "flatten", "unflatten",
               "repeat", "expand_as", "view_as", "permute", "transpose"}
-
-
-def _copy_meta(dst: fx.Node, src: fx.Node) -> None:
-    for key in ("val", "tensor_meta", "nn_module_stack", "stack_trace"):
-        if key in src.meta:
-            dst.meta[key] = src.meta[key]
 
 
 def _einsum_parts(node: fx.Node) -> tuple[list[str], str] | None:
@@ -471,7 +465,7 @@ class AttentionFP8(Pass):
         kwargs = {k: a[k] for k in ("attn_mask", "is_causal", "scale", "enable_gqa")}
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, (a["query"], a["key"], a["value"]), kwargs)
-        _copy_meta(new, node)
+        copy_meta(new, node)
         old_name = node.name
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
@@ -517,7 +511,7 @@ class AttentionFP8(Pass):
             pn = g.call_module(f"{name}.p", (p, v) if self.p_bits == 1 else (p,))
             vn = g.call_module(f"{name}.v", (v,))
         for new, old in ((qn, q), (kn, k), (pn, p), (vn, v)):
-            _copy_meta(new, old)
+            copy_meta(new, old)
         qk.replace_input_with(q, qn)
         qk.replace_input_with(k, kn)
         pv.replace_input_with(p, pn)

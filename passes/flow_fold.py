@@ -24,9 +24,9 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from surgeon._flows import ancestors, computes, evaluate, module_of, output_leaves, parameter_only
-from surgeon.analysis import SHAPE_OPS, GraphView
+from surgeon.analysis import SHAPE_OPS, GraphView, site_id
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
+from surgeon.passes._flows import ancestors, computes, evaluate, module_of, output_leaves, parameter_only
 
 __all__ = ["FlowFold", "PREFIX"]
 
@@ -61,7 +61,7 @@ class FlowFold(Pass):
         diags: list[Diagnostic] = []
         wanted = []
         for n in frontier:
-            site = f"{KIND}:{module_of(n) or '<root>'}:{n.name}"
+            site = site_id(KIND, module_of(n), n.name)
             if ctx.wants(site):
                 wanted.append((site, n))
         values = evaluate(gm, [n for _, n in wanted], params)
@@ -136,7 +136,7 @@ class _TermTest:
 
 def _describe(n: fx.Node, params: set[fx.Node]) -> str:
     """The ops of the folded subgraph, e.g. ``linalg_slogdet → getitem``."""
-    from surgeon._flows import _op_name
+    from surgeon.passes._flows import _op_name
 
     ops, todo, seen = [], [n], set()
     while todo:

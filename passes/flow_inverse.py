@@ -31,13 +31,14 @@ from typing import Any, ClassVar, Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from surgeon._flows import (AuxInverse, error_figures, first_float, output_leaves, reconstruction_errors,
+from surgeon.passes._flows import (AuxInverse, error_figures, first_float, output_leaves, reconstruction_errors,
                             single_input, tensor_placeholders, train_inverse)
 from surgeon._inputs import Inputs
-from surgeon.analysis import analyze_graph
-from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
+from surgeon.analysis import analyze_graph, site_id
+from surgeon.errors import SurgeonError
+from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassManager, PassResult, SiteRecord
 
-__all__ = ["ATTR", "FlowInverse", "InverseCheck", "Distilled", "distill_inverse"]
+__all__ = ["ATTR", "FlowInverse", "InverseCheck", "Distilled", "distill_inverse", "split_indices"]
 
 ATTR = "surgeon_flow_inverse"
 KIND = "flow"
@@ -118,7 +119,7 @@ class FlowInverse(Pass):
         if math.prod(x_shape) != math.prod(z_shape):
             return skip(f"z has {math.prod(z_shape)} values per sample and x {math.prod(x_shape)}: the forward is not "
                         "a bijection of x")
-        site = f"{KIND}:<root>:{leaves[0].name}"
+        site = site_id(KIND, "", leaves[0].name)
         if not ctx.wants(site):
             return PassResult(gm, False, [])
         from surgeon.calibration import calibratables
@@ -215,7 +216,7 @@ def _inverses(gm: fx.GraphModule, ctx: PassContext, pass_name: str) -> list[AuxI
 
 
 # --------------------------------------------------------------------------------------------------
-# standalone use (what ``surgeon.optimize`` does for this pass, without the rest of the pipeline)
+# standalone use (the optimize pipeline's steps for this one pass, without the orchestrator)
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class Distilled:
@@ -232,23 +233,41 @@ class Distilled:
     fitted: nn.Module | None = None
 
 
+def split_indices(n: int, check_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """``(fit_index, check_index)`` of ``n`` batches: the seeded rule of the optimize pipeline's
+    ``split_batches`` (``round(n·check_fraction)`` check batches, at least one of each when n ≥ 2; one
+    batch is both). tests/test_pass_contract.py checks that the two agree."""
+    if not 0.0 < check_fraction < 1.0:
+        raise SurgeonError(f"check fraction must be in (0, 1), got {check_fraction}")
+    if n == 1:
+        return [0], [0]
+    n_check = min(max(1, round(n * check_fraction)), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_check:]), sorted(perm[:n_check])
+
+
 def distill_inverse(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any], *,
                     flow_inverse: FlowInverse | None = None, check_fraction: float = 0.25, seed: int = 0) -> Distilled:
     """Capture ``model``, distil its inverse on the fit part of ``calib`` and guard it on the check part.
 
-    Uses the optimize pipeline's own stages (``prepare_batches``, ``split_batches``, ``apply_passes``,
-    ``fit_passes``), so the fit/check split is the one ``surgeon.optimize`` would make."""
+    The steps ``surgeon.optimize`` takes for this pass, through the pass API only: the same seeded
+    fit/check split (``split_indices``), the pass run by a ``PassManager`` on a copy of the captured
+    graph with ``options={"seed": seed}``, ``fit`` under that seed, then ``check`` and ``artifacts``.
+    (flow-inverse inserts no calibratable, so there is nothing to calibrate.)"""
     from surgeon.capture import capture
-    from surgeon.optimize import apply_passes, fit_passes, prepare_batches, split_batches
 
     p = flow_inverse or FlowInverse()
     cap = capture(model, example_inputs)
-    batches, _ = prepare_batches(calib, example_inputs, cap.gm)
-    split = split_batches(batches, check_fraction, seed)
-    applied = apply_passes(cap.gm, [p], seed)
-    fit_passes(applied, split.fit)
-    checks = p.check(applied.gm, applied.ctx, split.check)
-    fitted = applied.gm.get_submodule(ATTR) if hasattr(applied.gm, ATTR) else None
-    inverse = p.artifacts(applied.gm, applied.ctx).get("inverse")
-    return Distilled(inverse, checks[0] if checks else None, applied.diagnostics, cap.gm,
-                     split.fit_index, split.check_index, fitted)
+    batches = [(b,) if isinstance(b, torch.Tensor) else tuple(b) if isinstance(b, list) else b for b in calib]
+    if not batches:
+        raise SurgeonError("calibration data is empty")
+    fit_index, check_index = split_indices(len(batches), check_fraction, seed)
+    fit, check = [batches[i] for i in fit_index], [batches[i] for i in check_index]
+    gm, ctx, diagnostics = PassManager([p]).run(copy.deepcopy(cap.gm), PassContext(options={"seed": seed}))
+    with torch.random.fork_rng(devices=[]):  # seeded fitting without touching the caller's RNG state
+        torch.manual_seed(seed)
+        p.fit(gm, ctx, fit)
+    checks = p.check(gm, ctx, check)
+    fitted = gm.get_submodule(ATTR) if hasattr(gm, ATTR) else None
+    inverse = p.artifacts(gm, ctx).get("inverse")
+    return Distilled(inverse, checks[0] if checks else None, diagnostics, cap.gm, fit_index, check_index, fitted)

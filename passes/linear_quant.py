@@ -13,7 +13,7 @@ After:   y = dq(q(x; s_x)) · dq(W_q; s_W) + b
 INT8 weights use 7 bits (|q| ≤ 63) unless ``reduce_range=False``: x86 CPUs without VNNI multiply u8
 activations by s8 weights with ``vpmaddubsw``, whose int16 pair sums saturate when 2·255·|w| > 32767;
 with |w| ≤ 63 they cannot, so ONNX Runtime computes exactly what the torch module computes.
-Weights are rounded by GPTQ (``rounding=gptq``, surgeon/_gptq.py): each input column's rounding
+Weights are rounded by GPTQ (``rounding=gptq``, passes/_gptq.py): each input column's rounding
 error is compensated on the columns not rounded yet through (XᵀX)⁻¹ of the layer's calibration
 inputs, which recovers most of the bit the 7-bit range costs (MiniLM held-out cosine min 0.9938 →
 0.9959); ``rounding=nearest`` rounds each weight alone.
@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from surgeon._gptq import gptq_round
 from surgeon._inputs import call
-from surgeon.analysis import GraphView
+from surgeon.analysis import GraphView, site_id
 from surgeon.calibration import RunningAmax
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
+from surgeon.passes._gptq import gptq_round
 from surgeon.quant import FP8_MAX, Quantizer, dequantize, quantize
 from surgeon.quant_dynamic import dynamic_int8_linear
 
@@ -202,7 +202,7 @@ class QuantLinear(nn.Module):
         self.inv_smooth = (1.0 / self._smooth).to(torch.float32)
 
     def round_with(self, h: Tensor, damp: float) -> None:
-        """Re-round the stored weights by GPTQ (surgeon/_gptq.py) for inputs whose second moments are
+        """Re-round the stored weights by GPTQ (passes/_gptq.py) for inputs whose second moments are
         ``h`` = E[x̃ᵀx̃] (x̃ the smoothed input). Scales and layout stay; only grid points move. The
         dynamic rung's weight sees the unsmoothed x = x̃·diag(s), so its moments are diag(s)·h·diag(s)."""
         if f"{self.dtype}-static" in self.rungs:
@@ -367,7 +367,7 @@ class LinearQuant(Pass):
     min_table: int = 1024  # smaller tables are not worth a Q/DQ pair
     smooth: float = 0.8  # SmoothQuant migration strength α (0 = off), fitted on the fit batches
     rounding: Literal["nearest", "gptq"] = "gptq"  # weight rounding (linear / matmul; convs: nearest)
-    damp: float = 0.1  # GPTQ: damp × mean(diag XᵀX) added to the diagonal (see surgeon/_gptq.py)
+    damp: float = 0.1  # GPTQ: damp × mean(diag XᵀX) added to the diagonal (see passes/_gptq.py)
     hessian_mb: int = 512  # GPTQ: memory for XᵀX statistics per pass over the fit batches
 
     def __post_init__(self) -> None:
@@ -625,7 +625,7 @@ class LinearQuant(Pass):
             if found is None:
                 continue
             module = view.module_path(node)
-            site = f"linear:{module or '<root>'}:{node.name}"
+            site = site_id("linear", module, node.name)
             if isinstance(found, str):
                 diags.append(Diagnostic(self.name, site, "skipped", found, module, "linear"))
                 continue
@@ -671,7 +671,7 @@ class LinearQuant(Pass):
             else:
                 continue
             module = view.module_path(node)
-            site = f"embedding:{module or '<root>'}:{node.name}"
+            site = site_id("embedding", module, node.name)
             if table is None:
                 diags.append(Diagnostic(self.name, site, "skipped", "table is not a constant", module, "embedding"))
                 continue

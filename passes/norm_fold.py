@@ -25,6 +25,8 @@ Exact rewrite: the pass registers no guarded site (there is nothing for the guar
 fold cannot be switched off without keeping both weight sets); it applies identically on every run,
 including the pipeline's rebuild, and reports one diagnostic per norm. Constants are replaced by new
 parameters (``<name>_folded``, ``<name>_centred``); tied weights are untied where a fold needs it.
+Each norm it rewrites carries ``node.meta["surgeon"] = {"pass": "norm-fold", "residual_centred": bool}``
+(True where the residual stream was centred) for later passes to read.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, fx
 
-from surgeon._norm_math import NormParts, constant_of, copy_meta, drop_unused, find_norms, set_constant, site_id
-from surgeon.analysis import analyze_graph
-from surgeon.analysis import GraphView
+from surgeon.analysis import GraphView, analyze_graph, site_id
+from surgeon.passes._fx import copy_meta
+from surgeon.passes._norm_math import NormParts, constant_of, drop_unused, find_norms, set_constant
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult
 
 __all__ = ["NormFold"]
@@ -360,7 +362,7 @@ class NormFold(Pass):
         for nm, parts in find_norms(gm, view):
             site = sites.get(nm.node)
             kind = "norm_residual" if site else "norm"
-            sid = site.id if site else site_id("norm", view.module_path(nm.node), nm.node)
+            sid = site.id if site else site_id("norm", view.module_path(nm.node), nm.node.name)
             if isinstance(parts, str):
                 diags.append(Diagnostic(self.name, sid, "skipped", f"{nm.flavor}: {parts}",
                                         view.module_path(nm.node), kind))
@@ -451,6 +453,8 @@ class NormFold(Pass):
             else:
                 new = g.call_function(aten.layer_norm.default, (parts.x, [parts.dim], w, None, parts.eps))
             copy_meta(new, parts.node)
+            # what later passes read (norm-gate: the stream is centred, the original has no equal value)
+            new.meta["surgeon"] = {"pass": self.name, "residual_centred": p.centred}
             out = new
             if not fold and parts.bias is not None:
                 out = g.call_function(aten.add.Tensor, (new, parts.bias))

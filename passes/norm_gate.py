@@ -42,7 +42,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from surgeon._inputs import Inputs
-from surgeon._norm_math import constant_of, copy_meta, drop_unused, find_norms, reference_norm
+from surgeon.passes._fx import copy_meta
+from surgeon.passes._norm_math import constant_of, drop_unused, find_norms, reference_norm
 from surgeon.analysis import analyze_graph
 from surgeon.analysis import GraphView
 from surgeon.errors import SurgeonError
@@ -227,9 +228,10 @@ class NormGate(Pass):
         diags: list[Diagnostic] = []
         modified = False
         i = sum(1 for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith(PREFIX))
-        # norm-fold centres the residual stream (its new constants end in "_centred"): the block output
-        # then differs from the original's by its mean, so there is no original value to compare with.
-        centred = any(n.op == "get_attr" and "_centred" in str(n.target) for n in gm.graph.nodes)
+        # norm-fold centres the residual stream (it marks the norms it rewrote so, node.meta["surgeon"]):
+        # the block output then differs from the original's by its mean, so there is no original value
+        # to compare with.
+        centred = any(n.meta.get("surgeon", {}).get("residual_centred") for n in gm.graph.nodes)
         for site in analyze_graph(gm).by_kind("norm_residual"):
             if not ctx.wants(site.id):
                 continue

@@ -1,10 +1,16 @@
-"""Pass infrastructure: frozen-dataclass passes, a lazy name registry, pipeline specs, ordering.
+"""Pass infrastructure: frozen-dataclass passes, pipeline specs, ordering (the registry: ``surgeon.passes``).
 
 A pass is a frozen dataclass whose fields are its options; ``name`` is its CLI id. ``call(gm, ctx)``
 rewrites ``gm`` in place (or returns a new module) and returns ``PassResult(gm, modified,
 diagnostics)``. Every site a pass touches is *registered* in the context with the submodules it added,
 so the verification guard can switch a site off (``set_site_active``) and the pipeline can rebuild
 the model with only the kept sites (``PassContext.enabled_sites``).
+
+Passes are found by name only through ``surgeon.passes`` (``pass_class``, ``register``); a pass never
+imports another pass. What a pass wants later passes to know about its rewrite it records on the nodes
+it creates, under ``node.meta["surgeon"]`` (a dict of plain facts, e.g. norm-fold's
+``{"residual_centred": True}``): the graph carries it to every later pass, and the pipeline's rebuild
+reruns the same passes on a fresh copy of the captured graph, so the facts are recorded again.
 
 Pipeline spec grammar: ``name{opt=value,opt=value},name2`` — e.g.
 ``attention-fp8{p_bits=8,granularity=head},linear-quant{dtype=int8}``.
@@ -13,7 +19,6 @@ Pipeline spec grammar: ``name{opt=value,opt=value},name2`` — e.g.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 import typing
 from dataclasses import dataclass, field
@@ -23,17 +28,6 @@ import networkx as nx
 from torch import fx, nn
 
 from .errors import SurgeonError
-
-# Lazy registry: importing surgeon does not import every pass (some pull heavy deps).
-REGISTRY: dict[str, str] = {
-    "attention-fp8": "surgeon.passes.attention_fp8:AttentionFP8",
-    "linear-quant": "surgeon.passes.linear_quant:LinearQuant",
-    "norm-fold": "surgeon.passes.norm_fold:NormFold",
-    "norm-gate": "surgeon.passes.norm_gate:NormGate",
-    "flow-fold": "surgeon.passes.flow_fold:FlowFold",
-    "flow-inverse": "surgeon.passes.flow_inverse:FlowInverse",
-}
-
 
 @dataclass
 class Diagnostic:
@@ -91,6 +85,9 @@ class PassContext:
     records: dict[str, SiteRecord] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)  # pipeline-wide: seed, calibration data...
+    profile: Any = None
+    """the deploy target's runtime profile (surgeon.profile.Profile), set by the pipeline; passes read
+    runtime facts from it instead of hard-coding one runtime"""
 
     def wants(self, site_id: str) -> bool:
         return self.enabled_sites is None or site_id in self.enabled_sites
@@ -133,17 +130,11 @@ class Pass:
 
 
 def pass_class(name: str) -> type[Pass]:
-    """Resolve a registered pass name to its class (imports its module on first use)."""
-    if name not in REGISTRY:
-        raise SurgeonError(f"unknown pass '{name}' (known: {', '.join(sorted(REGISTRY))})")
-    module_name, cls_name = REGISTRY[name].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            raise SurgeonError(f"pass '{name}' is not available in this version of surgeon") from exc
-        raise
-    return getattr(module, cls_name)
+    """Resolve a registered pass name to its class (``surgeon.passes.pass_class``: imports its module
+    on first use)."""
+    from surgeon import passes  # lazy: the pass modules import this one
+
+    return passes.pass_class(name)
 
 
 def _coerce(cls: type, f: dataclasses.Field, raw: str) -> Any:

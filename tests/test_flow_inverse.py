@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from surgeon._flows import AuxInverse, error_figures, reconstruction_errors
+from surgeon.passes._flows import AuxInverse, error_figures, reconstruction_errors
 from surgeon.capture import capture
 from surgeon.optimize import apply_passes, fit_passes
 from surgeon.pass_manager import PassManager, parse_pipeline

@@ -152,7 +152,7 @@ def test_per_tensor_granularity() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# GPTQ rounding (surgeon/_gptq.py)
+# GPTQ rounding (passes/_gptq.py)
 # --------------------------------------------------------------------------------------------------
 def _grid(s: torch.Tensor, qmax: float = 63.0):
     s64 = s.double()
@@ -161,7 +161,7 @@ def _grid(s: torch.Tensor, qmax: float = 63.0):
 
 def test_gptq_with_uncorrelated_inputs_is_nearest_rounding() -> None:
     # H = c·I: (H⁻¹)_ij = 0 for i ≠ j, so no error is carried to later columns.
-    from surgeon._gptq import gptq_round
+    from surgeon.passes._gptq import gptq_round
 
     w = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
     s = w.abs().amax(1) / 63
@@ -170,7 +170,7 @@ def test_gptq_with_uncorrelated_inputs_is_nearest_rounding() -> None:
 
 
 def test_gptq_lowers_the_output_error_on_correlated_inputs() -> None:
-    from surgeon._gptq import gptq_round
+    from surgeon.passes._gptq import gptq_round
 
     g = torch.Generator().manual_seed(1)
     mix = torch.randn(32, 32, generator=g)

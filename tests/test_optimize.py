@@ -26,7 +26,8 @@ from surgeon import cli
 from surgeon.analysis._graph import GraphView
 from surgeon.errors import SurgeonError
 from surgeon.optimize import optimize, prepare_batches, split_batches
-from surgeon.pass_manager import REGISTRY, Diagnostic, Pass, PassContext, PassResult, SiteRecord
+from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
+from surgeon.passes import REGISTRY
 from surgeon.verify import measure_model
 
 TOY_SOURCE = textwrap.dedent('''

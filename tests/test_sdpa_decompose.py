@@ -1,4 +1,4 @@
-"""The exact SDPA decomposition (surgeon._sdpa.sdpa_reference, quantization off) vs torch's kernel.
+"""The exact SDPA decomposition (surgeon.passes._sdpa.sdpa_reference, quantization off) vs torch's kernel.
 
 Tolerance: max |difference| ≤ 1e-5 on fp32 inputs of unit scale (both compute in fp32; they differ
 only in summation order)."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from surgeon._sdpa import AttentionQuant, center_keys, sdpa_reference
+from surgeon.passes._sdpa import AttentionQuant, center_keys, sdpa_reference
 
 TOL = 1e-5
 

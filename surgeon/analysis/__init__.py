@@ -23,9 +23,16 @@ from torch import fx, nn
 from .._inputs import Inputs
 from ._graph import SHAPE_OPS, GraphView  # GraphView is public: passes read graphs through it
 
-__all__ = ["KINDS", "SHAPE_OPS", "Analysis", "GraphView", "NearMiss", "Site", "analyze", "analyze_graph"]
+__all__ = ["KINDS", "SHAPE_OPS", "Analysis", "GraphView", "NearMiss", "Site", "analyze", "analyze_graph", "site_id"]
 
 KINDS = ("attention", "norm_residual", "coupling")
+
+
+
+def site_id(kind: str, module: str, node_name: str) -> str:
+    """A site's id, ``kind:module:node`` (``<root>`` for the top-level module): the format of
+    ``Site.id``, which a pass uses for the sites it finds on its own so ids match across the tools."""
+    return f"{kind}:{module or '<root>'}:{node_name}"
 
 
 @dataclass
@@ -60,7 +67,7 @@ class Site:
     @property
     def id(self) -> str:
         """Stable identifier: ``kind:module:anchor-node`` (unique within one graph)."""
-        return f"{self.kind}:{self.module or '<root>'}:{self.anchor.name}"
+        return site_id(self.kind, self.module, self.anchor.name)
 
     def to_json(self) -> dict:
         return {

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils import _pytree as pytree
 
-from ._inputs import Inputs, as_args_kwargs, tensors_of
+from surgeon._inputs import Inputs, as_args_kwargs, tensors_of
 
 # --------------------------------------------------------------------------------------------------
 # graph side

@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .analysis import GraphView
+from surgeon.analysis import GraphView
 
-__all__ = ["NormParts", "find_norms", "reference_norm", "set_constant", "drop_unused", "constant_of",
-           "site_id", "copy_meta"]
+__all__ = ["NormParts", "find_norms", "reference_norm", "set_constant", "drop_unused", "constant_of"]
 
 _CASTS = {"to"}
 
@@ -45,17 +44,6 @@ class NormParts:
     bias: fx.Node | None  # β (get_attr) or None
     core: list[fx.Node] = field(default_factory=list)  # nodes computing y from x (graph order), node last
     module: str = ""
-
-
-def site_id(kind: str, module: str, node: fx.Node) -> str:
-    """The analyzer's id format (``Site.id``) for a norm that is not a ``norm_residual`` site."""
-    return f"{kind}:{module or '<root>'}:{node.name}"
-
-
-def copy_meta(dst: fx.Node, src: fx.Node) -> None:
-    for key in ("val", "tensor_meta", "nn_module_stack", "stack_trace"):
-        if key in src.meta:
-            dst.meta[key] = src.meta[key]
 
 
 def constant_of(gm: fx.GraphModule, node: Any) -> Tensor | None:
@@ -169,7 +157,7 @@ def _hand_parts(gm: fx.GraphModule, view: GraphView, node: fx.Node, x: fx.Node, 
 
 def find_norms(gm: fx.GraphModule, view: GraphView) -> list[tuple[Any, NormParts | str]]:
     """Every norm of the graph (analyzer's definition) with its parts or the reason it cannot be read."""
-    from .analysis.norms import _hand_written, _library
+    from surgeon.analysis.norms import _hand_written, _library
 
     out = []
     for nm in _library(view) + _hand_written(view):
