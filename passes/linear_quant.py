@@ -187,7 +187,7 @@ class QuantLinear(nn.Module):
             return dict(base)
         k, n = self.outlier_count, self.weight.numel() // self.in_features
         share = 1.0 - k / self.in_features
-        return {"weight_bytes": float(base["weight_bytes"] - 4 * k * n), "macs": float(base["macs"] * share)}
+        return {**base, "weight_bytes": float(base["weight_bytes"] - 4 * k * n), "macs": float(base["macs"] * share)}
 
     def input_channel_amax(self) -> Tensor:
         """max |W| over outputs, per input channel (the weight side of the smoothing balance)."""
@@ -639,8 +639,9 @@ class LinearQuant(Pass):
             layer = QuantLinear(op, w, b, dtype=self.dtype, granularity=self.granularity, method=self.method,
                                 reduce_range=self._reduce_range(profile), conv=conv, name=sub, rungs=rungs)
             benefit = {"weight_bytes": float(layer.weight_bytes_saved()), "macs": float(_macs(node, w, op))}
+            speed = getattr(profile, "speed_of", lambda r: 1.0)
             record = SiteRecord(site, "linear", module, self.name, [sub], rungs=rungs,
-                                benefit={r: dict(benefit) for r in rungs})
+                                benefit={r: {**benefit, "speed": speed(r)} for r in rungs})
             _swap(gm, ctx, node, sub, layer, x, record)
             shape = "x".join(map(str, w.shape))
             bits = 7 if layer.reduce_range and self.dtype == "int8" else 8
@@ -686,7 +687,7 @@ class LinearQuant(Pass):
             if not ctx.wants(site):
                 continue
             sub = new_name(module or node.name)
-            rung = f"{self.dtype}-weight-only"
+            rung = self.dtype  # weight-only: the table is stored in 8 bits, gathered rows are dequantized
             _swap(gm, ctx, node, sub, QuantEmbedding(table, pad, self.dtype), ids,
                   SiteRecord(site, "embedding", module, self.name, [sub], rungs=(rung,),
                              benefit={rung: {"weight_bytes": 3.0 * table.numel(), "macs": 0.0}}))

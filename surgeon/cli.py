@@ -71,15 +71,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 def _pass_names() -> tuple[str, ...]:
     """Registered pass names (the one place that knows where the pass registry lives)."""
-    from .pass_manager import REGISTRY
+    from . import passes  # type: ignore[attr-defined]
 
-    return tuple(sorted(REGISTRY))
+    return tuple(sorted(passes.registered()))
 
 
 def _pass_class(name: str) -> type:
-    from .pass_manager import pass_class
+    from . import passes  # type: ignore[attr-defined]
 
-    return pass_class(name)
+    return passes.pass_class(name)
 
 
 def _target_names() -> tuple[str, ...]:

@@ -16,7 +16,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["Profile", "TORCH", "ORT_CPU", "ORT_CPU_FP8", "ORT_CPU_INT8", "KEEP"]
+__all__ = ["Profile", "TORCH", "ORT_CPU", "ORT_CPU_FP8", "ORT_CPU_INT8", "ORT_CPU_INT8_VNNI", "KEEP"]
 
 KEEP = "keep"  # the last rung of every ladder: the site stays as it is
 
@@ -39,6 +39,9 @@ class Profile:
     uint8_activations: bool = False  # int8 activations written as uint8 with zero point + 128 (ORT x86 MLAS)
     fuses_attention: bool = False  # whether the runtime runs attention as one fused kernel
     graph_requirements: tuple[str, ...] = ()  # what must hold in the runtime's optimized graph (human-readable)
+    # format → how fast the runtime runs it relative to its fastest format of that kind (1.0); the
+    # guard weighs a rung's benefit (bytes, multiply-adds) by it (stored as pairs; absent: 1.0)
+    speed: tuple[tuple[str, float], ...] = field(default=())
 
     def __post_init__(self) -> None:
         ladders = _freeze_ladders(self.ladders)
@@ -47,6 +50,8 @@ class Profile:
                 raise ValueError(f"profile {self.runtime}: the ladder of '{kind}' must end in '{KEEP}', got {formats}")
         object.__setattr__(self, "ladders", ladders)
         object.__setattr__(self, "graph_requirements", tuple(str(r) for r in self.graph_requirements))
+        speed = self.speed.items() if isinstance(self.speed, Mapping) else self.speed
+        object.__setattr__(self, "speed", tuple((str(k), float(v)) for k, v in speed))
 
     @property
     def ladder_map(self) -> Mapping[str, tuple[str, ...]]:
@@ -61,6 +66,10 @@ class Profile:
         """Substitute formats for sites of ``kind``, best first; ``("keep",)`` for a kind not listed."""
         return dict(self.ladders).get(kind, (KEEP,))
 
+    def speed_of(self, fmt: str) -> float:
+        """Relative speed of ``fmt`` on this runtime (1.0 when the profile does not say)."""
+        return dict(self.speed).get(fmt, 1.0)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "runtime": self.runtime,
@@ -71,6 +80,7 @@ class Profile:
             "uint8_activations": self.uint8_activations,
             "fuses_attention": self.fuses_attention,
             "graph_requirements": list(self.graph_requirements),
+            "speed": dict(self.speed),
         }
 
 
@@ -117,14 +127,35 @@ ORT_CPU_FP8 = Profile(
 INT8_FUSED = "every MatMul with an INT8 weight runs as an integer kernel (MatMulIntegerToFloat / QLinearMatMul / …)"
 INT8_NO_FLOAT_AFTER_DQ = "no float MatMul fed by a DequantizeLinear"
 
+# INT8 on ORT CPU: dynamic activation ranges first. DynamicQuantizeLinear + MatMulInteger is one fused
+# kernel (DynamicQuantizeMatMul); a static scale costs a separate QuantizeLinear and the SmoothQuant
+# Mul; the outlier rung a Mul, a Gather and a small float MatMul. Relative speeds of each rung on
+# MiniLM (bench/int8_rungs.py, docs/benchmarks.md).
+_INT8_LINEAR = ("int8-dynamic", "int8-dynamic-outliers", "int8-static", KEEP)
+_INT8_SPEED = {"int8-dynamic": 1.0, "int8-dynamic-outliers": 0.85, "int8-static": 0.75}
+
 ORT_CPU_INT8 = Profile(
     runtime="onnxruntime-cpu",
-    machine="x86-64 (AVX2 or later)",
-    ladders={"linear": ("int8-static", "int8-dynamic", KEEP), "embedding": ("int8", KEEP),
-             "attention": ("fp8", KEEP)},
+    machine="x86-64 (AVX2 or later): 7-bit weights, exact where u8·s8 vpmaddubsw saturates",
+    ladders={"linear": _INT8_LINEAR, "embedding": ("int8", KEEP), "attention": ("fp8", KEEP)},
     weight_layout="transposed",
     int8_weight_bits=7,
     uint8_activations=True,
     fuses_attention=False,
     graph_requirements=(INT8_FUSED, INT8_NO_FLOAT_AFTER_DQ),
+    speed=_INT8_SPEED,
+)
+
+# The same with 8-bit weights: exact only where the u8·s8 product is computed without int16
+# saturation (VNNI vpdpbusd, AMX); on an AVX2-only CPU ORT's kernel may saturate and differ.
+ORT_CPU_INT8_VNNI = Profile(
+    runtime="onnxruntime-cpu",
+    machine="x86-64 with AVX512-VNNI or AVX-VNNI: 8-bit weights (not exact on AVX2-only CPUs)",
+    ladders={"linear": _INT8_LINEAR, "embedding": ("int8", KEEP), "attention": ("fp8", KEEP)},
+    weight_layout="transposed",
+    int8_weight_bits=8,
+    uint8_activations=True,
+    fuses_attention=False,
+    graph_requirements=(INT8_FUSED, INT8_NO_FLOAT_AFTER_DQ),
+    speed=_INT8_SPEED,
 )

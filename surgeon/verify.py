@@ -444,7 +444,8 @@ def _configure(gm: fx.GraphModule, records: Sequence[SiteRecord], active: "set[s
 
 class _Benefit:
     """What a site's rung buys, as one number: its share of all weight bytes saved plus its share of
-    all multiply-adds moved to 8 bits (each share in [0, 1]). Sites that declare no benefit count as
+    all multiply-adds moved to 8 bits (each share in [0, 1]), times the rung's relative speed on the
+    target's runtime (``benefit[rung]["speed"]``, 1 if absent). Sites that declare no benefit count as
     the mean of those that do (and as 1 when none does: then the order is by error alone)."""
 
     def __init__(self, records: Sequence[SiteRecord]) -> None:
@@ -456,8 +457,9 @@ class _Benefit:
         self.default = (sum(known) / len(known)) if known else 1.0
 
     def _raw(self, r: SiteRecord, rung: str) -> float:
+        # "speed": how fast the target's runtime runs this rung relative to its fastest (profile.speed)
         b = r.benefit.get(rung, {})
-        return sum(float(b.get(k, 0.0)) / t for k, t in self.totals.items() if t > 0)
+        return float(b.get("speed", 1.0)) * sum(float(b.get(k, 0.0)) / t for k, t in self.totals.items() if t > 0)
 
     def __call__(self, site: str, rung: str) -> float:
         if rung == KEEP:

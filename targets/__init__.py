@@ -30,9 +30,10 @@ _REGISTRY: dict[str, "str | Target"] = {
     "onnx": "surgeon.targets.onnx_targets:ONNX",
     "onnx-fp8": "surgeon.targets.onnx_targets:ONNX_FP8",
     "onnx-int8": "surgeon.targets.onnx_targets:ONNX_INT8",
+    "onnx-int8-vnni": "surgeon.targets.onnx_targets:ONNX_INT8_VNNI",
 }
 
-TARGETS: tuple[str, ...] = ("onnx", "onnx-fp8", "onnx-int8")  # written by write_target beside model.pt2
+TARGETS: tuple[str, ...] = ("onnx", "onnx-fp8", "onnx-int8", "onnx-int8-vnni")  # written by write_target beside model.pt2
 
 __all__ = ["TARGETS", "Target", "check_target", "get_target", "register", "registered", "write_target"]
 

@@ -4,14 +4,12 @@ run a pass or calibrate (the pipeline in surgeon/optimize.py does, before a targ
 from __future__ import annotations
 
 import os
-import statistics
-import time as _time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from surgeon.profile import Profile
 
-__all__ = ["Target", "median_ms", "batch_shapes"]
+__all__ = ["Target", "batch_shapes"]
 
 
 @dataclass(frozen=True)
@@ -40,9 +38,17 @@ class Target:
         """Run the file in its runtime on ``inputs`` and compare with the torch ``module``."""
         raise NotImplementedError
 
-    def time(self, path: str | os.PathLike, inputs: Any, *, runs: int = 20, threads: int = 2) -> dict[str, Any]:
-        """Median latency (ms) of the written file in its runtime on this machine."""
+    def runner(self, path: str | os.PathLike, inputs: Any, *, threads: int = 2) -> Callable[[], Any]:
+        """A prepared call of the written file in its runtime on ``inputs`` (loading is not timed)."""
         raise NotImplementedError
+
+    def time(self, path: str | os.PathLike, inputs: Any, *, runs: int = 20, threads: int = 2) -> dict[str, Any]:
+        """Median latency (ms) of the written file in its runtime on this machine (warm-up first)."""
+        from surgeon.speed import side_by_side
+
+        t = side_by_side({"file": self.runner(path, inputs, threads=threads)}, runs=runs)["file"]
+        return {"target": self.name, "runtime": self.runtime, "median_ms": t["median_ms"], "min_ms": t["min_ms"],
+                "runs": runs, "threads": threads, "batch": batch_shapes(inputs)}
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "format": self.format, "runtime": self.runtime, "file": self.filename,
@@ -59,17 +65,3 @@ def batch_shapes(inputs: Any) -> dict[str, list[int]]:
     args, kwargs = as_args_kwargs(inputs)
     named = [(f"arg{i}", v) for i, v in enumerate(args)] + list(kwargs.items())
     return {k: list(v.shape) for k, v in named if isinstance(v, torch.Tensor)}
-
-
-def median_ms(fn: Callable[[], Any], runs: int, warmup: int | None = None) -> tuple[float, list[float]]:
-    """Call ``fn`` ``warmup`` times (default: min(3, runs)), then ``runs`` times; median and all times in ms."""
-    if runs < 1:
-        raise ValueError(f"runs must be at least 1, got {runs}")
-    for _ in range(min(3, runs) if warmup is None else warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = _time.perf_counter()
-        fn()
-        times.append((_time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), times

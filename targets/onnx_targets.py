@@ -9,11 +9,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from surgeon import profile as _profile
 
-from ._base import Target, batch_shapes, median_ms
+from ._base import Target
 
 __all__ = ["OnnxTarget", "ONNX", "ONNX_FP8", "ONNX_INT8", "quantized_dtypes", "ort_fusion"]
 
@@ -124,16 +124,17 @@ class OnnxTarget(Target):
         figures.update(self.graph_checks(path))
         return figures
 
-    def time(self, path: str | os.PathLike, inputs: Any, *, runs: int = 20, threads: int = 2) -> dict[str, Any]:
-        """ORT CPU session with ``threads`` intra-op threads and intra-op spinning off; warm-up, then the
-        median of ``runs`` runs in ms."""
+    def runner(self, path: str | os.PathLike, inputs: Any, *, threads: int = 2) -> Callable[[], Any]:
+        """An ORT CPU session with ``threads`` intra-op threads and intra-op spinning off (a spinning
+        session would take the cores from the next one when files are timed round robin)."""
         from .onnx import _feeds, session
 
         sess = session(path, threads=threads, spinning=False)
         feeds = _feeds(sess, inputs)
-        med, times = median_ms(lambda: sess.run(None, feeds), runs)
-        return {"target": self.name, "runtime": self.runtime, "median_ms": med, "min_ms": min(times),
-                "runs": runs, "threads": threads, "intra_op_spinning": False, "batch": batch_shapes(inputs)}
+        return lambda: sess.run(None, feeds)
+
+    def time(self, path: str | os.PathLike, inputs: Any, *, runs: int = 20, threads: int = 2) -> dict[str, Any]:
+        return {**super().time(path, inputs, runs=runs, threads=threads), "intra_op_spinning": False}
 
 
 ONNX = OnnxTarget(
@@ -149,4 +150,10 @@ ONNX_FP8 = OnnxTarget(
 ONNX_INT8 = OnnxTarget(
     name="onnx-int8", format="onnx", runtime=_profile.ORT_CPU_INT8.runtime, profile=_profile.ORT_CPU_INT8,
     description="model.onnx with INT8 weights and UINT8 activations that ORT CPU fuses into integer kernels",
+    default_passes="linear-quant{dtype=int8}", quantized="int8")
+
+ONNX_INT8_VNNI = OnnxTarget(
+    name="onnx-int8-vnni", format="onnx", runtime=_profile.ORT_CPU_INT8_VNNI.runtime,
+    profile=_profile.ORT_CPU_INT8_VNNI,
+    description="onnx-int8 with 8-bit weights, for CPUs with AVX512-VNNI or AVX-VNNI (more accurate; not exact on AVX2-only CPUs)",
     default_passes="linear-quant{dtype=int8}", quantized="int8")

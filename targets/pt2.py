@@ -10,11 +10,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from surgeon import profile as _profile
 
-from ._base import Target, batch_shapes, median_ms
+from ._base import Target
 
 __all__ = ["TorchTarget", "TORCH"]
 
@@ -101,23 +101,25 @@ class TorchTarget(Target):
                 figures["cosine_mean"] = float(cos.mean())
         return figures
 
-    def time(self, path: str | os.PathLike, inputs: Any, *, runs: int = 20, threads: int = 2) -> dict[str, Any]:
+    def runner(self, path: str | os.PathLike, inputs: Any, *, threads: int = 2) -> Callable[[], Any]:
         """``torch.export.load(path).module()`` under ``torch.no_grad`` with ``threads`` intra-op threads
-        (restored afterwards); warm-up, then the median of ``runs`` runs in ms."""
+        (set for each call and restored, so two runners can alternate with other work between)."""
         import torch
 
         from surgeon._inputs import call
 
         module = torch.export.load(str(path)).module()
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.no_grad():
-                med, times = median_ms(lambda: call(module, inputs), runs)
-        finally:
-            torch.set_num_threads(before)
-        return {"target": self.name, "runtime": self.runtime, "median_ms": med, "min_ms": min(times),
-                "runs": runs, "threads": threads, "batch": batch_shapes(inputs)}
+
+        def run() -> Any:
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                with torch.no_grad():
+                    return call(module, inputs)
+            finally:
+                torch.set_num_threads(before)
+
+        return run
 
 
 TORCH = TorchTarget(

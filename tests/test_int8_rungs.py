@@ -84,10 +84,10 @@ def test_records_carry_the_ladder_and_the_benefit(quantized: tuple) -> None:
     assert down.rungs == ("int8-static", "int8-dynamic", "int8-dynamic-outliers")
     layer = gm.get_submodule(down.submodules[0])
     assert isinstance(layer, QuantLinear) and layer.outlier_index.tolist() == [7]
-    assert down.benefit["int8-static"] == {"weight_bytes": 3.0 * 96 * 32, "macs": 16.0 * 96 * 32}
+    assert down.benefit["int8-static"] == {"weight_bytes": 3.0 * 96 * 32, "macs": 16.0 * 96 * 32, "speed": 1.0}
     # one of 96 input rows stays in float: 4·32 bytes more, 1/96 of the multiply-adds not in 8 bits
     assert down.benefit["int8-dynamic-outliers"] == {"weight_bytes": 3.0 * 96 * 32 - 4 * 32,
-                                                     "macs": 16.0 * 95 * 32}
+                                                     "macs": 16.0 * 95 * 32, "speed": 1.0}
 
 
 @pytest.mark.parametrize("rung, onnx_ops, fused", [
