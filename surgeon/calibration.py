@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ._inputs import Inputs, as_args_kwargs, call
 from .errors import SurgeonError
+from .formats import FP8_MAX, INT8_MAX, round_half_even
 
 __all__ = ["RunningAmax", "Histogram", "Calibratable", "calibratables", "calibrate", "CalibrationStats",
            "all_reduce_statistics", "can_all_reduce"]
@@ -238,8 +239,6 @@ class Histogram:
         (evaluating only centres, as pytorch-quantization does, overstates fp8's error on the many
         small values whose levels are finer than a bin, which biases the search toward large clips).
         """
-        from .quant import FP8_MAX, INT8_MAX, round_half_even  # quant imports this module
-
         if dtype not in ("fp8", "int8"):
             raise SurgeonError(f"unknown quantization dtype '{dtype}' (known: fp8, int8)")
         counts, hi, amax = self._checked()
