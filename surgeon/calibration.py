@@ -25,9 +25,9 @@ from typing import Iterable, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ._inputs import Inputs, as_args_kwargs, call
 from .errors import SurgeonError
 from .formats import FP8_MAX, INT8_MAX, round_half_even
+from .inputs import Inputs, batch_size, call
 
 __all__ = ["RunningAmax", "Histogram", "Calibratable", "calibratables", "calibrate", "CalibrationStats",
            "all_reduce_statistics", "can_all_reduce"]
@@ -324,14 +324,6 @@ class CalibrationStats:
                 "calibrated": self.calibrated}
 
 
-def _batch_size(inputs: Inputs) -> int:
-    args, kwargs = as_args_kwargs(inputs)
-    for v in list(args) + list(kwargs.values()):
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    return 1
-
-
 def calibrate(module: nn.Module, batches: Iterable[Inputs], *, desc: str = "calibrating",
               progress: bool = True, reset: bool = True, distributed: bool | None = None) -> CalibrationStats:
     """Stream ``batches`` through ``module`` once and calibrate every calibratable in it.
@@ -372,7 +364,7 @@ def calibrate(module: nn.Module, batches: Iterable[Inputs], *, desc: str = "cali
             for inputs in batches:
                 call(module, inputs)
                 n_batches += 1
-                n_samples += _batch_size(inputs)
+                n_samples += batch_size(inputs)
                 bar.advance(task)
     if combine:
         counts = dist.all_reduce(torch.tensor([n_batches, n_samples], dtype=torch.int64), "sum", desc)
