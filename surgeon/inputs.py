@@ -47,7 +47,8 @@ def named_inputs(inputs: Inputs) -> list[tuple[str, Any]]:
 
 def batch_size(inputs: Inputs) -> int:
     """The leading dimension of the first non-scalar tensor input (1 when there is none)."""
-    for _, v in named_inputs(inputs):
+    args, kwargs = as_args_kwargs(inputs)
+    for v in list(args) + list(kwargs.values()):  # calibrate calls it per batch: no names built
         if isinstance(v, torch.Tensor) and v.dim() > 0:
             return int(v.shape[0])
     return 1

@@ -50,7 +50,6 @@ class LoadedModel:
         return tokenize(self.model, self.tokenizer, list(sentences), max_length)
 
 
-
 def refuse_text(text: str | None, source: str, what: str) -> None:
     if text is not None:
         raise SurgeonError(f"a sentence (--text) applies only to Hugging Face text models; '{source}' is {what}")
@@ -82,7 +81,6 @@ def size_one_notes(inputs: Inputs) -> list[str]:
             notes.append(f"example input {name} has shape {tuple(v.shape)}: torch.export specialises "
                          "dimensions of size 1, so the captured graph will only accept that size there")
     return notes
-
 
 
 def max_positions(model: nn.Module, tokenizer: Any, requested: int | None) -> int:

@@ -70,7 +70,6 @@ def _no_progress_bars(transformers: Any) -> Iterator[None]:
             logging_.enable_progress_bar()
 
 
-
 def _load_tokenizer(transformers: Any, path: Path, source: str, notes: list[str]) -> Any:
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise SurgeonError(f"Hugging Face model directory '{source}' has no tokenizer files (tokenizer.json, "
@@ -107,7 +106,6 @@ def _pixel_values(config: Any) -> torch.Tensor | None:
         gen = torch.Generator().manual_seed(SEED)
         return torch.randn(BATCH, channels, h, w, generator=gen)
     return None
-
 
 
 def load_hf(source: str, path: Path, *, trust_pickle: bool = False, text: str | None = None) -> LoadedModel:

@@ -94,7 +94,6 @@ def _tensor_only_unpickling() -> Iterator[None]:
             _package.pickle = saved  # type: ignore[union-attr]
 
 
-
 def load_pt2(source: str, path: Path, *, trust_pickle: bool = False, text: str | None = None) -> LoadedModel:
     refuse_text(text, source, "a .pt2 file")
     from .. import quant  # noqa: F401 - registers torch.ops.surgeon.*, which surgeon's own outputs call

@@ -63,8 +63,6 @@ def _mismatch(batch: Any, example: Inputs) -> str | None:
     return None
 
 
-
-
 def _signature(batch: Inputs) -> tuple:
     return tuple((n, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (n, repr(v)) for n, v in named_inputs(batch))
 
@@ -150,7 +148,6 @@ def split_batches(batches: Sequence[Inputs], check_fraction: float = DEFAULT_CHE
     check_index = sorted(perm[:n_check])
     fit_index = sorted(perm[n_check:])
     return Split([batches[i] for i in fit_index], [batches[i] for i in check_index], fit_index, check_index, True)
-
 
 
 def read_calibration(path: str, loaded: Any) -> list[Inputs]:
