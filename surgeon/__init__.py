@@ -12,7 +12,7 @@ Python API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .analysis import Analysis, NearMiss, Site, analyze  # noqa: E402
 from .capture import Captured, capture  # noqa: E402

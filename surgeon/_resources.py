@@ -171,7 +171,7 @@ def _activation_peak(model: Any, inputs: Any) -> int | None:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from ._inputs import call
+    from .inputs import call
 
     inputs_keys = {k[0] for k in map(_storage_key, _tensors(inputs)) if k}
     param_keys = {k[0] for k in map(_storage_key, list(model.parameters()) + list(model.buffers())) if k}

@@ -25,8 +25,9 @@ from typing import Iterable, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ._inputs import Inputs, as_args_kwargs, call
 from .errors import SurgeonError
+from .formats import FP8_MAX, INT8_MAX, round_half_even
+from .inputs import Inputs, batch_size, call
 
 __all__ = ["RunningAmax", "Histogram", "Calibratable", "calibratables", "calibrate", "CalibrationStats",
            "all_reduce_statistics", "can_all_reduce"]
@@ -238,8 +239,6 @@ class Histogram:
         (evaluating only centres, as pytorch-quantization does, overstates fp8's error on the many
         small values whose levels are finer than a bin, which biases the search toward large clips).
         """
-        from .quant import FP8_MAX, INT8_MAX, round_half_even  # quant imports this module
-
         if dtype not in ("fp8", "int8"):
             raise SurgeonError(f"unknown quantization dtype '{dtype}' (known: fp8, int8)")
         counts, hi, amax = self._checked()
@@ -325,14 +324,6 @@ class CalibrationStats:
                 "calibrated": self.calibrated}
 
 
-def _batch_size(inputs: Inputs) -> int:
-    args, kwargs = as_args_kwargs(inputs)
-    for v in list(args) + list(kwargs.values()):
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    return 1
-
-
 def calibrate(module: nn.Module, batches: Iterable[Inputs], *, desc: str = "calibrating",
               progress: bool = True, reset: bool = True, distributed: bool | None = None) -> CalibrationStats:
     """Stream ``batches`` through ``module`` once and calibrate every calibratable in it.
@@ -373,7 +364,7 @@ def calibrate(module: nn.Module, batches: Iterable[Inputs], *, desc: str = "cali
             for inputs in batches:
                 call(module, inputs)
                 n_batches += 1
-                n_samples += _batch_size(inputs)
+                n_samples += batch_size(inputs)
                 bar.advance(task)
     if combine:
         counts = dist.all_reduce(torch.tensor([n_batches, n_samples], dtype=torch.int64), "sum", desc)

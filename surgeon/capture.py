@@ -9,21 +9,17 @@ export fails, a static export is tried; if export fails altogether, ``torch.fx.s
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
-import io
-import logging
 import traceback
-from typing import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from ._inputs import Inputs, as_args_kwargs
-from .errors import CaptureError
+from .errors import CaptureError, first_line, quiet
+from .inputs import Inputs, as_args_kwargs
 
 
 @dataclass
@@ -74,18 +70,6 @@ def auto_dynamic_shapes(module: nn.Module, inputs: Inputs) -> Any:
     return named
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence torch while it tries: a failing export prints graph dumps to stdout and warnings to
-    stderr, which would corrupt ``--json`` output and the one-line error contract."""
-    logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def _export(model: nn.Module, inputs: Inputs, dynamic: bool) -> tuple[Any, Any]:
     args, kwargs = as_args_kwargs(inputs)
     ds = None
@@ -108,11 +92,6 @@ def module_of_failure(exc: BaseException, model: nn.Module) -> str | None:
     return found
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
 def capture(model: nn.Module, example_inputs: Inputs, *, dynamic: bool = True) -> Captured:
     """Capture ``model`` (put in eval mode) as a GraphModule; raise ``CaptureError`` if impossible."""
     try:
@@ -124,19 +103,19 @@ def capture(model: nn.Module, example_inputs: Inputs, *, dynamic: bool = True) -
     last_exc: BaseException | None = None
     for method, dyn in attempts:
         try:
-            with _quiet():
+            with quiet(output=True):
                 ep, ds = _export(model, example_inputs, dyn)
             return Captured(ep.module(), method, example_inputs, ds, notes, ep)
         except Exception as exc:  # noqa: BLE001 - every failure is reported, then the next method runs
             last_exc = exc
             where = module_of_failure(exc, model)
-            notes.append(f"{method} failed" + (f" in module '{where}'" if where else "") + f": {_first_line(exc)}")
+            notes.append(f"{method} failed" + (f" in module '{where}'" if where else "") + f": {first_line(exc)}")
     try:
-        with _quiet():
+        with quiet(output=True):
             gm = fx.symbolic_trace(copy.deepcopy(model))
         return Captured(gm, "fx", example_inputs, None, notes, None)
     except Exception as exc:  # noqa: BLE001
         where = module_of_failure(exc, model) or (last_exc and module_of_failure(last_exc, model))
         msg = "cannot capture the model as a graph: torch.export and torch.fx both failed" + (
-            f" in module '{where}'" if where else "") + f" ({_first_line(last_exc or exc)})"
+            f" in module '{where}'" if where else "") + f" ({first_line(last_exc or exc)})"
         raise CaptureError(msg) from exc

@@ -21,7 +21,7 @@ on the full fit list on every rank, seeded alike, and rank 0's fitted parameters
 
 A rank that dies or stops answering makes every collective on the others fail within the process
 group's timeout (``--dist-timeout``, default 300 s); that failure becomes ``PeerLost``, a one-line
-error with exit code 4, instead of a hang.
+error with exit code 5, instead of a hang.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any, Iterator, Sequence, TypeVar
 import torch
 from torch import Tensor, nn
 
-from .errors import SurgeonError
+from .errors import SurgeonError, first_line
 
 __all__ = ["DEFAULT_TIMEOUT_S", "PeerLost", "init_from_env", "active", "rank", "world_size", "is_writer",
            "shard", "all_reduce", "all_reduce_optional", "all_gather_object", "broadcast_object",
@@ -125,14 +125,9 @@ def init_from_env(timeout: float | None = None) -> bool:
     except Exception as exc:  # noqa: BLE001 - the rendezvous failing is one user-facing error
         raise PeerLost(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: could not join the process "
                        f"group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {t:g} s: "
-                       f"{_first_line(exc)}") from None
+                       f"{first_line(exc, trim=True)}") from None
     _timeout = t
     return active()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [s for s in str(exc).strip().splitlines() if s.strip()]
-    return f"{type(exc).__name__}: {lines[0].strip() if lines else ''}"[:300]
 
 
 _LOST = re.compile(r"timed out|timeout|connection|closed|reset by peer|broken pipe|socket", re.IGNORECASE)
@@ -149,7 +144,7 @@ def _collective(what: str) -> Iterator[None]:
         if not _LOST.search(str(exc)):
             raise  # not a lost peer (a bug): keep the traceback
         # gloo's text: "[/path/pair.cc:537] Read error [addr]: Connection reset by peer. This is ..."
-        cause = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", _first_line(exc)).split(". This is typically")[0]
+        cause = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first_line(exc, trim=True)).split(". This is typically")[0]
         t = f"timeout {_timeout:g} s" if _timeout is not None else "the process group's timeout"
         raise PeerLost(f"rank {rank()} of {world_size()}: another rank stopped responding during {what} ({t}): "
                        f"{cause}") from None

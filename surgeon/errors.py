@@ -6,6 +6,11 @@ with its ``exit_code`` (no traceback unless ``--debug``). Anything else escaping
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+from typing import Iterator
+
 
 class SurgeonError(Exception):
     """An error caused by the input (model, data, options, paths). Exit code 2."""
@@ -34,3 +39,41 @@ class InsufficientMemory(SurgeonError):
     calibration batches (or on a larger machine) succeeds."""
 
     exit_code = 4
+
+
+def first_line(exc: BaseException, *, limit: int = 300, trim: bool = False) -> str:
+    """``"ValueError: <first line of the message>"``, cut to ``limit`` characters: how a foreign
+    exception is quoted inside a one-line ``SurgeonError`` (or a report note).
+
+    ``trim`` also strips trailing whitespace from that line (``surgeon.distributed`` matches the
+    text of collective failures)."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {line.strip() if trim else line}"[:limit]
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str, output: bool = False) -> Iterator[None]:
+    """Silence what libraries print about errors surgeon reports in one line.
+
+    The named ``loggers`` are raised to CRITICAL for the duration. With ``output`` every logger
+    below ERROR is disabled as well and stdout/stderr are swallowed: a failing ``torch.export``
+    prints graph dumps to stdout and warnings to stderr, which would corrupt ``--json`` output and
+    the one-line error contract."""
+    named = [logging.getLogger(n) for n in loggers]
+    levels = [lg.level for lg in named]
+    for lg in named:
+        lg.setLevel(logging.CRITICAL)
+    if output:
+        logging.disable(logging.WARNING)
+    try:
+        if output:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
+        else:
+            yield
+    finally:
+        if output:
+            logging.disable(logging.NOTSET)
+        for lg, level in zip(named, levels):
+            lg.setLevel(level)

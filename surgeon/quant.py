@@ -27,9 +27,7 @@ from torch import Tensor, nn
 
 from .calibration import Histogram, RunningAmax
 from .errors import SurgeonError
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-INT8_MAX = 127.0  # symmetric int8: |q| <= 127, so -128 is never produced by a symmetric scale
+from .formats import FP8_MAX, INT8_MAX, round_half_even  # re-exported: ``from surgeon.quant import FP8_MAX``
 
 QDType = Literal["fp8", "int8"]
 Method = Literal["max", "percentile", "mse"]
@@ -83,19 +81,6 @@ def _dequantize_fp8(q: Tensor, scale: Tensor, axis: int) -> Tensor:
 @_dequantize_fp8.register_fake
 def _(q: Tensor, scale: Tensor, axis: int) -> Tensor:
     return torch.empty_like(q, dtype=torch.float32)
-
-
-_RNE_MAGIC = 12582912.0  # 1.5 · 2^23
-
-
-def round_half_even(v: Tensor) -> Tensor:
-    """Round float32 ``v`` to the nearest integer, ties to even, for |v| <= 2^22 (wider values are
-    clamped to ±2^20 first: callers saturate to a small integer range anyway; NaN stays NaN).
-
-    Adding 1.5·2^23 moves v into [2^23, 2^24), where the float32 spacing is exactly 1, so the
-    addition itself rounds half-to-even and the subtraction is exact. Same result as
-    ``torch.round`` (tests check it), which is ~500x slower on some CPU builds (1 µs per element)."""
-    return (v.clamp(-1048576.0, 1048576.0) + _RNE_MAGIC) - _RNE_MAGIC
 
 
 @torch.library.custom_op("surgeon::quantize_int8", mutates_args=())

@@ -35,7 +35,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from ._inputs import Inputs, as_args_kwargs, call, tensors_of
+from .inputs import Inputs, as_args_kwargs, call, tensors_of
 from .errors import SurgeonError
 from .pass_manager import SiteRecord, set_site_active, set_site_rung
 

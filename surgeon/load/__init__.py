@@ -1,0 +1,113 @@
+"""Load a model and its example inputs from what a user points at, never reaching the network.
+
+Accepted specs, tried in the order of ``LOADERS`` (a predicate → loader table; one module per kind):
+
+- ``package.module:factory`` (``factory.py``) (when no such path exists): ``factory()`` returns ``(model, example_inputs)``;
+  the current directory is importable while the module is imported.
+- a directory (``hf.py``): a Hugging Face model directory (``config.json`` + weights + tokenizer), loaded with
+  ``AutoModel.from_pretrained(dir, local_files_only=True, trust_remote_code=False)``, ``use_cache=False``;
+  example inputs from the tokenizer (text) or the config (``pixel_values`` of the configured image size).
+- ``*.pt2`` (``pt2.py``): an ``ExportedProgram`` written by ``torch.export.save``; it carries its example inputs. Its
+  pickled parts (example inputs, some weights) are read with the tensor-only unpickler: a file whose
+  pickles hold anything else is refused (torch itself would fall back to full unpickling).
+- ``*.pt/.pth/.pkl/.pickle/.bin`` (``pickled.py``): a pickle, refused unless ``trust_pickle`` (unpickling runs code);
+  read with ``weights_only=True`` first, and fully only when that fails because it holds a module.
+
+Example inputs always have batch 2 and, for text, two sentences of different length padded to ≥ 3
+tokens: ``torch.export`` specialises dimensions of size 1 (and ties dimensions of equal size), and the
+captured graph must accept any batch size and sentence length.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import SurgeonError, first_line
+from ..inputs import Inputs, call, describe
+from .common import LoadedModel, size_one_notes
+from .factory import is_factory, load_factory
+from .hf import DEFAULT_TEXT, OTHER_TEXTS, is_hf, load_hf
+from .pickled import PICKLE_SUFFIXES, is_pickle, load_pickle
+from .pt2 import is_pt2, load_pt2
+
+__all__ = ["DEFAULT_TEXT", "LOADERS", "LoadedModel", "PICKLE_SUFFIXES", "load", "load_model"]
+
+_OTHER_TEXTS = OTHER_TEXTS  # the old private name (tests read it)
+
+Predicate = Callable[[str, Path], bool]
+Loader = Callable[..., LoadedModel]  # (source, path, *, trust_pickle, text) -> LoadedModel
+
+
+def _missing(source: str, path: Path) -> bool:
+    return not path.exists()
+
+
+def _refuse_missing(source: str, path: Path, **_: object) -> LoadedModel:
+    raise SurgeonError(f"model path '{source}' does not exist")
+
+
+def _is_onnx(source: str, path: Path) -> bool:
+    return path.suffix.lower() == ".onnx"
+
+
+def _refuse_onnx(source: str, path: Path, **_: object) -> LoadedModel:
+    # An ONNX file is already an export: the substitutions work on the PyTorch graph it came from.
+    raise SurgeonError(f"unknown model format '{source}': an ONNX file is already an export, and surgeon "
+                       "rewrites PyTorch models; give the .pt2 file, Hugging Face model directory or "
+                       "package.module:factory it was exported from")
+
+
+# The first entry whose predicate accepts ``(source, path)`` loads it (or refuses it in one line).
+LOADERS: tuple[tuple[Predicate, Loader], ...] = (
+    (is_factory, load_factory),  # before any path check: 'pkg.module:name' names no file
+    (_missing, _refuse_missing),
+    (is_hf, load_hf),
+    (is_pt2, load_pt2),
+    (is_pickle, load_pickle),
+    (_is_onnx, _refuse_onnx),
+)
+
+
+def load_model(spec: str | os.PathLike, *, trust_pickle: bool = False, text: str | None = None) -> LoadedModel:
+    """Load ``spec`` (see the module docstring) as a model in eval mode plus example inputs.
+
+    ``text`` is the first sentence of a text model's example batch (default ``DEFAULT_TEXT``); giving it
+    for anything but a Hugging Face text model is an error. Every user error is a one-line
+    ``SurgeonError`` naming the spec.
+    """
+    source = os.fsdecode(os.fspath(spec))
+    path = Path(source).expanduser()
+    loader = next((load for accepts, load in LOADERS if accepts(source, path)), None)
+    if loader is None:
+        raise SurgeonError(f"unknown model format '{source}': expected a .pt2 file, a Hugging Face model "
+                           "directory, package.module:factory, or a pickle (.pt/.pth/.pkl/.bin)")
+    loaded = loader(source, path, trust_pickle=trust_pickle, text=text)
+    loaded.model.eval()
+    if loaded.kind in ("factory", "pickle"):
+        _check_runs(loaded)
+    loaded.notes.extend(size_one_notes(loaded.example_inputs))
+    return loaded
+
+
+def _check_runs(loaded: LoadedModel) -> None:
+    """Refuse example inputs the model cannot run on, now, in one line: later the same mistake surfaces
+    as a capture failure deep inside torch.export (with its own log tracebacks) or an internal error."""
+    what = "factory" if loaded.kind == "factory" else "pickle"
+    try:
+        with torch.no_grad():
+            call(loaded.model, loaded.example_inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a mismatch between the user's model and inputs
+        raise SurgeonError(f"the model of {what} '{loaded.source}' fails on its example inputs "
+                           f"({describe(loaded.example_inputs)}): {first_line(exc)}") from exc
+
+
+def load(spec: str | os.PathLike, *, trust_pickle: bool = False, text: str | None = None) -> tuple[nn.Module, Inputs]:
+    """``(model, example_inputs)`` of ``load_model(spec, ...)``."""
+    loaded = load_model(spec, trust_pickle=trust_pickle, text=text)
+    return loaded.model, loaded.example_inputs
+

@@ -1,0 +1,170 @@
+"""``surgeon optimize`` on the command line: read the model and ``--calib``, run ``optimize``, save,
+print the per-site table and headline figures."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..errors import SurgeonError, ToleranceNotMet
+from ..pass_manager import parse_pipeline
+from ..verify import parse_tolerance
+from .data import read_calibration
+from .result import Result, check_target
+from .run import DEFAULT_PASSES, optimize
+
+__all__ = ["fmt_cosine", "print_summary", "run_cli"]
+
+
+def _fmt(v: Any, digits: int = 6) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}g}"
+
+
+def fmt_cosine(v: Any) -> str:
+    """Cosines with six decimals: 0.9999996 must not print as 1."""
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6f}"
+
+
+def _sites_table(sites: list[dict], with_reason: bool) -> tuple[Any, list[str]]:
+    """The per-site table; without ``with_reason`` the reasons come back as numbered notes."""
+    from rich.table import Table
+
+    table = Table(title="surgeon optimize — sites")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("module", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for col in ("SQNR dB", "cosine", "solo e2e"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("reason" if with_reason else "note", overflow="fold", min_width=30 if with_reason else None)
+    style = {"applied": "green", "rolled_back": "red", "skipped": "dim"}
+    notes: list[str] = []
+    for s in sites:
+        m = s.get("metrics") or {}
+        status = s["status"] + (" (exact)" if s.get("exact") else "")
+        reason = s.get("reason", "")
+        if reason and not with_reason:
+            notes.append(reason)
+            reason = f"[{len(notes)}]"
+        table.add_row(s["kind"], s["module"] or "<root>", f"[{style.get(s['status'], '')}]{status}[/]",
+                      _fmt(m.get("sqnr_db"), 4), fmt_cosine(m.get("cosine")),
+                      fmt_cosine((s.get("solo_end_to_end") or {}).get("cosine_mean")), reason)
+    return table, notes
+
+
+def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
+    """Per-site table and the headline figures."""
+    from rich.console import Console
+
+    from .._console import table_fits
+
+    console = console or Console()
+    r = result.report
+    # The module path identifies the site: never truncate it. Pick the richest layout whose
+    # narrowest rendering fits: the table with reasons, the table with numbered notes under it, or
+    # (narrow terminals) one line per site.
+    layout = None
+    for with_reason in (True, False):
+        table, notes = _sites_table(r["sites"], with_reason)
+        if table_fits(table, console.width):
+            layout = (table, notes)
+            break
+    if r["sites"] and layout is None:
+        for s in r["sites"]:
+            m = s.get("metrics") or {}
+            console.print(f"{s['kind']} {s['module'] or '<root>'}: {s['status']}" + (" (exact)" if s.get("exact") else "")
+                          + (f", SQNR {_fmt(m.get('sqnr_db'), 4)} dB, cosine {fmt_cosine(m.get('cosine'))}"
+                             if m.get("cosine") is not None else "") + (f" — {s['reason']}" if s.get("reason") else ""),
+                          soft_wrap=True, markup=False, highlight=False)
+    elif r["sites"]:
+        console.print(layout[0])
+        for i, note in enumerate(layout[1], 1):
+            console.print(f"  [{i}] {note}", soft_wrap=True, markup=False, highlight=False)
+    c, e = r["counts"], r["end_to_end"]
+    console.print(f"sites: {c['applied']} applied, {c['rolled_back']} rolled back, {c['skipped']} skipped",
+                  soft_wrap=True)
+    line = (f"end to end ({e['samples']} check samples): cosine mean {fmt_cosine(e['cosine_mean'])}, "
+            f"min {fmt_cosine(e['cosine_min'])}, max rel err {_fmt(e['max_rel_err'], 4)}")
+    if e.get("metric") is not None:
+        line += f", metric {_fmt(e['metric'])}"
+    console.print(line + f" — tolerance ({r['tolerance']['description']}) "
+                  + ("met" if r["tolerance"]["met"] else "NOT met"), soft_wrap=True)
+    written = r.get("outputs", {}).get("target")
+    extra = "".join(f", {outdir / f}" for f in ([written] if isinstance(written, str) else written or []))
+    console.print(f"report: {outdir / 'report.html'} ({outdir / 'report.json'}); model: {outdir / 'model.pt2'}{extra}",
+                  soft_wrap=True, markup=False, highlight=False)
+
+
+def run_cli(args: Any) -> int:
+    """``surgeon optimize`` (argparse namespace from ``surgeon.cli``).
+
+    Under ``torchrun`` (WORLD_SIZE > 1) it joins a gloo process group first (``--dist-timeout``):
+    every rank loads the model and data, calibration and verification are shared
+    (``surgeon.distributed``), and only rank 0 writes OUTDIR and prints."""
+    import torch.distributed as tdist
+
+    from .. import distributed
+
+    created = not (tdist.is_available() and tdist.is_initialized())
+    joined = distributed.init_from_env(getattr(args, "dist_timeout", None))
+    try:
+        return _run_cli(args, distributed.is_writer())
+    finally:
+        if joined and created:
+            tdist.destroy_process_group()
+
+
+def _run_cli(args: Any, writer: bool) -> int:
+    from .. import distributed
+    from .._resources import check_output_dir
+    from ..load import load_model
+
+    out = Path(args.output)
+    force = bool(getattr(args, "force", False))
+    error: SurgeonError | None = None
+    timings: dict[str, float] = {}
+    try:  # every rank checks the options and reads the inputs; any rank's error stops all of them
+        if writer:
+            check_output_dir(out, force)
+        target = getattr(args, "target", "torch") or "torch"
+        check_target(target)
+        pass_list = parse_pipeline(args.passes or DEFAULT_PASSES)
+        tol = parse_tolerance(args.tolerance)
+
+        t = time.perf_counter()
+        loaded = load_model(args.model, trust_pickle=getattr(args, "trust_pickle", False),
+                            text=getattr(args, "text", None))
+        timings["load"] = time.perf_counter() - t
+        calib = read_calibration(args.calib, loaded) if args.calib else None
+    except SurgeonError as exc:
+        error = exc
+    distributed.agree(error, "reading the model and calibration data")
+    if not args.calib and writer:
+        print("surgeon: warning: no --calib given: the example inputs calibrate and check the model, so the "
+              "calibration is weak (give a calibration file)", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CLI prints its own warnings from the report
+        # One intra-op thread unless the user chose (OMP_NUM_THREADS): calibration batches are small,
+        # and on a busy CPU spinning OpenMP workers made the whole run 3.4x slower (89 s vs 26 s for
+        # MiniLM on this 2-core machine under load, bench/optimize_minilm.py).
+        threads = None if os.environ.get("OMP_NUM_THREADS") else 1
+        result = optimize(loaded.model, loaded.example_inputs, calib, passes=pass_list, tolerance=tol,
+                          seed=getattr(args, "seed", 0), progress=sys.stderr.isatty() or sys.stdout.isatty(),
+                          source=str(args.model), threads=threads, _timings=timings)
+    for note in result.report["warnings"] if writer else []:
+        if args.calib or "weak" not in note:
+            print(f"surgeon: warning: {note}", file=sys.stderr)
+    result.save(out, force=force, target=target)
+    if not writer:
+        return 0 if result.met else ToleranceNotMet.exit_code
+    print_summary(result, out)
+    if not result.met:
+        e = result.report["end_to_end"]
+        raise ToleranceNotMet(f"tolerance not met ({result.report['tolerance']['description']}): best model kept "
+                              f"{result.report['counts']['applied']} site(s), cosine mean {fmt_cosine(e['cosine_mean'])}; "
+                              f"written to {out}")
+    return 0

@@ -1,0 +1,121 @@
+"""What ``optimize`` returns, and ``Result.save``: ``OUTDIR`` written atomically (``model.pt2``, target
+files, ``report.json``, ``report.html``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..errors import SurgeonError
+from ..inputs import Inputs
+from ..verify import GuardResult
+
+__all__ = ["Result", "check_target"]
+
+
+@dataclass
+class Result:
+    """What ``optimize`` returns. ``report`` is the dict ``save`` writes as ``report.json``."""
+
+    module: fx.GraphModule
+    report: dict
+    exported: Any  # torch.export.ExportedProgram of ``module`` (plain-container outputs)
+    original: nn.Module
+    example_inputs: Inputs
+    check_batches: list[Inputs] = field(repr=False, default_factory=list)
+    guard: GuardResult | None = field(repr=False, default=None)
+    # Modules delivered beside the model, by name (``inverse``: z → x of flow-inverse), each with the
+    # inputs it was exported with.
+    artifacts: dict[str, nn.Module] = field(repr=False, default_factory=dict)
+    artifact_inputs: dict[str, Inputs] = field(repr=False, default_factory=dict)
+    artifact_exports: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def inverse(self) -> nn.Module | None:
+        """The distilled inverse (``flow-inverse``: z → x) when it passed its check, else None."""
+        return self.artifacts.get("inverse")
+
+    @property
+    def met(self) -> bool:
+        """Whether the written model meets the tolerance."""
+        return bool(self.report["tolerance"]["met"])
+
+    def save(self, outdir: str | os.PathLike, *, force: bool = False, target: str = "torch") -> Path:
+        """Write ``model.pt2``, target files, ``report.json`` and ``report.html`` into ``outdir``, atomically.
+
+        Everything is written into ``OUTDIR.partial-<pid>`` and renamed into place at the end; with
+        ``force`` an existing ``outdir`` is exchanged with it atomically and deleted only once the new
+        one is in place (``surgeon._resources.atomic_dir``). On any error, or a SIGKILL, ``outdir`` is
+        absent, the old one or the new one, never partial; leftovers of a killed run are removed by
+        the next save to the same ``outdir``. Under a process
+        group only rank 0 writes; the others wait for it and raise its error if it fails."""
+        from .. import distributed
+
+        if not distributed.active():
+            return self._save(outdir, force=force, target=target)
+        error: Exception | None = None
+        if distributed.is_writer():
+            try:
+                return_path = self._save(outdir, force=force, target=target)
+            except Exception as exc:  # noqa: BLE001 - every rank raises it (distributed.agree)
+                error = exc
+        distributed.agree(error, "writing OUTDIR")
+        return return_path if distributed.is_writer() else Path(outdir)
+
+    def _save(self, outdir: str | os.PathLike, *, force: bool = False, target: str = "torch") -> Path:
+        from .. import report as rep
+        from .._resources import atomic_dir
+
+        out = Path(outdir)
+        check_target(target)
+        start = time.perf_counter()
+        with atomic_dir(out, force) as partial:
+            outputs: dict[str, Any] = {}
+            if self.exported is None:
+                raise SurgeonError("the optimized model could not be exported with torch.export; model.pt2 "
+                                   "cannot be written")
+            torch.export.save(self.exported, str(partial / "model.pt2"))
+            outputs["model"] = "model.pt2"
+            for name, ep in self.artifact_exports.items():
+                torch.export.save(ep, str(partial / f"{name}.pt2"))
+                outputs[name] = f"{name}.pt2"
+            if target != "torch":
+                from .. import targets  # type: ignore[attr-defined]
+
+                written = targets.write_target(target, self, partial)
+                if isinstance(written, (list, tuple)):
+                    outputs["target"] = [os.path.basename(str(p)) for p in written]
+                elif written:
+                    outputs["target"] = os.path.basename(str(written))
+                for extra in self.artifacts:
+                    if (partial / f"{extra}.onnx").exists():
+                        outputs[f"{extra}_target"] = f"{extra}.onnx"
+            outputs["report_json"] = "report.json"
+            outputs["report_html"] = "report.html"
+            self.report["outputs"] = outputs
+            self.report["timings_s"]["save"] = round(time.perf_counter() - start, 4)
+            rep.write_json(self.report, partial / "report.json")
+            rep.write_html(self.report, partial / "report.html")
+        return out
+
+
+def check_target(name: str) -> None:
+    """Refuse an unknown target before any work."""
+    if name == "torch":
+        return
+    try:
+        from .. import targets  # type: ignore[attr-defined]
+    except ImportError:
+        targets = None  # type: ignore[assignment]
+    if targets is None or not hasattr(targets, "write_target"):
+        raise SurgeonError(f"unknown target '{name}' (known: torch)")
+    known = getattr(targets, "TARGETS", None)
+    if known is not None and name not in known:
+        raise SurgeonError(f"unknown target '{name}' (known: {', '.join(['torch', *known])})")
+

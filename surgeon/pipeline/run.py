@@ -1,0 +1,160 @@
+"""The ``optimize`` orchestrator: capture → data → passes → calibrate/fit → verify → rebuild → export →
+report (the stages are listed in ``surgeon.pipeline``'s docstring)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import fx, nn
+
+from ..inputs import Inputs, batch_size, describe
+from ..pass_manager import Pass
+from ..verify import Metric, guard, measure_model, parse_tolerance
+from ..version import __version__
+from .data import DEFAULT_CHECK_FRACTION, prepare_batches, split_batches
+from .export import export_artifacts, export_info, reexport
+from .fit import apply_passes, fit_passes, rebuild, resolve_passes
+from .result import Result
+
+__all__ = ["DEFAULT_PASSES", "optimize"]
+
+DEFAULT_PASSES = "attention-fp8"
+
+
+def _variants(gm0: fx.GraphModule) -> dict[str, str]:
+    try:
+        from ..analysis import analyze_graph
+
+        return {s.id: s.variant for s in analyze_graph(gm0).sites}
+    except Exception:  # noqa: BLE001 - variants only decorate the report
+        return {}
+
+
+def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | None = None, *,
+             passes: str | Pass | Sequence[Pass] = DEFAULT_PASSES, tolerance: Any = None,
+             metric: Metric | None = None, seed: int = 0, check_fraction: float = DEFAULT_CHECK_FRACTION,
+             progress: bool = False, source: str | None = None, threads: int | None = None,
+             _timings: dict[str, float] | None = None) -> Result:
+    """Substitute, calibrate, verify and re-export ``model``; see the module docstring.
+
+    ``calib``: an iterable of batches (each a tuple of positional inputs or a dict of keyword inputs,
+    shaped like ``example_inputs``); None → the example inputs (weak calibration, warned).
+    ``tolerance``: a number (minimum mean end-to-end cosine; with ``metric``, the minimum metric), a
+    string ``"cosine_min=0.995,cosine_mean=0.999"``, a dict, or a ``Tolerance``; default cosine mean
+    ≥ 0.999. ``metric(ref_outputs, outputs) -> float`` (higher is better) replaces the cosine criterion
+    and is averaged over the check batches. Raises ``SurgeonError`` on bad input; a configuration
+    that does not meet the tolerance is still returned (``Result.met`` is False).
+    ``threads``: torch intra-op threads for the run (restored after); None leaves them as they are."""
+    if threads is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return optimize(model, example_inputs, calib, passes=passes, tolerance=tolerance, metric=metric,
+                            seed=seed, check_fraction=check_fraction, progress=progress, source=source,
+                            _timings=_timings)
+        finally:
+            torch.set_num_threads(previous)
+    from .. import distributed
+    from .._resources import check_memory
+    from ..capture import capture
+
+    timings: dict[str, float] = dict(_timings or {})
+    notes: list[str] = []
+    pass_list = resolve_passes(passes)
+    tol = parse_tolerance(tolerance, has_metric=metric is not None)
+    if calib is not None and not isinstance(calib, (list, tuple)):
+        calib = list(calib)  # read once: the memory estimate and the run both need the batches
+    check_memory(model, example_inputs, calib)  # InsufficientMemory (exit 4) before the work, not an OOM kill
+
+    t = time.perf_counter()
+    cap = capture(model, example_inputs)
+    gm0 = cap.gm
+    timings["capture"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    batches, weak = prepare_batches(calib, example_inputs, gm0)
+    split = split_batches(batches, check_fraction, seed)
+    # under torchrun: the split is the single-process one, then each rank checks its strided share
+    check_local = distributed.shard(split.check)
+    timings["data"] = time.perf_counter() - t
+    if weak:
+        notes.append("no calibration data: the example inputs calibrate and check the model, so the calibration "
+                     "is weak and the check is not independent")
+    elif not split.independent:
+        notes.append("a single calibration batch: it is used for both fitting and checking, so the check is "
+                     "not independent")
+
+    t = time.perf_counter()
+    applied = apply_passes(gm0, pass_list, seed)
+    timings["passes"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cal_info = fit_passes(applied, split.fit, progress=progress)
+    timings["calibrate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    records = list(applied.ctx.records.values())
+    verdict = guard(gm0, applied.gm, records, check_local, tol, metric, progress=progress)
+    timings["verify"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    final, rctx = rebuild(gm0, applied, verdict.kept, verdict.rungs)
+    final.eval()
+    figures = measure_model(gm0, final, check_local, metric)
+    with torch.no_grad():
+        checks = [c for p in applied.passes for c in p.check(final, rctx, split.check)]
+    artifacts: dict[str, nn.Module] = {}
+    for p in applied.passes:
+        artifacts.update(p.artifacts(final, rctx))  # detached: the model's export must not carry them
+    timings["rebuild"] = time.perf_counter() - t
+    del applied.gm  # the fitted copy is no longer needed (memory)
+
+    t = time.perf_counter()
+    # only rank 0 writes OUTDIR, so only it needs the exported program
+    ep, export_notes = reexport(final, example_inputs) if distributed.is_writer() else (None, [])
+    notes += [n for n in export_notes if "static shapes" in n]
+    artifact_inputs, artifact_exports = export_artifacts(artifacts, final, example_inputs)
+    timings["export"] = time.perf_counter() - t
+
+    if not verdict.met:
+        notes.append(f"no configuration met the tolerance ({tol.describe()}); the best one measured was kept")
+    elif tol.violations(figures):
+        notes.append("the rebuilt model misses the tolerance by a margin the guard's measurement did not show "
+                     f"({', '.join(tol.violations(figures))})")
+    from ..report import make_report
+
+    calibration = {
+        "batches": {"fit": len(split.fit), "check": len(split.check), "total": len(batches)},
+        "samples": {"fit": sum(map(batch_size, split.fit)), "check": sum(map(batch_size, split.check))},
+        "check_index": split.check_index,
+        "independent_check": split.independent and not weak,
+        "weak": weak,
+        "seed": seed,
+        "check_fraction": check_fraction,
+        "calibrate": cal_info,
+        "world_size": distributed.world_size(),
+    }
+    report = make_report(
+        surgeon_version=__version__,
+        model={"source": source or type(model).__name__, "class": type(model).__name__,
+               "inputs": describe(example_inputs)},
+        passes=[p.spec() for p in pass_list],
+        capture=cap.to_json(),
+        calibration=calibration,
+        guard=verdict,
+        final=figures,
+        diagnostics=applied.diagnostics,
+        checks=checks,
+        variants=_variants(gm0),
+        timings=timings,
+        export={**(export_info(ep) if ep is not None else {}), "notes": export_notes},
+        warnings=notes,
+    )
+    for n in notes if distributed.is_writer() else []:
+        if "weak" in n or "not independent" in n or "tolerance" in n:
+            warnings.warn(n, stacklevel=2)
+    return Result(final, report, ep, model, example_inputs, list(split.check), verdict, artifacts,
+                  artifact_inputs, artifact_exports)
