@@ -91,7 +91,8 @@ def site_entries(guard: GuardResult, diagnostics: Iterable[Diagnostic], variants
 
 def make_report(*, surgeon_version: str, model: dict, passes: list[str], capture: dict, calibration: dict,
                 guard: GuardResult, final: Figures, diagnostics: list[Diagnostic], variants: dict[str, str],
-                timings: dict[str, float], export: dict, warnings: list[str], checks: Iterable[Any] = ()) -> dict:
+                timings: dict[str, float], export: dict, warnings: list[str], checks: Iterable[Any] = (),
+                target: dict | None = None) -> dict:
     """The report dict (what ``report.json`` holds; schema in docs/report.md)."""
     sites = site_entries(guard, diagnostics, variants, checks)
     counts = {s: sum(1 for e in sites if e["status"] == s) for s in ("applied", "rolled_back", "skipped")}
@@ -103,6 +104,7 @@ def make_report(*, surgeon_version: str, model: dict, passes: list[str], capture
         "surgeon_version": surgeon_version,
         "model": model,
         "passes": passes,
+        "target": target,  # the deploy target optimize ran for and its runtime profile (None: none)
         "capture": capture,
         "calibration": calibration,
         "tolerance": {**tolerance.to_json(), "description": tolerance.describe(),

@@ -38,6 +38,11 @@ class Target:
         """Run the file in its runtime on ``inputs`` and compare with the torch ``module``."""
         raise NotImplementedError
 
+    def baseline(self, original: Any, example_inputs: Any, path: str | os.PathLike) -> None:
+        """Write the *original* model to ``path`` exactly as ``lower`` writes a file (same exporter, same
+        format): what the optimized file is timed against."""
+        raise NotImplementedError
+
     def runner(self, path: str | os.PathLike, inputs: Any, *, threads: int = 2) -> Callable[[], Any]:
         """A prepared call of the written file in its runtime on ``inputs`` (loading is not timed)."""
         raise NotImplementedError

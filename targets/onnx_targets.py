@@ -124,6 +124,12 @@ class OnnxTarget(Target):
         figures.update(self.graph_checks(path))
         return figures
 
+    def baseline(self, original: Any, example_inputs: Any, path: str | os.PathLike) -> None:
+        """The original through the same exporter and clean-up as ``lower`` (fp32, no quantization)."""
+        from .onnx import export_onnx
+
+        export_onnx(original, example_inputs, path, original=original)
+
     def runner(self, path: str | os.PathLike, inputs: Any, *, threads: int = 2) -> Callable[[], Any]:
         """An ORT CPU session with ``threads`` intra-op threads and intra-op spinning off (a spinning
         session would take the cores from the next one when files are timed round robin)."""

@@ -101,6 +101,21 @@ class TorchTarget(Target):
                 figures["cosine_mean"] = float(cos.mean())
         return figures
 
+    def baseline(self, original: Any, example_inputs: Any, path: str | os.PathLike) -> None:
+        """The original through ``torch.export`` (dynamic batch/sequence where it allows), saved as .pt2."""
+        import torch
+
+        from surgeon.capture import auto_dynamic_shapes
+        from surgeon.inputs import as_args_kwargs
+
+        args, kwargs = as_args_kwargs(example_inputs)
+        try:
+            ep = torch.export.export(original, tuple(args), kwargs or None,
+                                     dynamic_shapes=auto_dynamic_shapes(original, example_inputs), strict=False)
+        except Exception:  # noqa: BLE001 - timing needs no dynamic shapes: a static export will do
+            ep = torch.export.export(original, tuple(args), kwargs or None, strict=False)
+        torch.export.save(ep, str(path))
+
     def runner(self, path: str | os.PathLike, inputs: Any, *, threads: int = 2) -> Callable[[], Any]:
         """``torch.export.load(path).module()`` under ``torch.no_grad`` with ``threads`` intra-op threads
         (set for each call and restored, so two runners can alternate with other work between)."""

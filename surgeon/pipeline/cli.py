@@ -16,7 +16,7 @@ from ..pass_manager import parse_pipeline
 from ..verify import parse_tolerance
 from .data import read_calibration
 from .result import Result, check_target
-from .run import DEFAULT_PASSES, optimize
+from .run import optimize
 
 __all__ = ["fmt_cosine", "print_summary", "run_cli"]
 
@@ -97,6 +97,18 @@ def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
     extra = "".join(f", {outdir / f}" for f in ([written] if isinstance(written, str) else written or []))
     console.print(f"report: {outdir / 'report.html'} ({outdir / 'report.json'}); model: {outdir / 'model.pt2'}{extra}",
                   soft_wrap=True, markup=False, highlight=False)
+    if r.get("speed"):
+        console.print(speed_line(r["speed"]), soft_wrap=True, markup=False, highlight=False)
+
+
+def speed_line(sp: dict) -> str:
+    """One line: what the written file bought on this machine (report.json's ``speed``)."""
+    shapes = ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in sp.get("inputs", {}).items()) or "example inputs"
+    lat = sp["latency_ms"]
+    return (f"speed on this machine ({sp['cpu']['class']}; {sp['runtime']}, {sp['threads']} threads, {shapes}): "
+            f"latency {sp['latency_ratio']:.2f}× the original ({lat['optimized']:.1f} ms vs {lat['original']:.1f} ms, "
+            f"median of {sp['runs']}), size {sp['size_ratio']:.2f}× ({sp['bytes']['optimized'] / 1e6:.1f} MB vs "
+            f"{sp['bytes']['original'] / 1e6:.1f} MB)")
 
 
 def run_cli(args: Any) -> int:
@@ -130,9 +142,9 @@ def _run_cli(args: Any, writer: bool) -> int:
     try:  # every rank checks the options and reads the inputs; any rank's error stops all of them
         if writer:
             check_output_dir(out, force)
-        target = getattr(args, "target", "torch") or "torch"
+        target = getattr(args, "target", None) or "torch"
         check_target(target)
-        pass_list = parse_pipeline(args.passes or DEFAULT_PASSES)
+        pass_list = parse_pipeline(args.passes) if args.passes else None  # None: the target's default passes
         tol = parse_tolerance(args.tolerance)
 
         t = time.perf_counter()
@@ -154,11 +166,11 @@ def _run_cli(args: Any, writer: bool) -> int:
         threads = None if os.environ.get("OMP_NUM_THREADS") else 1
         result = optimize(loaded.model, loaded.example_inputs, calib, passes=pass_list, tolerance=tol,
                           seed=getattr(args, "seed", 0), progress=sys.stderr.isatty() or sys.stdout.isatty(),
-                          source=str(args.model), threads=threads, _timings=timings)
+                          source=str(args.model), threads=threads, target=target, _timings=timings)
     for note in result.report["warnings"] if writer else []:
         if args.calib or "weak" not in note:
             print(f"surgeon: warning: {note}", file=sys.stderr)
-    result.save(out, force=force, target=target)
+    result.save(out, force=force, target=target, speed=getattr(args, "speed", True))
     if not writer:
         return 0 if result.met else ToleranceNotMet.exit_code
     print_summary(result, out)

@@ -40,10 +40,11 @@ def resolve_passes(passes: str | Pass | Sequence[Pass]) -> list[Pass]:
     return out
 
 
-def apply_passes(gm0: fx.GraphModule, passes: Sequence[Pass], seed: int = 0) -> Applied:
-    """Run the pipeline on a deep copy of ``gm0`` (which stays untouched)."""
+def apply_passes(gm0: fx.GraphModule, passes: Sequence[Pass], seed: int = 0, profile: Any = None) -> Applied:
+    """Run the pipeline on a deep copy of ``gm0`` (which stays untouched); ``profile``: the deploy
+    target's runtime profile the passes read (``surgeon.profile.Profile``), None for none."""
     manager = PassManager(list(passes))
-    gm, ctx, diags = manager.run(copy.deepcopy(gm0), PassContext(options={"seed": seed}))
+    gm, ctx, diags = manager.run(copy.deepcopy(gm0), PassContext(options={"seed": seed}, profile=profile))
     return Applied(gm, ctx, diags, manager.passes)
 
 
@@ -98,7 +99,7 @@ def rebuild(gm0: fx.GraphModule, applied: Applied, kept: Sequence[str],
     by position, so equal names need not mean the same site once some are left out."""
     from ..calibration import calibratables
 
-    ctx = PassContext(enabled_sites=set(kept), options=dict(applied.ctx.options))
+    ctx = PassContext(enabled_sites=set(kept), options=dict(applied.ctx.options), profile=applied.ctx.profile)
     final, ctx, _ = PassManager(applied.passes).run(copy.deepcopy(gm0), ctx)
     if set(ctx.records) != set(kept):
         raise RuntimeError(f"rebuilding with the kept sites registered {sorted(ctx.records)} instead of "

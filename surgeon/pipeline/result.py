@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from ..errors import SurgeonError
 from ..inputs import Inputs
+from ..speed import DEFAULT_RUNS
 from ..verify import GuardResult
 
 __all__ = ["Result", "check_target"]
@@ -35,6 +36,7 @@ class Result:
     artifacts: dict[str, nn.Module] = field(repr=False, default_factory=dict)
     artifact_inputs: dict[str, Inputs] = field(repr=False, default_factory=dict)
     artifact_exports: dict[str, Any] = field(repr=False, default_factory=dict)
+    target: str | None = None  # the deploy target optimize ran for (its profile steered the passes)
 
     @property
     def inverse(self) -> nn.Module | None:
@@ -46,8 +48,14 @@ class Result:
         """Whether the written model meets the tolerance."""
         return bool(self.report["tolerance"]["met"])
 
-    def save(self, outdir: str | os.PathLike, *, force: bool = False, target: str = "torch") -> Path:
+    def save(self, outdir: str | os.PathLike, *, force: bool = False, target: str | None = None,
+             speed: bool = True, speed_runs: int = DEFAULT_RUNS) -> Path:
         """Write ``model.pt2``, target files, ``report.json`` and ``report.html`` into ``outdir``, atomically.
+
+        ``target``: default the one ``optimize`` ran for, else ``torch``. With ``speed`` the written
+        file is timed against the original exported the same way, side by side on this machine
+        (``surgeon.speed``; ``report["speed"]``), and both lie in ``OUTDIR/bench/`` with the timing
+        inputs so that ``surgeon bench OUTDIR`` can measure again on another machine.
 
         Everything is written into ``OUTDIR.partial-<pid>`` and renamed into place at the end; with
         ``force`` an existing ``outdir`` is exchanged with it atomically and deleted only once the new
@@ -57,18 +65,19 @@ class Result:
         group only rank 0 writes; the others wait for it and raise its error if it fails."""
         from .. import distributed
 
+        target = target or self.target or "torch"
         if not distributed.active():
-            return self._save(outdir, force=force, target=target)
+            return self._save(outdir, force=force, target=target, speed=speed, speed_runs=speed_runs)
         error: Exception | None = None
         if distributed.is_writer():
             try:
-                return_path = self._save(outdir, force=force, target=target)
+                return_path = self._save(outdir, force=force, target=target, speed=speed, speed_runs=speed_runs)
             except Exception as exc:  # noqa: BLE001 - every rank raises it (distributed.agree)
                 error = exc
         distributed.agree(error, "writing OUTDIR")
         return return_path if distributed.is_writer() else Path(outdir)
 
-    def _save(self, outdir: str | os.PathLike, *, force: bool = False, target: str = "torch") -> Path:
+    def _save(self, outdir: str | os.PathLike, *, force: bool, target: str, speed: bool, speed_runs: int) -> Path:
         from .. import report as rep
         from .._resources import atomic_dir
 
@@ -96,6 +105,8 @@ class Result:
                 for extra in self.artifacts:
                     if (partial / f"{extra}.onnx").exists():
                         outputs[f"{extra}_target"] = f"{extra}.onnx"
+            if speed:
+                self.report["speed"] = self._speed(target, partial, outputs, speed_runs)
             outputs["report_json"] = "report.json"
             outputs["report_html"] = "report.html"
             self.report["outputs"] = outputs
@@ -105,17 +116,28 @@ class Result:
         return out
 
 
+    def _speed(self, target: str, partial: Path, outputs: dict[str, Any], runs: int) -> dict[str, Any]:
+        """Time the written file against the original exported the same way (``OUTDIR/bench/``)."""
+        from .. import targets  # type: ignore[attr-defined]
+        from ..speed import measure
+
+        t = targets.get_target(target)
+        written = partial / (outputs.get("target") if isinstance(outputs.get("target"), str) else "model.pt2")
+        bench = partial / "bench"
+        bench.mkdir()
+        original = bench / f"original{written.suffix}"
+        inputs = self.check_batches[0] if self.check_batches else self.example_inputs
+        t.baseline(self.original, self.example_inputs, original)
+        torch.save(inputs, bench / "inputs.pt")
+        figures = measure(t, written, original, inputs, runs=runs)
+        figures["files"] = {"optimized": written.name, "original": f"bench/{original.name}", "inputs": "bench/inputs.pt"}
+        outputs["bench"] = "bench/"
+        return figures
+
+
 def check_target(name: str) -> None:
     """Refuse an unknown target before any work."""
-    if name == "torch":
-        return
-    try:
-        from .. import targets  # type: ignore[attr-defined]
-    except ImportError:
-        targets = None  # type: ignore[assignment]
-    if targets is None or not hasattr(targets, "write_target"):
-        raise SurgeonError(f"unknown target '{name}' (known: torch)")
-    known = getattr(targets, "TARGETS", None)
-    if known is not None and name not in known:
-        raise SurgeonError(f"unknown target '{name}' (known: {', '.join(['torch', *known])})")
+    from .. import targets  # type: ignore[attr-defined]
+
+    targets.check_target(name)
 

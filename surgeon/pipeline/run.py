@@ -34,10 +34,10 @@ def _variants(gm0: fx.GraphModule) -> dict[str, str]:
 
 
 def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | None = None, *,
-             passes: str | Pass | Sequence[Pass] = DEFAULT_PASSES, tolerance: Any = None,
+             passes: str | Pass | Sequence[Pass] | None = None, tolerance: Any = None,
              metric: Metric | None = None, seed: int = 0, check_fraction: float = DEFAULT_CHECK_FRACTION,
              progress: bool = False, source: str | None = None, threads: int | None = None,
-             _timings: dict[str, float] | None = None) -> Result:
+             target: str | None = None, _timings: dict[str, float] | None = None) -> Result:
     """Substitute, calibrate, verify and re-export ``model``; see the module docstring.
 
     ``calib``: an iterable of batches (each a tuple of positional inputs or a dict of keyword inputs,
@@ -47,14 +47,18 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     ≥ 0.999. ``metric(ref_outputs, outputs) -> float`` (higher is better) replaces the cosine criterion
     and is averaged over the check batches. Raises ``SurgeonError`` on bad input; a configuration
     that does not meet the tolerance is still returned (``Result.met`` is False).
-    ``threads``: torch intra-op threads for the run (restored after); None leaves them as they are."""
+    ``threads``: torch intra-op threads for the run (restored after); None leaves them as they are.
+    ``target``: the deploy target (``surgeon targets``): its runtime profile tells the passes which
+    substitutes the runtime runs (and how fast), ``passes`` defaults to its ``default_passes``, and
+    ``Result.save`` writes its file. None: no profile, passes ``attention-fp8``, ``save`` writes
+    ``model.pt2`` (or the target named there)."""
     if threads is not None:
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             return optimize(model, example_inputs, calib, passes=passes, tolerance=tolerance, metric=metric,
                             seed=seed, check_fraction=check_fraction, progress=progress, source=source,
-                            _timings=_timings)
+                            target=target, _timings=_timings)
         finally:
             torch.set_num_threads(previous)
     from .. import distributed
@@ -63,7 +67,13 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
 
     timings: dict[str, float] = dict(_timings or {})
     notes: list[str] = []
-    pass_list = resolve_passes(passes)
+    deploy = None
+    if target is not None:
+        from .. import targets  # type: ignore[attr-defined]
+
+        deploy = targets.get_target(target)  # an unknown name fails here, before any work
+    pass_list = resolve_passes(passes if passes is not None else
+                               (deploy.default_passes if deploy is not None else DEFAULT_PASSES))
     tol = parse_tolerance(tolerance, has_metric=metric is not None)
     if calib is not None and not isinstance(calib, (list, tuple)):
         calib = list(calib)  # read once: the memory estimate and the run both need the batches
@@ -88,7 +98,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
                      "not independent")
 
     t = time.perf_counter()
-    applied = apply_passes(gm0, pass_list, seed)
+    applied = apply_passes(gm0, pass_list, seed, profile=deploy.profile if deploy is not None else None)
     timings["passes"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -142,6 +152,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         model={"source": source or type(model).__name__, "class": type(model).__name__,
                "inputs": describe(example_inputs)},
         passes=[p.spec() for p in pass_list],
+        target=None if deploy is None else {"name": deploy.name, "profile": deploy.profile.to_json()},
         capture=cap.to_json(),
         calibration=calibration,
         guard=verdict,
@@ -157,4 +168,4 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         if "weak" in n or "not independent" in n or "tolerance" in n:
             warnings.warn(n, stacklevel=2)
     return Result(final, report, ep, model, example_inputs, list(split.check), verdict, artifacts,
-                  artifact_inputs, artifact_exports)
+                  artifact_inputs, artifact_exports, target=target)
