@@ -281,6 +281,24 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .pipeline.cli import speed_line
+    from .speed import bench_outdir
+
+    if args.runs < 1 or args.threads < 1:
+        raise SurgeonError(f"--runs and --threads must be at least 1, got {args.runs} and {args.threads}")
+    figures = bench_outdir(args.outdir, runs=args.runs, threads=args.threads)
+    if args.json:
+        print(json.dumps(figures, indent=2, default=str))
+        return 0
+    print(speed_line(figures))
+    rep = figures["reported"]
+    if rep.get("latency_ratio") is not None:
+        where = (figures.get("optimized_on") or {}).get("class", "the optimizing machine")
+        print(f"report.json (measured on {where}): latency {rep['latency_ratio']:.2f}×, size {rep['size_ratio']:.2f}×")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgeon", description="Model-surgery compiler for PyTorch.")
     parser.add_argument("--version", action="version", version=f"surgeon {__version__}")
@@ -323,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("passes", help="list the registered passes and their options")
     p.add_argument("--json", action="store_true", help="machine-readable: name, summary, requires, options")
     p.set_defaults(handler=_cmd_passes)
+
+    p = sub.add_parser("bench", help="time an OUTDIR's file against its original again, on this machine")
+    p.add_argument("outdir", metavar="OUTDIR", help="a directory written by surgeon optimize")
+    p.add_argument("--runs", type=int, default=20, help="timed runs of each file, round robin (default 20)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads of the runtime (default 2)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(handler=_cmd_bench)
 
     p = sub.add_parser("targets", help="list the registered targets and their runtime profiles")
     p.add_argument("--json", action="store_true", help="machine-readable: name, format, runtime, profile, …")

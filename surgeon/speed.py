@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-__all__ = ["cpu", "side_by_side", "measure", "DEFAULT_RUNS", "DEFAULT_THREADS"]
+__all__ = ["cpu", "side_by_side", "measure", "bench_outdir", "DEFAULT_RUNS", "DEFAULT_THREADS"]
 
 DEFAULT_RUNS = 20
 DEFAULT_WARMUP = 3
@@ -104,3 +104,39 @@ def measure(target: Any, optimized: str | os.PathLike, original: str | os.PathLi
         "statistic": "median, round robin in one process",
         "cpu": cpu(),
     }
+
+
+def bench_outdir(outdir: str | os.PathLike, *, runs: int = DEFAULT_RUNS, threads: int = DEFAULT_THREADS) -> dict[str, Any]:
+    """``surgeon bench OUTDIR``: measure an OUTDIR written by ``surgeon optimize`` again, on this machine
+    (a serving host is not the machine that optimized): the file of its target against
+    ``bench/original.*`` on ``bench/inputs.pt``, exactly as the report's ``speed`` was measured."""
+    import json
+
+    import torch
+
+    from .errors import SurgeonError
+
+    out = Path(outdir)
+    report_path = out / "report.json"
+    if not report_path.is_file():
+        raise SurgeonError(f"'{out}' is not an OUTDIR written by surgeon optimize: no report.json")
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SurgeonError(f"cannot read '{report_path}': {exc}") from None
+    files = (report.get("speed") or {}).get("files")
+    if not files:
+        raise SurgeonError(f"'{out}' has no timing files (bench/): it was written with --no-speed or by an older "
+                           "surgeon; run surgeon optimize again")
+    missing = [f for f in files.values() if not (out / f).is_file()]
+    if missing:
+        raise SurgeonError(f"'{out}' lacks {', '.join(missing)}: copy the whole OUTDIR")
+    from . import targets  # type: ignore[attr-defined]
+
+    target = targets.get_target(report["speed"]["target"])
+    inputs = torch.load(out / files["inputs"], weights_only=True)  # tensors only: never unpickle code
+    figures = measure(target, out / files["optimized"], out / files["original"], inputs, runs=runs, threads=threads)
+    figures["files"] = files
+    figures["optimized_on"] = report["speed"].get("cpu")
+    figures["reported"] = {k: report["speed"].get(k) for k in ("latency_ratio", "size_ratio", "latency_ms")}
+    return figures

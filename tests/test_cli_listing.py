@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from surgeon import cli
-from surgeon.pass_manager import REGISTRY, pass_class
+from surgeon.passes import REGISTRY, pass_class
 from surgeon.targets import get_target, registered
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
