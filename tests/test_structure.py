@@ -193,7 +193,7 @@ def test_every_module_imports() -> None:
         except Exception as exc:  # noqa: BLE001 - every failure is listed
             failed.append(f"{name}: {type(exc).__name__}: {exc}")
     assert not failed, "\n".join(failed)
-    for expected in ("surgeon.pipeline", "surgeon.load", "surgeon.passes", "surgeon.targets", "surgeon.analysis"):
+    for expected in ("surgeon.pipeline", "surgeon.loaders", "surgeon.load", "surgeon.passes", "surgeon.targets", "surgeon.analysis"):
         assert expected in MODULES
 
 

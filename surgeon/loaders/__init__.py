@@ -35,9 +35,7 @@ from .hf import DEFAULT_TEXT, OTHER_TEXTS, is_hf, load_hf
 from .pickled import PICKLE_SUFFIXES, is_pickle, load_pickle
 from .pt2 import is_pt2, load_pt2
 
-__all__ = ["DEFAULT_TEXT", "LOADERS", "LoadedModel", "PICKLE_SUFFIXES", "load", "load_model"]
-
-_OTHER_TEXTS = OTHER_TEXTS  # the old private name (tests read it)
+__all__ = ["DEFAULT_TEXT", "LOADERS", "OTHER_TEXTS", "LoadedModel", "PICKLE_SUFFIXES", "load", "load_model"]
 
 Predicate = Callable[[str, Path], bool]
 Loader = Callable[..., LoadedModel]  # (source, path, *, trust_pickle, text) -> LoadedModel
