@@ -89,7 +89,7 @@ def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 def fold_rows(vit: nn.Module, x_vit: torch.Tensor) -> list[dict]:
     import transformers
 
-    from surgeon._inputs import call, tensors_of
+    from surgeon.inputs import call, tensors_of
     from surgeon.capture import capture
     from surgeon.pass_manager import PassManager
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils import _pytree as pytree
 
-from surgeon._inputs import Inputs, as_args_kwargs, tensors_of
+from surgeon.inputs import Inputs, as_args_kwargs, tensors_of
 
 # --------------------------------------------------------------------------------------------------
 # graph side
@@ -80,7 +80,7 @@ _VIEWISH = {"view", "reshape", "_unsafe_view", "expand", "permute", "transpose",
             "alias", "detach", "clone", "contiguous", "getitem", "lift_fresh_copy", "to", "_to_copy"}
 
 
-def _op_name(n: fx.Node) -> str:
+def op_name(n: fx.Node) -> str:
     if isinstance(n.target, torch._ops.OpOverload):
         return n.target.overloadpacket.__name__
     if n.target is operator.getitem:
@@ -96,7 +96,7 @@ def computes(n: fx.Node, params: set[fx.Node]) -> bool:
         if cur in seen or cur.op == "get_attr":
             continue
         seen.add(cur)
-        if _op_name(cur) not in _VIEWISH:
+        if op_name(cur) not in _VIEWISH:
             return True
         todo += [i for i in cur.all_input_nodes if i in params]
     return False

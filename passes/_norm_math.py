@@ -157,10 +157,10 @@ def _hand_parts(gm: fx.GraphModule, view: GraphView, node: fx.Node, x: fx.Node, 
 
 def find_norms(gm: fx.GraphModule, view: GraphView) -> list[tuple[Any, NormParts | str]]:
     """Every norm of the graph (analyzer's definition) with its parts or the reason it cannot be read."""
-    from surgeon.analysis.norms import _hand_written, _library
+    from surgeon.analysis.norms import all_norms
 
     out = []
-    for nm in _library(view) + _hand_written(view):
+    for nm in all_norms(view):
         parts = (_library_parts if nm.written == "library" else _hand_parts)(gm, view, nm.node, nm.x, nm.flavor)
         out.append((nm, parts))
     order = {n: i for i, n in enumerate(view.nodes)}

@@ -136,7 +136,7 @@ class _TermTest:
 
 def _describe(n: fx.Node, params: set[fx.Node]) -> str:
     """The ops of the folded subgraph, e.g. ``linalg_slogdet → getitem``."""
-    from surgeon.passes._flows import _op_name
+    from surgeon.passes._flows import op_name
 
     ops, todo, seen = [], [n], set()
     while todo:
@@ -144,7 +144,7 @@ def _describe(n: fx.Node, params: set[fx.Node]) -> str:
         if cur in seen or cur.op == "get_attr":
             continue
         seen.add(cur)
-        ops.append(_op_name(cur))
+        ops.append(op_name(cur))
         todo += [i for i in cur.all_input_nodes if i in params]
     return "parameter-only " + " ← ".join(dict.fromkeys(ops))
 

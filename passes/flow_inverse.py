@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from surgeon.passes._flows import (AuxInverse, error_figures, first_float, output_leaves, reconstruction_errors,
                             single_input, tensor_placeholders, train_inverse)
-from surgeon._inputs import Inputs
+from surgeon.inputs import Inputs
 from surgeon.analysis import analyze_graph, site_id
 from surgeon.errors import SurgeonError
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassManager, PassResult, SiteRecord

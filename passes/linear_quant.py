@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from surgeon._inputs import call
+from surgeon.inputs import call
 from surgeon.analysis import GraphView, site_id
 from surgeon.calibration import RunningAmax
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord

@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Iterable
 import torch
 from torch import Tensor, fx, nn
 
-from surgeon._inputs import Inputs
+from surgeon.inputs import Inputs
 from surgeon.passes._fx import copy_meta
 from surgeon.passes._norm_math import constant_of, drop_unused, find_norms, reference_norm
 from surgeon.analysis import analyze_graph

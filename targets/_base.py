@@ -65,7 +65,7 @@ def batch_shapes(inputs: Any) -> dict[str, list[int]]:
     """Shapes of the tensors of ``inputs`` by name (keyword names, else ``arg0``, ``arg1``, …)."""
     import torch
 
-    from surgeon._inputs import as_args_kwargs
+    from surgeon.inputs import as_args_kwargs
 
     args, kwargs = as_args_kwargs(inputs)
     named = [(f"arg{i}", v) for i, v in enumerate(args)] + list(kwargs.items())

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from surgeon._inputs import Inputs, as_args_kwargs, call, tensors_of
+from surgeon.inputs import Inputs, as_args_kwargs, call, tensors_of
 from surgeon.capture import auto_dynamic_shapes
 from surgeon.errors import SurgeonError
 
@@ -353,7 +353,7 @@ def session(path: str | os.PathLike, *, threads: int | None = None, fp8: bool | 
                                 disabled_optimizers=list(FP8_DISABLED_OPTIMIZERS) if use_fp8 else None)
 
 
-def _feeds(sess: Any, inputs: Inputs) -> dict[str, np.ndarray]:
+def feeds_for(sess: Any, inputs: Inputs) -> dict[str, np.ndarray]:
     args, kwargs = as_args_kwargs(inputs)
     values = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
     names = [i.name for i in sess.get_inputs()]
@@ -364,7 +364,7 @@ def _feeds(sess: Any, inputs: Inputs) -> dict[str, np.ndarray]:
 
 def run_ort(sess: Any, inputs: Inputs) -> list[np.ndarray]:
     """Run ``sess`` on torch inputs (positional order = ONNX input order)."""
-    return sess.run(None, _feeds(sess, inputs))
+    return sess.run(None, feeds_for(sess, inputs))
 
 
 def _torch_outputs(module: Any, inputs: Inputs) -> list[np.ndarray]:

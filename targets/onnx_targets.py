@@ -133,10 +133,10 @@ class OnnxTarget(Target):
     def runner(self, path: str | os.PathLike, inputs: Any, *, threads: int = 2) -> Callable[[], Any]:
         """An ORT CPU session with ``threads`` intra-op threads and intra-op spinning off (a spinning
         session would take the cores from the next one when files are timed round robin)."""
-        from .onnx import _feeds, session
+        from .onnx import feeds_for, session
 
         sess = session(path, threads=threads, spinning=False)
-        feeds = _feeds(sess, inputs)
+        feeds = feeds_for(sess, inputs)
         return lambda: sess.run(None, feeds)
 
     def time(self, path: str | os.PathLike, inputs: Any, *, runs: int = 20, threads: int = 2) -> dict[str, Any]:

@@ -22,7 +22,7 @@ __all__ = ["TorchTarget", "TORCH"]
 def _outputs(module: Any, inputs: Any) -> list[Any]:
     import torch
 
-    from surgeon._inputs import call, tensors_of
+    from surgeon.inputs import call, tensors_of
 
     with torch.no_grad():
         return [t.detach().float() for t in tensors_of(call(module, inputs))]
@@ -52,7 +52,7 @@ class TorchTarget(Target):
         temporary name, verify, rename into place."""
         import torch
 
-        from surgeon._inputs import as_args_kwargs
+        from surgeon.inputs import as_args_kwargs
         from surgeon.capture import auto_dynamic_shapes
 
         outdir = Path(outdir)
@@ -121,7 +121,7 @@ class TorchTarget(Target):
         (set for each call and restored, so two runners can alternate with other work between)."""
         import torch
 
-        from surgeon._inputs import call
+        from surgeon.inputs import call
 
         module = torch.export.load(str(path)).module()
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import surgeon
-from surgeon._inputs import call, tensors_of
+from surgeon.inputs import call, tensors_of
 from surgeon.errors import SurgeonError
 from surgeon.load import DEFAULT_TEXT, _OTHER_TEXTS, load_model
 

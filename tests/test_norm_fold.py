@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from surgeon._inputs import call, tensors_of
+from surgeon.inputs import call, tensors_of
 from surgeon.capture import capture
 from surgeon.pass_manager import PassManager
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from surgeon._inputs import call
+from surgeon.inputs import call
 from surgeon.capture import capture
 from surgeon.errors import SurgeonError
 from surgeon.optimize import apply_passes, fit_passes

@@ -28,7 +28,7 @@ TOL = 1e-4
 
 
 def _torch_out(model: nn.Module, inputs: dict | tuple) -> list[np.ndarray]:
-    from surgeon._inputs import call, tensors_of
+    from surgeon.inputs import call, tensors_of
 
     with torch.no_grad():
         return [t.numpy() for t in tensors_of(call(model, inputs))]

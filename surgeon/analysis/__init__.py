@@ -20,78 +20,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .._inputs import Inputs
+from ..inputs import Inputs
 from ._graph import SHAPE_OPS, GraphView  # GraphView is public: passes read graphs through it
+from .sites import NearMiss, Site, site_id
 
 __all__ = ["KINDS", "SHAPE_OPS", "Analysis", "GraphView", "NearMiss", "Site", "analyze", "analyze_graph", "site_id"]
 
 KINDS = ("attention", "norm_residual", "coupling")
 
-
-
-def site_id(kind: str, module: str, node_name: str) -> str:
-    """A site's id, ``kind:module:node`` (``<root>`` for the top-level module): the format of
-    ``Site.id``, which a pass uses for the sites it finds on its own so ids match across the tools."""
-    return f"{kind}:{module or '<root>'}:{node_name}"
-
-
-@dataclass
-class Site:
-    """One standard part found in the graph.
-
-    ``nodes`` maps roles to fx nodes of the analysed GraphModule. Roles by kind/variant:
-
-    * attention/sdpa: ``sdpa``.
-    * attention/manual: ``qk`` (the Q·Kᵀ product), ``softmax``, ``pv`` (the P·V product),
-      ``q``, ``k`` (operands of ``qk``), ``p``, ``v`` (operands of ``pv``).
-    * norm_residual: ``norm`` (the norm's output node), ``input`` (value normalised), ``add`` (the
-      residual add: its input for post-norm, the add closing the branch for pre-norm).
-    * coupling: ``input`` (transformed part u), ``output`` (last node of the transform), ``merge``
-      where present; ``conditioner`` nodes in ``details``.
-    """
-
-    kind: str
-    module: str
-    variant: str
-    nodes: dict[str, fx.Node]
-    shapes: dict[str, Any] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def anchor(self) -> fx.Node:
-        for role in ("sdpa", "softmax", "norm", "output"):
-            if role in self.nodes:
-                return self.nodes[role]
-        return next(iter(self.nodes.values()))
-
-    @property
-    def id(self) -> str:
-        """Stable identifier: ``kind:module:anchor-node`` (unique within one graph)."""
-        return site_id(self.kind, self.module, self.anchor.name)
-
-    def to_json(self) -> dict:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "module": self.module,
-            "variant": self.variant,
-            "nodes": {k: v.name for k, v in self.nodes.items()},
-            "shapes": self.shapes,
-            "details": {k: v for k, v in self.details.items() if isinstance(v, (str, int, float, bool, list, type(None)))},
-        }
-
-
-@dataclass
-class NearMiss:
-    """Something that looked like a site but is not one, and why."""
-
-    kind: str
-    module: str
-    node: str
-    reason: str
-
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "module": self.module, "node": self.node, "reason": self.reason}
 
 
 @dataclass
@@ -153,7 +89,7 @@ def analyze(model: nn.Module | fx.GraphModule, example_inputs: Inputs | None = N
 def _propagate_shapes(gm: fx.GraphModule, inputs: Inputs) -> None:
     from torch.fx.passes.shape_prop import ShapeProp
 
-    from .._inputs import as_args_kwargs
+    from ..inputs import as_args_kwargs
 
     args, kwargs = as_args_kwargs(inputs)
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from . import NearMiss, Site
+from .sites import NearMiss, Site
 from ._graph import PRODUCTS, GraphView
 
 # Ops between Q·Kᵀ and softmax that shape scores without changing which product they come from.

@@ -21,7 +21,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from . import NearMiss, Site
+from .sites import NearMiss, Site
 from ._graph import VIEWS, GraphView
 
 _UNARY_HEAD = {"exp", "sigmoid", "softplus", "tanh", "atan", "abs", "neg", "log", "logsigmoid", "clamp",

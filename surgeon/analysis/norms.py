@@ -17,18 +17,23 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from . import NearMiss, Site
+from .sites import NearMiss, Site
 from ._graph import GraphView
 
 _CASTS = {"to"}
 
 
 @dataclass
-class _Norm:
+class Norm:
     node: fx.Node  # the norm's output (after the affine weight when hand-written)
     x: fx.Node  # the value normalised (casts skipped)
     flavor: str  # layernorm | rmsnorm
     written: str  # library | hand-written
+
+
+def all_norms(view: GraphView) -> list[Norm]:
+    """Every LayerNorm / RMSNorm of the graph: library calls first, then hand-written ones."""
+    return _library(view) + _hand_written(view)
 
 
 def _reduction_of_square(view: GraphView, n: fx.Node) -> fx.Node | None:
@@ -79,9 +84,9 @@ def _scaled_copy_of(view: GraphView, a: object, src: fx.Node) -> bool:
     return False
 
 
-def _hand_written(view: GraphView) -> list[_Norm]:
+def _hand_written(view: GraphView) -> list[Norm]:
     """Hand-written RMSNorm / LayerNorm: x·rsqrt(mean(x²)+eps) or (x−μ)/sqrt(var+eps)."""
-    found: list[_Norm] = []
+    found: list[Norm] = []
     for n in view.nodes:
         op = view.op(n)
         x = flavor = None
@@ -116,18 +121,18 @@ def _hand_written(view: GraphView) -> list[_Norm]:
             if view.op(u) != "to" and (not others or any(view.is_dynamic(a) for a in others)):
                 break
             out = u
-        found.append(_Norm(out, x, flavor, "hand-written"))
+        found.append(Norm(out, x, flavor, "hand-written"))
     return found
 
 
-def _library(view: GraphView) -> list[_Norm]:
+def _library(view: GraphView) -> list[Norm]:
     found = []
     for n in view.find("layer_norm", "rms_norm"):
         x = n.args[0] if n.args else n.kwargs.get("input")
         out = n
         if n.op == "call_function" and "native_layer_norm" in str(n.target):
             out = next((u for u in n.users if u.args[1] == 0), n)  # getitem 0 of (out, mean, rstd)
-        found.append(_Norm(out, view.skip_back(x, _CASTS), "layernorm" if view.op(n) == "layer_norm" else "rmsnorm",
+        found.append(Norm(out, view.skip_back(x, _CASTS), "layernorm" if view.op(n) == "layer_norm" else "rmsnorm",
                            "library"))
     return found
 
@@ -149,7 +154,7 @@ def _is_residual_add(view: GraphView, add: fx.Node) -> tuple[fx.Node, fx.Node] |
 
 
 def find_norm_residuals(view: GraphView) -> tuple[list[Site], list[NearMiss]]:
-    norms = _library(view) + _hand_written(view)
+    norms = all_norms(view)
     sites: list[Site] = []
     misses: list[NearMiss] = []
     pre: dict[fx.Node, fx.Node] = {}  # norm node -> closing add

@@ -132,7 +132,7 @@ def run_cli(args: Any) -> int:
 
 def _run_cli(args: Any, writer: bool) -> int:
     from .. import distributed
-    from .._resources import check_output_dir
+    from ..resources import check_output_dir
     from ..load import load_model
 
     out = Path(args.output)

@@ -59,7 +59,7 @@ class Result:
 
         Everything is written into ``OUTDIR.partial-<pid>`` and renamed into place at the end; with
         ``force`` an existing ``outdir`` is exchanged with it atomically and deleted only once the new
-        one is in place (``surgeon._resources.atomic_dir``). On any error, or a SIGKILL, ``outdir`` is
+        one is in place (``surgeon.resources.atomic_dir``). On any error, or a SIGKILL, ``outdir`` is
         absent, the old one or the new one, never partial; leftovers of a killed run are removed by
         the next save to the same ``outdir``. Under a process
         group only rank 0 writes; the others wait for it and raise its error if it fails."""
@@ -79,7 +79,7 @@ class Result:
 
     def _save(self, outdir: str | os.PathLike, *, force: bool, target: str, speed: bool, speed_runs: int) -> Path:
         from .. import report as rep
-        from .._resources import atomic_dir
+        from ..resources import atomic_dir
 
         out = Path(outdir)
         check_target(target)

@@ -62,7 +62,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         finally:
             torch.set_num_threads(previous)
     from .. import distributed
-    from .._resources import check_memory
+    from ..resources import check_memory
     from ..capture import capture
 
     timings: dict[str, float] = dict(_timings or {})
