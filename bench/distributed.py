@@ -70,7 +70,7 @@ def main() -> None:
               "runs": rows, "same_kept_sites": same_sites, "end_to_end_rel_diff": rel}
     out = ROOT / "bench" / "results"
     (out / "distributed.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"# Calibration on torch.distributed: MiniLM, 1 vs 2 gloo processes\n",
+    md = ["# Calibration on torch.distributed: MiniLM, 1 vs 2 gloo processes\n",
           f"`python bench/distributed.py --repeat {args.repeat} --passes '{args.passes}'` — all-MiniLM-L6-v2, "
           f"{len(lines) * args.repeat} sentences ({one['fit_batches']} fit + {one['check_batches']} check batches of 8), "
           f"one intra-op thread per process, {cpu} CPU cores shared with other work (1-min load after the runs: "

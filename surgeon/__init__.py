@@ -12,8 +12,6 @@ Python API::
 
 from __future__ import annotations
 
-from .version import __version__  # noqa: E402
-
 from .analysis import Analysis, NearMiss, Site, analyze  # noqa: E402
 from .capture import Captured, capture  # noqa: E402
 from .errors import CaptureError, SurgeonError, ToleranceNotMet  # noqa: E402
@@ -22,7 +20,7 @@ from .errors import CaptureError, SurgeonError, ToleranceNotMet  # noqa: E402
 # reachable through sys.modules / ``from surgeon.load import ...``.
 from .load import load  # noqa: E402
 from .optimize import Result, optimize  # noqa: E402
-
+from .version import __version__  # noqa: E402
 
 __all__ = ["Analysis", "Captured", "CaptureError", "NearMiss", "Result", "Site", "SurgeonError",
            "ToleranceNotMet", "__version__", "analyze", "capture", "load", "optimize"]

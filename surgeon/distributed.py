@@ -26,12 +26,11 @@ error with exit code 5, instead of a hang.
 
 from __future__ import annotations
 
-import sys
-
 import datetime
 import math
 import os
 import re
+import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence, TypeVar
 
@@ -274,7 +273,8 @@ def agree(error: BaseException | None, what: str = "checking the inputs", order:
     ``error`` is what this rank raised (None: nothing); among the ranks that had one, the lowest
     ``(order, rank)`` wins (``order``: e.g. the index of the bad batch, so that the message is the one a
     single process reading the batches in order would give). A ``SurgeonError`` is raised again with
-    its message and exit code on every rank (``agreed_rank`` set: the CLI prints it on rank 0 only); any other exception is re-raised where it happened and reported by the others."""
+    its message and exit code on every rank (``agreed_rank`` set: the CLI prints it on rank 0 only);
+    any other exception is re-raised where it happened and reported by the others."""
     if not active():
         if error is not None:
             raise error

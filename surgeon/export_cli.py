@@ -58,8 +58,8 @@ def export_model(loaded: Any, target: str, outdir: str | os.PathLike) -> dict:
 def run_export_cli(args: Any) -> int:
     """``surgeon export MODEL [--target T] -o OUTDIR [--force]``."""
     from . import targets  # type: ignore[attr-defined]
-    from .resources import atomic_dir, check_memory, check_output_dir
     from .load import load_model
+    from .resources import atomic_dir, check_memory, check_output_dir
 
     name = getattr(args, "target", None) or "onnx"
     tgt = targets.get_target(name)  # unknown target: refused before any work

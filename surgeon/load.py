@@ -8,8 +8,15 @@ first, then binds the name to the function.
 from __future__ import annotations
 
 from .loaders import *  # noqa: F401,F403
-from .loaders import (DEFAULT_TEXT, LOADERS, OTHER_TEXTS, PICKLE_SUFFIXES, LoadedModel, load,  # noqa: F401
-                      load_model)
-from .loaders import __all__  # noqa: F401
+from .loaders import (  # noqa: F401
+                      DEFAULT_TEXT,
+                      LOADERS,
+                      OTHER_TEXTS,
+                      PICKLE_SUFFIXES,
+                      LoadedModel,
+                      __all__,  # noqa: F401
+                      load,
+                      load_model,
+)
 
 _OTHER_TEXTS = OTHER_TEXTS  # the old private name (tests read it)

@@ -19,6 +19,7 @@ Pipeline spec grammar: ``name{opt=value,opt=value},name2`` — e.g.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import networkx as nx
 from torch import fx, nn
 
 from .errors import SurgeonError
+
 
 @dataclass
 class Diagnostic:
@@ -132,12 +134,11 @@ class Pass:
 def pass_class(name: str) -> type[Pass]:
     """Resolve a registered pass name to its class (``surgeon.passes.pass_class``: imports its module
     on first use)."""
-    from surgeon import passes  # lazy: the pass modules import this one
-
+    passes = importlib.import_module("surgeon.passes")  # lazy: the pass modules import this one
     return passes.pass_class(name)
 
 
-def _coerce(cls: type, f: dataclasses.Field, raw: str) -> Any:
+def _coerce(cls: type[Pass], f: dataclasses.Field, raw: str) -> Any:
     hints = typing.get_type_hints(cls)
     typ = hints.get(f.name, str)
     origin, args = typing.get_origin(typ), typing.get_args(typ)
@@ -247,9 +248,9 @@ def set_site_rung(gm: nn.Module, record: SiteRecord, rung: str | None) -> None:
     keep = rung is None or rung == "keep"
     for name in record.submodules:
         module = gm.get_submodule(name)
-        module.active = not keep
+        setattr(module, "active", not keep)  # noqa: B010 - a submodule's attribute, not a tensor
         if not keep and hasattr(module, "rung"):
-            module.rung = rung
+            setattr(module, "rung", rung)  # noqa: B010
 
 
 def set_site_active(gm: nn.Module, record: SiteRecord, active: bool) -> None:
@@ -258,4 +259,4 @@ def set_site_active(gm: nn.Module, record: SiteRecord, active: bool) -> None:
     Every submodule a pass adds honours an ``active`` attribute; inactive means "compute exactly what
     the original computed" (a quantizer becomes the identity)."""
     for name in record.submodules:
-        gm.get_submodule(name).active = active
+        setattr(gm.get_submodule(name), "active", active)  # noqa: B010 - a submodule's attribute, not a tensor

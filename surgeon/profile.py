@@ -90,8 +90,8 @@ class Profile:
 TORCH = Profile(
     runtime="torch",
     machine="any CPU or GPU torch runs on (surgeon's custom ops compute the quantization exactly)",
-    ladders={"attention": ("fp8", "binary", KEEP), "linear": ("fp8", "int8-static", KEEP),
-             "embedding": ("fp8", "int8", KEEP)},
+    ladders=_freeze_ladders({"attention": ("fp8", "binary", KEEP), "linear": ("fp8", "int8-static", KEEP),
+             "embedding": ("fp8", "int8", KEEP)}),
     weight_layout="native",
     int8_weight_bits=8,
     uint8_activations=False,
@@ -101,7 +101,7 @@ TORCH = Profile(
 ORT_CPU = Profile(
     runtime="onnxruntime-cpu",
     machine="x86-64 (AVX2 or later)",
-    ladders={"attention": ("fp8", KEEP), "linear": ("int8-static", "fp8", KEEP), "embedding": ("int8", "fp8", KEEP)},
+    ladders=_freeze_ladders({"attention": ("fp8", KEEP), "linear": ("int8-static", "fp8", KEEP), "embedding": ("int8", "fp8", KEEP)}),
     weight_layout="transposed",
     int8_weight_bits=7,
     uint8_activations=True,
@@ -111,7 +111,7 @@ ORT_CPU = Profile(
 ORT_CPU_FP8 = Profile(
     runtime="onnxruntime-cpu",
     machine="x86-64 (AVX2 or later)",
-    ladders={"attention": ("fp8", KEEP), "linear": ("fp8", KEEP), "embedding": ("fp8", KEEP)},
+    ladders=_freeze_ladders({"attention": ("fp8", KEEP), "linear": ("fp8", KEEP), "embedding": ("fp8", KEEP)}),
     weight_layout="transposed",
     int8_weight_bits=7,
     uint8_activations=True,
@@ -137,13 +137,13 @@ _INT8_SPEED = {"int8-dynamic": 1.0, "int8-dynamic-outliers": 0.85, "int8-static"
 ORT_CPU_INT8 = Profile(
     runtime="onnxruntime-cpu",
     machine="x86-64 (AVX2 or later): 7-bit weights, exact where u8·s8 vpmaddubsw saturates",
-    ladders={"linear": _INT8_LINEAR, "embedding": ("int8", KEEP), "attention": ("fp8", KEEP)},
+    ladders=_freeze_ladders({"linear": _INT8_LINEAR, "embedding": ("int8", KEEP), "attention": ("fp8", KEEP)}),
     weight_layout="transposed",
     int8_weight_bits=7,
     uint8_activations=True,
     fuses_attention=False,
     graph_requirements=(INT8_FUSED, INT8_NO_FLOAT_AFTER_DQ),
-    speed=_INT8_SPEED,
+    speed=tuple(_INT8_SPEED.items()),
 )
 
 # The same with 8-bit weights: exact only where the u8·s8 product is computed without int16
@@ -151,11 +151,11 @@ ORT_CPU_INT8 = Profile(
 ORT_CPU_INT8_VNNI = Profile(
     runtime="onnxruntime-cpu",
     machine="x86-64 with AVX512-VNNI or AVX-VNNI: 8-bit weights (not exact on AVX2-only CPUs)",
-    ladders={"linear": _INT8_LINEAR, "embedding": ("int8", KEEP), "attention": ("fp8", KEEP)},
+    ladders=_freeze_ladders({"linear": _INT8_LINEAR, "embedding": ("int8", KEEP), "attention": ("fp8", KEEP)}),
     weight_layout="transposed",
     int8_weight_bits=8,
     uint8_activations=True,
     fuses_attention=False,
     graph_requirements=(INT8_FUSED, INT8_NO_FLOAT_AFTER_DQ),
-    speed=_INT8_SPEED,
+    speed=tuple(_INT8_SPEED.items()),
 )

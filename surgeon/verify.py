@@ -35,8 +35,8 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from .inputs import Inputs, as_args_kwargs, call, tensors_of
 from .errors import SurgeonError
+from .inputs import Inputs, as_args_kwargs, call, tensors_of
 from .pass_manager import SiteRecord, set_site_active, set_site_rung
 
 Metric = Callable[[Any, Any], float]
@@ -473,8 +473,8 @@ class _Progress:
 
     def __init__(self, enabled: bool, desc: str) -> None:
         self.enabled, self.desc = enabled, desc
-        self.bar = None
-        self.task = None
+        self.bar: Any = None
+        self.task: Any = None
 
     def __enter__(self) -> "_Progress":
         if self.enabled:
@@ -664,12 +664,12 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
     if not met:
         # Nothing met the tolerance: keep the best configuration measured (fewest violated criteria,
         # then the best first criterion, then the most benefit) and say so.
-        first = next(iter(tolerance.bounds()))
+        criterion0 = next(iter(tolerance.bounds()))
 
         def score(cfg: tuple[dict[str, str], Figures]) -> tuple:
-            sites, f = cfg
-            return (-len(tolerance.violations(f)), _oriented(first, f.get(first)),
-                    len(sites), sum(benefit(s, r) for s, r in sites.items()))
+            on, f = cfg
+            return (-len(tolerance.violations(f)), _oriented(criterion0, f.get(criterion0)),
+                    len(on), sum(benefit(s, r) for s, r in on.items()))
 
         config, fig = max(configs, key=score)
         config = dict(config)

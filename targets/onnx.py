@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from surgeon.inputs import Inputs, as_args_kwargs, call, tensors_of
 from surgeon.capture import auto_dynamic_shapes
 from surgeon.errors import SurgeonError
+from surgeon.inputs import Inputs, as_args_kwargs, call, tensors_of
 
 from ._cleanup import drop_softmax_nan_guards
 from ._lowering import OPSET, translation_table

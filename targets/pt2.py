@@ -52,8 +52,8 @@ class TorchTarget(Target):
         temporary name, verify, rename into place."""
         import torch
 
-        from surgeon.inputs import as_args_kwargs
         from surgeon.capture import auto_dynamic_shapes
+        from surgeon.inputs import as_args_kwargs
 
         outdir = Path(outdir)
         outdir.mkdir(parents=True, exist_ok=True)

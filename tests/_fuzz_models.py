@@ -471,7 +471,7 @@ def measure(model: nn.Module, candidate: Any, batches: list[tuple]) -> dict[str,
             max_ref = max(max_ref, float(r.double().abs().max()))
             rs, os_ = _all_float(ref), _all_float(out)
             n = r.shape[0] if r.dim() else 1
-            flat = lambda ts: torch.cat([t.detach().double().reshape(n, -1) for t in ts], 1)  # noqa: E731
+            flat = lambda ts, n=n: torch.cat([t.detach().double().reshape(n, -1) for t in ts], 1)  # noqa: E731
             if all(t.dim() and t.shape[0] == n for t in rs + os_):
                 cos_all.append(per_sample_cosine(flat(rs), flat(os_)))
     c = torch.cat(cos)
@@ -511,7 +511,7 @@ def _ort_check(onnx_path: Path, loaded: Any, batches: list[tuple], disabled: tup
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     if has_fp8:
-        # design.md §3: ORT ≥ 1.31 on CPU mis-fuses fp8 Q/DQ → MatMul unless told not to
+        # ORT ≥ 1.31 on CPU mis-fuses fp8 Q/DQ → MatMul unless told not to (docs/deploy.md)
         so.add_session_config_entry("session.disable_quant_qdq", "1")
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=list(disabled) or None)

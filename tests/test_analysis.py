@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import surgeon
-from tests._models import (MADE, AffineCoupling, Flow, ManualAttention, MaskedCoupling, TinyTransformer, mlp)
+from tests._models import MADE, AffineCoupling, Flow, ManualAttention, MaskedCoupling, TinyTransformer, mlp
 
 torch.manual_seed(0)
 X = torch.randn(2, 6, 16)

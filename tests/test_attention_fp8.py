@@ -30,7 +30,7 @@ from surgeon.calibration import calibrate  # noqa: E402
 from surgeon.capture import capture  # noqa: E402
 from surgeon.errors import SurgeonError  # noqa: E402
 from surgeon.pass_manager import PassContext, PassManager, parse_pipeline, set_site_active  # noqa: E402
-from surgeon.passes.attention_fp8 import AttentionFP8, BinaryP, TAU_GRID  # noqa: E402
+from surgeon.passes.attention_fp8 import TAU_GRID, AttentionFP8, BinaryP  # noqa: E402
 from surgeon.quant import Quantizer  # noqa: E402
 
 COS_BLOCK, COS_BLOCK_MEAN, COS_BLOCK_ROW = 0.997, 0.998, 0.98  # lone attention block: whole, row mean, worst row

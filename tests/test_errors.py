@@ -318,7 +318,8 @@ def test_python_api_refuses_a_run_that_would_not_fit(monkeypatch: pytest.MonkeyP
     model = TinyTransformer(layers=1, dim=16).eval()
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
     monkeypatch.setenv("SURGEON_MEMORY_LIMIT", "64K")
-    with pytest.raises(InsufficientMemory, match=r"^would not fit in memory: estimated peak .* exceeds the 64.0 KB available \(SURGEON_MEMORY_LIMIT\); "):
+    with pytest.raises(InsufficientMemory, match=r"^would not fit in memory: estimated peak .* exceeds the 64.0 KB "
+                                                 r"available \(SURGEON_MEMORY_LIMIT\); "):
         surgeon.optimize(model, (ids,), ((ids,) for _ in range(3)), passes="norm-fold")
     monkeypatch.delenv("SURGEON_MEMORY_LIMIT")
     result = surgeon.optimize(model, (ids,), ((ids,) for _ in range(3)), passes="norm-fold")

@@ -16,8 +16,10 @@ from surgeon.pass_manager import PassManager
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
+from _models import MADE  # noqa: E402
+from _models import AffineCoupling as SplitCoupling
+from _models import Flow as FlipFlow
 from flow_models import ActNorm, AffineCoupling, Flow, InvertibleLinear, Permute, glow_like  # noqa: E402
-from _models import MADE, AffineCoupling as SplitCoupling, Flow as FlipFlow  # noqa: E402
 
 REL = 1e-6
 
@@ -80,7 +82,8 @@ def test_dense_flow_only_logdet_terms_folded():
 
 def test_third_party_nflows_actnorm_and_lu_linear():
     pytest.importorskip("nflows")
-    from nflows.transforms import ActNorm as NActNorm, CompositeTransform, LULinear, ReversePermutation
+    from nflows.transforms import ActNorm as NActNorm
+    from nflows.transforms import CompositeTransform, LULinear, ReversePermutation
 
     torch.manual_seed(0)
     t = CompositeTransform([NActNorm(4), LULinear(4), ReversePermutation(4)])

@@ -10,15 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from surgeon.passes._flows import AuxInverse, error_figures, reconstruction_errors
 from surgeon.capture import capture
 from surgeon.optimize import apply_passes, fit_passes
 from surgeon.pass_manager import PassManager, parse_pipeline
+from surgeon.passes._flows import AuxInverse, error_figures, reconstruction_errors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
 from flow_models import maf, realnvp  # noqa: E402
+
 from surgeon.passes.flow_inverse import FlowInverse, distill_inverse  # noqa: E402
 
 D = 8

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-
 from _fuzz_models import cases, make_case, run_case
+from hypothesis import HealthCheck, given, settings
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

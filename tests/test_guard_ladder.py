@@ -57,7 +57,7 @@ def _rewrite(gm0: fx.GraphModule, sites: list[tuple[dict[str, float], dict[str, 
         gm.add_submodule(f"noise{i}", Noise(amps, phase=2.3 * i))
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(f"noise{i}", (node,))
-        node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
         rungs = tuple(amps) if len(amps) > 1 or benefit else ()
         records.append(SiteRecord(f"s{i}", "toy", f"m{i}", "noise", [f"noise{i}"], probe=new.name,
                                   reference=node.name, rungs=rungs, benefit=benefit))

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 import surgeon
-from surgeon.inputs import call, tensors_of
 from surgeon.errors import SurgeonError
-from surgeon.load import DEFAULT_TEXT, _OTHER_TEXTS, load_model
+from surgeon.inputs import call, tensors_of
+from surgeon.load import _OTHER_TEXTS, DEFAULT_TEXT, load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,15 +8,14 @@ import os
 
 import pytest
 import torch
+from _models import TinyTransformer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from surgeon.inputs import call, tensors_of
 from surgeon.capture import capture
+from surgeon.inputs import call, tensors_of
 from surgeon.pass_manager import PassManager
-
-from _models import TinyTransformer
 
 TOL = 1e-5  # relative: max |out − ref| / max |ref|
 

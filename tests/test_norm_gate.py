@@ -8,17 +8,16 @@ import warnings
 
 import pytest
 import torch
+from _models import TinyTransformer
 from torch import nn
 
-from surgeon.inputs import call
 from surgeon.capture import capture
 from surgeon.errors import SurgeonError
+from surgeon.inputs import call
 from surgeon.optimize import apply_passes, fit_passes
 from surgeon.pass_manager import PassManager, parse_pipeline, set_site_active
 from surgeon.passes.norm_gate import NormGateUnit, _collect
 from surgeon.verify import run_tapped
-
-from _models import TinyTransformer
 
 
 def _batches(n: int, seed: int = 0, shape=(4, 8)):

@@ -103,7 +103,7 @@ class ToyRound(Pass):
             gm.add_submodule(name, ToyRoundModule(1 if i == self.bad else self.levels))
             with gm.graph.inserting_after(node):
                 new = gm.graph.call_module(name, (node,))
-            node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+            node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
             ctx.register(SiteRecord(site, "toy", module, self.name, [name], probe=new.name, reference=node.name))
             diags.append(Diagnostic(self.name, site, "applied", module=module, kind="toy"))
         if self.perturb:

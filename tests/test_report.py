@@ -9,7 +9,6 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
-
 from surgeon.pass_manager import Diagnostic, SiteRecord
 from surgeon.report import SCHEMA_VERSION, json_safe, make_report, render_html, write_html, write_json
 from surgeon.verify import Figures, GuardResult, SiteCheck, Tolerance

@@ -11,9 +11,7 @@ from torch import fx, nn
 from surgeon.capture import capture
 from surgeon.errors import SurgeonError
 from surgeon.pass_manager import SiteRecord
-from surgeon.verify import (PairStats, Tolerance, flat_inputs, guard, measure_model, parse_tolerance, run_tapped,
-                            sqnr_db)
-
+from surgeon.verify import PairStats, Tolerance, flat_inputs, guard, measure_model, parse_tolerance, run_tapped, sqnr_db
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,7 +134,7 @@ def _rewrite(gm0: fx.GraphModule, amps: list[float]) -> tuple[fx.GraphModule, li
         gm.add_submodule(f"noise{i}", Noise(amp))
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(f"noise{i}", (node,))
-        node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
         records.append(SiteRecord(f"s{i}", "toy", f"m{i}", "noise", [f"noise{i}"], probe=new.name, reference=node.name))
     gm.recompile()
     return gm, records

@@ -15,7 +15,6 @@ Definitions (docs/analysis.md states them with examples; tests use them exactly)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import fx, nn

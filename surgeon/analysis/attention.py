@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import fx
 
-from .sites import NearMiss, Site
 from ._graph import PRODUCTS, GraphView
+from .sites import NearMiss, Site
 
 # Ops between Q·Kᵀ and softmax that shape scores without changing which product they come from.
 SCORE_OPS = {"add", "sub", "mul", "div", "masked_fill", "where", "to", "dropout", "clamp", "tanh", "neg",

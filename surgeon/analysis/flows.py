@@ -16,13 +16,12 @@ Anything else (a gate ``x·σ(Wx)`` in a transformer, a residual add) is not a c
 
 from __future__ import annotations
 
-
 import networkx as nx
 import torch
 from torch import fx
 
-from .sites import NearMiss, Site
 from ._graph import VIEWS, GraphView
+from .sites import NearMiss, Site
 
 _UNARY_HEAD = {"exp", "sigmoid", "softplus", "tanh", "atan", "abs", "neg", "log", "logsigmoid", "clamp",
                "clamp_min", "clamp_max", "hardtanh", "to", "dropout", "exp2", "sqrt", "reciprocal", "square"}

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .sites import NearMiss, Site
 from ._graph import GraphView
+from .sites import NearMiss, Site
 
 _CASTS = {"to"}
 

@@ -67,7 +67,7 @@ def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
     # The module path identifies the site: never truncate it. Pick the richest layout whose
     # narrowest rendering fits: the table with reasons, the table with numbered notes under it, or
     # (narrow terminals) one line per site.
-    layout = None
+    layout: tuple[Any, list[str]] | None = None
     for with_reason in (True, False):
         table, notes = _sites_table(r["sites"], with_reason)
         if table_fits(table, console.width):
@@ -80,7 +80,7 @@ def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
                           + (f", SQNR {_fmt(m.get('sqnr_db'), 4)} dB, cosine {fmt_cosine(m.get('cosine'))}"
                              if m.get("cosine") is not None else "") + (f" — {s['reason']}" if s.get("reason") else ""),
                           soft_wrap=True, markup=False, highlight=False)
-    elif r["sites"]:
+    elif r["sites"] and layout is not None:
         console.print(layout[0])
         for i, note in enumerate(layout[1], 1):
             console.print(f"  [{i}] {note}", soft_wrap=True, markup=False, highlight=False)
@@ -132,8 +132,8 @@ def run_cli(args: Any) -> int:
 
 def _run_cli(args: Any, writer: bool) -> int:
     from .. import distributed
-    from ..resources import check_output_dir
     from ..load import load_model
+    from ..resources import check_output_dir
 
     out = Path(args.output)
     force = bool(getattr(args, "force", False))

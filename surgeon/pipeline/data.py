@@ -112,7 +112,7 @@ def _prepare_batches(calib: Iterable[Any] | None, example_inputs: Inputs, gm0: n
             with torch.no_grad():
                 call(gm0, batch)
         except SurgeonError as exc:
-            raise _at(i, exc)
+            raise _at(i, exc) from None
         except Exception as exc:  # noqa: BLE001 - any failure here means the model refuses the batch
             raise _at(i, SurgeonError(f"calibration batch {i} does not match the model's inputs: "
                                       f"{first_line(exc)}")) from exc

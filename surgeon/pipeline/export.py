@@ -22,7 +22,7 @@ def plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: plain(v) for k, v in value.items()}
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return {k: plain(v) for k, v in value._asdict().items()}
+        return {k: plain(v) for k, v in value._asdict().items()}  # type: ignore[attr-defined]
     if isinstance(value, (list, tuple)):
         return type(value)(plain(v) for v in value)
     return value
@@ -45,13 +45,13 @@ def plain_outputs(gm: fx.GraphModule, example_inputs: Inputs) -> Iterator[bool]:
         yield False
         return
     old_attr = getattr(gm, "_out_spec", None)
-    gm.graph._codegen.pytree_info = info._replace(out_spec=spec)
+    gm.graph._codegen.pytree_info = info._replace(out_spec=spec)  # type: ignore[attr-defined]
     gm._out_spec = spec
     gm.recompile()
     try:
         yield True
     finally:
-        gm.graph._codegen.pytree_info = info
+        gm.graph._codegen.pytree_info = info  # type: ignore[attr-defined]
         gm._out_spec = old_attr
         gm.recompile()
 

@@ -13,8 +13,7 @@ from torch import fx, nn
 
 from ..errors import SurgeonError
 from ..inputs import Inputs
-from ..pass_manager import (Diagnostic, Pass, PassContext, PassManager, parse_pipeline, set_site_active,
-                            set_site_rung)
+from ..pass_manager import Diagnostic, Pass, PassContext, PassManager, parse_pipeline, set_site_active, set_site_rung
 
 __all__ = ["Applied", "apply_passes", "fit_passes", "rebuild", "resolve_passes"]
 
@@ -129,7 +128,7 @@ def rebuild(gm0: fx.GraphModule, applied: Applied, kept: Sequence[str],
         else:
             set_site_active(final, record, True)
     for _, module in calibratables(final):
-        module.mode = "quant"
+        setattr(module, "mode", "quant")  # noqa: B010 - a calibratable's mode, not a tensor
     final.recompile()
     return final, ctx
 

@@ -122,7 +122,8 @@ class Result:
         from ..speed import measure
 
         t = targets.get_target(target)
-        written = partial / (outputs.get("target") if isinstance(outputs.get("target"), str) else "model.pt2")
+        name = outputs.get("target")
+        written = partial / (name if isinstance(name, str) else "model.pt2")
         bench = partial / "bench"
         bench.mkdir()
         original = bench / f"original{written.suffix}"

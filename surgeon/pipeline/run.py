@@ -62,8 +62,8 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         finally:
             torch.set_num_threads(previous)
     from .. import distributed
-    from ..resources import check_memory
     from ..capture import capture
+    from ..resources import check_memory
 
     timings: dict[str, float] = dict(_timings or {})
     notes: list[str] = []

@@ -1,0 +1,106 @@
+"""What a report says was bought: report.json's speed, the summary's last line, surgeon bench OUTDIR."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from surgeon.speed import cpu, side_by_side
+
+FACTORY = '''
+import torch
+from torch import nn
+
+
+def make():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 512), nn.GELU(), nn.Linear(512, 128), nn.LayerNorm(128)).eval()
+    return model, (torch.randn(16, 32, 128),)
+'''
+
+
+@pytest.fixture(scope="module")
+def outdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    root = tmp_path_factory.mktemp("speed")
+    (root / "speedfac.py").write_text(FACTORY)
+    g = torch.Generator().manual_seed(1)
+    torch.save([(torch.randn(16, 32, 128, generator=g),) for _ in range(4)], root / "calib.pt")
+    proc = subprocess.run([sys.executable, "-m", "surgeon", "optimize", "speedfac:make", "--calib", "calib.pt",
+                           "-o", "out", "--tolerance", "0.99"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    (root / "stdout.txt").write_text(proc.stdout)
+    return root / "out"
+
+
+def test_cpu_names_the_isa_flags_of_this_machine() -> None:
+    info = cpu()
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    assert set(info["flags"]) <= flags
+    for f in ("avx2", "avx512_vnni", "avx_vnni"):
+        assert (f in info["flags"]) == (f in flags)
+    assert info["vnni"] == ("avx512_vnni" in flags or "avx_vnni" in flags)
+    if "avx512_vnni" in flags:
+        assert info["class"] == "x86-64 AVX512-VNNI"
+
+
+def test_side_by_side_times_each_runner_round_robin() -> None:
+    calls: list[str] = []
+    timed = side_by_side({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, runs=4, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 4  # warm-up each, then alternating
+    assert set(timed) == {"a", "b"} and all(t["min_ms"] <= t["median_ms"] <= t["max_ms"] for t in timed.values())
+    with pytest.raises(ValueError, match="runs must be ≥ 1"):
+        side_by_side({"a": lambda: None}, runs=0)
+
+
+def test_the_default_target_reports_what_the_file_bought(outdir: Path) -> None:
+    report = json.loads((outdir / "report.json").read_text())
+    assert report["target"]["name"] == "onnx-int8"  # the CLI's default target
+    assert report["passes"][0].startswith("linear-quant{dtype=int8")  # and its default passes
+    sp = report["speed"]
+    assert sp["target"] == "onnx-int8" and sp["runtime"] == "onnxruntime-cpu" and sp["threads"] == 2
+    assert sp["inputs"] == {"arg0": [16, 32, 128]}  # the first check batch
+    assert sp["latency_ms"]["original"] > 0 and sp["latency_ms"]["optimized"] > 0
+    assert sp["latency_ratio"] == pytest.approx(sp["latency_ms"]["optimized"] / sp["latency_ms"]["original"], rel=1e-3)
+    assert sp["bytes"]["optimized"] == (outdir / "model.onnx").stat().st_size
+    assert sp["bytes"]["original"] == (outdir / "bench/original.onnx").stat().st_size
+    assert sp["size_ratio"] < 0.5  # int8 weights: a quarter of the fp32 bytes, plus scales and graph
+    assert sp["cpu"] == cpu()
+    assert sp["files"] == {"optimized": "model.onnx", "original": "bench/original.onnx", "inputs": "bench/inputs.pt"}
+    assert report["outputs"]["bench"] == "bench/"
+    # the summary's last line says it
+    last = (outdir.parent / "stdout.txt").read_text().strip().splitlines()[-1]
+    assert re.fullmatch(rf"speed on this machine \({re.escape(cpu()['class'])}; onnxruntime-cpu, 2 threads, "
+                        rf"arg0 16×32×128\): latency {sp['latency_ratio']:.2f}× the original \(.*\), size "
+                        rf"{sp['size_ratio']:.2f}× \(.*\)", last), last
+
+
+def test_surgeon_bench_measures_the_outdir_again(outdir: Path) -> None:
+    report = json.loads((outdir / "report.json").read_text())
+    before = sorted(p.name for p in outdir.rglob("*"))
+    proc = subprocess.run([sys.executable, "-m", "surgeon", "bench", str(outdir), "--runs", "10", "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout)
+    assert again["size_ratio"] == report["speed"]["size_ratio"] and again["bytes"] == report["speed"]["bytes"]
+    assert again["inputs"] == report["speed"]["inputs"] and again["runs"] == 10
+    # the same two files on the same machine: the same ratio within timing noise (a shared 2-core CI box)
+    assert again["latency_ratio"] == pytest.approx(report["speed"]["latency_ratio"], rel=0.6)
+    assert again["reported"]["latency_ratio"] == report["speed"]["latency_ratio"]
+    assert sorted(p.name for p in outdir.rglob("*")) == before  # bench writes nothing
+
+
+def test_surgeon_bench_refuses_what_is_not_an_outdir(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "surgeon", "bench", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == f"surgeon: error: '{tmp_path}' is not an OUTDIR written by surgeon optimize: no report.json\n"
+    (tmp_path / "report.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "surgeon", "bench", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "has no timing files (bench/)" in proc.stderr and proc.stderr.count("\n") == 1
