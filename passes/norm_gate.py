@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import Tensor, fx, nn
@@ -92,23 +92,24 @@ class NormGateUnit(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # local reconstruction
 # --------------------------------------------------------------------------------------------------
+
+def _closure(node: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
+    """``node`` and everything reachable from it by ``step`` (users: descendants; inputs: ancestors)."""
+    seen, todo = {node}, [node]
+    while todo:
+        for n in step(todo.pop()):
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen
+
 def _local_module(gm: fx.GraphModule, start: fx.Node, target: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
     """A GraphModule computing ``target`` from ``start``'s inputs: the nodes on paths start → target.
 
     Every other value those nodes read (the residual x, masks, shapes) becomes a placeholder; its value
     comes from a run of the whole graph. Submodules and constants are shared with ``gm``."""
-    desc, todo = {start}, [start]
-    while todo:
-        for u in todo.pop().users:
-            if u not in desc:
-                desc.add(u)
-                todo.append(u)
-    anc, todo = {target}, [target]
-    while todo:
-        for i in todo.pop().all_input_nodes:
-            if i not in anc:
-                anc.add(i)
-                todo.append(i)
+    desc = _closure(start, lambda n: n.users)
+    anc = _closure(target, lambda n: n.all_input_nodes)
     inside = (desc & anc) | {start, target}
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}

@@ -12,6 +12,7 @@ The built-in profiles are the module constants below (``TORCH``, ``ORT_CPU``, ``
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -148,14 +149,6 @@ ORT_CPU_INT8 = Profile(
 
 # The same with 8-bit weights: exact only where the u8·s8 product is computed without int16
 # saturation (VNNI vpdpbusd, AMX); on an AVX2-only CPU ORT's kernel may saturate and differ.
-ORT_CPU_INT8_VNNI = Profile(
-    runtime="onnxruntime-cpu",
-    machine="x86-64 with AVX512-VNNI or AVX-VNNI: 8-bit weights (not exact on AVX2-only CPUs)",
-    ladders=_freeze_ladders({"linear": _INT8_LINEAR, "embedding": ("int8", KEEP), "attention": ("fp8", KEEP)}),
-    weight_layout="transposed",
-    int8_weight_bits=8,
-    uint8_activations=True,
-    fuses_attention=False,
-    graph_requirements=(INT8_FUSED, INT8_NO_FLOAT_AFTER_DQ),
-    speed=tuple(_INT8_SPEED.items()),
-)
+ORT_CPU_INT8_VNNI = dataclasses.replace(
+    ORT_CPU_INT8, machine="x86-64 with AVX512-VNNI or AVX-VNNI: 8-bit weights (not exact on AVX2-only CPUs)",
+    int8_weight_bits=8)

@@ -61,6 +61,24 @@ class Target:
                 "quantized": self.quantized, "profile": self.profile.to_json()}
 
 
+def max_abs_diff(a: list[Any], b: list[Any], what: str) -> float:
+    """Largest |a − b| over paired outputs (numpy arrays), in float64; ``what`` names the file kind
+    in the errors ("the ONNX file", "the .pt2 file") when counts or shapes differ."""
+    import numpy as np
+
+    from surgeon.errors import SurgeonError
+
+    if len(a) != len(b):
+        raise SurgeonError(f"{what} returns {len(a)} floating outputs, the torch module {len(b)}")
+    worst = 0.0
+    for x, y in zip(a, b):
+        if tuple(x.shape) != tuple(y.shape):
+            raise SurgeonError(f"{what}'s output shape {tuple(x.shape)} differs from the torch module's {tuple(y.shape)}")
+        if x.size:
+            worst = max(worst, float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))))
+    return worst
+
+
 def batch_shapes(inputs: Any) -> dict[str, list[int]]:
     """Shapes of the tensors of ``inputs`` by name (keyword names, else ``arg0``, ``arg1``, …)."""
     import torch

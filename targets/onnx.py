@@ -378,15 +378,9 @@ def _float_outputs(outs: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _max_abs(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    if len(a) != len(b):
-        raise SurgeonError(f"the ONNX file returns {len(a)} floating outputs, the torch module {len(b)}")
-    worst = 0.0
-    for x, y in zip(a, b):
-        if x.shape != y.shape:
-            raise SurgeonError(f"ONNX output shape {x.shape} differs from the torch module's {y.shape}")
-        if x.size:
-            worst = max(worst, float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))))
-    return worst
+    from ._base import max_abs_diff
+
+    return max_abs_diff(a, b, "the ONNX file")
 
 
 def _quantile_abs(a: list[np.ndarray], b: list[np.ndarray], q: float) -> float:

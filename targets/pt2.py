@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from surgeon import profile as _profile
 
-from ._base import Target
+from ._base import Target, max_abs_diff
 
 __all__ = ["TorchTarget", "TORCH"]
 
@@ -26,20 +26,6 @@ def _outputs(module: Any, inputs: Any) -> list[Any]:
 
     with torch.no_grad():
         return [t.detach().float() for t in tensors_of(call(module, inputs))]
-
-
-def _max_abs(a: list[Any], b: list[Any]) -> float:
-    from surgeon.errors import SurgeonError
-
-    if len(a) != len(b):
-        raise SurgeonError(f"the .pt2 file returns {len(a)} tensors, the torch module {len(b)}")
-    worst = 0.0
-    for x, y in zip(a, b):
-        if x.shape != y.shape:
-            raise SurgeonError(f".pt2 output shape {tuple(x.shape)} differs from the torch module's {tuple(y.shape)}")
-        if x.numel():
-            worst = max(worst, float((x.double() - y.double()).abs().max()))
-    return worst
 
 
 @dataclass(frozen=True)
@@ -90,7 +76,9 @@ class TorchTarget(Target):
         loaded = torch.export.load(str(path)).module()
         got = _outputs(loaded, inputs)
         figures: dict[str, Any] = {"file": path.name, "bytes": path.stat().st_size,
-                                   "max_abs_diff": _max_abs(got, _outputs(module, inputs))}
+                                   "max_abs_diff": max_abs_diff([t.numpy() for t in got],
+                                                                [t.numpy() for t in _outputs(module, inputs)],
+                                                                "the .pt2 file")}
         if original is not None:
             ref = _outputs(original, inputs)
             if len(ref) == len(got):
