@@ -38,6 +38,11 @@ class Target:
         """Run the file in its runtime on ``inputs`` and compare with the torch ``module``."""
         raise NotImplementedError
 
+    def compare(self, path: str | os.PathLike, baseline: str | os.PathLike) -> dict[str, Any]:
+        """What must hold of the file against the original written the same way (``baseline``), e.g.
+        the runtime's fusions kept; figures for ``report["targets"][name]`` (default: none)."""
+        return {}
+
     def baseline(self, original: Any, example_inputs: Any, path: str | os.PathLike) -> None:
         """Write the *original* model to ``path`` exactly as ``lower`` writes a file (same exporter, same
         format): what the optimized file is timed against."""

@@ -45,8 +45,18 @@ def quantized_dtypes(module: Any) -> dict[str, int]:
     return counts
 
 
-def ort_fusion(path: str | os.PathLike) -> dict[str, Any]:
-    """What ORT's CPU provider makes of the file: integer kernels vs float MatMuls fed by a DequantizeLinear."""
+# ORT's fused kernels by family: a quantized graph should keep every family the fp32 graph gets
+# (a bias folded into DynamicQuantizeMatMul turns BiasGelu into Gelu: same family).
+FUSED_FAMILIES = {
+    "LayerNormalization": "LayerNormalization", "SkipLayerNormalization": "SkipLayerNormalization",
+    "SimplifiedLayerNormalization": "LayerNormalization", "SkipSimplifiedLayerNormalization": "SkipLayerNormalization",
+    "BiasGelu": "Gelu", "Gelu": "Gelu", "FastGelu": "Gelu", "QuickGelu": "Gelu",
+    "Attention": "Attention", "MultiHeadAttention": "Attention", "GroupQueryAttention": "Attention",
+}
+
+
+def _optimized(path: str | os.PathLike) -> Any:
+    """The graph ORT's CPU provider runs for the file (after its graph optimizations)."""
     import onnx
 
     from .onnx import session
@@ -54,7 +64,24 @@ def ort_fusion(path: str | os.PathLike) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         opt = Path(tmp) / "optimized.onnx"
         session(path, optimized_path=opt)
-        model = onnx.load(str(opt))
+        return onnx.load(str(opt))
+
+
+def fusions_kept(path: str | os.PathLike, baseline: str | os.PathLike) -> dict[str, Any]:
+    """ORT's fused-kernel families in the file's optimized graph against the original's (``baseline``,
+    exported the same way): ``{"families": {family: {"original": n, "file": m}}, "kept": bool}``."""
+    counts: dict[str, dict[str, int]] = {}
+    for key, p in (("original", baseline), ("file", path)):
+        for node in _optimized(p).graph.node:
+            family = FUSED_FAMILIES.get(node.op_type)
+            if family:
+                counts.setdefault(family, {"original": 0, "file": 0})[key] += 1
+    return {"families": counts, "kept": all(c["file"] >= c["original"] for c in counts.values())}
+
+
+def ort_fusion(path: str | os.PathLike) -> dict[str, Any]:
+    """What ORT's CPU provider makes of the file: integer kernels vs float MatMuls fed by a DequantizeLinear."""
+    model = _optimized(path)
     producers = {o: n for n in model.graph.node for o in n.output}
     ops: dict[str, int] = {}
     float_after_dq = 0
@@ -123,6 +150,10 @@ class OnnxTarget(Target):
         figures["target"] = self.name
         figures.update(self.graph_checks(path))
         return figures
+
+    def compare(self, path: str | os.PathLike, baseline: str | os.PathLike) -> dict[str, Any]:
+        """INT8: the fused kernels ORT makes of the original are still made of the file (``fusions_kept``)."""
+        return {"ort_fusions": fusions_kept(path, baseline)} if self.quantized == "int8" else {}
 
     def baseline(self, original: Any, example_inputs: Any, path: str | os.PathLike) -> None:
         """The original through the same exporter and clean-up as ``lower`` (fp32, no quantization)."""

@@ -75,6 +75,12 @@ def test_the_default_target_reports_what_the_file_bought(outdir: Path) -> None:
     assert sp["cpu"] == cpu()
     assert sp["files"] == {"optimized": "model.onnx", "original": "bench/original.onnx", "inputs": "bench/inputs.pt"}
     assert report["outputs"]["bench"] == "bench/"
+    # ORT fuses the quantized graph as it fuses the fp32 one (the bias Add folded into the integer kernel
+    # turns BiasGelu into Gelu: the same family)
+    fusions = report["targets"]["onnx-int8"]["ort_fusions"]
+    assert fusions["kept"] and fusions["families"]["Gelu"] == {"original": 1, "file": 1}
+    assert fusions["families"]["LayerNormalization"] == {"original": 1, "file": 1}
+    assert report["targets"]["onnx-int8"]["ort_cpu"]["integer_kernels"] == 2
     # the summary's last line says it
     last = (outdir.parent / "stdout.txt").read_text().strip().splitlines()[-1]
     assert re.fullmatch(rf"speed on this machine \({re.escape(cpu()['class'])}; onnxruntime-cpu, 2 threads, "

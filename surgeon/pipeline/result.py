@@ -131,6 +131,9 @@ class Result:
         t.baseline(self.original, self.example_inputs, original)
         torch.save(inputs, bench / "inputs.pt")
         figures = measure(t, written, original, inputs, runs=runs)
+        compared = t.compare(written, original)
+        if compared and target in self.report.get("targets", {}):
+            self.report["targets"][target].update(compared)
         figures["files"] = {"optimized": written.name, "original": f"bench/{original.name}", "inputs": "bench/inputs.pt"}
         outputs["bench"] = "bench/"
         return figures
