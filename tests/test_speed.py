@@ -74,7 +74,8 @@ def test_the_default_target_reports_what_the_file_bought(outdir: Path) -> None:
     assert sp["size_ratio"] < 0.5  # int8 weights: a quarter of the fp32 bytes, plus scales and graph
     assert sp["cpu"] == cpu()
     assert sp["files"] == {"optimized": "model.onnx", "original": "bench/original.onnx", "inputs": "bench/inputs.pt"}
-    assert report["outputs"]["bench"] == "bench/"
+    assert (report["outputs"]["bench_original"], report["outputs"]["bench_inputs"]) == ("bench/original.onnx",
+                                                                                        "bench/inputs.pt")
     # ORT fuses the quantized graph as it fuses the fp32 one (the bias Add folded into the integer kernel
     # turns BiasGelu into Gelu: the same family)
     fusions = report["targets"]["onnx-int8"]["ort_fusions"]

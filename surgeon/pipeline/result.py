@@ -135,7 +135,7 @@ class Result:
         if compared and target in self.report.get("targets", {}):
             self.report["targets"][target].update(compared)
         figures["files"] = {"optimized": written.name, "original": f"bench/{original.name}", "inputs": "bench/inputs.pt"}
-        outputs["bench"] = "bench/"
+        outputs["bench_original"], outputs["bench_inputs"] = f"bench/{original.name}", "bench/inputs.pt"
         return figures
 
 
