@@ -19,8 +19,8 @@ from torch import nn
 
 def make():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(128, 512), nn.GELU(), nn.Linear(512, 128), nn.LayerNorm(128)).eval()
-    return model, (torch.randn(16, 32, 128),)
+    model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256), nn.LayerNorm(256)).eval()
+    return model, (torch.randn(16, 64, 256),)
 '''
 
 
@@ -31,7 +31,7 @@ def outdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("speed")
     (root / "speedfac.py").write_text(FACTORY)
     g = torch.Generator().manual_seed(1)
-    torch.save([(torch.randn(16, 32, 128, generator=g),) for _ in range(4)], root / "calib.pt")
+    torch.save([(torch.randn(16, 64, 256, generator=g),) for _ in range(4)], root / "calib.pt")
     proc = subprocess.run([sys.executable, "-m", "surgeon", "optimize", "speedfac:make", "--calib", "calib.pt",
                            "-o", "out", "--tolerance", "0.99"], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -66,7 +66,7 @@ def test_the_default_target_reports_what_the_file_bought(outdir: Path) -> None:
     assert report["passes"][0].startswith("linear-quant{dtype=int8")  # and its default passes
     sp = report["speed"]
     assert sp["target"] == "onnx-int8" and sp["runtime"] == "onnxruntime-cpu" and sp["threads"] == 2
-    assert sp["inputs"] == {"arg0": [16, 32, 128]}  # the first check batch
+    assert sp["inputs"] == {"arg0": [16, 64, 256]}  # the first check batch
     assert sp["latency_ms"]["original"] > 0 and sp["latency_ms"]["optimized"] > 0
     assert sp["latency_ratio"] == pytest.approx(sp["latency_ms"]["optimized"] / sp["latency_ms"]["original"], rel=1e-3)
     assert sp["bytes"]["optimized"] == (outdir / "model.onnx").stat().st_size
@@ -85,7 +85,7 @@ def test_the_default_target_reports_what_the_file_bought(outdir: Path) -> None:
     # the summary's last line says it
     last = (outdir.parent / "stdout.txt").read_text().strip().splitlines()[-1]
     assert re.fullmatch(rf"speed on this machine \({re.escape(cpu()['class'])}; onnxruntime-cpu, 2 threads, "
-                        rf"arg0 16×32×128\): latency {sp['latency_ratio']:.2f}× the original \(.*\), size "
+                        rf"arg0 16×64×256\): latency {sp['latency_ratio']:.2f}× the original \(.*\), size "
                         rf"{sp['size_ratio']:.2f}× \(.*\)", last), last
 
 
@@ -98,8 +98,12 @@ def test_surgeon_bench_measures_the_outdir_again(outdir: Path) -> None:
     again = json.loads(proc.stdout)
     assert again["size_ratio"] == report["speed"]["size_ratio"] and again["bytes"] == report["speed"]["bytes"]
     assert again["inputs"] == report["speed"]["inputs"] and again["runs"] == 10
-    # the same two files on the same machine: the same ratio within timing noise (a shared 2-core CI box)
-    assert again["latency_ratio"] == pytest.approx(report["speed"]["latency_ratio"], rel=0.6)
+    # the same two files on the same machine: the same ratio within timing noise (a shared 2-core CI box:
+    # within 2×), and INT8 still faster than fp32 where the report found it clearly so
+    ratio, reported = again["latency_ratio"], report["speed"]["latency_ratio"]
+    assert reported / 2 < ratio < reported * 2, (ratio, reported)
+    if reported < 0.8:
+        assert ratio < 1.0
     assert again["reported"]["latency_ratio"] == report["speed"]["latency_ratio"]
     assert sorted(p.name for p in outdir.rglob("*")) == before  # bench writes nothing
 
