@@ -28,9 +28,10 @@ def make():
 
 
 def _figures(report: Any) -> Any:
-    """The report without wall-clock figures (``timings_s``, ``seconds``)."""
+    """The report without wall-clock figures (``timings_s``, ``seconds``, the speed section's latencies)."""
     if isinstance(report, dict):
-        return {k: _figures(v) for k, v in report.items() if k not in ("timings_s", "seconds")}
+        return {k: _figures(v) for k, v in report.items()
+                if k not in ("timings_s", "seconds", "latency_ms", "latency_ratio")}
     if isinstance(report, list):
         return [_figures(v) for v in report]
     return report

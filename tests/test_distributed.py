@@ -101,7 +101,7 @@ def test_outdir_written_once_by_rank_0(two_ranks: dict) -> None:
     (r0, r1), tmp = two_ranks["ranks"], two_ranks["tmp"]
     assert r0["saves"] == [str(tmp / "out")] and r1["saves"] == []
     assert sorted(os.listdir(tmp)) == ["out", "run.json.rank0", "run.json.rank1", "single"]  # no .partial-*
-    assert sorted(os.listdir(tmp / "out")) == ["model.pt2", "report.html", "report.json"]
+    assert sorted(os.listdir(tmp / "out")) == ["bench", "model.pt2", "report.html", "report.json"]  # bench/: the timing files
     assert json.loads((tmp / "out" / "report.json").read_text())["calibration"]["world_size"] == 2
 
 

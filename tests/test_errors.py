@@ -192,7 +192,7 @@ CASES = [
     Case("tolerance-out-of-range", OPT + ["--tolerance", "1.5"], "tolerance cosine_mean=1.5 is not a cosine in [-1, 1]",
          setup=_setup_calib("ok")),
     Case("unknown-target", ["export", "errfac:make", "-o", "out", "--target", "tflite"],
-         "unknown target 'tflite' (known: torch, onnx, onnx-fp8, onnx-int8)"),
+         "unknown target 'tflite' (known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni)"),
     Case("export-needs-pipeline", ["export", "errfac:make", "-o", "out", "--target", "onnx-int8"],
          "surgeon export writes the model unchanged; target onnx-int8 needs the verified pipeline: "
          "surgeon optimize MODEL --target onnx-int8 --calib FILE -o OUTDIR"),
@@ -207,7 +207,9 @@ CASES = [
          setup=_setup_calib("ok"), env={"SURGEON_MEMORY_LIMIT": "lots"}),
     Case("tolerance-not-met", OPT + ["--passes", "norm-fold", "--tolerance", "max_rel_err=0"],
          "tolerance not met (max_rel_err ≤ 0): best model kept …", code=3, setup=_setup_calib("ok"),
-         writes=("out/model.pt2", "out/report.html", "out/report.json")),
+         # the default target (onnx-int8) writes its file and the timing files beside model.pt2
+         writes=("out/model.pt2", "out/report.html", "out/report.json", "out/model.onnx", "out/bench",
+                 "out/bench/original.onnx", "out/bench/inputs.pt")),
 ]
 
 
