@@ -194,10 +194,10 @@ def test_int8_activation_lowering_is_uint8_with_shifted_zero_point(tmp_path: Pat
 # errors and the CLI
 # ------------------------------------------------------------------------------------------------
 def test_unknown_target_is_refused() -> None:
-    assert TARGETS == ("onnx", "onnx-fp8", "onnx-int8")
+    assert TARGETS == ("onnx", "onnx-fp8", "onnx-int8", "onnx-int8-vnni")
     # the registry lists every target, torch first (the same message as surgeon optimize's)
     with pytest.raises(SurgeonError,
-                       match=r"^unknown target 'onnx-int4' \(known: torch, onnx, onnx-fp8, onnx-int8\)$"):
+                       match=r"^unknown target 'onnx-int4' \(known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni\)$"):
         check_target("onnx-int4")
 
 

@@ -246,7 +246,7 @@ def test_report_html_is_self_contained(bad_site_run: dict) -> None:
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "<script" not in page and "<link" not in page and "http://" not in page and "https://" not in page
     assert "rolled back" in page and "toy:&lt;root&gt;:never" not in page  # ids are not shown, modules are
-    assert sorted(os.listdir(bad_site_run["out"])) == ["model.pt2", "report.html", "report.json"]
+    assert sorted(os.listdir(bad_site_run["out"])) == ["bench", "model.pt2", "report.html", "report.json"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def test_error_mid_save_leaves_nothing(bad_site_run: dict, tmp_path: Path, monke
     assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["keep.txt"]
     monkeypatch.undo()
     result.save(out, force=True)
-    assert sorted(os.listdir(out)) == ["model.pt2", "report.html", "report.json"]
+    assert sorted(os.listdir(out)) == ["bench", "model.pt2", "report.html", "report.json"]  # bench/: timing files
     assert os.listdir(tmp_path) == ["out"]
     with pytest.raises(SurgeonError, match=r"^output directory '.*out' already exists \(use --force to replace it\)$"):
         result.save(out)
@@ -408,7 +408,7 @@ def test_cli_onnx_target_written_inside_the_atomic_save(toy_cli: Path, capsys: p
     code, out, err = _run(["optimize", "toyfactory:factory", "-o", "out", "--passes", "toy-round",
                            "--calib", "calib.pt", "--target", "onnx"], capsys)
     assert code == 0, err
-    assert sorted(os.listdir(toy_cli / "out")) == ["model.onnx", "model.pt2", "report.html", "report.json"]
+    assert sorted(os.listdir(toy_cli / "out")) == ["bench", "model.onnx", "model.pt2", "report.html", "report.json"]
     rep = json.loads((toy_cli / "out" / "report.json").read_text())
     assert rep["outputs"]["target"] == "model.onnx" and "onnx" in rep["targets"]
     assert rep["targets"]["onnx"]["cosine_min"] >= 0.999

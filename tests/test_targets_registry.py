@@ -34,13 +34,14 @@ def test_registered_targets_are_described() -> None:
     assert get_target("onnx-int8").default_passes == "linear-quant{dtype=int8}"
     assert get_target("onnx-fp8").default_passes == "attention-fp8,linear-quant{dtype=fp8}"
     assert get_target("torch").default_passes == get_target("onnx").default_passes == "attention-fp8"
-    assert [n for n in registered() if get_target(n).needs_passes] == ["onnx-fp8", "onnx-int8"]
+    assert [n for n in registered() if get_target(n).needs_passes] == ["onnx-fp8", "onnx-int8", "onnx-int8-vnni"]
+    assert get_target("onnx-int8").profile.int8_weight_bits == 7 and get_target("onnx-int8-vnni").profile.int8_weight_bits == 8
 
 
 def test_check_target_message() -> None:
     with pytest.raises(SurgeonError) as info:
         check_target("nope")
-    assert str(info.value) == "unknown target 'nope' (known: torch, onnx, onnx-fp8, onnx-int8)"
+    assert str(info.value) == "unknown target 'nope' (known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni)"
     with pytest.raises(SurgeonError):
         get_target("nope")
 
@@ -48,7 +49,9 @@ def test_check_target_message() -> None:
 def test_profile_refuses_a_ladder_without_keep() -> None:
     with pytest.raises(ValueError, match="must end in 'keep'"):
         Profile(runtime="r", machine="m", ladders={"linear": ("int8",)})
-    assert ORT_CPU_INT8.ladder_map["linear"] == ("int8-static", "int8-dynamic", "keep")
+    # ORT CPU: the fused dynamic kernel first, the outlier split next, the calibrated scale last
+    assert ORT_CPU_INT8.ladder_map["linear"] == ("int8-dynamic", "int8-dynamic-outliers", "int8-static", "keep")
+    assert ORT_CPU_INT8.speed_of("int8-dynamic") == 1.0 > ORT_CPU_INT8.speed_of("int8-static")
     assert ORT_CPU_INT8.to_json()["int8_weight_bits"] == 7
 
 
