@@ -130,8 +130,10 @@ INT8_NO_FLOAT_AFTER_DQ = "no float MatMul fed by a DequantizeLinear"
 
 # INT8 on ORT CPU: dynamic activation ranges first. DynamicQuantizeLinear + MatMulInteger is one fused
 # kernel (DynamicQuantizeMatMul); a static scale costs a separate QuantizeLinear and the SmoothQuant
-# Mul; the outlier rung a Mul, a Gather and a small float MatMul. Relative speeds of each rung on
-# MiniLM (bench/int8_rungs.py, docs/benchmarks.md).
+# Mul; the outlier rung a Mul, a Gather and a small float MatMul. Relative speeds: estimates from
+# MiniLM in ORT 1.32 on 2 cores (docs/benchmarks.md, "INT8 rungs"): the outlier rung on every layer
+# that has outlier channels made the whole model 1.2× slower than all-dynamic; the static rung adds
+# a QuantizeLinear and a Mul pass per layer.
 _INT8_LINEAR = ("int8-dynamic", "int8-dynamic-outliers", "int8-static", KEEP)
 _INT8_SPEED = {"int8-dynamic": 1.0, "int8-dynamic-outliers": 0.85, "int8-static": 0.75}
 
