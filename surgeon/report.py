@@ -266,6 +266,19 @@ def render_html(report: dict) -> str:
         + (" — <span class='warn'>weak calibration (example inputs only)</span>" if cal.get("weak") else "")
         + ".</p>",
     ]
+    sp = r.get("speed")
+    if sp:
+        shapes = ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in sp.get("inputs", {}).items())
+        parts.append(
+            f"<h2>What it bought</h2><p class='big'>On this machine ({e(str(sp['cpu'].get('class')))}: "
+            f"{e(str(sp['cpu'].get('model')))}, flags {e(' '.join(sp['cpu'].get('flags', [])))}), in "
+            f"{e(str(sp.get('runtime')))} with {sp.get('threads')} threads on {e(shapes)}: latency "
+            f"<b>{_num(sp.get('latency_ratio'), 3)}×</b> the original ({_num(sp['latency_ms'].get('optimized'), 4)} ms "
+            f"vs {_num(sp['latency_ms'].get('original'), 4)} ms, medians of {sp.get('runs')} runs side by side), "
+            f"size <b>{_num(sp.get('size_ratio'), 3)}×</b> ({_num(sp['bytes'].get('optimized'))} vs "
+            f"{_num(sp['bytes'].get('original'))} bytes). Target <code>{e(str(sp.get('target')))}</code>"
+            + (f", exact on: {e(str((r.get('target') or {}).get('profile', {}).get('machine')))}"
+               if r.get("target") else "") + ".</p>")
     for w in r.get("warnings", []):
         parts.append(f"<p class='warn'>warning: {e(w)}</p>")
     img = plot_sites(r)
@@ -285,7 +298,8 @@ def render_html(report: dict) -> str:
         parts.append(
             f"<tr><td>{i}</td><td>{e(str(s.get('kind')))}</td><td>{e(s.get('module') or '<root>')}</td>"
             f"<td>{e(str(s.get('variant') or ''))}</td><td>{e(str(s.get('pass')))}</td>"
-            f"<td class='{e(s['status'])}'>{e(s['status'].replace('_', ' '))}</td>"
+            f"<td class='{e(s['status'])}'>{e(s['status'].replace('_', ' '))}"
+            + (f" ({e(str(s['rung']))})" if s.get("rung") and s["rung"] not in ("on", "keep") else "") + "</td>"
             f"<td>{_num(m.get('sqnr_db'), 4)}</td><td>{_num(m.get('cosine'))}</td><td>{_num(m.get('max_rel_err'), 4)}</td>"
             f"<td>{_num(solo.get('cosine_mean'))}</td><td>{e(s.get('reason', ''))}</td></tr>")
     parts.append("</table>")
