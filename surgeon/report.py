@@ -267,7 +267,7 @@ def render_html(report: dict) -> str:
         + ".</p>",
     ]
     sp = r.get("speed")
-    if sp:
+    if sp and "latency_ratio" in sp:
         shapes = ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in sp.get("inputs", {}).items())
         parts.append(
             f"<h2>What it bought</h2><p class='big'>On this machine ({e(str(sp['cpu'].get('class')))}: "

@@ -37,7 +37,7 @@ def make():
 def _start(d: Path, *extra: str, seed: int = 0) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(d), str(ROOT)])}
     return subprocess.Popen([sys.executable, "-m", "surgeon", "optimize", "fac:make", "-o", "out", "--calib", "calib.pt",
-                             "--seed", str(seed), *extra], cwd=d, env=env, stdout=subprocess.DEVNULL,
+                             "--seed", str(seed), "--no-speed", *extra], cwd=d, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
 
 

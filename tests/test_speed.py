@@ -117,3 +117,27 @@ def test_surgeon_bench_refuses_what_is_not_an_outdir(tmp_path: Path) -> None:
     (tmp_path / "report.json").write_text("{}")
     proc = subprocess.run([sys.executable, "-m", "surgeon", "bench", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "has no timing files (bench/)" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_a_model_that_cannot_be_timed_is_still_written(tmp_path, monkeypatch) -> None:
+    # timing is a figure about the file: if the original cannot be exported for it, the OUTDIR is
+    # still complete and the report says why there is no speed
+    import torch
+    from torch import nn
+
+    import surgeon
+    from surgeon.targets.onnx_targets import OnnxTarget
+
+    def broken(self, original, example_inputs, path):
+        raise RuntimeError("cannot export this one")
+
+    monkeypatch.setattr(OnnxTarget, "baseline", broken)
+    model = nn.Sequential(nn.Linear(8, 8)).eval()
+    x = torch.randn(4, 8)
+    result = surgeon.optimize(model, (x,), [(torch.randn(4, 8),) for _ in range(4)], target="onnx-int8",
+                              tolerance=0.9)
+    out = result.save(tmp_path / "out")
+    report = json.loads((out / "report.json").read_text())
+    assert report["speed"] == {"target": "onnx-int8", "error": "RuntimeError: cannot export this one"}
+    assert "could not time the written file against the original: RuntimeError: cannot export this one" in report["warnings"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt2", "report.html", "report.json"]

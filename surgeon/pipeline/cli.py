@@ -97,8 +97,10 @@ def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
     extra = "".join(f", {outdir / f}" for f in ([written] if isinstance(written, str) else written or []))
     console.print(f"report: {outdir / 'report.html'} ({outdir / 'report.json'}); model: {outdir / 'model.pt2'}{extra}",
                   soft_wrap=True, markup=False, highlight=False)
-    if r.get("speed"):
-        console.print(speed_line(r["speed"]), soft_wrap=True, markup=False, highlight=False)
+    sp = r.get("speed")
+    if sp:
+        line = speed_line(sp) if "latency_ratio" in sp else f"speed: not measured ({sp.get('error', 'no timing')})"
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
 def speed_line(sp: dict) -> str:

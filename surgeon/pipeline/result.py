@@ -4,6 +4,7 @@ files, ``report.json``, ``report.html``)."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import SurgeonError
+from ..errors import SurgeonError, first_line
 from ..inputs import Inputs
 from ..speed import DEFAULT_RUNS
 from ..verify import GuardResult
@@ -106,7 +107,15 @@ class Result:
                     if (partial / f"{extra}.onnx").exists():
                         outputs[f"{extra}_target"] = f"{extra}.onnx"
             if speed:
-                self.report["speed"] = self._speed(target, partial, outputs, speed_runs)
+                try:
+                    self.report["speed"] = self._speed(target, partial, outputs, speed_runs)
+                except Exception as exc:  # noqa: BLE001 - timing is a figure about the file, not the file
+                    shutil.rmtree(partial / "bench", ignore_errors=True)
+                    for key in ("bench_original", "bench_inputs"):
+                        outputs.pop(key, None)
+                    self.report["speed"] = {"target": target, "error": first_line(exc)}
+                    self.report["warnings"].append(f"could not time the written file against the original: "
+                                                   f"{first_line(exc)}")
             outputs["report_json"] = "report.json"
             outputs["report_html"] = "report.html"
             self.report["outputs"] = outputs
