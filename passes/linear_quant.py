@@ -432,8 +432,11 @@ class LinearQuant(Pass):
             return
         batches = list(batches)
         split = [m for m in layers if OUTLIERS in m.rungs]
+        static = [m for m in layers if f"{m.dtype}-static" in m.rungs] if self.smooth > 0 else []  # smoothing: static scale only
+        # one pass of the float model serves both: outlier channels and SmoothQuant read the same maxima
+        amax = self._input_amax(gm, list({id(m): m for m in split + static}.values()), batches) if split or static else {}
         if split:
-            self._outliers(gm, split, batches)
+            self._outliers(split, amax)
             for record in ctx.records.values():  # a layer without outliers: that rung is int8-dynamic's twin
                 if record.pass_name == self.name and OUTLIERS in record.rungs:
                     m = gm.get_submodule(record.submodules[0])
@@ -442,9 +445,8 @@ class LinearQuant(Pass):
                         record.benefit.pop(OUTLIERS, None)
                     elif isinstance(m, QuantLinear):
                         record.benefit[OUTLIERS] = m.benefit(OUTLIERS, record.benefit[OUTLIERS])
-        static = [m for m in layers if f"{m.dtype}-static" in m.rungs]  # smoothing serves the static scale only
-        if self.smooth > 0 and static:
-            self._smooth(gm, static, batches)
+        if static:
+            self._smooth(gm, static, amax, batches)
         if self.rounding == "gptq":
             self._gptq(gm, layers, batches)
 
@@ -478,7 +480,9 @@ class LinearQuant(Pass):
                 if h is not None and n:
                     m.round_with(h / n, self.damp)
 
-    def _outliers(self, gm: fx.GraphModule, layers: list[QuantLinear], batches: list[Any]) -> None:
+    def _input_amax(self, gm: fx.GraphModule, layers: list[QuantLinear], batches: list[Any]) -> dict[int, Tensor | None]:
+        """Per-input-channel max |x| of each layer's input in the float model (these layers exact), one
+        streaming pass with one running max per channel per layer."""
         amax: dict[int, RunningAmax] = {id(m): RunningAmax(0) for m in layers}
 
         def record(m: nn.Module, args: tuple) -> None:
@@ -487,11 +491,17 @@ class LinearQuant(Pass):
 
         saved = [(m, m.active) for m in layers]
         for m in layers:
-            m.active = False  # the float model's inputs
-        _run_with_input_hook(gm, layers, record, batches)
-        for m, active in saved:
-            m.active = active
-            a = amax[id(m)].value
+            m.active = False
+        try:
+            _run_with_input_hook(gm, layers, record, batches)
+        finally:
+            for m, active in saved:
+                m.active = active
+        return {k: v.value for k, v in amax.items()}
+
+    def _outliers(self, layers: list[QuantLinear], amax: dict[int, Tensor | None]) -> None:
+        for m in layers:
+            a = amax[id(m)]
             if a is None or not bool(torch.isfinite(a).all()):
                 continue
             limit = max(int(self.max_outliers * a.numel()), 1)
@@ -500,27 +510,18 @@ class LinearQuant(Pass):
             if over.numel():
                 m.set_outliers(over[ratio[over].argsort(descending=True)][:limit])
 
-    def _smooth(self, gm: fx.GraphModule, layers: list[QuantLinear], batches: list[Any]) -> None:
-        amax: dict[int, RunningAmax] = {id(m): RunningAmax(0) for m in layers}
-
-        def record(m: nn.Module, args: tuple) -> None:
-            x = args[0]
-            amax[id(m)].update(x.detach().reshape(-1, x.shape[-1]).t())
-
+    def _smooth(self, gm: fx.GraphModule, layers: list[QuantLinear], amax: dict[int, Tensor | None],
+                batches: list[Any]) -> None:
         saved = [(m, m.act.mode) for m in layers]
         for m in layers:
-            m.act.mode = "observe"  # exact float path while measuring
-            m.act.reset()
-        _run_with_input_hook(gm, layers, record, batches)
-        for m in layers:
-            xa = amax[id(m)].value
-            if xa is None:
-                continue
-            wa = m.input_channel_amax().to(xa)
-            ok = (xa > 0) & (wa > 0)
-            sc = torch.where(ok, xa.clamp_min(1e-8) ** self.smooth / wa.clamp_min(1e-8) ** (1 - self.smooth),
-                             torch.ones_like(xa)).clamp(1e-4, 1e4)
-            m.smooth_with(sc)
+            xa = amax[id(m)]
+            if xa is not None:
+                wa = m.input_channel_amax().to(xa)
+                ok = (xa > 0) & (wa > 0)
+                sc = torch.where(ok, xa.clamp_min(1e-8) ** self.smooth / wa.clamp_min(1e-8) ** (1 - self.smooth),
+                                 torch.ones_like(xa)).clamp(1e-4, 1e4)
+                m.smooth_with(sc)
+            m.act.mode = "observe"  # calibrate the activation scales again, on x / s
             m.act.reset()
         with torch.no_grad():
             for b in batches:
