@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from transformers import AutoModel, AutoTokenizer
 
-    from surgeon.speed import cpu
+    from surgeon.speed import cpu, side_by_side
     from surgeon.targets.onnx import export_onnx
 
     info = cpu()
@@ -197,19 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         c = _cos(_pool(out, held["attention_mask"].numpy()), ref)
         r["cos_min"], r["cos_mean"] = float(c.min()), float(c.mean())
         r["mb"] = r["path"].stat().st_size / 1e6
-    for r in rows:
-        r["sess"] = _session(r["path"])
-        r["times"] = []
-        for _ in range(3):
-            r["sess"].run(None, _feeds(r["sess"], timing))
-    for _ in range(args.runs):  # round robin: machine load hits every file alike
-        for r in rows:
-            feeds = _feeds(r["sess"], timing)
-            t = time.perf_counter()
-            r["sess"].run(None, feeds)
-            r["times"].append(time.perf_counter() - t)
-    for r in rows:
-        r["ms"] = float(np.median(r["times"]) * 1e3)
+    runners = {}
+    for i, r in enumerate(rows):
+        sess = _session(r["path"])
+        feeds = _feeds(sess, timing)
+        runners[str(i)] = lambda sess=sess, feeds=feeds: sess.run(None, feeds)
+    timed = side_by_side(runners, runs=args.runs)  # round robin: machine load hits every file alike
+    for i, r in enumerate(rows):
+        r["ms"] = timed[str(i)]["median_ms"]
 
     base = rows[0]
     b_rows = [r for r in rows if r.get("b")]
