@@ -226,6 +226,10 @@ class FP8SDPA(_SiteModule):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                 enable_gqa: bool = False) -> Tensor:
+        if not self.active:
+            # Rolled back: the original call, which the ONNX exporter lowers to one fused Attention op.
+            return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal,
+                                                                    scale=scale, enable_gqa=enable_gqa)
         binary = isinstance(self.p, BinaryP)
         hooks = AttentionQuant(q=self.q, k=self.k, v=self.v, center_k=False,
                                p=None if binary else self.p, p_given_v=self.p if binary else None)

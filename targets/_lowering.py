@@ -1,4 +1,4 @@
-"""Translation table: surgeon's quantize/dequantize custom ops → standard ONNX Q/DQ (opset 21).
+"""Translation table: surgeon's quantize/dequantize custom ops → standard ONNX Q/DQ (opset 21 ops, opset-23 files).
 
 ``torch.onnx.export(..., dynamo=True, custom_translation_table=TABLE)`` calls these functions with
 onnxscript values while it builds the graph; they only *lower* (each custom op becomes exactly one
@@ -25,7 +25,10 @@ import onnx
 from onnxscript import ir
 from onnxscript import opset21 as op
 
-OPSET = 21  # blocked scales need 21; ORT 1.31 runs all of it
+# 23: the standard ``Attention`` op (torch.onnx lowers ``scaled_dot_product_attention`` to it at 23:
+# one kernel instead of MatMul/Add/Softmax/MatMul with the mask broadcast over every head); blocked
+# scales need 21. ONNX Runtime >= 1.23 runs opset 23 on its CPU provider.
+OPSET = 23
 
 
 def _const(name: str, dtype: int, dims: list[int], value: int) -> Any:

@@ -44,14 +44,21 @@ from surgeon.inputs import Inputs, as_args_kwargs, call, tensors_of
 from ._cleanup import drop_softmax_nan_guards
 from ._lowering import OPSET, translation_table
 
-IR_VERSION = 10  # onnxruntime 1.31 refuses IR 14 (what onnx.helper writes by default); 10 = opset 21 era
+IR_VERSION = 11  # onnxruntime 1.31 refuses IR 14 (what onnx.helper writes by default); 11 = the opset-23 era
 FP8_SESSION_OPTION = ("session.disable_quant_qdq", "1")
 # ORT's (1.31, 1.32) level-2 rule ReluQuantRewrite drops a Relu feeding a QuantizeLinear whose zero point is
 # the bottom of the quantized range; for FLOAT8E4M3FN (signed) that is false, Q(relu(x)) != Q(x) for
 # x < 0, so FP8 files are opened with it off (docs/deploy.md, found by the fuzzer).
 FP8_DISABLED_OPTIMIZERS = ("ReluQuantRewrite",)
+# Flush-to-zero / denormals-are-zero on ORT's threads. A masked attention score (mask fill -inf or
+# finfo.min) reaches MLAS's exp clamped at -103.97, whose result 7e-46 is a denormal: x86 handles
+# denormals in microcode, and MiniLM's softmax over padded keys ran 4x slower (1.0 vs 4.3 ns an element,
+# [4, 12, 512, 512], one thread), its P·V product likewise. With FTZ/DAZ those probabilities are 0, as
+# torch computes them; every value that changes is below 1.2e-38.
+DENORMAL_AS_ZERO = ("session.set_denormal_as_zero", "1")
 
-__all__ = ["export_onnx", "verify_onnx", "session", "has_fp8", "needs_fp8_option", "fp32_bytes", "IR_VERSION", "FP8_SESSION_OPTION",
+__all__ = ["export_onnx", "verify_onnx", "session", "session_config", "DENORMAL_AS_ZERO", "has_fp8",
+           "needs_fp8_option", "fp32_bytes", "IR_VERSION", "FP8_SESSION_OPTION",
            "FP8_DISABLED_OPTIMIZERS"]
 
 
@@ -230,7 +237,8 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
             prog = torch.onnx.export(
                 module_or_ep, () if is_ep else args, kwargs=None if is_ep else (kwargs or None),
                 dynamo=True, opset_version=opset, dynamic_shapes=ds, external_data=False,
-                custom_translation_table=translation_table(), optimize=True, verbose=False)
+                custom_translation_table=translation_table(), optimize=False, verbose=False)
+            _optimize(prog.model)
     except SurgeonError:
         raise
     except Exception as exc:  # noqa: BLE001 - translated to a one-line user error where we can
@@ -257,6 +265,16 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
     return path
+
+
+def _optimize(model: Any) -> None:
+    """What ``torch.onnx.export(optimize=True)`` does (constant folding, dead code, common
+    sub-expressions) without onnxscript's opset-23 fusions: its RotaryEmbedding rule fuses a cos/sin
+    cache of batch 1 (HF Llama's position_ids) that ONNX Runtime's kernel refuses at any other batch
+    size ("Inputs 'cos_cache' and 'sin_cache' are expected to have the same shape as input 'x'")."""
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.optimize_ir(model)
 
 
 def _strip_node_metadata(model: Any) -> None:
@@ -326,10 +344,20 @@ def needs_fp8_option(model_or_path: Any) -> bool:
                for n in model.graph.node)
 
 
+def session_config(path: str | os.PathLike, *, fp8: bool | None = None) -> dict[str, str]:
+    """The ORT session config entries surgeon runs ``path`` with, and a server should too: FTZ/DAZ
+    (``DENORMAL_AS_ZERO``) always, ``session.disable_quant_qdq=1`` for a file with FP8 Q/DQ."""
+    config = dict([DENORMAL_AS_ZERO])
+    if fp8 if fp8 is not None else needs_fp8_option(path):
+        config.update([FP8_SESSION_OPTION])
+    return config
+
+
 def session(path: str | os.PathLike, *, threads: int | None = None, fp8: bool | None = None,
             optimized_path: str | os.PathLike | None = None, optimize: bool = True,
             spinning: bool | None = None) -> Any:
-    """An onnxruntime CPU session for ``path`` (with the FP8 session option when the file needs it).
+    """An onnxruntime CPU session for ``path`` with ``session_config(path)`` (FTZ/DAZ; the FP8 option
+    when the file needs it).
 
     ``spinning=False`` turns intra-op thread spinning off (``session.intra_op.allow_spinning=0``), as
     the targets' ``time()`` measures; ``None`` leaves ORT's default."""
@@ -345,8 +373,8 @@ def session(path: str | os.PathLike, *, threads: int | None = None, fp8: bool | 
     if spinning is not None:
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     use_fp8 = fp8 if fp8 is not None else needs_fp8_option(path)
-    if use_fp8:
-        so.add_session_config_entry(*FP8_SESSION_OPTION)
+    for key, value in session_config(path, fp8=use_fp8).items():
+        so.add_session_config_entry(key, value)
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
@@ -460,6 +488,7 @@ def verify_onnx(path: str | os.PathLike, module: Any, inputs: Inputs, *, origina
         "max_abs_diff": _max_abs(ort_out, ref),
         "p999_abs_diff": _quantile_abs(ort_out, ref, 0.999),
         "fp8_session_option": f"{FP8_SESSION_OPTION[0]}={FP8_SESSION_OPTION[1]}" if fp8 else None,
+        "session_config": session_config(path, fp8=fp8),
         "ort_disabled_optimizers": list(FP8_DISABLED_OPTIMIZERS) if fp8 else [],
         "inputs": [{"name": i.name, "shape": [d if isinstance(d, int) else str(d) for d in i.shape]}
                    for i in sess.get_inputs()],

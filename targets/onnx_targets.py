@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from surgeon import profile as _profile
 
+from ._attention import attention_lowering
 from ._base import Target
 
 __all__ = ["OnnxTarget", "ONNX", "ONNX_FP8", "ONNX_INT8", "quantized_dtypes", "ort_fusion"]
@@ -103,7 +104,8 @@ _INT8_CHECKS = {
 
 @dataclass(frozen=True)
 class OnnxTarget(Target):
-    """``OUTDIR/model.onnx``: standard ONNX (opset 21), verified in onnxruntime (CPU)."""
+    """``OUTDIR/model.onnx``: standard ONNX (opset 23: attention as the fused ``Attention`` op where it
+    is ``scaled_dot_product_attention``), verified in onnxruntime (CPU)."""
 
     def lower(self, module: Any, example_inputs: Any, outdir: str | os.PathLike, *, original: Any = None,
               verify_inputs: Any = None, filename: str | None = None, **kw: Any) -> dict[str, Any]:
@@ -114,6 +116,9 @@ class OnnxTarget(Target):
         figures = write_onnx(module, example_inputs, outdir, filename=filename or self.filename,
                              original=original, verify_inputs=verify_inputs, **kw)
         figures["target"] = self.name
+        attention = attention_lowering(module, figures["path"])
+        if attention:
+            figures["attention"] = attention
         counts = quantized_dtypes(module)
         figures["quantized"] = counts
         want = self.quantized

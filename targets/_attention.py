@@ -1,0 +1,89 @@
+"""What became of each attention site in an ONNX file: fused into one ``Attention`` op, or why not.
+
+torch.onnx (opset ≥ 23) lowers ``scaled_dot_product_attention`` to the standard ``Attention`` op:
+masks, ``is_causal``, ``scale`` and GQA (``enable_gqa`` or K/V heads fewer than Q's) carried as the op's
+inputs and attributes, so the lowering is exact (verified with the rest of the file). This module only
+reports: it matches the analyzer's attention sites of the module that was exported against the
+``Attention`` nodes of the file, and says of every other site why it stayed decomposed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import fx
+
+__all__ = ["attention_lowering"]
+
+_FUSED_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
+
+
+def _reason(site: Any) -> str | None:
+    if site.variant == "sdpa":
+        node = site.nodes["sdpa"]
+        dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+        if dropout:
+            return f"dropout_p={dropout}: the Attention op has no dropout (export in eval mode)"
+        return None
+    return ("written as explicit matmul / softmax (eager attention), not scaled_dot_product_attention: "
+            "the exporter fuses only the latter")
+
+
+_QUANTIZED = ("quantized attention (attention-fp8 / integer attention): its Q/DQ sit between the products, "
+              "so they stay MatMul / Softmax / MatMul")
+
+
+def _quantized_sites(module: fx.GraphModule) -> list[tuple[str, bool]]:
+    """(module path, active) of each quantized attention site: a submodule with ``q``, ``k``, ``v`` and
+    ``p`` quantizer children that the graph calls (whole, or child by child). The analyzer no longer
+    sees these as attention: their products read quantizer outputs."""
+    found: dict[str, bool] = {}
+    for node in module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        for path in (str(node.target), str(node.target).rpartition(".")[0]):
+            try:
+                sub = module.get_submodule(path) if path else None
+            except AttributeError:
+                continue
+            if sub is not None and all(hasattr(sub, role) for role in ("q", "k", "v", "p")):
+                found[path] = bool(getattr(sub, "active", True))
+                break
+    return list(found.items())
+
+
+def attention_lowering(module: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """Per attention site of ``module`` (a GraphModule): ``fused`` (one Attention op in ``path``) or
+    ``declined`` with the reason; ``masks`` counts the distinct mask tensors the fused ops read (one
+    when the model's mask is built once and shared by every layer)."""
+    import onnx
+
+    from surgeon.analysis import analyze_graph
+
+    if not isinstance(module, fx.GraphModule):
+        return {}
+    sites = analyze_graph(module).by_kind("attention")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    fused_nodes = [n for n in graph.node if n.op_type in _FUSED_OPS]
+    masks = {n.input[3] for n in fused_nodes if len(n.input) > 3 and n.input[3]}
+    records: list[dict[str, Any]] = []
+    budget = len(fused_nodes)
+    for site in sites:
+        reason = _reason(site)
+        if reason is None and budget == 0:
+            reason = "the exporter wrote this scaled_dot_product_attention decomposed"
+        if reason is None:
+            budget -= 1
+        records.append({"module": site.module, "variant": site.variant,
+                        "lowered": "Attention" if reason is None else None,
+                        **({"reason": reason} if reason else {})})
+    for path, active in _quantized_sites(module):
+        # A rolled-back FP8SDPA calls scaled_dot_product_attention again, so it fuses like any other.
+        fused = not active and budget > 0
+        budget -= fused
+        records.append({"module": path, "variant": "quantized (rolled back)" if not active else "quantized",
+                        "lowered": "Attention" if fused else None,
+                        **({} if fused else {"reason": _QUANTIZED if active else "rolled back, decomposed in float"})})
+    return {"sites": len(records), "fused": sum(r["lowered"] is not None for r in records),
+            "attention_ops": len(fused_nodes), "masks": len(masks), "records": records}
