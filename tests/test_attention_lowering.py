@@ -60,6 +60,12 @@ def test_sdpa_lowers_to_one_attention_op_and_matches_torch(name: str, tmp_path: 
     graph = onnx.load(str(path)).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("Attention") == 2 and "Softmax" not in ops, ops  # two layers, nothing decomposed
+    if name in ("bert", "gpt2"):  # Q, K, V straight from the projections: the 3-d form, no copies
+        attention = [n for n in graph.node if n.op_type == "Attention"]
+        heads = {a.name: a.i for n in attention for a in n.attribute if a.name.endswith("num_heads")}
+        assert heads == {"q_num_heads": 4, "kv_num_heads": 4}, heads
+        assert "Transpose" not in ops
+    # (Llama's RoPE and ViT's graph sit between the head split and the op: they stay 4-d, still one op)
     report = attention_lowering(gm, path)
     assert (report["sites"], report["fused"]) == (2, 2), report
     if name == "bert":
