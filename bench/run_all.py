@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[list[str], bool]] = {
     "digits_vit": (["--seed", "0"], False),  # issue 3: attention-fp8 top-1 drop on a digits ViT
     "onnx_minilm": ([], True),            # issue 4: ORT latency/size/cosine, surgeon vs ORT's quantizers
     "int8_gemm": ([], True),              # issue 4: one linear layer, fp32 vs INT8 kernels in ORT (the floor)
+    "attention_kernels": ([], True),      # issue 16: one attention layer, fused float vs integer kernels in ORT
     "norm_gate": ([], True),              # issue 5: norm-fold exactness, norm-gate kept sites, ORT latency
     "flows": ([], True),                  # issue 6: RealNVP / MAF, exact vs distilled inverse
     "fuzz": (["--examples", "200"], True),  # issue 7: the whole pipeline on 200 random models
