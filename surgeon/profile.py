@@ -106,7 +106,7 @@ ORT_CPU = Profile(
     weight_layout="transposed",
     int8_weight_bits=7,
     uint8_activations=True,
-    fuses_attention=False,
+    fuses_attention=True,  # scaled_dot_product_attention → the opset-23 Attention op (ORT ≥ 1.23 CPU kernel)
 )
 
 ORT_CPU_FP8 = Profile(
@@ -116,7 +116,7 @@ ORT_CPU_FP8 = Profile(
     weight_layout="transposed",
     int8_weight_bits=7,
     uint8_activations=True,
-    fuses_attention=False,
+    fuses_attention=True,  # scaled_dot_product_attention → the opset-23 Attention op (ORT ≥ 1.23 CPU kernel)
     graph_requirements=(
         "a file with an FP8 QuantizeLinear runs with session.disable_quant_qdq=1 (else ORT fuses it into "
         "an integer kernel that rejects float8)",
@@ -144,7 +144,7 @@ ORT_CPU_INT8 = Profile(
     weight_layout="transposed",
     int8_weight_bits=7,
     uint8_activations=True,
-    fuses_attention=False,
+    fuses_attention=True,  # scaled_dot_product_attention → the opset-23 Attention op (ORT ≥ 1.23 CPU kernel)
     graph_requirements=(INT8_FUSED, INT8_NO_FLOAT_AFTER_DQ),
     speed=tuple(_INT8_SPEED.items()),
 )
