@@ -304,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"surgeon {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser = sub.add_parser
+
+    def sub_parser(*a: Any, **kw: Any) -> argparse.ArgumentParser:
+        # ``--debug`` is accepted after the command too (``surgeon optimize M -o D --debug``, as
+        # docs/cli.md writes it); SUPPRESS keeps a top-level ``surgeon --debug CMD`` from being reset.
+        p = add_parser(*a, **kw)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+        return p
+
+    sub.add_parser = sub_parser  # type: ignore[method-assign]
 
     p = sub.add_parser("analyze", help="find attention, norm+residual and flow-coupling sites")
     _add_model_args(p)
