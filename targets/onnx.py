@@ -392,14 +392,43 @@ def _quantile_abs(a: list[np.ndarray], b: list[np.ndarray], q: float) -> float:
     return float(np.quantile(np.concatenate(diffs), q)) if diffs else 0.0
 
 
-def cosine_per_sample(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
-    """Cosine of each sample's outputs (all floating outputs, flattened per batch row)."""
+def cosine_per_sample(a: list[np.ndarray], b: list[np.ndarray], inputs: Inputs | None = None) -> np.ndarray:
+    """Cosine of each sample's outputs (all floating outputs, flattened per batch row); positions the
+    inputs' ``attention_mask`` marks as padding are left out (``surgeon.verify.position_mask``)."""
+    a, b = _masked(a, inputs), _masked(b, inputs)
     rows_a = np.concatenate([x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1) for x in a], axis=1)
     rows_b = np.concatenate([x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1) for x in b], axis=1)
     rows_a, rows_b = rows_a.astype(np.float64), rows_b.astype(np.float64)
     num = (rows_a * rows_b).sum(1)
     den = np.linalg.norm(rows_a, axis=1) * np.linalg.norm(rows_b, axis=1)
     return np.where(den > 0, num / np.maximum(den, 1e-300), (np.abs(rows_a - rows_b).max(1) == 0).astype(float))
+
+
+def _masked(outputs: list[np.ndarray], inputs: Inputs | None) -> list[np.ndarray]:
+    """``outputs`` with the padded positions (``attention_mask`` = 0) set to 0 where the output is
+    [batch, seq, …]; unchanged without a mask."""
+    from surgeon.verify import position_mask
+
+    out = []
+    for x in outputs:
+        valid = position_mask(inputs, torch.from_numpy(np.ascontiguousarray(x))) if inputs is not None else None
+        out.append(np.where(valid.numpy() > 0, x, 0) if valid is not None else x)
+    return out
+
+
+def cosine_by_output(names: list[str], a: list[np.ndarray], b: list[np.ndarray],
+                     inputs: Inputs | None = None) -> dict[str, dict[str, Any]]:
+    """Per named output: cosine min/mean over samples, and what was measured (padding left out or not)."""
+    from surgeon.verify import position_mask
+
+    figures: dict[str, dict[str, Any]] = {}
+    for name, x, y in zip(names, a, b):
+        cos = cosine_per_sample([x], [y], inputs)
+        masked = inputs is not None and position_mask(inputs, torch.from_numpy(np.ascontiguousarray(x))) is not None
+        figures[name] = {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+                         "measured": "per sample, padded positions (attention_mask = 0) left out" if masked
+                         else "per sample, every element"}
+    return figures
 
 
 def _first_rows(inputs: Inputs, n: int = 1) -> Inputs | None:
@@ -473,9 +502,14 @@ def verify_onnx(path: str | os.PathLike, module: Any, inputs: Inputs, *, origina
     if original is not None:
         orig_out = _torch_outputs(original, original_inputs if original_inputs is not None else inputs)
         if len(orig_out) == len(ort_out):
-            cos = cosine_per_sample(ort_out, orig_out)
+            cos_inputs = original_inputs if original_inputs is not None else inputs
+            cos = cosine_per_sample(ort_out, orig_out, cos_inputs)
             figures["cosine_min"] = float(cos.min())
             figures["cosine_mean"] = float(cos.mean())
+            names = [o.name for o in sess.get_outputs() if o.type in ("tensor(float)", "tensor(double)",
+                                                                       "tensor(float16)", "tensor(bfloat16)")]
+            if len(names) == len(ort_out):
+                figures["cosine_by_output"] = cosine_by_output(names, ort_out, orig_out, cos_inputs)
         if fp32_size is None:
             fp32_size = fp32_bytes(original)
     if fp32_size:

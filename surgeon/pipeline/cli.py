@@ -91,8 +91,7 @@ def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
             f"min {fmt_cosine(e['cosine_min'])}, max rel err {_fmt(e['max_rel_err'], 4)}")
     if e.get("metric") is not None:
         line += f", metric {_fmt(e['metric'])}"
-    console.print(line + f" — tolerance ({r['tolerance']['description']}) "
-                  + ("met" if r["tolerance"]["met"] else "NOT met"), soft_wrap=True)
+    console.print(line + f" — tolerance ({r['tolerance']['description']}) {result.verdict.summary}", soft_wrap=True)
     written = r.get("outputs", {}).get("target")
     extra = "".join(f", {outdir / f}" for f in ([written] if isinstance(written, str) else written or []))
     console.print(f"report: {outdir / 'report.html'} ({outdir / 'report.json'}); model: {outdir / 'model.pt2'}{extra}",
@@ -170,15 +169,13 @@ def _run_cli(args: Any, writer: bool) -> int:
                           seed=getattr(args, "seed", 0), progress=sys.stderr.isatty() or sys.stdout.isatty(),
                           source=str(args.model), threads=threads, target=target, _timings=timings)
     for note in result.report["warnings"] if writer else []:
-        if args.calib or "weak" not in note:
+        if (args.calib or "weak" not in note) and note != result.verdict.message:  # the error line says it
             print(f"surgeon: warning: {note}", file=sys.stderr)
     result.save(out, force=force, target=target, speed=getattr(args, "speed", True))
+    verdict = result.verdict  # stdout's summary line, this error, report.json's verdict: one decision
     if not writer:
-        return 0 if result.met else ToleranceNotMet.exit_code
+        return verdict.exit_code
     print_summary(result, out)
-    if not result.met:
-        e = result.report["end_to_end"]
-        raise ToleranceNotMet(f"tolerance not met ({result.report['tolerance']['description']}): best model kept "
-                              f"{result.report['counts']['applied']} site(s), cosine mean {fmt_cosine(e['cosine_mean'])}; "
-                              f"written to {out}")
+    if verdict.exit_code:
+        raise ToleranceNotMet(f"{verdict.message}; written to {out}")
     return 0

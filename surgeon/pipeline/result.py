@@ -16,6 +16,7 @@ from torch import fx, nn
 from ..errors import SurgeonError, first_line
 from ..inputs import Inputs
 from ..speed import DEFAULT_RUNS
+from ..verdict import Verdict, decide
 from ..verify import GuardResult
 
 __all__ = ["Result", "check_target"]
@@ -46,8 +47,15 @@ class Result:
 
     @property
     def met(self) -> bool:
-        """Whether the written model meets the tolerance."""
+        """Whether the written model's figures are within the tolerance (``report["tolerance"]["met"]``);
+        ``verdict`` also says whether that took rolling back every substitution."""
         return bool(self.report["tolerance"]["met"])
+
+    @property
+    def verdict(self) -> Verdict:
+        """The run's one verdict (``surgeon.verdict``): met / met only by rolling everything back / not
+        met, with the exit code the CLI uses and its one-line message."""
+        return decide(self.report)
 
     def save(self, outdir: str | os.PathLike, *, force: bool = False, target: str | None = None,
              speed: bool = True, speed_runs: int = DEFAULT_RUNS) -> Path:

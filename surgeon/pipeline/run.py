@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from ..inputs import Inputs, batch_size, describe
 from ..pass_manager import Pass
+from ..verdict import decide
 from ..verify import Metric, guard, measure_model, parse_tolerance
 from ..version import __version__
 from .data import DEFAULT_CHECK_FRACTION, prepare_batches, split_batches
@@ -129,7 +130,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     artifact_inputs, artifact_exports = export_artifacts(artifacts, final, example_inputs)
     timings["export"] = time.perf_counter() - t
 
-    if not verdict.met:
+    if not verdict.met and tol.violations(figures):
         notes.append(f"no configuration met the tolerance ({tol.describe()}); the best one measured was kept")
     elif tol.violations(figures):
         notes.append("the rebuilt model misses the tolerance by a margin the guard's measurement did not show "
@@ -164,6 +165,12 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         export={**(export_info(ep) if ep is not None else {}), "notes": export_notes},
         warnings=notes,
     )
+    # The one verdict (surgeon.verdict): what stdout, stderr, report.json and the exit code all say.
+    outcome = decide(report)
+    report["verdict"] = outcome.to_json()
+    if outcome.status == "met_by_rollback":
+        report["warnings"].append(outcome.message)
+        notes.append(outcome.message)
     for n in notes if distributed.is_writer() else []:
         if "weak" in n or "not independent" in n or "tolerance" in n:
             warnings.warn(n, stacklevel=2)
