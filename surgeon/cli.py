@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end-to-end output cosine to keep (default 0.999, mean over the check set)")
     p.add_argument("--target", default=DEFAULT_TARGET, help=_targets_help())
     p.add_argument("--force", action="store_true", help="replace an existing OUTDIR")
+    p.add_argument("--force-passes", action="store_true",
+                   help="run --passes even when they cannot produce what --target promises (e.g. no INT8 "
+                        "for onnx-int8); without it that is refused (exit 2)")
     p.add_argument("--seed", type=int, default=0, help="seed for fitting and data splits")
     p.add_argument("--no-speed", dest="speed", action="store_false",
                    help="do not time the written file against the original (report.json's speed)")

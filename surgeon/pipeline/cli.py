@@ -167,7 +167,8 @@ def _run_cli(args: Any, writer: bool) -> int:
         threads = None if os.environ.get("OMP_NUM_THREADS") else 1
         result = optimize(loaded.model, loaded.example_inputs, calib, passes=pass_list, tolerance=tol,
                           seed=getattr(args, "seed", 0), progress=sys.stderr.isatty() or sys.stdout.isatty(),
-                          source=str(args.model), threads=threads, target=target, _timings=timings)
+                          source=str(args.model), threads=threads, target=target,
+                          force_passes=getattr(args, "force_passes", False), _timings=timings)
     for note in result.report["warnings"] if writer else []:
         if (args.calib or "weak" not in note) and note != result.verdict.message:  # the error line says it
             print(f"surgeon: warning: {note}", file=sys.stderr)

@@ -10,6 +10,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import fx, nn
 
+from ..errors import SurgeonError
 from ..inputs import Inputs, batch_size, describe
 from ..pass_manager import Pass
 from ..verdict import decide
@@ -38,7 +39,8 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
              passes: str | Pass | Sequence[Pass] | None = None, tolerance: Any = None,
              metric: Metric | None = None, seed: int = 0, check_fraction: float = DEFAULT_CHECK_FRACTION,
              progress: bool = False, source: str | None = None, threads: int | None = None,
-             target: str | None = None, _timings: dict[str, float] | None = None) -> Result:
+             target: str | None = None, force_passes: bool = False,
+             _timings: dict[str, float] | None = None) -> Result:
     """Substitute, calibrate, verify and re-export ``model``; see the module docstring.
 
     ``calib``: an iterable of batches (each a tuple of positional inputs or a dict of keyword inputs,
@@ -52,14 +54,16 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     ``target``: the deploy target (``surgeon targets``): its runtime profile tells the passes which
     substitutes the runtime runs (and how fast), ``passes`` defaults to its ``default_passes``, and
     ``Result.save`` writes its file. None: no profile, passes ``attention-fp8``, ``save`` writes
-    ``model.pt2`` (or the target named there)."""
+    ``model.pt2`` (or the target named there). ``passes`` that cannot produce what ``target``
+    promises (``attention-fp8`` alone for ``onnx-int8``: no INT8 anywhere) raise ``SurgeonError``
+    after the passes ran, before calibration, unless ``force_passes``."""
     if threads is not None:
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             return optimize(model, example_inputs, calib, passes=passes, tolerance=tolerance, metric=metric,
                             seed=seed, check_fraction=check_fraction, progress=progress, source=source,
-                            target=target, _timings=_timings)
+                            target=target, force_passes=force_passes, _timings=_timings)
         finally:
             torch.set_num_threads(previous)
     from .. import distributed
@@ -101,6 +105,12 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     t = time.perf_counter()
     applied = apply_passes(gm0, pass_list, seed, profile=deploy.profile if deploy is not None else None)
     timings["passes"] = time.perf_counter() - t
+    unmet = deploy.unmet_promise(applied.gm) if deploy is not None and passes is not None else None
+    if unmet and not force_passes:
+        spec = ",".join(p.spec() for p in pass_list)
+        raise SurgeonError(f"--passes '{spec}' cannot produce what target {deploy.name} promises ({unmet} in the "  # type: ignore[union-attr]
+                           f"rewritten model); its default passes are '{deploy.default_passes}' "  # type: ignore[union-attr]
+                           "(or give --force-passes to write it anyway)")
 
     t = time.perf_counter()
     cal_info = fit_passes(applied, split.fit, progress=progress)
