@@ -50,6 +50,10 @@ def export_model(loaded: Any, target: str, outdir: str | os.PathLike) -> dict:
                               "target": target, "capture": cap.to_json(), "warnings": []}
     targets.write_target(target, cap.gm, out, example_inputs=loaded.example_inputs, original=loaded.model,
                          verify_inputs=loaded.example_inputs, report=report)
+    from .deploy import write_deploy_files
+
+    write_deploy_files(out, report, source=loaded.source, filename=tgt.filename if tgt.format == "onnx" else None,
+                       fp8_option=report["targets"][target].get("fp8_session_option"))
     report["timings_s"] = {"total": round(time.perf_counter() - started, 3)}
     _write_json_atomic(report, out / "report.json")
     return report

@@ -124,6 +124,7 @@ class Result:
                     self.report["speed"] = {"target": target, "error": first_line(exc)}
                     self.report["warnings"].append(f"could not time the written file against the original: "
                                                    f"{first_line(exc)}")
+            self._deploy_files(partial, target, outputs)
             outputs["report_json"] = "report.json"
             outputs["report_html"] = "report.html"
             self.report["outputs"] = outputs
@@ -132,6 +133,18 @@ class Result:
             rep.write_html(self.report, partial / "report.html")
         return out
 
+
+    def _deploy_files(self, partial: Path, target: str, outputs: dict[str, Any]) -> None:
+        """The source's config and tokenizer files, report["deploy"] and README.md (``surgeon.deploy``)."""
+        from ..deploy import write_deploy_files
+
+        name = outputs.get("target")
+        fp8 = (self.report.get("targets", {}).get(target) or {}).get("fp8_session_option")
+        write_deploy_files(partial, self.report, source=self.report["model"].get("source"),
+                           filename=name if isinstance(name, str) else None, fp8_option=fp8)
+        if "readme" in self.report["deploy"]:
+            outputs["readme"] = "README.md"
+        outputs.update({f"source_{n}": n for n in self.report["deploy"]["copied_from_source"]})
 
     def _speed(self, target: str, partial: Path, outputs: dict[str, Any], runs: int) -> dict[str, Any]:
         """Time the written file against the original exported the same way (``OUTDIR/bench/``)."""
