@@ -134,7 +134,7 @@ def readme(spec: dict[str, Any], *, filename: str, fp8_option: str | None, token
                 lines.append(f'    "{i["name"]}": np.zeros({shape}, dtype=np.{i["dtype"]}),')
         lines.append("}")
     lines += ["outputs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))",
-              f'print({{name: value.shape for name, value in outputs.items()}})', "```", ""]
+              'print({name: value.shape for name, value in outputs.items()})', "```", ""]
     if any(o["name"] == "last_hidden_state" for o in spec["outputs"]) and text:
         lines += ["`last_hidden_state` at padded positions (`attention_mask` = 0) is not meaningful: pool with the "
                   "mask (report.json's cosines leave those positions out).", ""]

@@ -3,6 +3,7 @@ report (the stages are listed in ``surgeon.pipeline``'s docstring)."""
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from typing import Any, Iterable, Sequence
@@ -44,7 +45,9 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     """Substitute, calibrate, verify and re-export ``model``; see the module docstring.
 
     ``calib``: an iterable of batches (each a tuple of positional inputs or a dict of keyword inputs,
-    shaped like ``example_inputs``); None → the example inputs (weak calibration, warned).
+    shaped like ``example_inputs``), or a path read by the CLI's ``--calib`` rules (a ``.pt`` list of
+    batches; a text file of sentences for a Hugging Face model, tokenized with its directory's
+    tokenizer: ``surgeon.calibration_batches``); None → the example inputs (weak calibration, warned).
     ``tolerance``: a number (minimum mean end-to-end cosine; with ``metric``, the minimum metric), a
     string ``"cosine_min=0.995,cosine_mean=0.999"``, a dict, or a ``Tolerance``; default cosine mean
     ≥ 0.999. ``metric(ref_outputs, outputs) -> float`` (higher is better) replaces the cosine criterion
@@ -80,6 +83,10 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     pass_list = resolve_passes(passes if passes is not None else
                                (deploy.default_passes if deploy is not None else DEFAULT_PASSES))
     tol = parse_tolerance(tolerance, has_metric=metric is not None)
+    if isinstance(calib, (str, os.PathLike)):  # a file, by the CLI's --calib rules
+        from .data import calibration_batches
+
+        calib = calibration_batches(calib, model)
     if calib is not None and not isinstance(calib, (list, tuple)):
         calib = list(calib)  # read once: the memory estimate and the run both need the batches
     check_memory(model, example_inputs, calib)  # InsufficientMemory (exit 4) before the work, not an OOM kill
