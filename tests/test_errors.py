@@ -208,7 +208,7 @@ CASES = [
     Case("tolerance-not-met", OPT + ["--passes", "norm-fold", "--tolerance", "max_rel_err=0"],
          "tolerance not met (max_rel_err ≤ 0): best model kept …", code=3, setup=_setup_calib("ok"),
          # the default target (onnx-int8) writes its file and the timing files beside model.pt2
-         writes=("out/model.pt2", "out/report.html", "out/report.json", "out/model.onnx", "out/bench",
+         writes=("out/model.pt2", "out/report.html", "out/report.json", "out/model.onnx", "out/README.md", "out/bench",
                  "out/bench/original.onnx", "out/bench/inputs.pt")),
 ]
 

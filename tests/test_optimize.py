@@ -408,7 +408,7 @@ def test_cli_onnx_target_written_inside_the_atomic_save(toy_cli: Path, capsys: p
     code, out, err = _run(["optimize", "toyfactory:factory", "-o", "out", "--passes", "toy-round",
                            "--calib", "calib.pt", "--target", "onnx"], capsys)
     assert code == 0, err
-    assert sorted(os.listdir(toy_cli / "out")) == ["bench", "model.onnx", "model.pt2", "report.html", "report.json"]
+    assert sorted(os.listdir(toy_cli / "out")) == ["README.md", "bench", "model.onnx", "model.pt2", "report.html", "report.json"]
     rep = json.loads((toy_cli / "out" / "report.json").read_text())
     assert rep["outputs"]["target"] == "model.onnx" and "onnx" in rep["targets"]
     assert rep["targets"]["onnx"]["cosine_min"] >= 0.999
