@@ -57,6 +57,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 def _cmd_optimize(args: argparse.Namespace) -> int:
     from .optimize import run_cli
 
+    args.target_given = args.target is not None  # the messages say when the target is the default one
+    args.target = args.target or DEFAULT_TARGET
+
     return run_cli(args)
 
 
@@ -330,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else a .pt file holding a list of input tuples")
     p.add_argument("--tolerance", default=None, metavar="T",
                    help="end-to-end output cosine to keep (default 0.999, mean over the check set)")
-    p.add_argument("--target", default=DEFAULT_TARGET, help=_targets_help())
+    p.add_argument("--target", default=None, help=_targets_help())
     p.add_argument("--force", action="store_true", help="replace an existing OUTDIR")
     p.add_argument("--force-passes", action="store_true",
                    help="run --passes even when they cannot produce what --target promises (e.g. no INT8 "
