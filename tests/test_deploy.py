@@ -337,3 +337,29 @@ def test_no_pointer_to_warnings_nobody_sees() -> None:
     exc = RuntimeError("We ran into an error when deserializing the saved file. Please check the warnings above "
                        "for possible errors. ")
     assert first_line(exc) == "RuntimeError: We ran into an error when deserializing the saved file."
+
+
+# --------------------------------------------------------------------------------------------------
+# headline figures: padded positions left out
+# --------------------------------------------------------------------------------------------------
+def test_padded_positions_do_not_count_in_the_figures() -> None:
+    import numpy as np
+
+    from surgeon.targets.onnx import cosine_per_sample
+    from surgeon.verify import PairStats, position_mask
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 5, 4, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    out = ref.clone()
+    out[0, 3:] = -ref[0, 3:] + 7.0  # garbage at the padded positions of sample 0 only
+    inputs = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": mask}
+    masked, plain = PairStats(), PairStats()
+    masked.update(ref, out, position_mask(inputs, ref))
+    plain.update(ref, out)
+    assert masked.figures().cosine_min == pytest.approx(1.0, abs=1e-12) and masked.figures().max_rel_err == 0.0
+    assert plain.figures().cosine_min < 0.9
+    cos = cosine_per_sample([out.numpy()], [ref.numpy()], inputs)
+    assert np.allclose(cos, 1.0, atol=1e-12)
+    assert cosine_per_sample([out.numpy()], [ref.numpy()]).min() < 0.9
+    assert position_mask(inputs, torch.zeros(2, 4)) is None  # a pooled [batch, hidden] output: every element counts
