@@ -10,8 +10,33 @@ from rich.text import Text
 from .analysis import Analysis
 
 
-def _shape(s: object) -> str:
-    return "×".join(map(str, s)) if isinstance(s, list) else str(s)
+def _shape(s: object, names: dict[str, str] | None = None) -> str:
+    names = names or {}
+    return "×".join(names.get(str(d), str(d)) for d in s) if isinstance(s, list) else str(s)
+
+
+def dim_names(shapes: list[object]) -> dict[str, str]:
+    """Readable names for torch's symbolic sizes (``s18`` → ``batch``): a symbol that leads a shape is
+    the batch, the one other symbol is the sequence; any further symbols print as ``?``. The names
+    only read the site shapes (the JSON keeps torch's symbols)."""
+    symbols: list[str] = []
+    leading: set[str] = set()
+    for shape in shapes:
+        if not isinstance(shape, list):
+            continue
+        for i, d in enumerate(shape):
+            if isinstance(d, str):
+                symbols += [d] if d not in symbols else []
+                if i == 0:
+                    leading.add(d)
+    names: dict[str, str] = {}
+    batch = [d for d in symbols if d in leading]
+    rest = [d for d in symbols if d not in leading]
+    if len(batch) == 1:
+        names[batch[0]] = "batch"
+    if len(rest) == 1:
+        names[rest[0]] = "seq"
+    return {d: names.get(d, "?") for d in symbols}
 
 
 def table_fits(table: Table, width: int) -> bool:
@@ -36,8 +61,9 @@ def print_analysis(analysis: Analysis, explain: bool = False, console: Console |
     table.add_column("variant", no_wrap=True)
     table.add_column("shapes", overflow="fold", min_width=16)
     rows = []
+    names = dim_names([v for s in analysis.sites for v in s.shapes.values()])
     for s in analysis.sites:
-        shapes = ", ".join(f"{k}={_shape(v)}" for k, v in s.shapes.items())
+        shapes = ", ".join(f"{k}={_shape(v, names)}" for k, v in s.shapes.items())
         rows.append((s.kind, s.module or "<root>", s.variant, shapes))
         table.add_row(*rows[-1])
     if table_fits(table, console.width):

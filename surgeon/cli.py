@@ -57,6 +57,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 def _cmd_optimize(args: argparse.Namespace) -> int:
     from .optimize import run_cli
 
+    args.target_given = args.target is not None  # the messages say when the target is the default one
+    args.target = args.target or DEFAULT_TARGET
+
     return run_cli(args)
 
 
@@ -304,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"surgeon {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser = sub.add_parser
+
+    def sub_parser(*a: Any, **kw: Any) -> argparse.ArgumentParser:
+        # ``--debug`` is accepted after the command too (``surgeon optimize M -o D --debug``, as
+        # docs/cli.md writes it); SUPPRESS keeps a top-level ``surgeon --debug CMD`` from being reset.
+        p = add_parser(*a, **kw)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+        return p
+
+    sub.add_parser = sub_parser  # type: ignore[method-assign]
 
     p = sub.add_parser("analyze", help="find attention, norm+residual and flow-coupling sites")
     _add_model_args(p)
@@ -320,8 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "else a .pt file holding a list of input tuples")
     p.add_argument("--tolerance", default=None, metavar="T",
                    help="end-to-end output cosine to keep (default 0.999, mean over the check set)")
-    p.add_argument("--target", default=DEFAULT_TARGET, help=_targets_help())
+    p.add_argument("--target", default=None, help=_targets_help())
     p.add_argument("--force", action="store_true", help="replace an existing OUTDIR")
+    p.add_argument("--force-passes", action="store_true",
+                   help="run --passes even when they cannot produce what --target promises (e.g. no INT8 "
+                        "for onnx-int8); without it that is refused (exit 2)")
     p.add_argument("--seed", type=int, default=0, help="seed for fitting and data splits")
     p.add_argument("--no-speed", dest="speed", action="store_false",
                    help="do not time the written file against the original (report.json's speed)")

@@ -49,6 +49,9 @@ def first_line(exc: BaseException, *, limit: int = 300, trim: bool = False) -> s
     text of collective failures)."""
     lines = str(exc).strip().splitlines()
     line = lines[0] if lines else ""
+    # torch.export.load points at warnings surgeon does not show (it prints one line): drop the pointer.
+    line = line.replace(" Please check the warnings above for possible errors.", "").replace(
+        "Please check the warnings above for possible errors.", "").rstrip()
     return f"{type(exc).__name__}: {line.strip() if trim else line}"[:limit]
 
 

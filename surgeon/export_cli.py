@@ -50,6 +50,10 @@ def export_model(loaded: Any, target: str, outdir: str | os.PathLike) -> dict:
                               "target": target, "capture": cap.to_json(), "warnings": []}
     targets.write_target(target, cap.gm, out, example_inputs=loaded.example_inputs, original=loaded.model,
                          verify_inputs=loaded.example_inputs, report=report)
+    from .deploy import write_deploy_files
+
+    write_deploy_files(out, report, source=loaded.source, filename=tgt.filename if tgt.format == "onnx" else None,
+                       fp8_option=report["targets"][target].get("fp8_session_option"))
     report["timings_s"] = {"total": round(time.perf_counter() - started, 3)}
     _write_json_atomic(report, out / "report.json")
     return report
@@ -78,8 +82,14 @@ def run_export_cli(args: Any) -> int:
     if f.get("size_ratio") is not None:
         parts.append(f", {f['size_ratio']:.2f}x fp32")
     parts.append(f"): {what} vs torch max abs diff {f['max_abs_diff']:.3g}")
-    if f.get("cosine_min") is not None:
-        parts.append(f", cosine to original min {f['cosine_min']:.5f}")
+    by_output = f.get("cosine_by_output") or {}
+    if len(by_output) > 1:  # one figure per output: a pooled output and the hidden states differ
+        masked = any(v["measured"].startswith("per sample, padded") for v in by_output.values())
+        parts.append(", cosine to original min " + ", ".join(f"{k} {v['cosine_min']:.5f}" for k, v in by_output.items())
+                     + (" (padded positions left out)" if masked else ""))
+    elif f.get("cosine_min") is not None:
+        masked = any(v["measured"].startswith("per sample, padded") for v in by_output.values())
+        parts.append(f", cosine to original min {f['cosine_min']:.5f}" + (" (padded positions left out)" if masked else ""))
     if f.get("fp8_session_option"):
         parts.append(f"; run it with session option {f['fp8_session_option']}")
     print("".join(parts))

@@ -256,7 +256,8 @@ def render_html(report: dict) -> str:
         f"max rel. error {_num(e2e.get('max_rel_err'))}"
         + (f", metric {_num(e2e.get('metric'))}" if e2e.get("metric") is not None else "")
         + f". Tolerance ({e(str(tol.get('description')))}): "
-        + ("<span class='applied'>met</span>" if tol.get("met") else "<span class='rolled_back'>NOT met</span>")
+        + (f"<span class='{'applied' if (r.get('verdict') or {}).get('status', 'met') == 'met' else 'rolled_back'}'>"
+           f"{e((r.get('verdict') or {}).get('summary') or ('met' if tol.get('met') else 'NOT met'))}</span>")
         + ".</p>",
         f"<p>Calibration: {_num(cal.get('batches', {}).get('fit'))} fit batch(es) "
         f"({_num(cal.get('samples', {}).get('fit'))} samples), {_num(cal.get('batches', {}).get('check'))} check "

@@ -160,6 +160,19 @@ def _first_float(value: Any) -> torch.Tensor | None:
     return found[0] if found else None
 
 
+def position_mask(inputs: Any, like: torch.Tensor) -> torch.Tensor | None:
+    """Which positions of the output ``like`` are real tokens: the inputs' ``attention_mask`` (a
+    keyword input of shape [batch, seq]) as a float tensor that broadcasts over ``like`` (1 = real,
+    0 = padding), or None when the inputs have no such mask or ``like`` is not [batch, seq, …].
+
+    Padded positions carry whatever the model computes there; a user reads only the real ones, so
+    the figures (cosines, errors) leave them out (docs/report.md: "what is measured")."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or like.dim() < 2 or tuple(like.shape[:2]) != tuple(mask.shape):
+        return None
+    return (mask != 0).to(torch.float64).reshape(*mask.shape, *([1] * (like.dim() - 2)))
+
+
 def sqnr_db(signal: float, noise: float) -> float:
     """10·log10(signal / noise); +inf when there is no noise at all."""
     if noise == 0.0:
@@ -193,12 +206,16 @@ class PairStats:
         self.nonfinite = False
         self.mismatch: str | None = None
 
-    def update(self, ref: torch.Tensor, out: torch.Tensor) -> None:
+    def update(self, ref: torch.Tensor, out: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """``valid`` (``position_mask``): positions outside it count in no figure."""
         if tuple(ref.shape) != tuple(out.shape):
             self.mismatch = f"shape {tuple(out.shape)} differs from the reference's {tuple(ref.shape)}"
             return
         r = ref.detach().to(torch.float64)
         o = out.detach().to(torch.float64)
+        if valid is not None:
+            keep = valid.bool()
+            r, o = torch.where(keep, r, 0.0), torch.where(keep, o, 0.0)  # a NaN at a padded position does not count
         if not bool(torch.isfinite(o).all()):
             self.nonfinite = True
         d = r - o
@@ -283,7 +300,8 @@ class Figures:
 
 
 class _EndToEnd:
-    """PairStats on the first floating output plus the user metric's batch average."""
+    """PairStats on the first floating output (its padded positions left out: ``position_mask``) plus
+    the user metric's batch average."""
 
     def __init__(self, metric: Metric | None) -> None:
         self.stats = PairStats()
@@ -291,11 +309,11 @@ class _EndToEnd:
         self.metric_sum = 0.0
         self.batches = 0
 
-    def update(self, ref_out: Any, out: Any) -> None:
+    def update(self, ref_out: Any, out: Any, inputs: Any = None) -> None:
         r, o = _first_float(ref_out), _first_float(out)
         if r is None or o is None:
             raise SurgeonError("the model output holds no floating tensor to compare; pass a metric callable")
-        self.stats.update(r, o)
+        self.stats.update(r, o, position_mask(inputs, r))
         if self.metric is not None:
             self.metric_sum += float(self.metric(ref_out, out))
         self.batches += 1
@@ -510,7 +528,7 @@ def measure_config(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[Si
     acc = _EndToEnd(metric)
     with torch.no_grad():
         for batch in check:
-            acc.update(call(gm0, batch), call(gm, batch))
+            acc.update(call(gm0, batch), call(gm, batch), batch)
             if progress:
                 progress.advance()
     _combine([acc], distributed)
@@ -524,7 +542,7 @@ def measure_model(reference: Any, candidate: Any, check: Sequence[Inputs], metri
     acc = _EndToEnd(metric)
     with torch.no_grad():
         for batch in check:
-            acc.update(call(reference, batch), call(candidate, batch))
+            acc.update(call(reference, batch), call(candidate, batch), batch)
     _combine([acc], distributed)
     return acc.figures()
 
@@ -571,7 +589,7 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
         bar.add(len(check) * (len(solo_acc) + 2))
         for batch in check:
             ref_out, ref_vals = run_tapped(gm0, batch, refs)
-            exact_acc.update(ref_out, ref_out)
+            exact_acc.update(ref_out, ref_out, batch)
             bar.advance()
             for r in records:
                 for i, rung in enumerate(ladder(r)[:-1]):
@@ -582,11 +600,11 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
                         a, b = _first_float(ref_vals[r.reference]), _first_float(vals[r.probe])
                         if a is not None and b is not None:
                             site_stats[r.site].update(a, b)
-                    solo_acc[(r.site, rung)].update(ref_out, out)
+                    solo_acc[(r.site, rung)].update(ref_out, out, batch)
                     bar.advance()
             _configure(gm, records, {r.site for r in records})
             all_out = call(gm, batch)
-            all_acc.update(ref_out, all_out)
+            all_acc.update(ref_out, all_out, batch)
             first = _first_float(ref_out)
             samples += int(first.shape[0]) if first is not None and first.dim() >= 2 else 1
             bar.advance()

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from surgeon.profile import Profile
 
-__all__ = ["Target", "batch_shapes"]
+__all__ = ["Target", "batch_shapes", "quantized_dtypes"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,17 @@ class Target:
     def needs_passes(self) -> bool:
         """Whether the file only makes sense after passes (a quantized target): `surgeon export` refuses it."""
         return self.quantized is not None
+
+    def unmet_promise(self, module: Any) -> str | None:
+        """Why ``module`` (the graph after the passes) cannot give this target's file, or None.
+
+        A quantized target promises that quantization: a module with no point of it (``--passes
+        attention-fp8`` for ``onnx-int8``) would write a file that is neither small nor fast there."""
+        if self.quantized is None:
+            return None
+        if quantized_dtypes(module).get(self.quantized, 0):
+            return None
+        return f"no {self.quantized} quantization"
 
     def lower(self, module: Any, example_inputs: Any, outdir: str | os.PathLike, **kw: Any) -> dict[str, Any]:
         """Write ``OUTDIR/<filename>`` for ``module``, verified; return the figures (with ``path``)."""
@@ -64,6 +75,30 @@ class Target:
         return {"name": self.name, "format": self.format, "runtime": self.runtime, "file": self.filename,
                 "description": self.description, "default_passes": self.default_passes,
                 "quantized": self.quantized, "profile": self.profile.to_json()}
+
+
+def quantized_dtypes(module: Any) -> dict[str, int]:
+    """How many quantize/dequantize points of each dtype the module computes with."""
+    import torch
+    from torch import fx
+
+    from surgeon.quant import Quantizer
+
+    counts = {"fp8": 0, "int8": 0}
+    for _, m in module.named_modules():
+        if isinstance(m, Quantizer) and getattr(m, "active", True):
+            counts[m.dtype] = counts.get(m.dtype, 0) + 1
+        q = getattr(m, "qweight", None)
+        if isinstance(q, torch.Tensor) and getattr(m, "active", True):
+            counts["fp8" if q.dtype == torch.float8_e4m3fn else "int8"] += 1
+    if isinstance(module, fx.GraphModule):
+        for node in module.graph.nodes:
+            name = str(node.target)
+            if "surgeon.quantize_fp8" in name or "surgeon::quantize_fp8" in name:
+                counts["fp8"] += 1
+            elif "surgeon.quantize_int8" in name or "surgeon::quantize_int8" in name:
+                counts["int8"] += 1
+    return counts
 
 
 def max_abs_diff(a: list[Any], b: list[Any], what: str) -> float:

@@ -38,7 +38,7 @@ import torch
 from torch import fx, nn
 
 from surgeon.capture import auto_dynamic_shapes
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, first_line
 from surgeon.inputs import Inputs, as_args_kwargs, call, tensors_of
 
 from ._cleanup import attention_heads_in_place, drop_softmax_nan_guards
@@ -184,6 +184,83 @@ def _conversion_error(exc: BaseException, module: Any, inputs: Inputs) -> Surgeo
     return SurgeonError(f"cannot export to ONNX: operator '{op}'{loc} has no ONNX lowering ({hint})")
 
 
+# ONNX ops the exporter's optimizer (onnxscript constant folding) can fail on → the aten ops that
+# produce them, to name the module in the one-line error.
+_FOLD_RE = re.compile(r"Error during constant folding for node '([^']*)' \(([^:)]*)::(\w+)\)")
+_ONNX_OP_SOURCES = {"SplitToSequence": ("aten.chunk", "aten.split", "aten.unbind", "aten.tensor_split")}
+
+
+def _optimizer_error(exc: BaseException, module: Any, inputs: Inputs) -> SurgeonError | None:
+    """A failure inside the exporter's ONNX optimizer, as one line naming the ONNX op and the module."""
+    text, e, seen = [], exc, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text.append(str(e))
+        e = e.__cause__ or e.__context__
+    m = _FOLD_RE.search("\n".join(text))
+    if not m:
+        return None
+    op = m.group(3)
+    where = next((w for src in _ONNX_OP_SOURCES.get(op, ()) if (w := _module_of_op(module, inputs, src))), None)
+    loc = f" in module '{where}'" if where else ""
+    return SurgeonError(f"cannot export to ONNX: the exporter's optimizer fails on {op} (node '{m.group(1)}'){loc}: "
+                        f"{first_line(exc.__cause__ or exc)}")
+
+
+@contextlib.contextmanager
+def _chunks_as_slices(module: Any) -> Any:
+    """Each ``aten.chunk`` of a GraphModule as one ``aten.slice`` per chunk used, for the duration of the
+    export (the module's own graph is put back after).
+
+    A GraphModule captured by torch.export keeps ``chunk`` (``x.chunk(2, -1)`` of a coupling flow); the
+    ONNX exporter lowers it to a ``SplitToSequence`` without sizes that onnxscript's constant folding
+    cannot fold (``AttributeError`` inside ``FoldConstantsPass``: ``optimize --target onnx`` died there).
+    Chunk ``i`` is ``x[..., i·step:(i+1)·step]`` with ``step = ceil(size / chunks)`` (torch.chunk's
+    definition; ``slice`` clamps the last one), the size symbolic where the dimension is dynamic."""
+    import copy
+    import operator
+
+    gm = module if isinstance(module, fx.GraphModule) else None
+    chunks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.chunk.default
+              and n.users and all(u.target is operator.getitem for u in n.users)] if gm is not None else []
+    if not chunks:
+        yield
+        return
+    saved = gm.graph  # type: ignore[union-attr]
+    work = copy.deepcopy(saved)  # nodes copied, meta shallow: cheap
+    for node in [n for n in work.nodes if n.op == "call_function" and n.target is torch.ops.aten.chunk.default
+                 and n.users and all(u.target is operator.getitem for u in n.users)]:
+        src, count = node.args[0], int(node.args[1])
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        val = src.meta.get("val") if isinstance(src, fx.Node) else None
+        static = isinstance(val, torch.Tensor) and isinstance(val.shape[dim], int)
+        with work.inserting_before(node):
+            if static:
+                step: Any = -(-int(val.shape[dim]) // count)  # type: ignore[union-attr]
+            else:
+                size = work.call_function(torch.ops.aten.sym_size.int, (src, dim))
+                step = work.call_function(operator.floordiv, (work.call_function(operator.add, (size, count - 1)), count))
+            for user in list(node.users):
+                i = int(user.args[1])
+                if static:
+                    lo, hi = step * i, step * (i + 1)
+                else:
+                    lo = work.call_function(operator.mul, (step, i))
+                    hi = work.call_function(operator.mul, (step, i + 1))
+                piece = work.call_function(torch.ops.aten.slice.Tensor, (src, dim, lo, hi))
+                piece.meta.update(user.meta)
+                user.replace_all_uses_with(piece)
+                work.erase_node(user)
+        work.erase_node(node)
+    gm.graph = work  # type: ignore[union-attr]
+    gm.recompile()  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        gm.graph = saved  # type: ignore[union-attr]
+        gm.recompile()  # type: ignore[union-attr]
+
+
 # Ops a surgeon pass removes where the model allows it: the message names the pass.
 _LOWERING_HINTS = {
     "aten._linalg_slogdet": "a log-determinant of a constant weight is folded to a constant by the "
@@ -233,7 +310,7 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
         ds = (auto_dynamic_shapes(module_or_ep, example_inputs) if isinstance(dynamic_shapes, str)
               else dynamic_shapes)
     try:
-        with _quiet():
+        with _quiet(), _chunks_as_slices(module_or_ep):
             prog = torch.onnx.export(
                 module_or_ep, () if is_ep else args, kwargs=None if is_ep else (kwargs or None),
                 dynamo=True, opset_version=opset, dynamic_shapes=ds, external_data=False,
@@ -242,7 +319,7 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
     except SurgeonError:
         raise
     except Exception as exc:  # noqa: BLE001 - translated to a one-line user error where we can
-        err = _conversion_error(exc, module_or_ep, example_inputs)
+        err = _conversion_error(exc, module_or_ep, example_inputs) or _optimizer_error(exc, module_or_ep, example_inputs)
         if err is not None:
             raise err from exc
         raise
@@ -421,14 +498,43 @@ def _quantile_abs(a: list[np.ndarray], b: list[np.ndarray], q: float) -> float:
     return float(np.quantile(np.concatenate(diffs), q)) if diffs else 0.0
 
 
-def cosine_per_sample(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
-    """Cosine of each sample's outputs (all floating outputs, flattened per batch row)."""
+def cosine_per_sample(a: list[np.ndarray], b: list[np.ndarray], inputs: Inputs | None = None) -> np.ndarray:
+    """Cosine of each sample's outputs (all floating outputs, flattened per batch row); positions the
+    inputs' ``attention_mask`` marks as padding are left out (``surgeon.verify.position_mask``)."""
+    a, b = _masked(a, inputs), _masked(b, inputs)
     rows_a = np.concatenate([x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1) for x in a], axis=1)
     rows_b = np.concatenate([x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1) for x in b], axis=1)
     rows_a, rows_b = rows_a.astype(np.float64), rows_b.astype(np.float64)
     num = (rows_a * rows_b).sum(1)
     den = np.linalg.norm(rows_a, axis=1) * np.linalg.norm(rows_b, axis=1)
     return np.where(den > 0, num / np.maximum(den, 1e-300), (np.abs(rows_a - rows_b).max(1) == 0).astype(float))
+
+
+def _masked(outputs: list[np.ndarray], inputs: Inputs | None) -> list[np.ndarray]:
+    """``outputs`` with the padded positions (``attention_mask`` = 0) set to 0 where the output is
+    [batch, seq, …]; unchanged without a mask."""
+    from surgeon.verify import position_mask
+
+    out = []
+    for x in outputs:
+        valid = position_mask(inputs, torch.from_numpy(np.ascontiguousarray(x))) if inputs is not None else None
+        out.append(np.where(valid.numpy() > 0, x, 0) if valid is not None else x)
+    return out
+
+
+def cosine_by_output(names: list[str], a: list[np.ndarray], b: list[np.ndarray],
+                     inputs: Inputs | None = None) -> dict[str, dict[str, Any]]:
+    """Per named output: cosine min/mean over samples, and what was measured (padding left out or not)."""
+    from surgeon.verify import position_mask
+
+    figures: dict[str, dict[str, Any]] = {}
+    for name, x, y in zip(names, a, b):
+        cos = cosine_per_sample([x], [y], inputs)
+        masked = inputs is not None and position_mask(inputs, torch.from_numpy(np.ascontiguousarray(x))) is not None
+        figures[name] = {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+                         "measured": "per sample, padded positions (attention_mask = 0) left out" if masked
+                         else "per sample, every element"}
+    return figures
 
 
 def _first_rows(inputs: Inputs, n: int = 1) -> Inputs | None:
@@ -503,9 +609,14 @@ def verify_onnx(path: str | os.PathLike, module: Any, inputs: Inputs, *, origina
     if original is not None:
         orig_out = _torch_outputs(original, original_inputs if original_inputs is not None else inputs)
         if len(orig_out) == len(ort_out):
-            cos = cosine_per_sample(ort_out, orig_out)
+            cos_inputs = original_inputs if original_inputs is not None else inputs
+            cos = cosine_per_sample(ort_out, orig_out, cos_inputs)
             figures["cosine_min"] = float(cos.min())
             figures["cosine_mean"] = float(cos.mean())
+            names = [o.name for o in sess.get_outputs() if o.type in ("tensor(float)", "tensor(double)",
+                                                                       "tensor(float16)", "tensor(bfloat16)")]
+            if len(names) == len(ort_out):
+                figures["cosine_by_output"] = cosine_by_output(names, ort_out, orig_out, cos_inputs)
         if fp32_size is None:
             fp32_size = fp32_bytes(original)
     if fp32_size:

@@ -14,36 +14,12 @@ from typing import Any, Callable
 from surgeon import profile as _profile
 
 from ._attention import attention_lowering
-from ._base import Target
+from ._base import Target, quantized_dtypes
 
 __all__ = ["OnnxTarget", "ONNX", "ONNX_FP8", "ONNX_INT8", "quantized_dtypes", "ort_fusion"]
 
 INTEGER_KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QLinearConv",
                    "DynamicQuantizeMatMul", "QGemm")
-
-
-def quantized_dtypes(module: Any) -> dict[str, int]:
-    """How many quantize/dequantize points of each dtype the module computes with."""
-    import torch
-    from torch import fx
-
-    from surgeon.quant import Quantizer
-
-    counts = {"fp8": 0, "int8": 0}
-    for _, m in module.named_modules():
-        if isinstance(m, Quantizer) and getattr(m, "active", True):
-            counts[m.dtype] = counts.get(m.dtype, 0) + 1
-        q = getattr(m, "qweight", None)
-        if isinstance(q, torch.Tensor) and getattr(m, "active", True):
-            counts["fp8" if q.dtype == torch.float8_e4m3fn else "int8"] += 1
-    if isinstance(module, fx.GraphModule):
-        for node in module.graph.nodes:
-            name = str(node.target)
-            if "surgeon.quantize_fp8" in name or "surgeon::quantize_fp8" in name:
-                counts["fp8"] += 1
-            elif "surgeon.quantize_int8" in name or "surgeon::quantize_int8" in name:
-                counts["int8"] += 1
-    return counts
 
 
 # ORT's fused kernels by family: a quantized graph should keep every family the fp32 graph gets

@@ -145,7 +145,7 @@ def test_cli_under_torchrun(tmp_path: Path) -> None:
     env.update(PYTHONPATH=str(tmp_path), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "surgeon", "optimize", "distfactory:factory", "--calib", "calib.pt", "-o", "out",
-           "--passes", "linear-quant{method=mse}", "--dist-timeout", "60"]
+           "--passes", "linear-quant{method=mse}", "--target", "onnx", "--dist-timeout", "60"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("surgeon optimize — sites") == 1 and done.stdout.count("end to end (6 check samples)") == 1

@@ -9,7 +9,8 @@ The property (docs/fuzzing.md), for every drawn case (tests/_fuzz_models.py):
   report's figure, and whose ``model.onnx`` run in onnxruntime agrees with ``model.pt2``;
 * never any other exception.
 
-12 examples here (CI, to keep it under 30 minutes with everything else); ``python bench/fuzz.py --examples 200`` runs the same property on 200.
+12 examples here (CI, to keep it under 30 minutes with everything else); ``python bench/fuzz.py --examples 200``
+runs the same property on 200.
 """
 
 from __future__ import annotations

@@ -390,7 +390,7 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]
 def test_cli_optimize_toy(toy_cli: Path, capsys: pytest.CaptureFixture) -> None:
     torch.save(toy_batches(8), toy_cli / "calib.pt")
     code, out, err = _run(["optimize", "toyfactory:factory", "-o", "out", "--passes", "toy-round{bad=2}",
-                           "--calib", "calib.pt"], capsys)
+                           "--calib", "calib.pt", "--target", "torch"], capsys)
     assert code == 0, err
     rep = json.loads((toy_cli / "out" / "report.json").read_text())
     assert [s["status"] for s in rep["sites"] if s["status"] != "skipped"] == ["applied", "applied", "rolled_back"]
@@ -408,7 +408,7 @@ def test_cli_onnx_target_written_inside_the_atomic_save(toy_cli: Path, capsys: p
     code, out, err = _run(["optimize", "toyfactory:factory", "-o", "out", "--passes", "toy-round",
                            "--calib", "calib.pt", "--target", "onnx"], capsys)
     assert code == 0, err
-    assert sorted(os.listdir(toy_cli / "out")) == ["bench", "model.onnx", "model.pt2", "report.html", "report.json"]
+    assert sorted(os.listdir(toy_cli / "out")) == ["README.md", "bench", "model.onnx", "model.pt2", "report.html", "report.json"]
     rep = json.loads((toy_cli / "out" / "report.json").read_text())
     assert rep["outputs"]["target"] == "model.onnx" and "onnx" in rep["targets"]
     assert rep["targets"]["onnx"]["cosine_min"] >= 0.999
@@ -418,7 +418,7 @@ def test_cli_onnx_target_written_inside_the_atomic_save(toy_cli: Path, capsys: p
 def test_cli_tolerance_not_met_exit_3_after_writing(toy_cli: Path, capsys: pytest.CaptureFixture) -> None:
     torch.save(toy_batches(4), toy_cli / "calib.pt")
     code, out, err = _run(["optimize", "toyfactory:factory", "-o", "out", "--passes", "toy-round{perturb=0.01}",
-                           "--calib", "calib.pt", "--tolerance", "cosine_mean=1.0"], capsys)
+                           "--calib", "calib.pt", "--tolerance", "cosine_mean=1.0", "--target", "torch"], capsys)
     assert code == 3
     assert re.fullmatch(r"surgeon: error: tolerance not met \(cosine_mean ≥ 1\): best model kept \d site\(s\), "
                         r"cosine mean 0\.9\d{5}; written to out\n", err.splitlines(keepends=True)[-1])
@@ -426,7 +426,7 @@ def test_cli_tolerance_not_met_exit_3_after_writing(toy_cli: Path, capsys: pytes
 
 
 def test_cli_without_calib_warns(toy_cli: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = _run(["optimize", "toyfactory:factory", "-o", "out", "--passes", "toy-round"], capsys)
+    code, out, err = _run(["optimize", "toyfactory:factory", "-o", "out", "--passes", "toy-round", "--target", "torch"], capsys)
     assert code == 0
     assert "surgeon: warning: no --calib given: the example inputs calibrate and check the model, so the " \
            "calibration is weak (give a calibration file)" in err
@@ -480,7 +480,7 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(toy_cli: Path, capsys: py
         _bad_pt(toy_cli / calib, kind)
     before = sorted(os.listdir(toy_cli))
     code, out, err = _run(["optimize", "toyfactory:factory", "-o", "out", "--passes", "toy-round",
-                           "--calib", calib, *args], capsys)
+                           "--target", "torch", "--calib", calib, *args], capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert lines[-1].startswith(f"surgeon: error: {message}"), err
@@ -502,11 +502,11 @@ def test_cli_text_model(tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest
     for name, message in [("empty.txt", "calibration file 'empty.txt' is empty"),
                           ("latin1.txt", "cannot read calibration file 'latin1.txt': not UTF-8 text")]:
         code, _, err = _run(["optimize", str(tiny_bert_dir), "-o", "o", "--passes", "toy-round{op=gelu}",
-                             "--calib", name], capsys)
+                             "--target", "torch", "--calib", name], capsys)
         assert (code, err.strip().splitlines()[-1]) == (2, f"surgeon: error: {message}")
         assert not (tmp_path / "o").exists()
     code, out, err = _run(["optimize", str(tiny_bert_dir), "-o", "o", "--passes", "toy-round{op=gelu}",
-                           "--calib", "s.txt"], capsys)
+                           "--target", "torch", "--calib", "s.txt"], capsys)
     assert code == 0, err
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["calibration"]["batches"] == {"fit": 3, "check": 1, "total": 4}
@@ -530,7 +530,7 @@ def test_minilm_attention_fp8(minilm_dir: Path, tmp_path: Path, capsys: pytest.C
     pytest.importorskip("surgeon.passes.attention_fp8")
     sentences = Path(__file__).resolve().parents[1] / "surgeon" / "data" / "calib_sentences.txt"
     code, out, err = _run(["optimize", str(minilm_dir), "-o", str(tmp_path / "o"), "--passes", "attention-fp8",
-                           "--calib", str(sentences)], capsys)
+                           "--target", "torch", "--calib", str(sentences)], capsys)
     assert code == 0, err
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     sites = [s for s in rep["sites"] if s["kind"] == "attention"]

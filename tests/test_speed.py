@@ -140,4 +140,4 @@ def test_a_model_that_cannot_be_timed_is_still_written(tmp_path, monkeypatch) ->
     report = json.loads((out / "report.json").read_text())
     assert report["speed"] == {"target": "onnx-int8", "error": "RuntimeError: cannot export this one"}
     assert "could not time the written file against the original: RuntimeError: cannot export this one" in report["warnings"]
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt2", "report.html", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.onnx", "model.pt2", "report.html", "report.json"]

@@ -7,6 +7,7 @@ fit/check split (the check part is never used to fit); ``read_calibration`` read
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -17,8 +18,8 @@ from torch import nn
 from ..errors import SurgeonError, first_line
 from ..inputs import Inputs, call, named_inputs
 
-__all__ = ["DEFAULT_CHECK_FRACTION", "TEXT_BATCH", "TEXT_MAX_LENGTH", "Split", "prepare_batches", "read_calibration",
-           "split_batches"]
+__all__ = ["DEFAULT_CHECK_FRACTION", "TEXT_BATCH", "TEXT_MAX_LENGTH", "Split", "calibration_batches", "prepare_batches",
+           "read_calibration", "split_batches"]
 
 DEFAULT_CHECK_FRACTION = 0.25
 TEXT_BATCH = 8  # sentences per calibration batch for text models
@@ -150,7 +151,8 @@ def split_batches(batches: Sequence[Inputs], check_fraction: float = DEFAULT_CHE
     return Split([batches[i] for i in fit_index], [batches[i] for i in check_index], fit_index, check_index, True)
 
 
-def read_calibration(path: str, loaded: Any) -> list[Inputs]:
+def read_calibration(path: str, loaded: Any, *, batch_size: int = TEXT_BATCH,
+                     max_length: int = TEXT_MAX_LENGTH) -> list[Inputs]:
     """Calibration batches from ``--calib FILE``: sentences (text models) or a ``.pt`` list of inputs."""
     p = Path(path)
     if not p.exists():
@@ -169,7 +171,7 @@ def read_calibration(path: str, loaded: Any) -> list[Inputs]:
         if not data:
             raise SurgeonError(f"calibration file '{path}' is empty")
         return data
-    if not loaded.is_text:
+    if loaded is None or not loaded.is_text:
         raise SurgeonError(f"calibration file '{path}' is not a .pt file: a model without a tokenizer needs a .pt "
                            "file holding a list of input tuples (text files need a Hugging Face text model)")
     try:
@@ -181,6 +183,80 @@ def read_calibration(path: str, loaded: Any) -> list[Inputs]:
     sentences = [line.strip() for line in text.splitlines() if line.strip()]
     if not sentences:
         raise SurgeonError(f"calibration file '{path}' is empty")
-    return [loaded.text_inputs(sentences[i:i + TEXT_BATCH], max_length=TEXT_MAX_LENGTH)
-            for i in range(0, len(sentences), TEXT_BATCH)]
+    return [loaded.text_inputs(sentences[i:i + batch_size], max_length=max_length)
+            for i in range(0, len(sentences), batch_size)]
 
+
+
+class _Tokenized:
+    """What ``read_calibration`` needs of a loaded model, for a bare tokenizer (+ optional model)."""
+
+    def __init__(self, tokenizer: Any, model: nn.Module | None) -> None:
+        self.tokenizer, self.model = tokenizer, model
+        self.is_text = True
+
+    def text_inputs(self, sentences: list[str], max_length: int = TEXT_MAX_LENGTH) -> dict:
+        from ..loaders.common import tokenize
+
+        return tokenize(self.model, self.tokenizer, list(sentences), max_length) if self.model is not None else \
+            dict(self.tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+
+
+def calibration_batches(data: str | os.PathLike | Sequence[str], model: Any = None, *,
+                        batch_size: int = TEXT_BATCH, max_length: int = TEXT_MAX_LENGTH) -> list[Inputs]:
+    """Calibration batches for ``surgeon.optimize(..., calib=…)``, by the CLI's ``--calib`` rules.
+
+    ``data``: a text file (one sentence per line; blank lines skipped), a list of sentences, or a
+    ``.pt`` file holding a list of input tuples/dicts (returned as it is; ``model`` is not needed).
+    ``model``: what tokenizes the sentences — a Hugging Face model directory (its tokenizer, and
+    only the inputs its model's forward takes), a ``surgeon.loaders.LoadedModel``, a Hugging Face
+    tokenizer, or a Hugging Face model (its ``name_or_path``'s tokenizer). ``batch_size`` sentences
+    per batch (default 8, as the CLI), each padded and truncated to ``max_length`` tokens. Raises
+    ``SurgeonError`` with the CLI's one-line messages."""
+    if batch_size < 1:
+        raise SurgeonError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(data, (str, os.PathLike)) and Path(data).suffix.lower() in (".pt", ".pth"):
+        return read_calibration(str(data), None)
+    loaded = _tokenizer_of(model)
+    if isinstance(data, (str, os.PathLike)):
+        return read_calibration(str(data), loaded, batch_size=batch_size, max_length=max_length)
+    sentences = [str(x).strip() for x in data if str(x).strip()]
+    if not sentences:
+        raise SurgeonError("calibration data is empty")
+    return [loaded.text_inputs(sentences[i:i + batch_size], max_length=max_length)
+            for i in range(0, len(sentences), batch_size)]
+
+
+def _tokenizer_of(model: Any) -> Any:
+    """Something with ``text_inputs`` for ``model`` (see ``calibration_batches``)."""
+    if model is None:
+        raise SurgeonError("sentences need a tokenizer: give the Hugging Face model directory (or its tokenizer)")
+    if hasattr(model, "text_inputs") and hasattr(model, "is_text"):
+        if not model.is_text:
+            raise SurgeonError(f"model '{model.source}' has no tokenizer: sentences need a Hugging Face text model")
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        from ..loaders import load_model
+
+        return _text_model(load_model(model))
+    if isinstance(model, nn.Module):
+        path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        if not path or not Path(str(path)).is_dir():
+            raise SurgeonError(f"cannot find the tokenizer of this {type(model).__name__}: give its model directory "
+                               "or tokenizer to surgeon.calibration_batches")
+        try:
+            import transformers
+
+            tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure is the same user error
+            raise SurgeonError(f"cannot load the tokenizer of '{path}': {first_line(exc)}") from None
+        return _Tokenized(tok, model)
+    if callable(model):
+        return _Tokenized(model, None)  # a tokenizer
+    raise SurgeonError(f"cannot tokenize with a {type(model).__name__}: give a model directory or a tokenizer")
+
+
+def _text_model(loaded: Any) -> Any:
+    if not loaded.is_text:
+        raise SurgeonError(f"model '{loaded.source}' has no tokenizer: sentences need a Hugging Face text model")
+    return loaded

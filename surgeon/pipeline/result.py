@@ -16,6 +16,7 @@ from torch import fx, nn
 from ..errors import SurgeonError, first_line
 from ..inputs import Inputs
 from ..speed import DEFAULT_RUNS
+from ..verdict import Verdict, decide
 from ..verify import GuardResult
 
 __all__ = ["Result", "check_target"]
@@ -46,8 +47,15 @@ class Result:
 
     @property
     def met(self) -> bool:
-        """Whether the written model meets the tolerance."""
+        """Whether the written model's figures are within the tolerance (``report["tolerance"]["met"]``);
+        ``verdict`` also says whether that took rolling back every substitution."""
         return bool(self.report["tolerance"]["met"])
+
+    @property
+    def verdict(self) -> Verdict:
+        """The run's one verdict (``surgeon.verdict``): met / met only by rolling everything back / not
+        met, with the exit code the CLI uses and its one-line message."""
+        return decide(self.report)
 
     def save(self, outdir: str | os.PathLike, *, force: bool = False, target: str | None = None,
              speed: bool = True, speed_runs: int = DEFAULT_RUNS) -> Path:
@@ -116,6 +124,7 @@ class Result:
                     self.report["speed"] = {"target": target, "error": first_line(exc)}
                     self.report["warnings"].append(f"could not time the written file against the original: "
                                                    f"{first_line(exc)}")
+            self._deploy_files(partial, target, outputs)
             outputs["report_json"] = "report.json"
             outputs["report_html"] = "report.html"
             self.report["outputs"] = outputs
@@ -124,6 +133,18 @@ class Result:
             rep.write_html(self.report, partial / "report.html")
         return out
 
+
+    def _deploy_files(self, partial: Path, target: str, outputs: dict[str, Any]) -> None:
+        """The source's config and tokenizer files, report["deploy"] and README.md (``surgeon.deploy``)."""
+        from ..deploy import write_deploy_files
+
+        name = outputs.get("target")
+        fp8 = (self.report.get("targets", {}).get(target) or {}).get("fp8_session_option")
+        write_deploy_files(partial, self.report, source=self.report["model"].get("source"),
+                           filename=name if isinstance(name, str) else None, fp8_option=fp8)
+        if "readme" in self.report["deploy"]:
+            outputs["readme"] = "README.md"
+        outputs.update({f"source_{n}": n for n in self.report["deploy"]["copied_from_source"]})
 
     def _speed(self, target: str, partial: Path, outputs: dict[str, Any], runs: int) -> dict[str, Any]:
         """Time the written file against the original exported the same way (``OUTDIR/bench/``)."""

@@ -3,6 +3,7 @@ report (the stages are listed in ``surgeon.pipeline``'s docstring)."""
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from typing import Any, Iterable, Sequence
@@ -10,8 +11,10 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import fx, nn
 
+from ..errors import SurgeonError
 from ..inputs import Inputs, batch_size, describe
 from ..pass_manager import Pass
+from ..verdict import decide
 from ..verify import Metric, guard, measure_model, parse_tolerance
 from ..version import __version__
 from .data import DEFAULT_CHECK_FRACTION, prepare_batches, split_batches
@@ -37,11 +40,14 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
              passes: str | Pass | Sequence[Pass] | None = None, tolerance: Any = None,
              metric: Metric | None = None, seed: int = 0, check_fraction: float = DEFAULT_CHECK_FRACTION,
              progress: bool = False, source: str | None = None, threads: int | None = None,
-             target: str | None = None, _timings: dict[str, float] | None = None) -> Result:
+             target: str | None = None, force_passes: bool = False,
+             _timings: dict[str, float] | None = None) -> Result:
     """Substitute, calibrate, verify and re-export ``model``; see the module docstring.
 
     ``calib``: an iterable of batches (each a tuple of positional inputs or a dict of keyword inputs,
-    shaped like ``example_inputs``); None → the example inputs (weak calibration, warned).
+    shaped like ``example_inputs``), or a path read by the CLI's ``--calib`` rules (a ``.pt`` list of
+    batches; a text file of sentences for a Hugging Face model, tokenized with its directory's
+    tokenizer: ``surgeon.calibration_batches``); None → the example inputs (weak calibration, warned).
     ``tolerance``: a number (minimum mean end-to-end cosine; with ``metric``, the minimum metric), a
     string ``"cosine_min=0.995,cosine_mean=0.999"``, a dict, or a ``Tolerance``; default cosine mean
     ≥ 0.999. ``metric(ref_outputs, outputs) -> float`` (higher is better) replaces the cosine criterion
@@ -51,14 +57,16 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     ``target``: the deploy target (``surgeon targets``): its runtime profile tells the passes which
     substitutes the runtime runs (and how fast), ``passes`` defaults to its ``default_passes``, and
     ``Result.save`` writes its file. None: no profile, passes ``attention-fp8``, ``save`` writes
-    ``model.pt2`` (or the target named there)."""
+    ``model.pt2`` (or the target named there). ``passes`` that cannot produce what ``target``
+    promises (``attention-fp8`` alone for ``onnx-int8``: no INT8 anywhere) raise ``SurgeonError``
+    after the passes ran, before calibration, unless ``force_passes``."""
     if threads is not None:
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             return optimize(model, example_inputs, calib, passes=passes, tolerance=tolerance, metric=metric,
                             seed=seed, check_fraction=check_fraction, progress=progress, source=source,
-                            target=target, _timings=_timings)
+                            target=target, force_passes=force_passes, _timings=_timings)
         finally:
             torch.set_num_threads(previous)
     from .. import distributed
@@ -75,6 +83,10 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     pass_list = resolve_passes(passes if passes is not None else
                                (deploy.default_passes if deploy is not None else DEFAULT_PASSES))
     tol = parse_tolerance(tolerance, has_metric=metric is not None)
+    if isinstance(calib, (str, os.PathLike)):  # a file, by the CLI's --calib rules
+        from .data import calibration_batches
+
+        calib = calibration_batches(calib, model)
     if calib is not None and not isinstance(calib, (list, tuple)):
         calib = list(calib)  # read once: the memory estimate and the run both need the batches
     check_memory(model, example_inputs, calib)  # InsufficientMemory (exit 4) before the work, not an OOM kill
@@ -100,6 +112,12 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     t = time.perf_counter()
     applied = apply_passes(gm0, pass_list, seed, profile=deploy.profile if deploy is not None else None)
     timings["passes"] = time.perf_counter() - t
+    unmet = deploy.unmet_promise(applied.gm) if deploy is not None and passes is not None else None
+    if unmet and not force_passes:
+        spec = ",".join(p.spec() for p in pass_list)
+        raise SurgeonError(f"--passes '{spec}' cannot produce what target {deploy.name} promises ({unmet} in the "  # type: ignore[union-attr]
+                           f"rewritten model); its default passes are '{deploy.default_passes}' "  # type: ignore[union-attr]
+                           "(or give --force-passes to write it anyway)")
 
     t = time.perf_counter()
     cal_info = fit_passes(applied, split.fit, progress=progress)
@@ -129,7 +147,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     artifact_inputs, artifact_exports = export_artifacts(artifacts, final, example_inputs)
     timings["export"] = time.perf_counter() - t
 
-    if not verdict.met:
+    if not verdict.met and tol.violations(figures):
         notes.append(f"no configuration met the tolerance ({tol.describe()}); the best one measured was kept")
     elif tol.violations(figures):
         notes.append("the rebuilt model misses the tolerance by a margin the guard's measurement did not show "
@@ -164,6 +182,12 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         export={**(export_info(ep) if ep is not None else {}), "notes": export_notes},
         warnings=notes,
     )
+    # The one verdict (surgeon.verdict): what stdout, stderr, report.json and the exit code all say.
+    outcome = decide(report)
+    report["verdict"] = outcome.to_json()
+    if outcome.status == "met_by_rollback":
+        report["warnings"].append(outcome.message)
+        notes.append(outcome.message)
     for n in notes if distributed.is_writer() else []:
         if "weak" in n or "not independent" in n or "tolerance" in n:
             warnings.warn(n, stacklevel=2)
