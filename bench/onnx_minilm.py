@@ -21,7 +21,8 @@ optimizer (model_type bert); (b) ORT quantize_dynamic (per channel, int8 weights
 (QDQ, per channel, MinMax, shipped calibration set; all ops / MatMul only), each of (a)'s file;
 (c) surgeon --target onnx-int8-vnni (8-bit weights) on a CPU with VNNI, else onnx-int8, on the three
 calibration sets, and on a VNNI CPU also onnx-int8 (7-bit weights, exact on any x86-64);
-(d) surgeon --target onnx-fp8 calibrated on the reviews. Writes bench/results/onnx_minilm.md.
+(d) surgeon --target onnx-fp8 calibrated on the reviews (tolerance FP8_TOLERANCE). Writes
+bench/results/onnx_minilm.md.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
 TOLERANCE = "cosine_mean=0.996"  # the guard's bound on the check part of each calibration set
+# FP8 (3 mantissa bits) errs most on the sentences least like its calibration: with the reviews as
+# calibration, the mean bound above left the held-out min at 0.991; a min bound on the check part does
+# not (the layers that break it step down to weight-only FP8, which keeps their bytes saved).
+FP8_TOLERANCE = "cosine_min=0.997"
 
 
 def _sentences() -> tuple[list[str], list[str]]:
@@ -93,10 +98,10 @@ class _Reader:
         return next(self.items, None)
 
 
-def _surgeon(model_dir: str, calib: Path, target: str, out: Path) -> dict:
+def _surgeon(model_dir: str, calib: Path, target: str, out: Path, tolerance: str = TOLERANCE) -> dict:
     """``surgeon optimize`` as a user runs it; returns its report.json."""
     cmd = [sys.executable, "-m", "surgeon", "optimize", model_dir, "-o", str(out), "--calib", str(calib),
-           "--target", target, "--tolerance", TOLERANCE, "--no-speed", "--force"]
+           "--target", target, "--tolerance", tolerance, "--no-speed", "--force"]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode not in (0, 3):
@@ -189,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                            "report": rep, "quantized": f"{on}/{total}", "share": on / total, "rungs": rungs,
                            "target": target, "set": name})
     rows += [r for r in robustness if r["set"].startswith("shipped")]
-    fp8 = _surgeon(model_dir, reviews, "onnx-fp8", tmp / "fp8")
-    rows.append({"name": "(d) surgeon --target onnx-fp8, calibrated on the product reviews",
+    fp8 = _surgeon(model_dir, reviews, "onnx-fp8", tmp / "fp8", tolerance=FP8_TOLERANCE)
+    rows.append({"name": f"(d) surgeon --target onnx-fp8 --tolerance {FP8_TOLERANCE}, calibrated on the product reviews",
                  "path": tmp / "fp8/model.onnx", "report": fp8})
     build_s = time.perf_counter() - t0
 

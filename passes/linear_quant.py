@@ -10,6 +10,10 @@ After:   y = dq(q(x; s_x)) · dq(W_q; s_W) + b
          Embedding tables no linear owns (``embeddings=True``): weight-only, one scale per row, stored
          FP8 (dtype=fp8) or INT8 (dtype=int8), so the table — half of a small BERT's weights — shrinks
          in the file too (see ``QuantEmbedding`` for where the dequantize sits and why).
+Rungs (the guard steps a layer down them before it keeps the layer in float; the target's profile
+names those its runtime runs): INT8 ``int8-dynamic`` → ``int8-dynamic-outliers`` → ``int8-static``
+(``QuantLinear``); FP8 ``fp8-static`` → ``fp8-weight`` (onnx-fp8), the weight-only step:
+y = x · dq(W_q; s_W) + b, the activation in float, the bytes still saved.
 INT8 weights use 7 bits (|q| ≤ 63) unless ``reduce_range=False``: x86 CPUs without VNNI multiply u8
 activations by s8 weights with ``vpmaddubsw``, whose int16 pair sums saturate when 2·255·|w| > 32767;
 with |w| ≤ 63 they cannot, so ONNX Runtime computes exactly what the torch module computes.
@@ -47,6 +51,10 @@ __all__ = ["LinearQuant", "QuantLinear", "QuantEmbedding", "PREFIX"]
 
 PREFIX = "surgeon_linear_quant_"
 OUTLIERS = "int8-dynamic-outliers"
+# Weight-only FP8: the weight stored and dequantized as on fp8-static, the activation left in float.
+# It keeps the bytes a table-heavy file saves (4 → 1 per weight) where quantizing the activation too
+# breaks the tolerance; nothing is multiplied in 8 bits.
+FP8_WEIGHT = "fp8-weight"
 INT8_RUNGS = ("int8-static", "int8-dynamic", OUTLIERS)
 # Without a target profile (the Python API without target=): the calibrated static scale alone, as
 # before rungs existed; a target's profile names the rungs its runtime runs.
@@ -163,7 +171,7 @@ class QuantLinear(nn.Module):
     @property
     def static(self) -> bool:
         """Whether the active substitute uses the calibrated activation quantizer."""
-        return not self.rung.startswith("int8-dynamic")
+        return self.rung in ("int8-static", "fp8-static")
 
     def _stored_weight(self, smoothed: bool = True) -> Tensor:
         """The float weight in the stored layout (Wᵀ for a linear), diag(s)-scaled once smoothed;
@@ -185,6 +193,8 @@ class QuantLinear(nn.Module):
     def benefit(self, rung: str, base: dict[str, float]) -> dict[str, float]:
         """``base`` (the whole layer in 8 bits) less what the outlier rung keeps in float: k weight
         rows stored twice (int8 zeros and float) and their k/in share of the multiply-adds."""
+        if rung == FP8_WEIGHT:
+            return {**base, "macs": 0.0}
         if rung != OUTLIERS or not self.outlier_count:
             return dict(base)
         k, n = self.outlier_count, self.weight.numel() // self.in_features
@@ -260,6 +270,8 @@ class QuantLinear(nn.Module):
             return self._exact(x)
         if self.rung == "int8-dynamic":
             return dynamic_int8_linear(x, self.dqweight, self.dwscale, self.bias)
+        if self.rung == FP8_WEIGHT:  # x·diag(1/s) against diag(s)·W: the smoothing stays exact in float
+            return self._apply_op(self._smoothed(x), self.dequantized_weight(), transposed=self.op == "linear")
         if self.rung == OUTLIERS:
             if not self.outlier_count:  # no outlier found: the same as int8-dynamic
                 return dynamic_int8_linear(x, self.dqweight, self.dwscale, self.bias)
@@ -403,7 +415,8 @@ class LinearQuant(Pass):
     def _rungs(self, op: str, profile: Any) -> tuple[str, ...]:
         """The substitutes a layer may take, best first (the guard steps down them before keeping it)."""
         if self.dtype == "fp8":
-            return ("fp8-static",)
+            ladder = tuple(profile.formats("linear")) if profile is not None else ()
+            return ("fp8-static", FP8_WEIGHT) if FP8_WEIGHT in ladder and op != "conv" else ("fp8-static",)
         ladder = tuple(profile.formats("linear")) if profile is not None else DEFAULT_LADDER
         if self.activations == "static":
             ladder = tuple(r for r in ladder if r == "int8-static") or ("int8-static",)
@@ -644,7 +657,7 @@ class LinearQuant(Pass):
             benefit = {"weight_bytes": float(layer.weight_bytes_saved()), "macs": float(_macs(node, w, op))}
             speed = getattr(profile, "speed_of", lambda r: 1.0)
             record = SiteRecord(site, "linear", module, self.name, [sub], rungs=rungs,
-                                benefit={r: {**benefit, "speed": speed(r)} for r in rungs})
+                                benefit={r: {**layer.benefit(r, benefit), "speed": speed(r)} for r in rungs})
             _swap(gm, ctx, node, sub, layer, x, record)
             shape = "x".join(map(str, w.shape))
             bits = 7 if layer.reduce_range and self.dtype == "int8" else 8

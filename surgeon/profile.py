@@ -112,7 +112,9 @@ ORT_CPU = Profile(
 ORT_CPU_FP8 = Profile(
     runtime="onnxruntime-cpu",
     machine="x86-64 (AVX2 or later)",
-    ladders=_freeze_ladders({"attention": ("fp8", KEEP), "linear": ("fp8", KEEP), "embedding": ("fp8", KEEP)}),
+    # fp8-weight: weight-only FP8 (the activation stays float) before keep: the bytes stay saved
+    ladders=_freeze_ladders({"attention": ("fp8", KEEP), "linear": ("fp8", "fp8-weight", KEEP),
+                             "embedding": ("fp8", KEEP)}),
     weight_layout="transposed",
     int8_weight_bits=7,
     uint8_activations=True,

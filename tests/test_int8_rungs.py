@@ -165,3 +165,38 @@ def test_gpt2_conv1d_layers_are_sites_and_the_int8_file_matches_torch(tmp_path: 
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
     cos = torch.nn.functional.cosine_similarity(torch.from_numpy(got).flatten(1), ref.flatten(1), dim=1)
     assert float(cos.min()) > 0.99  # and it is still GPT-2's output
+
+
+def test_fp8_layers_step_down_to_weight_only_on_the_fp8_target(tmp_path: Path) -> None:
+    """onnx-fp8's ladder: fp8-static → fp8-weight → keep. The weight-only rung stores the same FP8
+    weight (same bytes), leaves the activation in float (no multiply-adds in 8 bits) and lowers to
+    DequantizeLinear(FP8 initializer) → MatMul with no QuantizeLinear on the layer's input."""
+    from surgeon.profile import ORT_CPU_FP8
+
+    model = Block().eval()
+    example = _data(1, 0)[0]
+    gm = capture(model, example).gm
+    manager = PassManager("linear-quant{dtype=fp8}")
+    gm, ctx, _ = manager.run(gm, PassContext(profile=ORT_CPU_FP8))
+    calibrate(gm, _data(4, 1), progress=False)
+    up, down = ctx.records.values()
+    assert down.rungs == ("fp8-static", "fp8-weight")
+    assert down.benefit["fp8-weight"] == {**down.benefit["fp8-static"], "macs": 0.0}
+    for record in (up, down):
+        set_site_rung(gm, record, "fp8-weight")
+    layer = gm.get_submodule(down.submodules[0])
+    x = _data(1, 7)[0][0]
+    h = torch.relu(model.up(x)) * model.boost
+    with torch.no_grad():
+        exact = layer._apply_op(layer._smoothed(h), layer.dequantized_weight(), transposed=True)
+        assert torch.equal(layer(h), exact)  # weight rounding only: the activation is not quantized
+    written, _, path = _written(tmp_path, gm, example)
+    assert "QuantizeLinear" not in _ops(written)
+    fp8_weights = [t for t in written.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    assert len(fp8_weights) == 2
+    sess = session(path)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = gm(x)
+    want = (want[0] if isinstance(want, (tuple, list)) else want).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
