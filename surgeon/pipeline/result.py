@@ -90,14 +90,17 @@ class Result:
             if self.exported is None:
                 raise SurgeonError("the optimized model could not be exported with torch.export; model.pt2 "
                                    "cannot be written")
-            torch.export.save(self.exported, str(partial / "model.pt2"))
+            from .. import targets  # type: ignore[attr-defined]
+
+            # surgeon's custom ops decomposed to aten and unused fp32 copies dropped: the file loads
+            # with torch alone and stores quantized weights only (targets/pt2.py)
+            pt2 = targets.get_target("torch")
+            self.report.setdefault("export", {})["pt2"] = pt2.save_program(self.exported, partial / "model.pt2")
             outputs["model"] = "model.pt2"
             for name, ep in self.artifact_exports.items():
-                torch.export.save(ep, str(partial / f"{name}.pt2"))
+                pt2.save_program(ep, partial / f"{name}.pt2")
                 outputs[name] = f"{name}.pt2"
             if target != "torch":
-                from .. import targets  # type: ignore[attr-defined]
-
                 written = targets.write_target(target, self, partial)
                 if isinstance(written, (list, tuple)):
                     outputs["target"] = [os.path.basename(str(p)) for p in written]
