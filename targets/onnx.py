@@ -40,6 +40,7 @@ from torch import fx, nn
 from surgeon.capture import auto_dynamic_shapes
 from surgeon.errors import SurgeonError, first_line
 from surgeon.inputs import Inputs, as_args_kwargs, call, tensors_of
+from surgeon.resources import publish_mode
 
 from ._cleanup import drop_softmax_nan_guards
 from ._lowering import OPSET, translation_table
@@ -515,6 +516,7 @@ def write_onnx(module: Any, example_inputs: Inputs, outdir: str | os.PathLike, *
             raise SurgeonError(f"ONNX file differs from the torch module by {figures['max_abs_diff']:.3g} "
                                f"(tolerance {tolerance:g}); nothing written")
         final = outdir / filename
+        publish_mode(tmp)  # mkstemp made it 0600
         os.replace(tmp, final)
         figures["file"] = final.name
         figures["path"] = str(final)

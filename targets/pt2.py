@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from surgeon import profile as _profile
+from surgeon.resources import publish_mode
 
 from ._base import Target, max_abs_diff
 
@@ -131,6 +132,7 @@ class TorchTarget(Target):
             figures = self.verify(tmp, module, verify_inputs if verify_inputs is not None else example_inputs,
                                   original=original)
             final = outdir / (filename or self.filename)
+            publish_mode(tmp)  # mkstemp made it 0600
             os.replace(tmp, final)
         finally:
             if tmp.exists():
