@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from .errors import CaptureError, first_line, quiet
-from .inputs import Inputs, as_args_kwargs
+from .inputs import Inputs, as_args_kwargs, call, describe
 
 
 @dataclass
@@ -92,6 +92,20 @@ def module_of_failure(exc: BaseException, model: nn.Module) -> str | None:
     return found
 
 
+def _check_runs(model: nn.Module, example_inputs: Inputs) -> None:
+    """Refuse, in one line, a model that fails on its own example inputs: export failed for that
+    reason, and an fx trace would succeed only for the same error to escape from the first pass or
+    calibration forward (a raw RuntimeError out of ``surgeon.optimize``)."""
+    try:
+        with torch.no_grad(), quiet(output=True):
+            call(model, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a mismatch between the model and its inputs
+        where = module_of_failure(exc, model)
+        raise CaptureError(f"the model fails on its example inputs ({describe(example_inputs)})"
+                           + (f" in module '{where}'" if where and where != "<root>" else "")
+                           + f": {first_line(exc)}") from exc
+
+
 def capture(model: nn.Module, example_inputs: Inputs, *, dynamic: bool = True) -> Captured:
     """Capture ``model`` (put in eval mode) as a GraphModule; raise ``CaptureError`` if impossible."""
     try:
@@ -110,6 +124,7 @@ def capture(model: nn.Module, example_inputs: Inputs, *, dynamic: bool = True) -
             last_exc = exc
             where = module_of_failure(exc, model)
             notes.append(f"{method} failed" + (f" in module '{where}'" if where else "") + f": {first_line(exc)}")
+    _check_runs(model, example_inputs)
     try:
         with quiet(output=True):
             gm = fx.symbolic_trace(copy.deepcopy(model))

@@ -35,6 +35,16 @@ def _decompositions() -> dict[Any, Callable[..., Any]]:
     return {**quant.DECOMPOSITIONS, **quant_dynamic.DECOMPOSITIONS}
 
 
+def _renamed(spec: Any, renamed: dict[str, str]) -> Any:
+    """``spec`` (an input or output spec) naming the node ``renamed`` maps its argument's name to."""
+    import dataclasses
+
+    name = getattr(spec.arg, "name", None)
+    if name not in renamed or not dataclasses.is_dataclass(spec.arg):
+        return spec
+    return dataclasses.replace(spec, arg=dataclasses.replace(spec.arg, name=renamed[name]))
+
+
 def _drop_unused_state(ep: Any) -> Any:
     """``ep`` without the parameters, buffers and constants no node reads.
 
@@ -47,9 +57,15 @@ def _drop_unused_state(ep: Any) -> Any:
     from torch.export.graph_signature import ExportGraphSignature, InputKind
 
     gm = copy.deepcopy(ep.graph_module)  # the caller's program is left as it was
+    # the copy's graph names its nodes afresh, and a name that shadows a builtin gets a suffix (a
+    # Sequential's placeholder 'input' becomes 'input_1'): the signature must name the copy's nodes
+    # (nodes keep their order, so they pair up)
+    renamed = {old.name: new.name for old, new in zip(ep.graph.nodes, gm.graph.nodes) if old.name != new.name}
     placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     kept, dropped = [], []
-    for spec in ep.graph_signature.input_specs:
+    input_specs = [_renamed(spec, renamed) for spec in ep.graph_signature.input_specs]
+    output_specs = [_renamed(spec, renamed) for spec in ep.graph_signature.output_specs]
+    for spec in input_specs:
         node = placeholders.get(spec.arg.name) if hasattr(spec.arg, "name") else None
         if (spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
                 and node is not None and not node.users):
@@ -65,7 +81,7 @@ def _drop_unused_state(ep: Any) -> Any:
         constants.pop(spec.target, None)
     gm.graph.lint()
     gm.recompile()
-    signature = ExportGraphSignature(input_specs=kept, output_specs=list(ep.graph_signature.output_specs))
+    signature = ExportGraphSignature(input_specs=kept, output_specs=output_specs)
     return ExportedProgram(root=gm, graph=gm.graph, graph_signature=signature, state_dict=state_dict,
                            range_constraints=ep.range_constraints, module_call_graph=ep.module_call_graph,
                            example_inputs=ep.example_inputs, constants=constants, verifiers=ep.verifiers)

@@ -14,7 +14,7 @@ from ..inputs import Inputs, batch_size, describe
 from ..pass_manager import Pass
 from ..verify import Metric, guard, measure_model, parse_tolerance
 from ..version import __version__
-from .data import DEFAULT_CHECK_FRACTION, prepare_batches, split_batches
+from .data import DEFAULT_CHECK_FRACTION, prepare_batches, read_batches, split_batches
 from .export import export_artifacts, export_info, reexport
 from .fit import apply_passes, fit_passes, rebuild, resolve_passes
 from .result import Result
@@ -75,8 +75,8 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     pass_list = resolve_passes(passes if passes is not None else
                                (deploy.default_passes if deploy is not None else DEFAULT_PASSES))
     tol = parse_tolerance(tolerance, has_metric=metric is not None)
-    if calib is not None and not isinstance(calib, (list, tuple)):
-        calib = list(calib)  # read once: the memory estimate and the run both need the batches
+    if calib is not None:
+        calib = read_batches(calib)  # read once: the memory estimate and the run both need the batches
     check_memory(model, example_inputs, calib)  # InsufficientMemory (exit 4) before the work, not an OOM kill
 
     t = time.perf_counter()
