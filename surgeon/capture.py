@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import copy
 import inspect
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .errors import CaptureError, first_line, quiet
+from .errors import CaptureError, first_line, module_of_failure, quiet
 from .inputs import Inputs, as_args_kwargs, call, describe
 
 
@@ -77,19 +76,6 @@ def _export(model: nn.Module, inputs: Inputs, dynamic: bool) -> tuple[Any, Any]:
         ds = auto_dynamic_shapes(model, inputs)
     ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=ds, strict=False)
     return ep, ds
-
-
-def module_of_failure(exc: BaseException, model: nn.Module) -> str | None:
-    """Dotted path of the innermost submodule of ``model`` whose code raised ``exc``, if any."""
-    names = {id(m): n for n, m in model.named_modules()}
-    found = None
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-        owner = frame.f_locals.get("self")
-        if owner is not None and id(owner) in names:
-            found = names[id(owner)] or "<root>"
-    if found is None and exc.__cause__ is not None and exc.__cause__ is not exc:
-        return module_of_failure(exc.__cause__, model)
-    return found
 
 
 def _check_runs(model: nn.Module, example_inputs: Inputs) -> None:

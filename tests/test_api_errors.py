@@ -251,3 +251,65 @@ def test_rows_only_a_command_has_raise_surgeon_errors(result: surgeon.Result, wo
     assert torch.equal(torch.export.load("plain/model.pt2").module()(x), result.module(x))
     _raises(lambda: bench_outdir("plain"), "'plain' has no timing files (bench/): it was written with --no-speed or by "
                                            "an older surgeon; run surgeon optimize again")
+
+
+# --- failures inside the pipeline: one line naming the stage, the pass, the module ----------------------
+
+def test_internal_failures_name_stage_pass_and_module(mlp: tuple[nn.Module, tuple[torch.Tensor]],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug inside a stage (here injected) escapes as a PipelineError (a SurgeonError, exit code 1) naming
+    where it happened, the original exception chained as the cause (what --debug shows)."""
+    from surgeon.errors import PipelineError
+    from surgeon.passes.linear_quant import LinearQuant, QuantLinear
+
+    model, inputs = mlp
+    calib = [(torch.randn(4, 8),) for _ in range(3)]
+
+    def broken_fit(self: Any, gm: Any, ctx: Any, batches: Any) -> None:
+        gm.get_submodule(next(n for n, m in gm.named_modules() if isinstance(m, QuantLinear)))(torch.randn(3, 3))
+
+    monkeypatch.setattr(LinearQuant, "fit", broken_fit)
+    exc = _raises(lambda: surgeon.optimize(model, inputs, calib, passes="linear-quant"),
+                  "internal error in stage 'fit', pass 'linear-quant', module 'surgeon_linear_quant_0': "
+                  "RuntimeError: mat1 and mat2 shapes cannot be multiplied (3x3 and 8x8)", PipelineError)
+    assert exc.exit_code == 1 and isinstance(exc.__cause__, RuntimeError)
+    monkeypatch.undo()
+
+    def broken_call(self: Any, gm: Any, ctx: Any) -> Any:
+        raise KeyError("no such node")
+
+    monkeypatch.setattr(LinearQuant, "call", broken_call)
+    _raises(lambda: surgeon.optimize(model, inputs, calib, passes="linear-quant"),
+            "internal error in stage 'passes', pass 'linear-quant' (passes run before it: none): KeyError: 'no such node'",
+            PipelineError)
+
+
+def test_internal_failure_in_save_is_one_line(result: surgeon.Result, workdir: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from surgeon import targets  # type: ignore[attr-defined]
+    from surgeon.errors import PipelineError
+
+    def broken_write(*a: Any, **k: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(targets, "write_target", broken_write)
+    _raises(lambda: result.save("out", target="onnx", speed=False),
+            "internal error in stage 'save: target onnx': OSError: [Errno 28] No space left on device", PipelineError)
+    assert not (workdir / "out").exists() and not list(workdir.glob("out.partial-*"))
+
+
+def test_cli_prints_an_internal_failure_on_one_line(workdir: Path, capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from surgeon import cli
+    from surgeon.passes.linear_quant import LinearQuant
+
+    def broken_call(self: Any, gm: Any, ctx: Any) -> Any:
+        raise KeyError("no such node")
+
+    monkeypatch.setattr(LinearQuant, "call", broken_call)
+    assert cli.main(["optimize", "errfac:mlp", "-o", "out", "--passes", "linear-quant", "--no-speed"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if not line.startswith("surgeon: warning: ")] == [
+        "surgeon: internal error in stage 'passes', pass 'linear-quant' (passes run before it: none): KeyError: "
+        "'no such node' (rerun with --debug for the traceback)"]
+    assert not (workdir / "out").exists()

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import SurgeonError, first_line
+from ..errors import SurgeonError, first_line, stage
 from ..inputs import Inputs
 from ..speed import DEFAULT_RUNS
 from ..verify import GuardResult
@@ -68,11 +68,13 @@ class Result:
 
         target = target or self.target or "torch"
         if not distributed.active():
-            return self._save(outdir, force=force, target=target, speed=speed, speed_runs=speed_runs)
+            with stage("save", model=self.module):
+                return self._save(outdir, force=force, target=target, speed=speed, speed_runs=speed_runs)
         error: Exception | None = None
         if distributed.is_writer():
             try:
-                return_path = self._save(outdir, force=force, target=target, speed=speed, speed_runs=speed_runs)
+                with stage("save", model=self.module):
+                    return_path = self._save(outdir, force=force, target=target, speed=speed, speed_runs=speed_runs)
             except Exception as exc:  # noqa: BLE001 - every rank raises it (distributed.agree)
                 error = exc
         distributed.agree(error, "writing OUTDIR")
@@ -101,7 +103,8 @@ class Result:
                 pt2.save_program(ep, partial / f"{name}.pt2")
                 outputs[name] = f"{name}.pt2"
             if target != "torch":
-                written = targets.write_target(target, self, partial)
+                with stage(f"save: target {target}", model=self.module):
+                    written = targets.write_target(target, self, partial)
                 if isinstance(written, (list, tuple)):
                     outputs["target"] = [os.path.basename(str(p)) for p in written]
                 elif written:
