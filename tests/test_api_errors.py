@@ -313,3 +313,40 @@ def test_cli_prints_an_internal_failure_on_one_line(workdir: Path, capsys: pytes
         "surgeon: internal error in stage 'passes', pass 'linear-quant' (passes run before it: none): KeyError: "
         "'no such node' (rerun with --debug for the traceback)"]
     assert not (workdir / "out").exists()
+
+
+class _BatchFixed(nn.Module):
+    """A model whose own code fixes the batch at 4: its capture refuses any other batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tests._models import TinyTransformer
+
+        self.m = TinyTransformer(layers=1, dim=16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.m(ids.reshape(4, ids.shape[1]))
+
+
+def test_calibration_and_norm_gate_run_a_batch_fixed_capture_at_its_batch() -> None:
+    """Calibration and norm-gate's fit run the captured graph on the fit batches as given (each
+    signature checked against the capture by prepare_batches), never on batches of another size they
+    make up; so a capture that fixed the batch works with batches of that size (sequence lengths still
+    vary), and a batch of another size is refused in one line before any work. (flow-inverse, the
+    one pass that makes minibatches of its own, is tests/test_thirdparty_flows_pipeline.py.)"""
+    torch.manual_seed(0)
+    model = _BatchFixed().eval()
+    g = torch.Generator().manual_seed(1)
+    example = (torch.randint(0, 50, (4, 7), generator=g),)
+    cap = surgeon.capture(model, example)
+    with pytest.raises(Exception, match="Guard failed"):
+        cap.gm(torch.randint(0, 50, (2, 7)))
+    calib = [(torch.randint(0, 50, (4, n), generator=g),) for n in (5, 9, 6)]
+    result = surgeon.optimize(model, example, calib, passes="attention-fp8,norm-gate{steps=20}")
+    assert result.report["calibration"]["calibrate"]["calibrated"] > 0
+    assert {s["id"].split(":")[0] for s in result.report["sites"] if s["status"] == "applied"} == {"attention",
+                                                                                                  "norm_residual"}
+    assert result.met
+    _raises(lambda: surgeon.optimize(model, example, calib[:2] + [(torch.randint(0, 50, (2, 7)),)],
+                                     passes="attention-fp8,norm-gate{steps=20}"),
+            "calibration batch 3 does not match the model's inputs: AssertionError: Guard failed: …")
