@@ -25,7 +25,11 @@ def test_mixtral_moe_onnx_int8_runs_in_ort_at_other_shapes(tmp_path: Path) -> No
     ex = {"input_ids": torch.randint(0, 64, (2, 8))}
     calib = [{"input_ids": torch.randint(0, 64, (2, 8))} for _ in range(2)]
     res = surgeon.optimize(model, ex, calib, target="onnx-int8")
-    res.save(tmp_path / "out", speed=False)
+    # the target file Result.save writes (targets.write_target), without the model.pt2 beside it (CI time:
+    # its re-decomposition is tested in test_pt2_portable.py)
+    from surgeon import targets  # type: ignore[attr-defined]
+
+    targets.write_target("onnx-int8", res, tmp_path / "out")
     report = res.report
     assert report["targets"]["onnx-int8"]["quantized"]["int8"] > 0
     experts = [s for s in report["sites"] if s["status"] == "skipped" and "stacked expert matrices" in s["reason"]]
