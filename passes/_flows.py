@@ -256,6 +256,7 @@ def _rel_errors(x_hat: Tensor, x: Tensor) -> Tensor:
 
 
 def train_inverse(inv: AuxInverse, xs: Tensor, zs: Tensor, *, steps: int, lr: float, batch_size: int,
+                  accepted_batch: int | None = None,
                   noise: float = 0.0, flow: nn.Module | None = None, ridge: float = 1e-4,
                   seed: int = 0) -> TrainStats:
     """Fit ``inv.g`` to map ``zs`` to ``xs`` (pairs from the exact forward): closed-form ridge
@@ -264,7 +265,9 @@ def train_inverse(inv: AuxInverse, xs: Tensor, zs: Tensor, *, steps: int, lr: fl
     ``noise > 0`` (needs ``flow``): each step's x are jittered by ``noise·σ_x·ε`` and pushed through
     the exact forward again — still exact pairs, but covering a neighbourhood of the data, which
     teaches g the local inverse Jacobian the correction steps rely on (and keeps g from memorising
-    the few fit points)."""
+    the few fit points). ``accepted_batch``: a batch size the captured ``flow`` runs at (the fit
+    batches'); the minibatches take it when the capture refuses ``batch_size`` (a graph whose export
+    fixed the batch dimension)."""
     import time
 
     start = time.perf_counter()
@@ -291,6 +294,13 @@ def train_inverse(inv: AuxInverse, xs: Tensor, zs: Tensor, *, steps: int, lr: fl
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     bs = min(batch_size, n)
+    if noise > 0 and flow is not None and accepted_batch is not None and bs != accepted_batch:
+        try:
+            with torch.no_grad():
+                flow(xs_f[:bs].reshape(bs, *inv.shape))
+        except Exception:  # noqa: BLE001 - a capture that fixed the batch size (a guard on it) refuses others
+            # the noisy minibatches pushed through the flow take the size the fit batches have
+            bs = min(accepted_batch, n)
     with torch.enable_grad():
         for _ in range(steps):
             idx = torch.randint(0, n, (bs,), generator=gen)

@@ -161,6 +161,7 @@ class FlowInverse(Pass):
                     zs.append(first_float(inv.flow(x)))
             x_all, z_all = torch.cat(xs).float(), torch.cat(zs).float()
             stats = train_inverse(inv, x_all, z_all, steps=self.steps, lr=self.lr, batch_size=self.batch_size,
+                                  accepted_batch=int(xs[0].shape[0]) if xs and xs[0].dim() else None,
                                   noise=self.noise, flow=inv.flow, seed=int(ctx.options.get("seed", 0)))
             inv.fit_stats = {"fit_samples": stats.samples, "fit_steps": stats.steps, "fit_seconds": round(stats.seconds, 3),
                              "fit_rel_err_median_g": stats.fit_rel_err_median}

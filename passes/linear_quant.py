@@ -668,9 +668,34 @@ class LinearQuant(Pass):
 
         if self.embeddings:
             modified |= self._tables(gm, view, ctx, diags, linear_weights, new_name)
+        diags += self._experts(gm, view, linear_weights)
         if modified:
             _drop_dead_constants(gm)
         return PassResult(gm, modified, diags)
+
+    def _experts(self, gm: fx.GraphModule, view: GraphView, linear_weights: set[int]) -> list[Diagnostic]:
+        """List the 3-D weights no linear owns (an MoE's stacked expert matrices, ``[experts, in, out]``,
+        read by a grouped matmul or by indexing): not a layer this pass rewrites, so they stay float,
+        and the report says so rather than leaving them out."""
+        diags = []
+        for node in gm.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            w = view.constant(node)
+            if not isinstance(w, Tensor) or w.dim() != 3 or not w.is_floating_point() or not node.users:
+                continue
+            if w.untyped_storage().data_ptr() in linear_weights:
+                continue
+            reader = next(iter(node.users))
+            if view.op(reader) in ("conv", "convolution", "conv1d"):
+                continue  # a conv1d weight: the layer loop above gave its reason
+            module = view.module_path(reader)
+            diags.append(Diagnostic(
+                self.name, site_id("linear", module, node.name), "skipped",
+                f"3-D weight {node.target}[{'x'.join(map(str, w.shape))}] (stacked expert matrices) is read by "
+                f"{getattr(reader.target, '__name__', reader.target)}, not by a linear layer: kept in float",
+                module, "linear"))
+        return diags
 
     def _tables(self, gm: fx.GraphModule, view: GraphView, ctx: PassContext, diags: list[Diagnostic],
                 linear_weights: set[int], new_name: Any) -> bool:

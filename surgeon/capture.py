@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import copy
 import inspect
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .errors import CaptureError, first_line, quiet
-from .inputs import Inputs, as_args_kwargs
+from .errors import CaptureError, first_line, module_of_failure, quiet
+from .inputs import Inputs, as_args_kwargs, call, describe
 
 
 @dataclass
@@ -79,17 +78,18 @@ def _export(model: nn.Module, inputs: Inputs, dynamic: bool) -> tuple[Any, Any]:
     return ep, ds
 
 
-def module_of_failure(exc: BaseException, model: nn.Module) -> str | None:
-    """Dotted path of the innermost submodule of ``model`` whose code raised ``exc``, if any."""
-    names = {id(m): n for n, m in model.named_modules()}
-    found = None
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-        owner = frame.f_locals.get("self")
-        if owner is not None and id(owner) in names:
-            found = names[id(owner)] or "<root>"
-    if found is None and exc.__cause__ is not None and exc.__cause__ is not exc:
-        return module_of_failure(exc.__cause__, model)
-    return found
+def _check_runs(model: nn.Module, example_inputs: Inputs) -> None:
+    """Refuse, in one line, a model that fails on its own example inputs: export failed for that
+    reason, and an fx trace would succeed only for the same error to escape from the first pass or
+    calibration forward (a raw RuntimeError out of ``surgeon.optimize``)."""
+    try:
+        with torch.no_grad(), quiet(output=True):
+            call(model, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a mismatch between the model and its inputs
+        where = module_of_failure(exc, model)
+        raise CaptureError(f"the model fails on its example inputs ({describe(example_inputs)})"
+                           + (f" in module '{where}'" if where and where != "<root>" else "")
+                           + f": {first_line(exc)}") from exc
 
 
 def capture(model: nn.Module, example_inputs: Inputs, *, dynamic: bool = True) -> Captured:
@@ -110,6 +110,7 @@ def capture(model: nn.Module, example_inputs: Inputs, *, dynamic: bool = True) -
             last_exc = exc
             where = module_of_failure(exc, model)
             notes.append(f"{method} failed" + (f" in module '{where}'" if where else "") + f": {first_line(exc)}")
+    _check_runs(model, example_inputs)
     try:
         with quiet(output=True):
             gm = fx.symbolic_trace(copy.deepcopy(model))

@@ -382,7 +382,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         if getattr(exc, "agreed_rank", 0) == 0:  # an error every rank raised (distributed.agree) prints once
-            print(f"surgeon: error: {exc}", file=sys.stderr)
+            if exc.exit_code == 1:  # PipelineError: an internal error, named where it happened
+                print(f"surgeon: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+            else:
+                print(f"surgeon: error: {exc}", file=sys.stderr)
         from .distributed import PeerLost, exit_after_peer_loss
 
         if isinstance(exc, PeerLost):

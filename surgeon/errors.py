@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from typing import Iterator
+import traceback
+from typing import Any, Iterator
 
 
 class SurgeonError(Exception):
@@ -39,6 +40,44 @@ class InsufficientMemory(SurgeonError):
     calibration batches (or on a larger machine) succeeds."""
 
     exit_code = 4
+
+
+class PipelineError(SurgeonError):
+    """An unexpected failure inside a stage of the pipeline (a bug in surgeon or in a library it
+    drives), in one line naming the stage, the pass and the module where they are known; the
+    original exception is its ``__cause__`` (the CLI's ``--debug`` shows it). Exit code 1: an
+    internal error, not bad input — but still a ``SurgeonError``, so a caller of the Python API
+    catches one type."""
+
+    exit_code = 1
+
+
+def module_of_failure(exc: BaseException, model: Any) -> str | None:
+    """Dotted path of the innermost submodule of ``model`` whose code raised ``exc``, if any
+    (``"<root>"`` for the model's own ``forward``)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            found = names[id(owner)] or "<root>"
+    if found is None and exc.__cause__ is not None and exc.__cause__ is not exc:
+        return module_of_failure(exc.__cause__, model)
+    return found
+
+
+@contextlib.contextmanager
+def stage(name: str, *, pass_name: str | None = None, model: Any = None) -> Iterator[None]:
+    """Turn any exception but a ``SurgeonError`` raised inside into a ``PipelineError`` naming the
+    stage, the pass and (found from the traceback, given ``model``) the module, cause chained."""
+    try:
+        yield
+    except SurgeonError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every other failure is internal, named where it happened
+        where = module_of_failure(exc, model) if model is not None else None
+        raise PipelineError(f"internal error in stage '{name}'" + (f", pass '{pass_name}'" if pass_name else "")
+                            + (f", module '{where}'" if where else "") + f": {first_line(exc)}") from exc
 
 
 def first_line(exc: BaseException, *, limit: int = 300, trim: bool = False) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SurgeonError
+from .resources import publish_mode
 
 __all__ = ["export_model", "run_export_cli", "refuse_pipeline_target"]
 
@@ -32,6 +33,7 @@ def _write_json_atomic(data: dict, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json.tmp", dir=str(path.parent))
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, default=str)
+    publish_mode(tmp)  # mkstemp made it 0600
     os.replace(tmp, path)
 
 

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Iterable, Sequence
 import networkx as nx
 from torch import fx, nn
 
-from .errors import SurgeonError
+from .errors import PipelineError, SurgeonError, first_line, module_of_failure
 
 
 @dataclass
@@ -233,8 +233,10 @@ class PassManager:
                 raise
             except Exception as exc:
                 before = ", ".join(ctx.history) or "none"
-                raise RuntimeError(f"pass '{p.spec()}' failed (passes run before it: {before}): "
-                                   f"{type(exc).__name__}: {exc}") from exc
+                where = module_of_failure(exc, gm)
+                raise PipelineError(f"internal error in stage 'passes', pass '{p.name}'"
+                                    + (f", module '{where}'" if where else "")
+                                    + f" (passes run before it: {before}): {first_line(exc)}") from exc
             gm = result.gm
             gm.graph.lint()
             gm.recompile()

@@ -33,7 +33,7 @@ QDType = Literal["fp8", "int8"]
 Method = Literal["max", "percentile", "mse"]
 
 __all__ = [
-    "FP8_MAX", "INT8_MAX", "Quantizer", "fake_quant", "quantize", "dequantize", "qmax", "round_half_even",
+    "DECOMPOSITIONS", "FP8_MAX", "INT8_MAX", "Quantizer", "fake_quant", "quantize", "dequantize", "qmax", "round_half_even",
 ]
 
 
@@ -59,12 +59,16 @@ def _broadcast(p: Tensor, x: Tensor, axis: int, what: str) -> Tensor:
     return p.reshape([-1] + [1] * (x.dim() - axis - 1))
 
 
-@torch.library.custom_op("surgeon::quantize_fp8", mutates_args=())
-def _quantize_fp8(x: Tensor, scale: Tensor, axis: int) -> Tensor:
+def _quantize_fp8_ref(x: Tensor, scale: Tensor, axis: int) -> Tensor:
     s = _broadcast(scale, x, axis, "scale").to(torch.float32)
     # clamp before the cast: torch's e4m3 cast turns |v| >= 464 into NaN, ONNX saturate=1 gives ±448;
     # clamp keeps NaN as NaN and maps ±inf to ±448, as QuantizeLinear does.
     return (x.to(torch.float32) / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+@torch.library.custom_op("surgeon::quantize_fp8", mutates_args=())
+def _quantize_fp8(x: Tensor, scale: Tensor, axis: int) -> Tensor:
+    return _quantize_fp8_ref(x, scale, axis)
 
 
 @_quantize_fp8.register_fake
@@ -72,10 +76,14 @@ def _(x: Tensor, scale: Tensor, axis: int) -> Tensor:
     return torch.empty_like(x, dtype=torch.float8_e4m3fn)
 
 
-@torch.library.custom_op("surgeon::dequantize_fp8", mutates_args=())
-def _dequantize_fp8(q: Tensor, scale: Tensor, axis: int) -> Tensor:
+def _dequantize_fp8_ref(q: Tensor, scale: Tensor, axis: int) -> Tensor:
     s = _broadcast(scale, q, axis, "scale").to(torch.float32)
     return q.to(torch.float32) * s
+
+
+@torch.library.custom_op("surgeon::dequantize_fp8", mutates_args=())
+def _dequantize_fp8(q: Tensor, scale: Tensor, axis: int) -> Tensor:
+    return _dequantize_fp8_ref(q, scale, axis)
 
 
 @_dequantize_fp8.register_fake
@@ -83,8 +91,7 @@ def _(q: Tensor, scale: Tensor, axis: int) -> Tensor:
     return torch.empty_like(q, dtype=torch.float32)
 
 
-@torch.library.custom_op("surgeon::quantize_int8", mutates_args=())
-def _quantize_int8(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+def _quantize_int8_ref(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
     s = _broadcast(scale, x, axis, "scale").to(torch.float32)
     zp = _broadcast(zero_point, x, axis, "zero_point").to(torch.float32)
     # Round half to even, as ONNX QuantizeLinear specifies. NaN has no int8 image in the spec;
@@ -93,17 +100,26 @@ def _quantize_int8(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> T
     return torch.where(torch.isnan(v), torch.full_like(v, -128.0), v).to(torch.int8)
 
 
+@torch.library.custom_op("surgeon::quantize_int8", mutates_args=())
+def _quantize_int8(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+    return _quantize_int8_ref(x, scale, zero_point, axis)
+
+
 @_quantize_int8.register_fake
 def _(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
     return torch.empty_like(x, dtype=torch.int8)
 
 
-@torch.library.custom_op("surgeon::dequantize_int8", mutates_args=())
-def _dequantize_int8(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+def _dequantize_int8_ref(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
     s = _broadcast(scale, q, axis, "scale").to(torch.float32)
     zp = _broadcast(zero_point, q, axis, "zero_point").to(torch.int32)
     # (q - zp) is an exact small integer, so the float product rounds once, like ONNX.
     return (q.to(torch.int32) - zp).to(torch.float32) * s
+
+
+@torch.library.custom_op("surgeon::dequantize_int8", mutates_args=())
+def _dequantize_int8(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+    return _dequantize_int8_ref(q, scale, zero_point, axis)
 
 
 @_dequantize_int8.register_fake
@@ -353,3 +369,14 @@ class Quantizer(nn.Module):
         else:
             parts.append(f"scale[{self.scale.numel()}] in [{self.scale.min().item():.4g}, {self.scale.max().item():.4g}]")
         return ", ".join(parts)
+
+
+# The same bodies the custom ops run, keyed by op: ``ExportedProgram.run_decompositions`` traces them
+# into plain aten ops, so a saved program loads with torch alone (targets/pt2.py) and computes the
+# very same float operations, bit for bit.
+DECOMPOSITIONS = {
+    torch.ops.surgeon.quantize_fp8.default: _quantize_fp8_ref,
+    torch.ops.surgeon.dequantize_fp8.default: _dequantize_fp8_ref,
+    torch.ops.surgeon.quantize_int8.default: _quantize_int8_ref,
+    torch.ops.surgeon.dequantize_int8.default: _dequantize_int8_ref,
+}

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["dynamic_quantize_uint8", "matmul_integer_to_float", "dynamic_int8_linear"]
+__all__ = ["DECOMPOSITIONS", "dynamic_quantize_uint8", "matmul_integer_to_float", "dynamic_int8_linear"]
 
 _RNE_MAGIC = 12582912.0  # 1.5 · 2^23: adding it rounds a float32 |v| ≤ 2^22 to an integer, ties to even
 
@@ -37,8 +37,7 @@ def _rne(v: Tensor) -> Tensor:
     return (v.clamp(-1048576.0, 1048576.0) + _RNE_MAGIC) - _RNE_MAGIC
 
 
-@torch.library.custom_op("surgeon::dynamic_quantize_uint8", mutates_args=())
-def _dynamic_quantize_uint8(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _dynamic_quantize_uint8_ref(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     x = x.to(torch.float32)
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     lo = torch.minimum(x.min(), zero) if x.numel() else zero
@@ -50,19 +49,29 @@ def _dynamic_quantize_uint8(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q.to(torch.uint8), scale, zp.to(torch.uint8)
 
 
+@torch.library.custom_op("surgeon::dynamic_quantize_uint8", mutates_args=())
+def _dynamic_quantize_uint8(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return _dynamic_quantize_uint8_ref(x)
+
+
 @_dynamic_quantize_uint8.register_fake
 def _(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     scalar = x.new_empty((), dtype=torch.float32)
     return torch.empty_like(x, dtype=torch.uint8), scalar, x.new_empty((), dtype=torch.uint8)
 
 
-@torch.library.custom_op("surgeon::matmul_integer_to_float", mutates_args=())
-def _matmul_integer_to_float(q: Tensor, zero_point: Tensor, scale: Tensor, w: Tensor, w_scale: Tensor,
-                             bias: Tensor | None) -> Tensor:
+def _matmul_integer_to_float_ref(q: Tensor, zero_point: Tensor, scale: Tensor, w: Tensor, w_scale: Tensor,
+                                 bias: Tensor | None) -> Tensor:
     a = q.to(torch.float32) - zero_point.to(torch.float32)
     # Scale product first, as ONNX Runtime's fused kernel does: one rounding of scale · w_scale.
     y = torch.matmul(a, w.to(torch.float32)) * (scale.to(torch.float32) * w_scale.to(torch.float32))
     return y if bias is None else y + bias
+
+
+@torch.library.custom_op("surgeon::matmul_integer_to_float", mutates_args=())
+def _matmul_integer_to_float(q: Tensor, zero_point: Tensor, scale: Tensor, w: Tensor, w_scale: Tensor,
+                             bias: Tensor | None) -> Tensor:
+    return _matmul_integer_to_float_ref(q, zero_point, scale, w, w_scale, bias)
 
 
 @_matmul_integer_to_float.register_fake
@@ -85,3 +94,10 @@ def dynamic_int8_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | No
     """``x · dq(w) + bias`` with ``x`` quantized per tensor at run time (uint8) and ``w`` int8 ``[in, out]``."""
     q, scale, zp = dynamic_quantize_uint8(x)
     return matmul_integer_to_float(q, zp, scale, w, w_scale, bias)
+
+
+# The custom ops' own bodies by op, for ``run_decompositions`` (a .pt2 that loads with torch alone).
+DECOMPOSITIONS = {
+    torch.ops.surgeon.dynamic_quantize_uint8.default: _dynamic_quantize_uint8_ref,
+    torch.ops.surgeon.matmul_integer_to_float.default: _matmul_integer_to_float_ref,
+}

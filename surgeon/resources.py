@@ -60,6 +60,7 @@ __all__ = [
     "clean_stale",
     "estimate_memory",
     "parse_bytes",
+    "publish_mode",
 ]
 
 PARAM_COPIES = 5
@@ -72,6 +73,14 @@ _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB"
 # --------------------------------------------------------------------------------------------------
 # memory
 # --------------------------------------------------------------------------------------------------
+def publish_mode(path: str | os.PathLike) -> None:
+    """Give a file written through ``tempfile.mkstemp`` (mode 0600) the mode ``open()`` would have:
+    0666 less the process umask, like every other output in OUTDIR."""
+    mask = os.umask(0)
+    os.umask(mask)  # reading the umask means setting it: put it straight back
+    os.chmod(path, 0o666 & ~mask)
+
+
 def parse_bytes(text: str) -> int:
     """``"2G"`` → 2147483648; plain numbers are bytes; K/M/G/T are powers of 1024."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))

@@ -101,6 +101,21 @@ def matmul_integer_to_float(q: Any, zero_point: Any, scale: Any, w: Any, w_scale
     return y if bias is None else op.Add(y, bias)
 
 
+def grouped_mm(x: Any, weight: Any, offs: Any) -> Any:
+    """transformers' MoE ``grouped_mm_fallback``: rows of ``x`` sorted by expert, ``offs`` the cumulative
+    row counts per expert, row r multiplied by ``weight[e]`` where e = #{offs ≤ r}. The expert of each
+    row is that count (comparisons and a sum: no data-dependent loop), then one batched MatMul with
+    the gathered expert matrices — the same products, so the same values as the loop of ``torch.mm``."""
+    rows = op.Range(op.Constant(value_int=0), op.Gather(op.Shape(x), op.Constant(value_int=0), axis=0),
+                    op.Constant(value_int=1))
+    ends = op.Cast(offs, to=onnx.TensorProto.INT64)
+    past = op.Cast(op.GreaterOrEqual(op.Unsqueeze(rows, op.Constant(value_ints=[1])),
+                                     op.Unsqueeze(ends, op.Constant(value_ints=[0]))), to=onnx.TensorProto.INT64)
+    expert = op.ReduceSum(past, op.Constant(value_ints=[1]), keepdims=0)
+    y = op.MatMul(op.Unsqueeze(x, op.Constant(value_ints=[1])), op.Gather(weight, expert, axis=0))
+    return op.Squeeze(y, op.Constant(value_ints=[1]))
+
+
 def translation_table() -> dict[Callable, Callable]:
     """The custom-op → onnxscript table for ``torch.onnx.export`` (imports surgeon.quant's ops)."""
     import torch
@@ -109,7 +124,12 @@ def translation_table() -> dict[Callable, Callable]:
     import surgeon.quant_dynamic  # noqa: F401
 
     ops = torch.ops.surgeon
-    return {
+    table: dict[Callable, Callable] = {}
+    transformers_ops = getattr(torch.ops, "transformers", None)
+    if transformers_ops is not None and hasattr(transformers_ops, "grouped_mm_fallback"):
+        # registered when transformers' MoE integration is imported (Mixtral-style experts)
+        table[transformers_ops.grouped_mm_fallback.default] = grouped_mm
+    return table | {
         ops.quantize_fp8.default: quantize_fp8,
         ops.dequantize_fp8.default: dequantize_fp8,
         ops.quantize_int8.default: quantize_int8,

@@ -116,6 +116,45 @@ def _freia(block):
     return _Call(getattr(fm, block)([(4,)], subnet_constructor=sub), lambda b, x: b([x]))
 
 
+def _chain(blocks, step):
+    """Run ``blocks`` in turn, summing their log-determinants (``step(block, x) -> (x, logdet)``)."""
+    def run(bl, x):
+        ld = 0
+        for b in bl:
+            x, l = step(b, x)
+            ld = ld + l
+        return x, ld
+
+    return _Call(torch.nn.ModuleList(blocks), run)
+
+
+def _freia_allinone(n, **kw):
+    # affine coupling + global affine + (soft) permutation per block; the permutation is a frozen
+    # orthogonal linear, so the next block's coupling transforms its output
+    fm = pytest.importorskip("FrEIA.modules")
+    sub = lambda i, o: torch.nn.Sequential(torch.nn.Linear(i, 8), torch.nn.ReLU(), torch.nn.Linear(8, o))  # noqa: E731
+
+    def step(b, x):
+        (y,), ld = b([x])
+        return y, ld
+
+    return _chain([fm.AllInOneBlock([(4,)], subnet_constructor=sub, **kw) for _ in range(n)], step)
+
+
+def _normflows_realnvp(k):
+    """normflows' RealNVP recipe: MaskedAffineFlow(b, t, s) with alternating masks, an ActNorm after
+    every second one; each merges by masks: b·z + (1−b)·(z·exp(s(b·z)) + t(b·z))."""
+    nf = pytest.importorskip("normflows")
+    b = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    flows = []
+    for i in range(k):
+        s, t = (nf.nets.MLP([4, 8, 4], init_zeros=False) for _ in range(2))
+        flows.append(nf.flows.MaskedAffineFlow(b if i % 2 == 0 else 1 - b, t, s))
+        if i % 2:
+            flows.append(nf.flows.ActNorm(4))
+    return _chain(flows, lambda f, z: f(z))
+
+
 def _normflows(kind):
     nf = pytest.importorskip("normflows")
     if kind == "maf":
@@ -144,9 +183,12 @@ FLOWS = [
     ("freia-nice", lambda: _freia("NICECouplingBlock"), {"additive": 2}),
     ("freia-gin", lambda: _freia("GINCouplingBlock"), {"affine": 2}),
     ("freia-allinone", lambda: _freia("AllInOneBlock"), {"affine": 1}),
+    ("freia-allinone-3", lambda: _freia_allinone(3), {"affine": 3}),
+    ("freia-allinone-3-soft", lambda: _freia_allinone(3, permute_soft=True), {"affine": 3}),
     ("freia-onesided", lambda: _freia("AffineCouplingOneSided"), {"affine": 1}),
     ("normflows-coupling-2", lambda: _normflows("coupling"), {"affine": 2}),
     ("normflows-maf", lambda: _normflows("maf"), {"autoregressive": 1}),
+    ("normflows-realnvp-masked-4", lambda: _normflows_realnvp(4), {"affine": 4}),
 ]
 
 
@@ -169,3 +211,43 @@ def test_real_minilm_counts(minilm_dir):
     assert {(s.kind, s.variant) for s in a.sites} == {("attention", "sdpa"), ("norm_residual", "post")}
     assert [s.module for s in a.by_kind("attention")] == [f"encoder.layer.{i}.attention.self" for i in range(6)]
     assert [m.module for m in a.near_misses if m.kind == "norm_residual"] == ["embeddings.LayerNorm"]
+
+
+def test_mask_merges_and_fixed_permutations_keep_the_definition():
+    """The two rules these libraries needed do not widen what counts: a mask merge whose conditioner
+    reads the transformed half unmasked is still refused (no analytic inverse), and a frozen square
+    linear that is not orthogonal is a network (its output is a conditioner value, not flow data)."""
+    class Unmasked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("b", torch.tensor([1.0, 0.0, 1.0, 0.0]))
+            self.s, self.t = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, z):
+            return self.b * z + (1 - self.b) * (z * torch.exp(self.s(z)) + self.t(self.b * z))
+
+    torch.manual_seed(0)
+    a = surgeon.analyze(Unmasked().eval(), (torch.randn(3, 4),))
+    assert a.by_kind("coupling") == []
+    assert [m.reason for m in a.near_misses if m.kind == "coupling"] == [
+        "conditioner depends on the transformed part itself (not through a merged, unchanged half, nor through "
+        "masked layers): no analytic inverse"]
+
+    # coupling → frozen square linear → coupling: the second coupling counts when the linear is a fixed
+    # orthogonal mixing (a permutation of the data), not when it is a network layer (trainable, or not
+    # orthogonal: then its output is a conditioner value and nothing is transformed)
+    from tests._models import AffineCoupling
+
+    def mixed(weight, frozen):
+        lin = torch.nn.Linear(4, 4, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+        lin.weight.requires_grad_(not frozen)
+        return _chain([AffineCoupling(4), lin, AffineCoupling(4)],
+                      lambda m, x: (m(x), 0) if isinstance(m, torch.nn.Linear) else m(x))
+
+    rotation = torch.linalg.qr(torch.randn(4, 4))[0]
+    for weight, frozen, expected in ((rotation, True, 2), (rotation, False, 1), (1.5 * rotation, True, 1),
+                                     (torch.eye(4)[[2, 3, 0, 1]], True, 2)):
+        a = surgeon.analyze(mixed(weight, frozen).eval(), (torch.randn(3, 4),))
+        assert len(a.by_kind("coupling")) == expected, (frozen, weight)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -282,7 +283,13 @@ def test_cli_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyt
 
     _factory(tmp_path, monkeypatch)
     out = tmp_path / "out"
-    assert main(["export", "tiny_export_factory:make", "--target", "onnx", "-o", str(out)]) == 0
+    old_mask = os.umask(0o027)  # every output gets the mode open() gives under the umask (was 0600 for model.onnx)
+    try:
+        assert main(["export", "tiny_export_factory:make", "--target", "onnx", "-o", str(out)]) == 0
+    finally:
+        os.umask(old_mask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()} == {
+        "model.onnx": "0o640", "report.json": "0o640"}
     report = json.loads((out / "report.json").read_text())
     fig = report["targets"]["onnx"]
     assert (out / "model.onnx").stat().st_size == fig["bytes"]

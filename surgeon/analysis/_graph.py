@@ -47,7 +47,11 @@ SHAPE_OPS = {"sym_size", "size", "dim", "numel", "sym_numel", "sym_stride", "str
              "sym_constrain_range_for_size", "_assert_scalar", "sym_storage_offset",
              # value-free constructors: their result depends on the input's shape, not its values
              "ones_like", "zeros_like", "full_like", "new_ones", "new_zeros", "new_full", "rand_like",
-             "randn_like"}
+             "randn_like",
+             # ``x.dtype`` / ``x.device`` in an fx trace (``torch.tensor(nan, dtype=x.dtype)``): metadata
+             "tensor_metadata"}
+# attributes of a tensor that describe it without reading its values
+_METADATA_ATTRS = {"dtype", "device", "shape", "ndim", "layout", "is_cuda", "requires_grad", "is_floating_point"}
 TRANSPARENT = {"to", "dropout"}  # value-preserving in eval mode
 PRODUCTS = {"matmul", "bmm", "mm", "einsum", "baddbmm"}
 PARAMETRIC = {"linear", "conv", "addmm", "matmul", "mm", "bmm", "einsum"}  # parametric when a weight is constant
@@ -89,6 +93,8 @@ class GraphView:
             name = _target_name(n.target) if n.op == "call_function" else str(n.target)
             if name.startswith("__") and name.endswith("__"):  # operator dunders: __and__, __mul__
                 name = name.strip("_")
+            if n.target is getattr and len(n.args) > 1 and n.args[1] in _METADATA_ATTRS:
+                return "tensor_metadata"
             name = _ALIASES.get(name, name)
             if name.endswith("_") and _ALIASES.get(name[:-1], name[:-1]) in {"add", "mul", "sub", "div"}:
                 name = name[:-1]

@@ -11,7 +11,9 @@ sigmoid, softplus, soft clamps, constants). Then:
 * ``autoregressive``: the conditioner depends on ``u`` itself through masked linear layers only
   (``W ⊙ M``, MADE) — the transform is invertible one dimension at a time.
 
-Anything else (a gate ``x·σ(Wx)`` in a transformer, a residual add) is not a coupling.
+Anything else (a gate ``x·σ(Wx)`` in a transformer, a residual add) is not a coupling. A linear layer
+with a frozen orthogonal weight (a permutation: FrEIA ``AllInOneBlock``) is not a conditioner network:
+its output is the flow's data, which the next coupling transforms.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from ._graph import VIEWS, GraphView
 from .sites import NearMiss, Site
 
 _UNARY_HEAD = {"exp", "sigmoid", "softplus", "tanh", "atan", "abs", "neg", "log", "logsigmoid", "clamp",
-               "clamp_min", "clamp_max", "hardtanh", "to", "dropout", "exp2", "sqrt", "reciprocal", "square"}
+               "clamp_min", "clamp_max", "hardtanh", "to", "dropout", "exp2", "sqrt", "reciprocal", "square",
+               # NaN guards on the conditioner's output (normflows: where(isfinite(s), s, nan))
+               "isfinite", "isnan", "isinf", "nan_to_num", "logical_not"}
 _SLICING = {"slice", "select", "getitem", "split", "index", "index_select", "narrow"} | VIEWS
 _BINARY = {"add", "sub", "mul", "div", "rsub", "pow", "maximum", "minimum", "where"}
 _CHAIN = {"mul", "div", "add", "sub"}
@@ -34,9 +38,37 @@ _MERGE_WRITES = {"index_put", "copy", "slice_scatter", "select_scatter", "index_
 _SCALE_FNS = ("exp", "sigmoid", "softplus", "tanh", "atan", "exp2")
 
 
+def _fixed_mixing(view: GraphView, n: fx.Node) -> bool:
+    """A linear layer whose weight is a frozen (``requires_grad=False``) orthogonal square matrix:
+    a fixed rotation or permutation of the flow's data (FrEIA ``AllInOneBlock``'s soft permutation,
+    inverted by its transpose), not a conditioner network. What it outputs is still the data a later
+    coupling transforms; counted as a network, every value after it would look like a conditioner
+    value and the next block's coupling would have no transformed operand."""
+    if view.op(n) != "linear":
+        return False
+    w: object = view.arg(n, 1, "weight")
+    if n.op == "call_module":
+        w = getattr(view.module_of(n), "weight", None)
+    elif isinstance(w, fx.Node):
+        w = view.constant(w)
+    if not isinstance(w, torch.Tensor) or w.requires_grad or w.dim() != 2 or w.shape[0] != w.shape[1]:
+        return False
+    with torch.no_grad():
+        wd = w.detach().double()
+        # an orthogonal W keeps every vector's norm: one O(n²) product rules out the frozen weights
+        # of a loaded network (a .pt2 program's) before the O(n³) check
+        v = torch.ones(wd.shape[1], dtype=torch.float64)
+        if abs(float((wd @ v).norm()) - float(v.norm())) > 1e-3 * float(v.norm()):
+            return False
+        return bool(torch.allclose(wd @ wd.T, torch.eye(wd.shape[0], dtype=torch.float64), atol=1e-4))
+
+
 def _parametric(view: GraphView, n: fx.Node) -> bool:
-    """A layer with a constant weight: Linear/Conv, or a matmul with a parameter operand."""
+    """A layer with a constant weight: Linear/Conv, or a matmul with a parameter operand (a fixed
+    orthogonal mixing of the data is not one: ``_fixed_mixing``)."""
     op = view.op(n)
+    if op == "linear" and _fixed_mixing(view, n):
+        return False
     if op in ("linear", "conv"):
         return True
     if op in ("addmm", "mm", "matmul", "bmm", "einsum"):

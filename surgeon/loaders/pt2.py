@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import inspect
+import json
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,7 +19,13 @@ from ..errors import SurgeonError, first_line, quiet
 from ..inputs import Inputs
 from .common import LoadedModel, refuse_text
 
-__all__ = ["is_pt2", "load_pt2"]
+__all__ = ["KNOWN_PYTREE_LIBRARIES", "is_pt2", "load_pt2"]
+
+# Libraries whose output classes register themselves as pytree nodes when their module is imported
+# (transformers' ``ModelOutput`` family, diffusers' ``BaseOutput``): a .pt2 naming one of their
+# classes in a pytree spec loads once that module is imported. Importing an installed library's own
+# module runs no code from the file; any other class is refused (surgeon imports nothing the file names).
+KNOWN_PYTREE_LIBRARIES = ("transformers", "diffusers")
 
 
 def is_pt2(source: str, path: Path) -> bool:
@@ -94,10 +104,75 @@ def _tensor_only_unpickling() -> Iterator[None]:
             _package.pickle = saved  # type: ignore[union-attr]
 
 
+def _spec_types(value: Any, found: set[str]) -> None:
+    """Collect the ``type`` names of a serialized pytree spec (``[1, {"type": …, "children_spec": …}]``)."""
+    if isinstance(value, dict):
+        if isinstance(value.get("type"), str) and "children_spec" in value:
+            found.add(value["type"])
+        for v in value.values():
+            _spec_types(v, found)
+    elif isinstance(value, list):
+        for v in value:
+            _spec_types(v, found)
+
+
+def _named_classes(path: Path) -> set[str]:
+    """Class names the archive's pytree specs (inputs and outputs of every program) refer to, read
+    from its JSON alone. An unreadable archive yields nothing: ``torch.export.load`` says why."""
+    found: set[str] = set()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if "/models/" not in name or not name.endswith(".json"):
+                    continue
+                stack: list[Any] = [json.loads(archive.read(name))]
+                while stack:
+                    item = stack.pop()
+                    if isinstance(item, dict):
+                        for key, v in item.items():
+                            if key.endswith("_spec") and isinstance(v, str) and v.startswith("["):
+                                with contextlib.suppress(ValueError):
+                                    _spec_types(json.loads(v), found)
+                            else:
+                                stack.append(v)
+                    elif isinstance(item, list):
+                        stack.extend(item)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return set()
+    return found
+
+
+def _resolve_pytree_classes(source: str, path: Path) -> None:
+    """Register the pytree node classes the file names, importing only known libraries' modules."""
+    from torch.utils import _pytree as pytree
+
+    known = getattr(pytree, "SERIALIZED_TYPE_TO_PYTHON_TYPE", {})
+    for name in sorted(_named_classes(path)):
+        if name in known:
+            continue
+        package, module = name.partition(".")[0], name.rpartition(".")[0]
+        if package not in KNOWN_PYTREE_LIBRARIES:
+            raise SurgeonError(f".pt2 file '{source}' names the class {name} in its pytree spec, which surgeon "
+                               f"does not import (it imports only {', '.join(KNOWN_PYTREE_LIBRARIES)}'s own "
+                               "output classes); export the model with tuple or dict outputs")
+        if importlib.util.find_spec(package) is None:
+            raise SurgeonError(f".pt2 file '{source}' names the class {name} in its pytree spec: install "
+                               f"{package} to load it (pip install {package})")
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - a module the installed version lacks
+            raise SurgeonError(f".pt2 file '{source}' names the class {name}, which the installed {package} "
+                               f"cannot provide: {first_line(exc)}") from exc
+        if name not in getattr(pytree, "SERIALIZED_TYPE_TO_PYTHON_TYPE", {}):
+            raise SurgeonError(f".pt2 file '{source}' names the class {name}, which the installed {package} "
+                               "does not register as a pytree node (another version wrote the file?)")
+
+
 def load_pt2(source: str, path: Path, *, trust_pickle: bool = False, text: str | None = None) -> LoadedModel:
     refuse_text(text, source, "a .pt2 file")
     from .. import quant  # noqa: F401 - registers torch.ops.surgeon.*, which surgeon's own outputs call
 
+    _resolve_pytree_classes(source, path)
     try:
         with quiet("torch.export", "torch._export"), _tensor_only_unpickling():
             ep = torch.export.load(str(path))

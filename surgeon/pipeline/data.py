@@ -19,7 +19,7 @@ from ..errors import SurgeonError, first_line
 from ..inputs import Inputs, call, named_inputs
 
 __all__ = ["DEFAULT_CHECK_FRACTION", "TEXT_BATCH", "TEXT_MAX_LENGTH", "Split", "calibration_batches", "prepare_batches",
-           "read_calibration", "split_batches"]
+           "read_batches", "read_calibration", "split_batches"]
 
 DEFAULT_CHECK_FRACTION = 0.25
 TEXT_BATCH = 8  # sentences per calibration batch for text models
@@ -87,14 +87,30 @@ def prepare_batches(calib: Iterable[Any] | None, example_inputs: Inputs, gm0: nn
     return prepared
 
 
+def read_batches(calib: Iterable[Any]) -> list[Any]:
+    """``calib`` as a list (read once: a generator feeds both the memory estimate and the run), or one
+    line saying what a calibration argument is. A tensor, a dict or a tuple of tensors is a single
+    batch, not batches: iterating it would split its rows (or keys) into "batches"."""
+    if isinstance(calib, (torch.Tensor, dict)) or (isinstance(calib, tuple) and calib and isinstance(calib[0], torch.Tensor)):
+        raise SurgeonError("calib must be an iterable of input tuples (or dicts), one per batch — "
+                           "wrap a single batch in a list")
+    if isinstance(calib, list):
+        return calib
+    try:
+        return list(calib)
+    except TypeError as exc:  # not iterable (a number, a model); an error inside a user's generator propagates
+        if not isinstance(calib, Iterable):
+            raise SurgeonError("calib must be an iterable of input tuples (or dicts), one per batch, got "
+                               f"{type(calib).__name__}") from exc
+        raise
+
+
 def _prepare_batches(calib: Iterable[Any] | None, example_inputs: Inputs, gm0: nn.Module, rank: int,
                      world: int) -> tuple[list[Inputs], bool]:
     example = _normalise(example_inputs, example_inputs)
     if calib is None:
         return [example], True
-    if isinstance(calib, (torch.Tensor, dict)) or (isinstance(calib, tuple) and calib and isinstance(calib[0], torch.Tensor)):
-        raise SurgeonError("calib must be an iterable of input tuples (or dicts), one per batch — "
-                           "wrap a single batch in a list")
+    calib = read_batches(calib)
     batches = [_normalise(b, example) for b in calib]
     if not batches:
         raise SurgeonError("calibration data is empty")

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from ..errors import SurgeonError
+from ..errors import SurgeonError, stage
 from ..inputs import Inputs
 from ..pass_manager import Diagnostic, Pass, PassContext, PassManager, parse_pipeline, set_site_active, set_site_rung
 
@@ -64,11 +64,13 @@ def fit_passes(applied: Applied, fit: Sequence[Inputs], *, progress: bool = Fals
         found = calibratables(applied.gm)
         if found:
             sharded = can_all_reduce(found)
-            stats = calibrate(applied.gm, distributed.shard(fit) if sharded else list(fit), desc="calibrating",
-                              progress=progress, distributed=sharded)
+            with stage("calibrate", model=applied.gm):
+                stats = calibrate(applied.gm, distributed.shard(fit) if sharded else list(fit), desc="calibrating",
+                                  progress=progress, distributed=sharded)
             info = stats.to_json()
         for p in applied.passes:
-            p.fit(applied.gm, applied.ctx, list(fit))
+            with stage("fit", pass_name=p.name, model=applied.gm):
+                p.fit(applied.gm, applied.ctx, list(fit))
         if distributed.active() and any(type(p).fit is not Pass.fit for p in applied.passes):
             distributed.broadcast_module_state(_fitted_modules(applied))
     return info

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import SurgeonError, first_line
+from ..errors import SurgeonError, first_line, stage
 from ..inputs import Inputs
 from ..speed import DEFAULT_RUNS
 from ..verdict import Verdict, decide
@@ -76,11 +76,13 @@ class Result:
 
         target = target or self.target or "torch"
         if not distributed.active():
-            return self._save(outdir, force=force, target=target, speed=speed, speed_runs=speed_runs)
+            with stage("save", model=self.module):
+                return self._save(outdir, force=force, target=target, speed=speed, speed_runs=speed_runs)
         error: Exception | None = None
         if distributed.is_writer():
             try:
-                return_path = self._save(outdir, force=force, target=target, speed=speed, speed_runs=speed_runs)
+                with stage("save", model=self.module):
+                    return_path = self._save(outdir, force=force, target=target, speed=speed, speed_runs=speed_runs)
             except Exception as exc:  # noqa: BLE001 - every rank raises it (distributed.agree)
                 error = exc
         distributed.agree(error, "writing OUTDIR")
@@ -98,15 +100,19 @@ class Result:
             if self.exported is None:
                 raise SurgeonError("the optimized model could not be exported with torch.export; model.pt2 "
                                    "cannot be written")
-            torch.export.save(self.exported, str(partial / "model.pt2"))
+            from .. import targets  # type: ignore[attr-defined]
+
+            # surgeon's custom ops decomposed to aten and unused fp32 copies dropped: the file loads
+            # with torch alone and stores quantized weights only (targets/pt2.py)
+            pt2 = targets.get_target("torch")
+            self.report.setdefault("export", {})["pt2"] = pt2.save_program(self.exported, partial / "model.pt2")
             outputs["model"] = "model.pt2"
             for name, ep in self.artifact_exports.items():
-                torch.export.save(ep, str(partial / f"{name}.pt2"))
+                pt2.save_program(ep, partial / f"{name}.pt2")
                 outputs[name] = f"{name}.pt2"
             if target != "torch":
-                from .. import targets  # type: ignore[attr-defined]
-
-                written = targets.write_target(target, self, partial)
+                with stage(f"save: target {target}", model=self.module):
+                    written = targets.write_target(target, self, partial)
                 if isinstance(written, (list, tuple)):
                     outputs["target"] = [os.path.basename(str(p)) for p in written]
                 elif written:

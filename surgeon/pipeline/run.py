@@ -11,13 +11,13 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from ..errors import SurgeonError
+from ..errors import SurgeonError, stage
 from ..inputs import Inputs, batch_size, describe
 from ..pass_manager import Pass
 from ..verdict import decide
 from ..verify import Metric, guard, measure_model, parse_tolerance
 from ..version import __version__
-from .data import DEFAULT_CHECK_FRACTION, prepare_batches, split_batches
+from .data import DEFAULT_CHECK_FRACTION, prepare_batches, read_batches, split_batches
 from .export import export_artifacts, export_info, reexport
 from .fit import apply_passes, fit_passes, rebuild, resolve_passes
 from .result import Result
@@ -87,8 +87,8 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         from .data import calibration_batches
 
         calib = calibration_batches(calib, model)
-    if calib is not None and not isinstance(calib, (list, tuple)):
-        calib = list(calib)  # read once: the memory estimate and the run both need the batches
+    if calib is not None:
+        calib = read_batches(calib)  # read once: the memory estimate and the run both need the batches
     check_memory(model, example_inputs, calib)  # InsufficientMemory (exit 4) before the work, not an OOM kill
 
     t = time.perf_counter()
@@ -125,26 +125,36 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
 
     t = time.perf_counter()
     records = list(applied.ctx.records.values())
-    verdict = guard(gm0, applied.gm, records, check_local, tol, metric, progress=progress)
+    # every stage from here on turns a failure other than a SurgeonError into a one-line PipelineError
+    # naming the stage and the module found in the traceback, the cause chained (surgeon.errors.stage);
+    # apply_passes and fit_passes do so per pass
+    with stage("verify", model=applied.gm):
+        verdict = guard(gm0, applied.gm, records, check_local, tol, metric, progress=progress)
     timings["verify"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    final, rctx = rebuild(gm0, applied, verdict.kept, verdict.rungs)
-    final.eval()
-    figures = measure_model(gm0, final, check_local, metric)
-    with torch.no_grad():
-        checks = [c for p in applied.passes for c in p.check(final, rctx, split.check)]
+    with stage("rebuild", model=applied.gm):
+        final, rctx = rebuild(gm0, applied, verdict.kept, verdict.rungs)
+        final.eval()
+    with stage("measure", model=final):
+        figures = measure_model(gm0, final, check_local, metric)
+    checks: list[Any] = []
     artifacts: dict[str, nn.Module] = {}
     for p in applied.passes:
-        artifacts.update(p.artifacts(final, rctx))  # detached: the model's export must not carry them
+        with stage("check", pass_name=p.name, model=final), torch.no_grad():
+            checks += p.check(final, rctx, split.check)
+        with stage("artifacts", pass_name=p.name, model=final):
+            artifacts.update(p.artifacts(final, rctx))  # detached: the model's export must not carry them
     timings["rebuild"] = time.perf_counter() - t
     del applied.gm  # the fitted copy is no longer needed (memory)
 
     t = time.perf_counter()
     # only rank 0 writes OUTDIR, so only it needs the exported program
-    ep, export_notes = reexport(final, example_inputs) if distributed.is_writer() else (None, [])
+    with stage("export", model=final):
+        ep, export_notes = reexport(final, example_inputs) if distributed.is_writer() else (None, [])
     notes += [n for n in export_notes if "static shapes" in n]
-    artifact_inputs, artifact_exports = export_artifacts(artifacts, final, example_inputs)
+    with stage("export"):
+        artifact_inputs, artifact_exports = export_artifacts(artifacts, final, example_inputs)
     timings["export"] = time.perf_counter() - t
 
     if not verdict.met and tol.violations(figures):
@@ -165,23 +175,24 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         "calibrate": cal_info,
         "world_size": distributed.world_size(),
     }
-    report = make_report(
-        surgeon_version=__version__,
-        model={"source": source or type(model).__name__, "class": type(model).__name__,
-               "inputs": describe(example_inputs)},
-        passes=[p.spec() for p in pass_list],
-        target=None if deploy is None else {"name": deploy.name, "profile": deploy.profile.to_json()},
-        capture=cap.to_json(),
-        calibration=calibration,
-        guard=verdict,
-        final=figures,
-        diagnostics=applied.diagnostics,
-        checks=checks,
-        variants=_variants(gm0),
-        timings=timings,
-        export={**(export_info(ep) if ep is not None else {}), "notes": export_notes},
-        warnings=notes,
-    )
+    with stage("report"):
+        report = make_report(
+            surgeon_version=__version__,
+            model={"source": source or type(model).__name__, "class": type(model).__name__,
+                   "inputs": describe(example_inputs)},
+            passes=[p.spec() for p in pass_list],
+            target=None if deploy is None else {"name": deploy.name, "profile": deploy.profile.to_json()},
+            capture=cap.to_json(),
+            calibration=calibration,
+            guard=verdict,
+            final=figures,
+            diagnostics=applied.diagnostics,
+            checks=checks,
+            variants=_variants(gm0),
+            timings=timings,
+            export={**(export_info(ep) if ep is not None else {}), "notes": export_notes},
+            warnings=notes,
+        )
     # The one verdict (surgeon.verdict): what stdout, stderr, report.json and the exit code all say.
     outcome = decide(report)
     report["verdict"] = outcome.to_json()
