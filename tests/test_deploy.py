@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+from _cli import run_cli
 
 from surgeon import cli
 
@@ -91,10 +92,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_cli
 
 
 def _initializer_types(path: Path) -> set[int]:

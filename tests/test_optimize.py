@@ -18,11 +18,11 @@ from typing import Any, Iterable
 
 import pytest
 import torch
+from _cli import run_cli
 from torch import fx, nn
 
 import surgeon.calibration as calibration_mod
 import surgeon.report as report_mod
-from surgeon import cli
 from surgeon.analysis._graph import GraphView
 from surgeon.errors import SurgeonError
 from surgeon.optimize import optimize, prepare_batches, split_batches
@@ -381,10 +381,7 @@ def toy_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toy_registry: None)
     return tmp_path
 
 
-def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_cli
 
 
 def test_cli_optimize_toy(toy_cli: Path, capsys: pytest.CaptureFixture) -> None:
