@@ -120,6 +120,9 @@ def test_each_target_runs_its_default_passes(workdir: Path, capsys: pytest.Captu
         assert not (workdir / "out" / "model.onnx").exists() and not (workdir / "out" / "README.md").exists()
         return
     fig = rep["targets"][target]
+    # every ONNX file is verified and timed with FTZ/DAZ, and its README's session does the same
+    assert fig["session_config"]["session.set_denormal_as_zero"] == "1"
+    assert 'so.add_session_config_entry("session.set_denormal_as_zero", "1")' in (workdir / "out" / "README.md").read_text()
     if dtype == "fp8":
         assert fig["quantized"]["fp8"] > 0 and fig["quantized"]["int8"] == 0
         assert onnx.TensorProto.FLOAT8E4M3FN in _initializer_types(workdir / "out" / "model.onnx")

@@ -329,7 +329,7 @@ def test_deploy_md_snippet_is_what_outdir_readme_says(workdir: Path) -> None:
                        for n in ("input_ids", "token_type_ids", "attention_mask")],
             "outputs": [{"name": "last_hidden_state", "dtype": "float32", "shape": ["batch", "sequence", 16]}]}
     generated = readme(spec, filename="model.onnx", fp8_option=None, tokenizer="tokenizer.json", pad_token="[PAD]",
-                       max_length=64, title="t")
+                       max_length=64, title="t", session_config={"session.set_denormal_as_zero": "1"})
     code = re.search(r"```python\n(.*?)```", generated, re.S).group(1)  # type: ignore[union-attr]
     quoted = [body for _, lang, marker, body in snippets(ROOT / "docs" / "deploy.md") if marker == "cwd OUTDIR"]
     assert quoted == [code]
