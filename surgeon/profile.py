@@ -43,6 +43,7 @@ class Profile:
     # format → how fast the runtime runs it relative to its fastest format of that kind (1.0); the
     # guard weighs a rung's benefit (bytes, multiply-adds) by it (stored as pairs; absent: 1.0)
     speed: tuple[tuple[str, float], ...] = field(default=())
+    onnx_opset: int | None = None  # the opset ONNX files for this runtime are written at (None: the exporter's, 23)
 
     def __post_init__(self) -> None:
         ladders = _freeze_ladders(self.ladders)
@@ -82,6 +83,7 @@ class Profile:
             "fuses_attention": self.fuses_attention,
             "graph_requirements": list(self.graph_requirements),
             "speed": dict(self.speed),
+            "onnx_opset": self.onnx_opset,
         }
 
 
@@ -118,7 +120,10 @@ ORT_CPU_FP8 = Profile(
     weight_layout="transposed",
     int8_weight_bits=7,
     uint8_activations=True,
-    fuses_attention=True,  # scaled_dot_product_attention → the opset-23 Attention op (ORT ≥ 1.23 CPU kernel)
+    # FP8 files are for FP8 engines too, whose ONNX parsers lag ONNX Runtime's opsets: they stay at opset 21
+    # (IR 10), as written before the fused Attention op; attention stays MatMul / Softmax / MatMul there.
+    fuses_attention=False,
+    onnx_opset=21,
     graph_requirements=(
         "a file with an FP8 QuantizeLinear runs with session.disable_quant_qdq=1 (else ORT fuses it into "
         "an integer kernel that rejects float8)",

@@ -325,7 +325,7 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
             raise err from exc
         raise
     model = prog.model_proto
-    model.ir_version = min(model.ir_version, IR_VERSION)
+    model.ir_version = min(model.ir_version, IR_VERSION if opset >= 23 else 10)  # 10: the opset-21 era
     _strip_node_metadata(model)
     if cleanup:
         drop_softmax_nan_guards(model)  # exact on finite inputs; 6.5 % of a MiniLM run (targets/_cleanup.py)
@@ -592,7 +592,8 @@ def verify_onnx(path: str | os.PathLike, module: Any, inputs: Inputs, *, origina
     figures: dict[str, Any] = {
         "file": path.name,
         "bytes": path.stat().st_size,
-        "opset": OPSET,
+        "opset": next((int(o.version) for o in onnx.load(str(path), load_external_data=False).opset_import
+                       if o.domain in ("", "ai.onnx")), OPSET),
         "max_abs_diff": _max_abs(ort_out, ref),
         "p999_abs_diff": _quantile_abs(ort_out, ref, 0.999),
         "fp8_session_option": f"{FP8_SESSION_OPTION[0]}={FP8_SESSION_OPTION[1]}" if fp8 else None,
@@ -639,7 +640,7 @@ def verify_onnx(path: str | os.PathLike, module: Any, inputs: Inputs, *, origina
 def write_onnx(module: Any, example_inputs: Inputs, outdir: str | os.PathLike, *, filename: str = "model.onnx",
                original: nn.Module | None = None, original_inputs: Inputs | None = None,
                verify_inputs: Inputs | None = None, input_names: Sequence[str] | None = None,
-               fp32_size: int | None = None, tolerance: float | None = None) -> dict[str, Any]:
+               fp32_size: int | None = None, tolerance: float | None = None, opset: int = OPSET) -> dict[str, Any]:
     """Export, verify and atomically place ``OUTDIR/model.onnx``; return the verification figures.
 
     ``tolerance`` (max abs diff ORT vs torch module), when given, must hold or nothing is written."""
@@ -649,7 +650,7 @@ def write_onnx(module: Any, example_inputs: Inputs, outdir: str | os.PathLike, *
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        export_onnx(module, example_inputs, tmp, input_names=input_names, original=original)
+        export_onnx(module, example_inputs, tmp, input_names=input_names, original=original, opset=opset)
         vin = verify_inputs if verify_inputs is not None else example_inputs
         figures = verify_onnx(tmp, module, vin, original=original, original_inputs=original_inputs,
                               fp32_size=fp32_size)

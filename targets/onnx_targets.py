@@ -90,7 +90,7 @@ class OnnxTarget(Target):
         from .onnx import write_onnx
 
         figures = write_onnx(module, example_inputs, outdir, filename=filename or self.filename,
-                             original=original, verify_inputs=verify_inputs, **kw)
+                             original=original, verify_inputs=verify_inputs, opset=self.opset, **kw)
         figures["target"] = self.name
         attention = attention_lowering(module, figures["path"])
         if attention:
@@ -111,6 +111,13 @@ class OnnxTarget(Target):
         if notes:
             figures["notes"] = notes
         return figures
+
+    @property
+    def opset(self) -> int:
+        """The ONNX opset the file is written at: the profile's, else 23 (the fused Attention op)."""
+        from ._lowering import OPSET
+
+        return self.profile.onnx_opset or OPSET
 
     def graph_checks(self, path: str | os.PathLike) -> dict[str, Any]:
         """ORT's optimized graph against the profile's graph requirements (INT8: the fused kernels)."""
@@ -140,7 +147,7 @@ class OnnxTarget(Target):
         """The original through the same exporter and clean-up as ``lower`` (fp32, no quantization)."""
         from .onnx import export_onnx
 
-        export_onnx(original, example_inputs, path, original=original)
+        export_onnx(original, example_inputs, path, original=original, opset=self.opset)
 
     def runner(self, path: str | os.PathLike, inputs: Any, *, threads: int = 2) -> Callable[[], Any]:
         """An ORT CPU session with ``threads`` intra-op threads and intra-op spinning off (a spinning

@@ -86,7 +86,7 @@ def test_plain_export_of_library_models_matches_torch_at_other_shapes(name: str,
     assert figures["max_abs_diff"] <= TOL and figures["batch1_max_abs_diff"] <= TOL
     assert figures["cosine_min"] > 0.99999
     m = onnx.load(str(path))
-    assert m.ir_version <= 10
+    assert m.ir_version <= 11  # opset 23 is IR 11; ORT 1.31 refuses the IR 14 onnx.helper writes by default
     assert [i.name for i in m.graph.input] == list(example)
     first = m.graph.input[0].type.tensor_type.shape.dim
     assert first[0].dim_param == "batch"
