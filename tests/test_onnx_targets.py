@@ -289,7 +289,7 @@ def test_cli_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyt
     finally:
         os.umask(old_mask)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()} == {
-        "model.onnx": "0o640", "report.json": "0o640"}
+        "model.onnx": "0o640", "report.json": "0o640", "README.md": "0o640"}
     report = json.loads((out / "report.json").read_text())
     fig = report["targets"]["onnx"]
     assert (out / "model.onnx").stat().st_size == fig["bytes"]
