@@ -278,13 +278,15 @@ def test_error_mid_save_leaves_nothing(bad_site_run: dict, tmp_path: Path, monke
 
     monkeypatch.setattr(report_mod, "write_html", boom)
     out = tmp_path / "out"
-    with pytest.raises(OSError, match="disk full"):
+    # what escapes Result.save is a SurgeonError naming the stage, the OSError chained as its cause
+    with pytest.raises(SurgeonError, match=r"^internal error in stage 'save': OSError: disk full") as info:
         result.save(out)
+    assert isinstance(info.value.__cause__, OSError)
     assert os.listdir(tmp_path) == []
     # With --force, the existing directory survives a failed save untouched.
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SurgeonError, match="disk full"):
         result.save(out, force=True)
     assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["keep.txt"]
     monkeypatch.undo()
