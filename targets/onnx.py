@@ -589,11 +589,11 @@ def verify_onnx(path: str | os.PathLike, module: Any, inputs: Inputs, *, origina
     except Exception as exc:  # noqa: BLE001
         raise SurgeonError(f"onnxruntime cannot run {path.name}: {' '.join(str(exc).split())[:300]}") from exc
     ref = _torch_outputs(module, inputs)
+    written = onnx.load(str(path), load_external_data=False)  # read once: its opset and its ops
     figures: dict[str, Any] = {
         "file": path.name,
         "bytes": path.stat().st_size,
-        "opset": next((int(o.version) for o in onnx.load(str(path), load_external_data=False).opset_import
-                       if o.domain in ("", "ai.onnx")), OPSET),
+        "opset": next((int(o.version) for o in written.opset_import if o.domain in ("", "ai.onnx")), OPSET),
         "max_abs_diff": _max_abs(ort_out, ref),
         "p999_abs_diff": _quantile_abs(ort_out, ref, 0.999),
         "fp8_session_option": f"{FP8_SESSION_OPTION[0]}={FP8_SESSION_OPTION[1]}" if fp8 else None,
@@ -602,7 +602,7 @@ def verify_onnx(path: str | os.PathLike, module: Any, inputs: Inputs, *, origina
         "inputs": [{"name": i.name, "shape": [d if isinstance(d, int) else str(d) for d in i.shape]}
                    for i in sess.get_inputs()],
     }
-    if any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path), load_external_data=False).graph.node):
+    if any(n.op_type == "QuantizeLinear" for n in written.graph.node):
         # Noise floor: the same file under ORT with graph optimizations off. Quantizers turn ulp-level
         # float differences (fused vs unfused kernels, summation order) into whole quantization steps,
         # so deep quantized models differ from themselves across runtimes by as much as from torch.
