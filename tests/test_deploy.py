@@ -126,9 +126,12 @@ def test_each_target_runs_its_default_passes(workdir: Path, capsys: pytest.Captu
     if dtype == "fp8":
         assert fig["quantized"]["fp8"] > 0 and fig["quantized"]["int8"] == 0
         assert onnx.TensorProto.FLOAT8E4M3FN in _initializer_types(workdir / "out" / "model.onnx")
+        written = onnx.load(str(workdir / "out" / "model.onnx"))
+        assert (fig["opset"], written.ir_version) == (21, 10)  # FP8 engines' parsers: the opset-21 file
         assert fig["fp8_session_option"] == "session.disable_quant_qdq=1"
         assert 'so.add_session_config_entry("session.disable_quant_qdq", "1")' in (workdir / "out" / "README.md").read_text()
     else:
+        assert fig["opset"] == 23  # ORT targets: the fused Attention op's opset
         assert fig["quantized"] == {"fp8": 0, "int8": 0} and fig["fp8_session_option"] is None
         assert "session.disable_quant_qdq" not in (workdir / "out" / "README.md").read_text()
 
