@@ -91,6 +91,7 @@ def measure(target: Any, optimized: str | os.PathLike, original: str | os.PathLi
     timed = side_by_side(runners, runs=runs)
     size = {k: Path(p).stat().st_size for k, p in (("original", original), ("optimized", optimized))}
     o, n = timed["original"]["median_ms"], timed["optimized"]["median_ms"]
+    memory = _memory(target, {"original": original, "optimized": optimized}, inputs, threads)
     return {
         "target": target.name,
         "runtime": target.runtime,
@@ -102,8 +103,25 @@ def measure(target: Any, optimized: str | os.PathLike, original: str | os.PathLi
         "threads": threads,
         "runs": runs,
         "statistic": "median, round robin in one process",
+        **({"peak_memory": memory} if memory else {}),
         "cpu": cpu(),
     }
+
+
+def _memory(target: Any, files: Mapping[str, str | os.PathLike], inputs: Any, threads: int) -> dict[str, Any]:
+    """``speed["peak_memory"]``: each file's one-run resident-set peak (``Target.peak_memory``, a fresh
+    process per file) and their ratio; empty when the target does not measure it."""
+    figures = {k: target.peak_memory(p, inputs, threads=threads) for k, p in files.items()}
+    if any(f is None for f in figures.values()):
+        return {}
+    out: dict[str, Any] = {"run_peak_bytes": {k: f.get("run_peak_bytes") for k, f in figures.items()}}
+    errors = {k: f["error"] for k, f in figures.items() if "error" in f}
+    if errors:
+        out["errors"] = errors
+    o, n = out["run_peak_bytes"]["original"], out["run_peak_bytes"]["optimized"]
+    out["ratio"] = round(n / o, 4) if o and n is not None else None
+    out["how"] = next((f["how"] for f in figures.values() if "how" in f), None)
+    return out
 
 
 def bench_outdir(outdir: str | os.PathLike, *, runs: int = DEFAULT_RUNS, threads: int = DEFAULT_THREADS) -> dict[str, Any]:

@@ -34,6 +34,40 @@ _QUANTIZED = ("quantized attention (attention-fp8 / integer attention): its Q/DQ
               "so they stay MatMul / Softmax / MatMul")
 
 
+def _example_size(node: Any) -> list[int] | None:
+    """The node's shape at the example it was captured with (a dynamic dim's hint), or None."""
+    val = getattr(node, "meta", {}).get("val") if node is not None else None
+    shape = getattr(val, "shape", None)
+    if shape is None:
+        return None
+    out = []
+    for d in shape:
+        hint = d if isinstance(d, int) else getattr(getattr(d, "node", None), "hint", None)
+        if hint is None:
+            return None
+        out.append(int(hint))
+    return out
+
+
+def _scores_bytes(site: Any) -> dict[str, Any] | None:
+    """The attention matrix [B, H, Lq, Lk] at the captured example's shape and the bytes of one fp32
+    copy of it: what the scores and the probabilities each take, whether fused or decomposed (ORT
+    computes a decomposed chain's elementwise steps in place, and its CPU ``Attention`` kernel keeps
+    one such buffer). Measured whole-run peaks are ``speed.peak_memory``."""
+    if site.variant == "sdpa":
+        sdpa = site.nodes["sdpa"]
+        q, k = _example_size(sdpa.args[0]), _example_size(sdpa.args[1])
+        shape = [*q[:-1], k[-2]] if q and k and len(q) >= 2 and len(k) >= 2 else None
+    else:
+        shape = _example_size(site.nodes.get("qk"))
+    if not shape:
+        return None
+    entries = 1
+    for d in shape:
+        entries *= d
+    return {"shape": shape, "fp32_matrix_bytes": 4 * entries}
+
+
 def _quantized_sites(module: fx.GraphModule) -> list[tuple[str, bool]]:
     """(module path, active) of each quantized attention site: a submodule with ``q``, ``k``, ``v`` and
     ``p`` quantizer children that the graph calls (whole, or child by child). The analyzer no longer
@@ -75,9 +109,11 @@ def attention_lowering(module: Any, path: str | os.PathLike) -> dict[str, Any]:
             reason = "the exporter wrote this scaled_dot_product_attention decomposed"
         if reason is None:
             budget -= 1
+        scores = _scores_bytes(site)
         records.append({"module": site.module, "variant": site.variant,
                         "lowered": "Attention" if reason is None else None,
-                        **({"reason": reason} if reason else {})})
+                        **({"reason": reason} if reason else {}),
+                        **({"scores_probs": scores} if scores else {})})
     for path, active in _quantized_sites(module):
         # A rolled-back FP8SDPA calls scaled_dot_product_attention again, so it fuses like any other.
         fused = not active and budget > 0

@@ -63,6 +63,11 @@ class Target:
         """A prepared call of the written file in its runtime on ``inputs`` (loading is not timed)."""
         raise NotImplementedError
 
+    def peak_memory(self, path: str | os.PathLike, inputs: Any, *, threads: int = 2) -> dict[str, Any] | None:
+        """Peak memory of one run of the file in its runtime, measured in a fresh process (None: this
+        target does not measure it)."""
+        return None
+
     def time(self, path: str | os.PathLike, inputs: Any, *, runs: int = 20, threads: int = 2) -> dict[str, Any]:
         """Median latency (ms) of the written file in its runtime on this machine (warm-up first)."""
         from surgeon.speed import side_by_side

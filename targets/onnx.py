@@ -469,6 +469,30 @@ def feeds_for(sess: Any, inputs: Inputs) -> dict[str, np.ndarray]:
     return {n: v.detach().cpu().numpy() for n, v in zip(names, values)}
 
 
+def file_feeds(path: str | os.PathLike, inputs: Inputs) -> dict[str, np.ndarray]:
+    """``feeds_for`` without a session: the file's graph inputs (those not initializers), in order."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    names = [i.name for i in graph.input if i.name not in initializers]
+    args, kwargs = as_args_kwargs(inputs)
+    values = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
+    if len(names) != len(values):
+        raise SurgeonError(f"the ONNX file has {len(names)} inputs but {len(values)} tensors were given")
+    return {n: v.detach().cpu().numpy() for n, v in zip(names, values)}
+
+
+def peak_memory(path: str | os.PathLike, inputs: Inputs, *, threads: int = 2) -> dict[str, Any]:
+    """Peak resident memory of one ORT run of ``path`` on ``inputs``, in a fresh process, with the
+    session options surgeon runs it with (``targets/_ort_memory.py``)."""
+    from ._ort_memory import peak_run_memory
+
+    fp8 = needs_fp8_option(path)
+    return peak_run_memory(path, file_feeds(path, inputs), threads=threads, config=session_config(path, fp8=fp8),
+                           disabled_optimizers=FP8_DISABLED_OPTIMIZERS if fp8 else ())
+
+
 def run_ort(sess: Any, inputs: Inputs) -> list[np.ndarray]:
     """Run ``sess`` on torch inputs (positional order = ONNX input order)."""
     return sess.run(None, feeds_for(sess, inputs))

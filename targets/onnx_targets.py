@@ -158,6 +158,12 @@ class OnnxTarget(Target):
         feeds = feeds_for(sess, inputs)
         return lambda: sess.run(None, feeds)
 
+    def peak_memory(self, path: str | os.PathLike, inputs: Any, *, threads: int = 2) -> dict[str, Any] | None:
+        """One ORT run's resident-set peak in a fresh process (``targets/onnx.peak_memory``)."""
+        from .onnx import peak_memory
+
+        return peak_memory(path, inputs, threads=threads)
+
     def time(self, path: str | os.PathLike, inputs: Any, *, runs: int = 20, threads: int = 2) -> dict[str, Any]:
         return {**super().time(path, inputs, runs=runs, threads=threads), "intra_op_spinning": False}
 

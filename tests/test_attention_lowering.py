@@ -113,3 +113,45 @@ class _Sdpa(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = x.view(x.shape[0], x.shape[1], 2, 8).transpose(1, 2)
         return torch.nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(x.shape)
+
+
+class _Attention(torch.nn.Module):
+    """One attention layer, as SDPA (fused in the file) or written out (decomposed), same weights."""
+
+    def __init__(self, fused: bool, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.fused, self.h = fused, heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.h, c // self.h).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=-1))
+        if self.fused:
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            o = torch.softmax(q @ k.transpose(-1, -2) * (c // self.h) ** -0.5, dim=-1) @ v
+        return o.transpose(1, 2).reshape(b, t, c)
+
+
+def test_attention_matrix_per_site_and_measured_peak_of_one_run(tmp_path: Path) -> None:
+    """At [B, H, L, L] = [2, 4, 512, 512] one fp32 attention matrix is 8 MiB. Each site reports it; the
+    fresh-process peak of one ORT run sees it (≥ 0.9 of it, so the measurement is not blind) and the
+    fused op holds no more than the decomposed chain (ORT runs that chain's elementwise steps in place:
+    one matrix each, measured here)."""
+    from surgeon.targets.onnx import peak_memory
+
+    x = torch.randn(2, 512, 32, generator=torch.Generator().manual_seed(0))
+    matrix = 2 * 4 * 512 * 512 * 4
+    peaks = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = _Attention(fused).eval()
+        gm = capture(model, (x,)).gm
+        path = export_onnx(gm, (x,), tmp_path / f"{fused}.onnx", original=model)
+        record = attention_lowering(gm, path)["records"][0]
+        assert record["scores_probs"] == {"shape": [2, 4, 512, 512], "fp32_matrix_bytes": matrix}, record
+        figures = peak_memory(path, (x,))
+        assert figures["how"].startswith("VmHWM"), figures
+        peaks[fused] = figures["run_peak_bytes"]
+        assert 0.9 * matrix <= peaks[fused] <= 3 * matrix, (fused, figures)
+    assert peaks[True] <= 1.05 * peaks[False], peaks

@@ -73,6 +73,13 @@ def test_the_default_target_reports_what_the_file_bought(outdir: Path) -> None:
     assert sp["bytes"]["original"] == (outdir / "bench/original.onnx").stat().st_size
     assert sp["size_ratio"] < 0.5  # int8 weights: a quarter of the fp32 bytes, plus scales and graph
     assert sp["cpu"] == cpu()
+    # one ORT run's peak above the resident set before it, each file in its own fresh process: the
+    # [16, 64, 256] fp32 activations (1 MiB each) are really allocated
+    mem = sp["peak_memory"]
+    assert set(mem["run_peak_bytes"]) == {"original", "optimized"} and "errors" not in mem, mem
+    assert all(v >= 2 ** 20 for v in mem["run_peak_bytes"].values()), mem
+    assert mem["ratio"] == pytest.approx(mem["run_peak_bytes"]["optimized"] / mem["run_peak_bytes"]["original"],
+                                         rel=1e-3)
     assert sp["files"] == {"optimized": "model.onnx", "original": "bench/original.onnx", "inputs": "bench/inputs.pt"}
     assert (report["outputs"]["bench_original"], report["outputs"]["bench_inputs"]) == ("bench/original.onnx",
                                                                                         "bench/inputs.pt")
