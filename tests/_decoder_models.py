@@ -63,8 +63,26 @@ def _config(kind: str, vocab: int, eos_id: int):
     raise ValueError(kind)
 
 
-def save_lm(kind: str, path: Path, seed: int = 0) -> Path:
-    """Write a tiny random ``kind`` LM (gpt2, llama, qwen2, mistral-sliding, t5) and the tokenizer to ``path``."""
+def _train(model, tok, steps: int) -> None:
+    """A few Adam steps on ``LINES``: a random LM's next-token distribution is nearly uniform (ties
+    everywhere), a slightly trained one is peaked like a real LM's, so greedy agreement means something."""
+    if steps <= 0:
+        return
+    batch = tok(LINES, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def save_lm(kind: str, path: Path, seed: int = 0, steps: int = 30) -> Path:
+    """Write a tiny ``kind`` LM (gpt2, llama, qwen2, mistral-sliding, t5; random, then ``steps`` Adam steps on
+    ``LINES``) and the tokenizer to ``path``."""
     import transformers
 
     tok = tokenizer()
@@ -74,6 +92,7 @@ def save_lm(kind: str, path: Path, seed: int = 0) -> Path:
         model = transformers.T5ForConditionalGeneration(config)
     else:
         model = transformers.AutoModelForCausalLM.from_config(config)
+        _train(model, tok, steps)
     model.eval().save_pretrained(path)
     tok.save_pretrained(path)
     return path

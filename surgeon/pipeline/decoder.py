@@ -77,6 +77,19 @@ class DecoderTolerance:
         return f"perplexity ≤ (1 + {self.ppl_increase:g}) × fp32, greedy next-token agreement ≥ {self.agreement:g}"
 
 
+class _KeepCache:
+    """Stands in for the pass when none runs: one rung, the fp32 cache."""
+
+    def rungs(self, profile: Any = None) -> tuple[str, ...]:
+        return ("keep",)
+
+    def apply(self, step: Any, stats: Any, rung: str) -> Any:
+        return step
+
+    def spec(self) -> str:
+        return "none (fp32 cache)"
+
+
 def _read_lines(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
@@ -249,23 +262,26 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *, pas
     out = Path(outdir)
     check_output_dir(out, force)
     tgt = targets.get_target(target)
-    pass_list = parse_pipeline(passes) if isinstance(passes, str) else list(passes or parse_pipeline(tgt.default_passes))
-    others = [p.name for p in pass_list if p.name != "kv-cache-quant"]
-    if others or len(pass_list) != 1:
+    if passes is None:
+        passes = tgt.default_passes
+    pass_list = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
+    if [p.name for p in pass_list if p.name != "kv-cache-quant"] or len(pass_list) > 1:
         raise SurgeonError(f"target {target} runs one kv-cache-quant pass (the cache is the decoder's site); "
                            f"got {', '.join(p.name for p in pass_list)}")
-    kvq = pass_list[0]
+    # no pass (surgeon export): the fp32 cache, i.e. a ladder of "keep" only
+    kvq: Any = pass_list[0] if pass_list else _KeepCache()  # KVCacheQuant, found through the registry
     tol = DecoderTolerance.parse(tolerance)
     lines = _read_lines(calib) if calib else list(DEFAULT_DECODER_TEXT)
     loaded = load_decoder(model)
-    lm, tok = loaded.model, loaded.tokenizer
+    lm: Any = loaded.model
+    tok = loaded.tokenizer
     geometry = check_standard_cache(lm, loaded.source)
     timings["load"] = time.perf_counter() - t0
 
     pad, eos = pad_and_eos(tok)
     limit = geometry.max_positions or 512
     token_lists = [list(tok(s)["input_ids"])[:limit] for s in lines]
-    split = split_batches(token_lists, DEFAULT_CHECK_FRACTION, seed)
+    split = split_batches(token_lists, DEFAULT_CHECK_FRACTION, seed)  # type: ignore[arg-type]  # any items
     fit, held = [list(x) for x in split.fit], [list(x) for x in split.check]
     warnings = list(loaded.notes)
     if not split.independent:
@@ -290,7 +306,7 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *, pas
                   "kv_heads": geometry.kv_heads, "head_dim": geometry.head_dim,
                   "max_positions": geometry.max_positions},
         "target": {"name": tgt.name, "profile": tgt.profile.to_json()},
-        "passes": [kvq.spec()],
+        "passes": [p.spec() for p in pass_list],
         "tolerance": {**asdict(tol), "description": tol.describe()},
         "calibration": {"source": calib or "built-in text (surgeon.pipeline.decoder.DEFAULT_DECODER_TEXT)",
                         "lines": len(lines), "fit_lines": len(fit), "held_out_lines": len(held),
@@ -304,7 +320,8 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *, pas
     }
     rolled = [r["rung"] for r in rungs if r["status"] == "rolled_back"]
     if rolled:
-        report["warnings"].append(f"rolled back {', '.join(rolled)}: {'; '.join(r['reason'] for r in rungs if r['status'] == 'rolled_back')}")
+        why = "; ".join(f"{r['rung']}: {r['reason']}" for r in rungs if r["status"] == "rolled_back")
+        report["warnings"].append(f"rolled back {', '.join(rolled)} ({why})")
 
     with atomic_dir(out, force) as partial:
         t = time.perf_counter()
