@@ -25,7 +25,7 @@ import onnx
 import pytest
 import torch
 from _cli import run_cli
-from _decoder_models import save_lm
+from _decoder_models import LINES, save_lm
 
 from surgeon.decoder_reference import HfCacheRunner, hf_generate, replay
 from surgeon.generate import generate, load_outdir, pad_and_eos
@@ -56,11 +56,13 @@ def outdirs(lm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     out["llama"] = root / "llama"
     assert cli.main(["optimize", str(lm_dirs["llama"]), "-o", str(out["llama"]), "--target", "onnx-decoder",
                      "--tolerance", "ppl_increase=0,agreement=1"]) == 0
+    calib = root / "prompts.txt"  # the INT8 file is calibrated on --calib lines (a quarter held out)
+    calib.write_text("\n".join(LINES + [s.lower() for s in LINES]) + "\n")
     for dtype in ("int8", "fp8"):
         out[f"llama-{dtype}"] = root / f"llama-{dtype}"
         # FP8 e4m3fn (3 mantissa bits) costs this model +2.1 % perplexity: over the default +1 %, so its
         # file is written with a looser bound (the default would roll it back to the fp32 cache)
-        tol = ["--tolerance", "ppl_increase=0.05"] if dtype == "fp8" else []
+        tol = ["--tolerance", "ppl_increase=0.05"] if dtype == "fp8" else ["--calib", str(calib)]
         assert cli.main(["optimize", str(lm_dirs["llama"]), "-o", str(out[f"llama-{dtype}"]), "--target",
                          "onnx-decoder", "--passes", f"kv-cache-quant{{dtype={dtype}}}", *tol]) == 0
     return out
@@ -168,9 +170,23 @@ def test_outdir_contents(outdirs: dict[str, Path]) -> None:
     for name in ("model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "report.json", "README.md"):
         assert (out / name).is_file(), name
     assert not list(out.parent.glob("*.partial-*"))
-    readme = (out / "README.md").read_text()
-    assert "run_with_ort_values" in readme and "past_key_values" in readme
-    assert _report(out)["deploy"]["inputs"][3]["dtype"] == "int8"
+    r = _report(out)
+    assert r["deploy"]["inputs"][3]["dtype"] == "int8"
+    assert r["calibration"]["lines"] == 16 and r["calibration"]["held_out_lines"] == 4
+    assert r["calibration"]["independent"] and r["calibration"]["source"].endswith("prompts.txt")
+    ops = r["targets"]["onnx-decoder"]["ort_ops"]
+    assert "Attention" in r["targets"]["onnx-decoder"]["ops"] and ops
+
+
+@pytest.mark.parametrize("kind", ["llama-int8", "llama-fp8"])
+def test_outdir_readme_snippet_runs(kind: str, outdirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture) -> None:
+    readme = (outdirs[kind] / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "import torch" not in code and "surgeon" not in code
+    monkeypatch.chdir(outdirs[kind])
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own generated snippet
+    assert capsys.readouterr().out.strip() != ""
 
 
 def test_generate_cli(outdirs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
