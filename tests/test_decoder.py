@@ -179,14 +179,28 @@ def test_outdir_contents(outdirs: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("kind", ["llama-int8", "llama-fp8"])
-def test_outdir_readme_snippet_runs(kind: str, outdirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
-                                    capsys: pytest.CaptureFixture) -> None:
+def test_outdir_readme_snippet_runs_without_torch_or_surgeon(kind: str, outdirs: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    import onnxruntime
+    import tokenizers
+
     readme = (outdirs[kind] / "README.md").read_text()
-    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    assert "import torch" not in code and "surgeon" not in code
-    monkeypatch.chdir(outdirs[kind])
-    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own generated snippet
-    assert capsys.readouterr().out.strip() != ""
+    (tmp_path / "snippet.py").write_text(readme.split("```python\n", 1)[1].split("```", 1)[0])
+    sites = sorted({str(Path(m.__file__).resolve().parents[1]) for m in (np, onnxruntime, tokenizers)})
+    check = textwrap.dedent(f"""
+        import sys
+        exec(compile(open({str(tmp_path / "snippet.py")!r}).read(), "README.md", "exec"))
+        assert "torch" not in sys.modules and "surgeon" not in sys.modules
+    """)
+    # -I -S: no site-packages (so no editable surgeon, no torch), only these packages' directories
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", f"import sys; sys.path[:0] = {sites!r}\n" + check],
+                          cwd=outdirs[kind], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
 
 
 def test_generate_cli(outdirs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
