@@ -35,10 +35,19 @@ NEW = 32
 STEP_TOL = 1e-4  # max |Δlogits| per step, ORT vs torch (fp32 arithmetic in both; measured ≤ 3e-6)
 
 
+def _digest(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
 @pytest.fixture(scope="module")
 def lm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lms")
-    return {k: save_lm(k, root / k) for k in ("gpt2", "llama", "qwen2")}
+    dirs = {k: save_lm(k, root / k) for k in ("gpt2", "llama", "qwen2")}
+    INPUT_DIGESTS.update({k: _digest(d) for k, d in dirs.items()})
+    return dirs
+
+
+INPUT_DIGESTS: dict[str, dict[str, bytes]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +174,9 @@ def test_impossible_tolerance_rolls_every_rung_back(outdirs: dict[str, Path]) ->
     assert any("rolled back int8-head, fp8-head" in w for w in r["warnings"])
 
 
-def test_outdir_contents(outdirs: dict[str, Path]) -> None:
+def test_outdir_contents(outdirs: dict[str, Path], lm_dirs: dict[str, Path]) -> None:
+    for kind, d in lm_dirs.items():  # the input directories are never modified
+        assert _digest(d) == INPUT_DIGESTS[kind], kind
     out = outdirs["llama-int8"]
     for name in ("model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "report.json", "README.md"):
         assert (out / name).is_file(), name
