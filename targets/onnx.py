@@ -42,7 +42,7 @@ from surgeon.errors import SurgeonError, first_line
 from surgeon.inputs import Inputs, as_args_kwargs, call, tensors_of
 from surgeon.resources import publish_mode
 
-from ._cleanup import attention_heads_in_place, drop_softmax_nan_guards
+from ._cleanup import attention_gqa_in_place, attention_heads_in_place, drop_softmax_nan_guards
 from ._lowering import OPSET, translation_table
 
 IR_VERSION = 11  # onnxruntime 1.31 refuses IR 14 (what onnx.helper writes by default); 11 = the opset-23 era
@@ -329,6 +329,7 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
     _strip_node_metadata(model)
     if cleanup:
         drop_softmax_nan_guards(model)  # exact on finite inputs; 6.5 % of a MiniLM run (targets/_cleanup.py)
+        attention_gqa_in_place(model)  # GQA read by the op, not repeat_kv's copies of K and V (targets/_cleanup.py)
         attention_heads_in_place(model)  # the same computation without Q/K/V/output copies (targets/_cleanup.py)
     graph_inputs = list(model.graph.input)
     if len(names) == len(graph_inputs):

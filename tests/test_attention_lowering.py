@@ -78,6 +78,34 @@ def test_sdpa_lowers_to_one_attention_op_and_matches_torch(name: str, tmp_path: 
     assert np.abs(out - ref).max() <= 1e-5
 
 
+def test_gqa_with_a_padding_mask_reads_the_kv_heads_unrepeated(tmp_path: Path) -> None:
+    """With a mask, Hugging Face's Llama repeats each K/V head (repeat_kv: Unsqueeze, Expand, Reshape)
+    before scaled_dot_product_attention; the file's Attention op reads the 2 K/V heads itself."""
+    torch.manual_seed(0)
+    model = CASES["llama"][0]().eval()
+    example = _text_inputs(2, 12, pad=True)
+    gm = capture(model, example).gm
+    path = export_onnx(gm, example, tmp_path / "m.onnx", original=model)
+    graph = onnx.load(str(path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    attention = [n for n in graph.node if n.op_type == "Attention"]
+    def chain(name: str) -> list[str]:  # the ops that make an Attention input, nearest first
+        ops = []
+        while name in producer and len(ops) < 3:
+            ops.append(producer[name].op_type)
+            name = producer[name].input[0]
+        return ops
+
+    assert len(attention) == 2
+    assert all("Expand" not in chain(i) for n in attention for i in n.input[1:3]), [chain(n.input[1]) for n in attention]
+    other = _text_inputs(3, 20, pad=True)
+    with torch.no_grad():
+        ref = model(**other)[0].numpy()
+    out = run_ort(session(path), other)[0]
+    keep = other["attention_mask"].numpy().astype(bool)  # padded positions' outputs are not defined alike
+    assert np.abs(out - ref)[keep].max() <= 1e-5
+
+
 def test_eager_and_quantized_attention_are_declined_with_reasons(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = ManualAttention(dim=16, heads=2).eval()
