@@ -54,8 +54,8 @@ def _base_name(node: ast.expr) -> str:
     return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
 
 
-# Lazy registry: the six in-tree passes (attention-fp8, linear-quant, norm-fold, norm-gate, flow-fold,
-# flow-inverse) and whatever ``register`` adds.
+# Lazy registry: the in-tree passes (attention-fp8, linear-quant, norm-fold, norm-gate, flow-fold,
+# flow-inverse, kv-cache-quant) and whatever ``register`` adds.
 REGISTRY: dict[str, str | type] = dict(_discover())
 
 

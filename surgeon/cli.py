@@ -1,4 +1,4 @@
-"""``surgeon`` command line: analyze, optimize, export, passes, targets.
+"""``surgeon`` command line: analyze, optimize, export, generate, passes, targets.
 
 Every user error is a one-line message on stderr and a documented exit code (docs/errors.md):
 0 success, 2 bad input, 3 tolerance not met (best model still written), 4 would not fit in memory
@@ -59,8 +59,18 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
     args.target_given = args.target is not None  # the messages say when the target is the default one
     args.target = args.target or DEFAULT_TARGET
+    if args.target == DECODER_TARGET:  # a causal LM with its KV cache: its own pipeline (surgeon/pipeline/decoder.py)
+        from .pipeline.decoder import run_decoder_cli
+
+        return run_decoder_cli(args)
 
     return run_cli(args)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import run_generate_cli
+
+    return run_generate_cli(args)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -266,6 +276,7 @@ def _passes_help() -> str:
 # A user who deploys to a CPU server wants a file that is smaller *and* faster there: INT8 for ONNX
 # Runtime on x86 (portable 7-bit weights). FP8 files are dequantized on CPUs (slower than fp32).
 DEFAULT_TARGET = "onnx-int8"
+DECODER_TARGET = "onnx-decoder"  # causal LMs with their KV cache (surgeon/pipeline/decoder.py)
 
 
 def _targets_help() -> str:
@@ -332,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration data: text file (one sentence per line) for HF text models, "
                         "else a .pt file holding a list of input tuples")
     p.add_argument("--tolerance", default=None, metavar="T",
-                   help="end-to-end output cosine to keep (default 0.999, mean over the check set)")
+                   help="end-to-end output cosine to keep (default 0.999, mean over the check set); for "
+                        "--target onnx-decoder: ppl_increase=0.01,agreement=0.95 (the defaults)")
     p.add_argument("--target", default=None, help=_targets_help())
     p.add_argument("--force", action="store_true", help="replace an existing OUTDIR")
     p.add_argument("--force-passes", action="store_true",
@@ -353,6 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{_targets_help()}; targets that need passes (onnx-fp8, onnx-int8) are refused")
     p.add_argument("--force", action="store_true", help="replace an existing OUTDIR")
     p.set_defaults(handler=_cmd_export)
+
+    p = sub.add_parser("generate", help="generate text with a decoder OUTDIR (onnx-decoder) in onnxruntime")
+    p.add_argument("outdir", metavar="OUTDIR", help="a directory written by surgeon optimize --target onnx-decoder")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch, left-padded)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (seeded)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="temperature of --sample (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens in --sample (0: all)")
+    p.add_argument("--json", action="store_true", help="print prompts, completions and token ids as JSON")
+    p.set_defaults(handler=_cmd_generate)
 
     p = sub.add_parser("passes", help="list the registered passes and their options")
     p.add_argument("--json", action="store_true", help="machine-readable: name, summary, requires, options")

@@ -69,6 +69,15 @@ def run_export_cli(args: Any) -> int:
 
     name = getattr(args, "target", None) or "onnx"
     tgt = targets.get_target(name)  # unknown target: refused before any work
+    if name == "onnx-decoder":  # a causal LM with its cache, unchanged: the fp32 cache, no pass
+        from .pipeline.decoder import optimize_decoder
+
+        report = optimize_decoder(args.model, args.output, passes=[], target=name, force=bool(getattr(args, "force", False)))
+        v = report["verification"]
+        print(f"wrote {Path(args.output) / tgt.filename} (fp32 cache): ORT vs torch logits max abs diff "
+              f"{v['logits_max_abs_diff']:.3g} over {v['new_tokens']} steps, greedy tokens identical to torch generate: "
+              f"{'yes' if v['greedy_identical_to_torch_generate'] else 'no'}")
+        return 0
     refuse_pipeline_target(tgt)
     out = Path(args.output)
     force = bool(getattr(args, "force", False))

@@ -17,7 +17,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["Profile", "TORCH", "ORT_CPU", "ORT_CPU_FP8", "ORT_CPU_INT8", "ORT_CPU_INT8_VNNI", "KEEP"]
+__all__ = ["Profile", "TORCH", "ORT_CPU", "ORT_CPU_DECODER", "ORT_CPU_FP8", "ORT_CPU_INT8", "ORT_CPU_INT8_VNNI", "KEEP"]
 
 KEEP = "keep"  # the last rung of every ladder: the site stays as it is
 
@@ -161,3 +161,19 @@ ORT_CPU_INT8 = Profile(
 ORT_CPU_INT8_VNNI = dataclasses.replace(
     ORT_CPU_INT8, machine="x86-64 with AVX512-VNNI or AVX-VNNI: 8-bit weights (not exact on AVX2-only CPUs)",
     int8_weight_bits=8)
+
+# Decoder files for inference servers (targets/onnx_decoder.py): the key/value cache is the site. INT8
+# per kv-head first (ORT's GroupQueryAttention and servers keep INT8/FP8 caches with per-tensor or
+# per-head scales), FP8 e4m3fn per head next, else the fp32 cache ("keep"). On ORT CPU both 8-bit
+# caches are Cast + Mul in front of attention: they buy memory (0.25x cache bytes), not speed.
+ORT_CPU_DECODER = Profile(
+    runtime="onnxruntime-cpu",
+    machine="x86-64 (AVX2 or later)",
+    ladders=_freeze_ladders({"kv_cache": ("int8-head", "fp8-head", KEEP)}),
+    weight_layout="transposed",
+    int8_weight_bits=7,
+    uint8_activations=True,
+    fuses_attention=True,  # scaled_dot_product_attention -> the opset-23 Attention op
+    graph_requirements=("past_key_values.<i>.key/.value inputs and present.<i>.key/.value outputs in the "
+                        "cache's element type (float, int8 or float8e4m3fn)",),
+)

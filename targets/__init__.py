@@ -31,6 +31,7 @@ _REGISTRY: dict[str, "str | Target"] = {
     "onnx-fp8": "surgeon.targets.onnx_targets:ONNX_FP8",
     "onnx-int8": "surgeon.targets.onnx_targets:ONNX_INT8",
     "onnx-int8-vnni": "surgeon.targets.onnx_targets:ONNX_INT8_VNNI",
+    "onnx-decoder": "surgeon.targets.onnx_decoder:ONNX_DECODER",
 }
 
 TARGETS: tuple[str, ...] = ("onnx", "onnx-fp8", "onnx-int8", "onnx-int8-vnni")  # written by write_target beside model.pt2

@@ -33,6 +33,9 @@ from _models import MADE, AffineCoupling, Flow, TinyTransformer  # noqa: E402
 from flow_models import glow_like  # noqa: E402
 
 EXACT_NO_RECORDS = {"norm-fold"}  # exact rewrites: nothing for the guard to switch off
+# Passes that rewrite a decoder step's cache format (surgeon.decoder.DecoderStep, --target onnx-decoder),
+# not an fx graph: on any captured graph they decline, with the reason (their own guard is the decoder one).
+DECODER_STEP_PASSES = {"kv-cache-quant"}
 
 
 def _transformer(placement: str) -> Callable[[], tuple[nn.Module, tuple]]:
@@ -60,6 +63,7 @@ CASES: dict[str, tuple[Callable[[], tuple[nn.Module, tuple]], str | None]] = {
     "norm-gate": (_transformer("pre"), "norm-gate{steps=7}"),  # the final norm is no residual site
     "flow-fold": (_glow, None),  # no options
     "flow-inverse": (_flow, "flow-inverse{corrections=1,steps=10}"),
+    "kv-cache-quant": (_transformer("pre"), "kv-cache-quant{dtype=fp8,granularity=tensor}"),  # declines on fx graphs
 }
 
 
@@ -76,7 +80,7 @@ def _run(name: str, model: nn.Module, inputs: tuple, enabled: set[str] | None):
 
 def test_registry_is_lazy_and_complete() -> None:
     assert surgeon.passes.registered() == sorted(
-        ["attention-fp8", "linear-quant", "norm-fold", "norm-gate", "flow-fold", "flow-inverse"])
+        ["attention-fp8", "linear-quant", "norm-fold", "norm-gate", "flow-fold", "flow-inverse", "kv-cache-quant"])
     code = ("import sys, surgeon.passes, surgeon.pass_manager; "
             "print(sorted(m for m in sys.modules if m.startswith('surgeon.passes.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -110,6 +114,9 @@ def test_honours_enabled_sites_and_explains_skips(name: str) -> None:
         assert d.status in ("applied", "skipped")
         if d.status == "skipped":
             assert d.reason.strip(), d
+    if name in DECODER_STEP_PASSES:
+        assert not ctx.records and diags and all(d.status == "skipped" for d in diags), [d.to_json() for d in diags]
+        return
     assert any(d.status == "applied" for d in diags), [d.to_json() for d in diags]
     if name in EXACT_NO_RECORDS:
         assert not ctx.records  # by design (PassContext): an exact pass has no site to switch off

@@ -41,7 +41,7 @@ def test_registered_targets_are_described() -> None:
 def test_check_target_message() -> None:
     with pytest.raises(SurgeonError) as info:
         check_target("nope")
-    assert str(info.value) == "unknown target 'nope' (known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni)"
+    assert str(info.value) == "unknown target 'nope' (known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni, onnx-decoder)"
     with pytest.raises(SurgeonError):
         get_target("nope")
 

@@ -30,12 +30,13 @@ from torch import nn
 from ..errors import SurgeonError, first_line
 from ..inputs import Inputs, call, describe
 from .common import LoadedModel, size_one_notes
-from .factory import is_factory, load_factory
-from .hf import DEFAULT_TEXT, OTHER_TEXTS, is_hf, load_hf
+from .factory import call_factory, is_factory, load_factory
+from .hf import DEFAULT_TEXT, OTHER_TEXTS, LoadedDecoder, is_hf, load_hf, load_hf_causal_lm, refuse_encoder_decoder
 from .pickled import PICKLE_SUFFIXES, is_pickle, load_pickle
 from .pt2 import is_pt2, load_pt2
 
-__all__ = ["DEFAULT_TEXT", "LOADERS", "OTHER_TEXTS", "LoadedModel", "PICKLE_SUFFIXES", "load", "load_model"]
+__all__ = ["DEFAULT_TEXT", "LOADERS", "OTHER_TEXTS", "LoadedDecoder", "LoadedModel", "PICKLE_SUFFIXES", "load",
+           "load_decoder", "load_model"]
 
 Predicate = Callable[[str, Path], bool]
 Loader = Callable[..., LoadedModel]  # (source, path, *, trust_pickle, text) -> LoadedModel
@@ -109,3 +110,32 @@ def load(spec: str | os.PathLike, *, trust_pickle: bool = False, text: str | Non
     loaded = load_model(spec, trust_pickle=trust_pickle, text=text)
     return loaded.model, loaded.example_inputs
 
+
+
+def load_decoder(spec: str | os.PathLike) -> LoadedDecoder:
+    """A causal LM with its cache on (``use_cache=True``), for the ``onnx-decoder`` target: a Hugging Face
+    directory (``AutoModelForCausalLM``, its tokenizer) or ``package.module:factory`` returning the
+    model or ``(model, tokenizer)``. Other targets keep ``load_model`` (``AutoModel``, no cache)."""
+    source = os.fsdecode(os.fspath(spec))
+    path = Path(source).expanduser()
+    if is_factory(source, path):
+        result = call_factory(source)
+        model, tokenizer = (result[0], result[1]) if isinstance(result, (tuple, list)) and len(result) == 2 \
+            else (result, None)
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise SurgeonError(f"factory '{source}' must return a Hugging Face causal LM (or (model, tokenizer)) "
+                               f"for onnx-decoder, got {type(model).__name__}")
+        refuse_encoder_decoder(model.config, source)
+        if tokenizer is None or not callable(tokenizer):
+            raise SurgeonError(f"factory '{source}' returns no tokenizer: onnx-decoder needs one (return "
+                               "(model, tokenizer))")
+        if getattr(tokenizer, "pad_token", "") is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.config.use_cache = True
+        return LoadedDecoder(model.eval().float(), tokenizer, source, None)
+    if not path.exists():
+        raise SurgeonError(f"model path '{source}' does not exist")
+    if not path.is_dir():
+        raise SurgeonError(f"'{source}' is not a Hugging Face model directory nor package.module:factory: "
+                           "onnx-decoder needs a causal LM")
+    return load_hf_causal_lm(source, path)

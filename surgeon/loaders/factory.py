@@ -9,14 +9,14 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from torch import nn
 
 from ..errors import SurgeonError, first_line
 from .common import LoadedModel, as_inputs, refuse_text, type_names
 
-__all__ = ["FACTORY_RE", "is_factory", "load_factory"]
+__all__ = ["FACTORY_RE", "call_factory", "is_factory", "load_factory"]
 
 FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -39,8 +39,9 @@ def _cwd_importable() -> Iterator[None]:
             sys.path.remove(cwd)
 
 
-def load_factory(source: str, path: Path, *, trust_pickle: bool = False, text: str | None = None) -> LoadedModel:
-    refuse_text(text, source, "a factory")
+def call_factory(source: str) -> Any:
+    """Import ``package.module`` of ``source`` (the current directory importable) and return what
+    calling its factory returns; every failure is a one-line ``SurgeonError`` naming the factory."""
     module_name, attr = source.split(":")
     with _cwd_importable():
         importlib.invalidate_caches()  # a module written moments ago must be found
@@ -55,11 +56,16 @@ def load_factory(source: str, path: Path, *, trust_pickle: bool = False, text: s
         if not callable(factory):
             raise SurgeonError(f"factory '{source}' is not callable (it is a {type(factory).__name__})")
         try:
-            result = factory()  # still inside: a factory may import its siblings lazily
+            return factory()  # still inside: a factory may import its siblings lazily
         except SurgeonError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise SurgeonError(f"factory '{source}' raised {first_line(exc)}") from exc
+
+
+def load_factory(source: str, path: Path, *, trust_pickle: bool = False, text: str | None = None) -> LoadedModel:
+    refuse_text(text, source, "a factory")
+    result = call_factory(source)
     inputs = None
     if isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], nn.Module):
         inputs = as_inputs(result[1])

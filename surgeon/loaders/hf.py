@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,7 +18,8 @@ from ..errors import SurgeonError, first_line
 from ..inputs import forward_params
 from .common import BATCH, SEED, LoadedModel, max_positions, refuse_text, tokenize
 
-__all__ = ["DEFAULT_TEXT", "OTHER_TEXTS", "is_hf", "load_hf"]
+__all__ = ["DEFAULT_TEXT", "OTHER_TEXTS", "LoadedDecoder", "is_hf", "load_hf", "load_hf_causal_lm",
+           "refuse_encoder_decoder"]
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
 # Second sentence of the example batch; two candidates of different length so one always differs in
@@ -170,3 +172,63 @@ def load_hf(source: str, path: Path, *, trust_pickle: bool = False, text: str | 
         raise SurgeonError(f"cannot build example inputs for '{source}' ({type(model).__name__}): its forward "
                            "takes neither input_ids nor pixel_values; use package.module:factory")
     return LoadedModel(model, inputs, "hf", source, tokenizer=tokenizer, notes=notes)
+
+
+# ------------------------------------------------------------------------------------------------
+# causal LMs with their cache (the onnx-decoder target); the loader above keeps use_cache=False
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedDecoder:
+    """A causal LM in eval mode (fp32, ``use_cache=True``) with its tokenizer and where it came from."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: str
+    path: Path | None  # the Hugging Face directory (its config and tokenizer files go to OUTDIR)
+    notes: list[str] = field(default_factory=list)
+
+
+def refuse_encoder_decoder(config: Any, source: str) -> None:
+    """One line for a model whose cache the decoder capture cannot express: an encoder-decoder."""
+    if getattr(config, "is_encoder_decoder", False):
+        arch = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
+        raise SurgeonError(f"'{source}' is an encoder-decoder ({arch}): onnx-decoder captures decoder-only causal LMs "
+                           "(their self-attention key/value cache); an encoder-decoder's cross-attention cache is "
+                           "not expressed")
+
+
+def load_hf_causal_lm(source: str, path: Path) -> LoadedDecoder:
+    """``AutoModelForCausalLM.from_pretrained(dir, local_files_only=True)`` with ``use_cache=True`` and
+    its tokenizer; an encoder-decoder or a directory without a causal-LM head is refused in one line."""
+    if not (path / "config.json").is_file():
+        raise SurgeonError(f"directory '{source}' is not a Hugging Face model directory: no config.json")
+    weights = _hf_weights(path, source)
+    transformers = _import_transformers()
+    notes: list[str] = []
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001
+        raise SurgeonError(f"could not read the config of '{source}': {first_line(exc)}") from exc
+    refuse_encoder_decoder(config, source)
+    config.use_cache = True
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False, "config": config}
+    if weights in _PICKLED_WEIGHTS:
+        kwargs["weights_only"] = True
+    else:
+        kwargs["use_safetensors"] = True
+    try:
+        with _no_progress_bars(transformers):
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise SurgeonError(f"'{source}' ({type(config).__name__}) has no causal-LM head "
+                               "(AutoModelForCausalLM does not know it): onnx-decoder needs a decoder LM") from exc
+        raise SurgeonError(f"could not load causal LM from '{source}': {first_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise SurgeonError(f"could not load causal LM from '{source}': {first_line(exc)}") from exc
+    model.eval()
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+        model.float()
+        notes.append("weights converted to float32")
+    tokenizer = _load_tokenizer(transformers, path, source, notes)
+    return LoadedDecoder(model, tokenizer, source, path, notes)
