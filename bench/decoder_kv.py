@@ -8,7 +8,8 @@ trained on the Python standard library), calibrated on ``bench/data/decoder_cali
 on ``bench/data/decoder_heldout.txt`` (files it was never trained or calibrated on).
 
 Each file is written by the CLI as a user runs it (``surgeon optimize LM_DIR -o OUT --target
-onnx-decoder --passes … --calib …``, one subprocess each) and then read only through its file
+onnx-decoder --passes 'kv-cache-quant{…}' --calib …``; the fp32 cache ``surgeon export LM_DIR -o OUT
+--target onnx-decoder``; one subprocess each) and then read only through its file
 contract — Hugging Face Optimum's decoder-with-past convention: inputs ``input_ids``,
 ``attention_mask`` (past + new), ``position_ids``, ``past_key_values.<i>.key|value``
 ([batch, kv_heads, past, head_dim], the cache dtype read from the graph inputs); outputs
@@ -53,9 +54,9 @@ HELDOUT = DATA / "decoder_heldout.txt"
 THREADS = 2
 
 TARGET = "onnx-decoder"
-# What turns every pass off on the CLI (the fp32-cache file): one constant, so that a change of the
-# CLI's spelling is a one-line change here. None leaves --passes out (the target's default passes).
-PASSES_OFF: str | None = "none"
+# The fp32-cache file: no pass, which the CLI spells `surgeon export LM -o OUT --target onnx-decoder`
+# (docs/decoder.md); None in VARIANTS means that command.
+PASSES_OFF = None
 GRANULARITY = "head"
 VARIANTS: dict[str, str | None] = {  # row name → --passes
     "fp32": PASSES_OFF,
@@ -76,9 +77,13 @@ _ITEMSIZE = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2, "t
 
 
 def optimize(model_dir: Path, out: Path, passes: str | None, calib: Path) -> dict[str, Any]:
-    """``surgeon optimize`` as a user runs it; returns its report.json (plus the wall time)."""
-    cmd = [sys.executable, "-m", "surgeon", "optimize", str(model_dir), "-o", str(out), "--target", TARGET,
-           *(["--passes", passes] if passes is not None else []), "--calib", str(calib), "--force"]
+    """``surgeon optimize`` (``surgeon export`` for no pass) as a user runs it; returns its
+    report.json (plus the wall time)."""
+    if passes is None:
+        cmd = [sys.executable, "-m", "surgeon", "export", str(model_dir), "-o", str(out), "--target", TARGET, "--force"]
+    else:
+        cmd = [sys.executable, "-m", "surgeon", "optimize", str(model_dir), "-o", str(out), "--target", TARGET,
+               "--passes", passes, "--calib", str(calib), "--force"]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - t
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, passes in VARIANTS.items():
             passes = passes.format(g=args.granularity) if passes is not None else None
             dirs[name] = work / name
-            print(f"surgeon optimize … --passes {passes!r}", flush=True)
+            print(f"{name}: surgeon {'export' if passes is None else 'optimize'} … {passes or ''}", flush=True)
             written[name] = optimize(model_dir, dirs[name], passes, CALIB)
             print(f"  exit {written[name]['exit']}, {written[name]['wall_s']} s", flush=True)
     if "fp32" not in dirs:
