@@ -7,7 +7,11 @@ with a test run sharing the cores, load average 4). Writes:
   ``generation_config.json``, tokenizer files) plus ``training_files.txt`` / ``calib_files.txt`` /
   ``heldout_files.txt`` (which stdlib files went where) and ``training.json`` (settings, loss curve,
   held-out perplexity);
-* ``bench/data/decoder_calib.txt``: 64 prompts, one a line, from the calibration files only;
+* ``bench/data/decoder_calib.txt``: 64 calibration prompts, one a line, from the calibration files
+  only: each 1500 characters of one file (~550 tokens), its newlines written as spaces (a prompt
+  is a line of the ``--calib`` file);
+* ``bench/data/decoder_calib_lines.txt``: 64 prompts that are single source lines (~20 tokens):
+  the benchmark shows what calibrating on such short prompts does to an 8-bit cache;
 * ``bench/data/decoder_heldout.txt``: text of held-out files, never trained on.
 
 Why the standard library: it is the one sizeable text corpus every machine with Python has, so the
@@ -36,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "bench" / "data"
 OUT = DATA / "tiny-decoder"
 CALIB = DATA / "decoder_calib.txt"
+CALIB_LINES = DATA / "decoder_calib_lines.txt"
 HELDOUT = DATA / "decoder_heldout.txt"
 
 SEED = 0
@@ -50,6 +55,10 @@ HEADER = "# ---- stdlib file: {} ----\n"
 SKIP_TOP = {"test", "idlelib", "lib2to3", "turtledemo", "site-packages", "__pycache__", "encodings", "pydoc_data"}
 HELDOUT_BYTES = 160_000     # enough for ~50k tokens of perplexity; small enough to commit
 CALIB_PROMPTS = 64
+# Long enough to reach past the benchmark's 512-token perplexity windows: RoPE turns a key's
+# channels by an angle that grows with its position, so key ranges calibrated on the first ~20
+# positions miss those of later ones (bench/decoder_kv.py measures both calibrations).
+CALIB_CHARS = 1500
 
 MODEL = dict(
     vocab_size=VOCAB, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
@@ -84,7 +93,18 @@ def stdlib_files() -> list[tuple[str, str]]:
     return out
 
 
-def calib_prompts(files: list[tuple[str, str]], n: int) -> list[str]:
+def calib_long(files: list[tuple[str, str]], n: int, chars: int = CALIB_CHARS) -> list[str]:
+    """``n`` prompts of ``chars`` characters, each a stretch of one calibration file with its
+    newlines as spaces, taken in a round robin over the files (every third stretch of each)."""
+    flat = [" ".join(text.replace("\r", "").split("\n")) for _, text in files]
+    stretches = [[f[s:s + chars] for s in range(0, len(f) - chars + 1, 3 * chars)] for f in flat]
+    prompts: list[str] = []
+    for i in range(max(map(len, stretches))):
+        prompts += [st[i] for st in stretches if i < len(st) and st[i].strip()]
+    return [p.strip() for p in prompts[:n]]
+
+
+def calib_lines(files: list[tuple[str, str]], n: int) -> list[str]:
     """``n`` prompts, one line each: source lines of 50–200 characters (indentation kept), taken in
     a round robin over the calibration files so that no single file dominates."""
     per_file = [[ln.rstrip() for ln in text.splitlines() if 50 <= len(ln.rstrip()) <= 200] for _, text in files]
@@ -111,6 +131,12 @@ def heldout_text(files: list[tuple[str, str]], limit: int) -> tuple[str, list[st
         used.append(rel)
         size += len(parts[-1])
     return "".join(parts), used
+
+
+def write_data(prompts: list[str], prompt_lines: list[str], held: str) -> None:
+    CALIB.write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
+    CALIB_LINES.write_text("".join(p + "\n" for p in prompt_lines), encoding="utf-8")
+    HELDOUT.write_text(held, encoding="utf-8")
 
 
 def train_tokenizer(texts: list[str]):
@@ -164,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=TRAIN["steps"])
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data-only", action="store_true",
+                    help="only (re)write the calibration and held-out files from the split (no training)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one order of work: the same merges every run
@@ -178,7 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     for rel, text in files:
         split[split_of(rel)].append((rel, text))
     held, held_used = heldout_text(split["heldout"], HELDOUT_BYTES)
-    prompts = calib_prompts(split["calib"], CALIB_PROMPTS)
+    prompts = calib_long(split["calib"], CALIB_PROMPTS)
+    prompt_lines = calib_lines(split["calib"], CALIB_PROMPTS)
+    write_data(prompts, prompt_lines, held)
+    if args.data_only:
+        print(f"wrote {CALIB}, {CALIB_LINES}, {HELDOUT} (no training)", flush=True)
+        return 0
     train_texts = [t for _, t in split["train"]]
     print(f"stdlib {sysconfig.get_paths()['stdlib']}: {len(files)} files → train {len(split['train'])} "
           f"({sum(map(len, train_texts)) / 1e6:.1f} MB), calib {len(split['calib'])} ({len(prompts)} prompts), "
@@ -249,8 +282,6 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_perplexity": round(ppl, 4), "heldout_window": L, "loss_curve": curve,
         "wall_s": round(time.perf_counter() - t0, 1), "threads": args.threads,
     }, indent=1) + "\n", encoding="utf-8")
-    CALIB.write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
-    HELDOUT.write_text(held, encoding="utf-8")
 
     prompt = "def read_config(path):\n"
     x = tok(prompt, return_tensors="pt")

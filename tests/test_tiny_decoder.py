@@ -50,8 +50,11 @@ def test_heldout_and_calibration_files_were_never_trained_on() -> None:
     text = (DATA / "decoder_heldout.txt").read_text(encoding="utf-8")
     headers = re.findall(r"^# ---- stdlib file: (.+) ----$", text, flags=re.M)
     assert headers == _lines("heldout_files.txt")
-    prompts = (DATA / "decoder_calib.txt").read_text(encoding="utf-8").splitlines()
-    assert 32 <= len(prompts) <= 128 and all(p.strip() for p in prompts)
+    for name, chars in (("decoder_calib.txt", 1000), ("decoder_calib_lines.txt", 10)):
+        prompts = (DATA / name).read_text(encoding="utf-8").splitlines()
+        assert len(prompts) == 64 and all(len(p.strip()) >= chars for p in prompts), name
+        # Nothing calibrated on is measured on: no prompt occurs in the held-out text.
+        assert not [p for p in prompts if p.strip() in text], name
 
 
 def test_heldout_perplexity_is_far_below_uniform() -> None:
