@@ -4,8 +4,10 @@ Run: ``HF_HUB_OFFLINE=1 .venv/bin/python bench/decoder_kv.py`` (``make bench``; 
 Writes ``bench/results/decoder_kv.json`` and ``bench/results/decoder_kv.md``.
 
 Model: the tiny Llama of ``bench/train_decoder.py`` (``bench/data/tiny-decoder``, 4 layers, GQA 4:2,
-trained on the Python standard library), calibrated on ``bench/data/decoder_calib.txt``, measured
-on ``bench/data/decoder_heldout.txt`` (files it was never trained or calibrated on).
+trained on the Python standard library), calibrated on ``bench/data/decoder_calib.txt`` (64 prompts
+of ~550 tokens) and, in two more rows, on ``bench/data/decoder_calib_lines.txt`` (64 one-line
+prompts of ~20 tokens), measured on ``bench/data/decoder_heldout.txt`` (files it was never trained or
+calibrated on).
 
 Each file is written by the CLI as a user runs it (``surgeon optimize LM_DIR -o OUT --target
 onnx-decoder --passes 'kv-cache-quant{…}' --calib …``; the fp32 cache ``surgeon export LM_DIR -o OUT
@@ -49,7 +51,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "bench" / "data"
 MODEL_DIR = DATA / "tiny-decoder"
-CALIB = DATA / "decoder_calib.txt"
+CALIB = DATA / "decoder_calib.txt"              # 64 prompts of ~550 tokens (train_decoder.py)
+CALIB_LINES = DATA / "decoder_calib_lines.txt"  # 64 prompts of one source line (~20 tokens)
 HELDOUT = DATA / "decoder_heldout.txt"
 THREADS = 2
 
@@ -58,10 +61,16 @@ TARGET = "onnx-decoder"
 # (docs/decoder.md); None in VARIANTS means that command.
 PASSES_OFF = None
 GRANULARITY = "head"
-VARIANTS: dict[str, str | None] = {  # row name → --passes
-    "fp32": PASSES_OFF,
-    "int8": "kv-cache-quant{{dtype=int8,granularity={g}}}",
-    "fp8": "kv-cache-quant{{dtype=fp8,granularity={g}}}",
+_INT8 = "kv-cache-quant{{dtype=int8,granularity={g}}}"
+_FP8 = "kv-cache-quant{{dtype=fp8,granularity={g}}}"
+VARIANTS: dict[str, tuple[str | None, Path]] = {  # row name → (--passes, --calib)
+    "fp32": (PASSES_OFF, CALIB),
+    "int8": (_INT8, CALIB),
+    "fp8": (_FP8, CALIB),
+    # The same passes calibrated on one-line prompts: the cache's scales and key offsets then come
+    # from positions < ~40 only, and RoPE'd keys at later positions leave that range.
+    "int8, 1-line calib": (_INT8, CALIB_LINES),
+    "fp8, 1-line calib": (_FP8, CALIB_LINES),
 }
 # Bounds no 8-bit cache breaks: writes the pass's own format whatever it measures.
 LOOSE_TOLERANCE = "ppl_increase=100,agreement=0"
@@ -93,7 +102,8 @@ def optimize(model_dir: Path, out: Path, passes: str | None, calib: Path, tolera
     if proc.returncode not in (0, 3) or not (out / "model.onnx").is_file():
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    return {"command": " ".join(cmd[1:]), "exit": proc.returncode, "wall_s": round(wall, 1), "report": report}
+    shown = " ".join(cmd[1:]).replace(str(ROOT) + os.sep, "")  # repository-relative, as the docs show it
+    return {"command": shown, "exit": proc.returncode, "wall_s": round(wall, 1), "report": report}
 
 
 class Decoder:
@@ -293,20 +303,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         work = Path(args.work) if args.work else Path(tmp := tempfile.mkdtemp(prefix="decoder_kv."))
         dirs = {}
-        for name, passes in VARIANTS.items():
+        for name, (passes, calib) in VARIANTS.items():
             passes = passes.format(g=args.granularity) if passes is not None else None
-            dirs[name] = work / name
+            dirs[name] = work / re.sub(r"\W+", "-", name)
             print(f"{name}: surgeon {'export' if passes is None else 'optimize'} … {passes or ''}", flush=True)
-            written[name] = optimize(model_dir, dirs[name], passes, CALIB)
+            written[name] = optimize(model_dir, dirs[name], passes, calib)
             print(f"  exit {written[name]['exit']}, {written[name]['wall_s']} s", flush=True)
             chosen = (written[name]["report"].get("guard") or {}).get("chosen")
-            if passes is not None and chosen != f"{name}-{args.granularity}":
+            if passes is not None and chosen != f"{name.split(',')[0]}-{args.granularity}":
                 # The guard rolled the format back (to the next rung of the ladder, or the fp32
                 # cache): measure the format anyway, written with the guard's bounds opened, in a
                 # row of its own.
                 forced = f"{name} (guard opened)"
-                dirs[forced] = work / f"{name}-forced"
-                written[forced] = optimize(model_dir, dirs[forced], passes, CALIB, LOOSE_TOLERANCE)
+                dirs[forced] = work / (dirs[name].name + "-forced")
+                written[forced] = optimize(model_dir, dirs[forced], passes, calib, LOOSE_TOLERANCE)
                 print(f"  rolled back to {chosen}; {forced}: exit {written[forced]['exit']}", flush=True)
     if "fp32" not in dirs:
         raise SystemExit("need an fp32 row (fp32=DIR) to compare against")
