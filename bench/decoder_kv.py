@@ -177,14 +177,15 @@ class Decoder:
         if past is None:
             past = self.empty_past(ids.shape[0])
         out = self.sess.run_with_ort_values(self.outputs, self.feeds(ids, past, past_len))
+        self.last = out  # every output of the latest step, extra cache outputs included (for the bytes)
         return out[0].numpy(), out[1:1 + len(self.present_names)]
 
-    def cache_bytes_per_token(self, batch: int, seq: int, presents: list[Any]) -> float:
-        """Bytes of every present output (all layers, keys and values, and any extra cache outputs)
-        per sequence and token, from a run's shapes and the graph's dtypes."""
+    def cache_bytes_per_token(self, batch: int, seq: int) -> float:
+        """Bytes of every present output of the latest step (all layers, keys and values, and any
+        extra ``present*`` output) per sequence and token, from its shapes and the graph's dtypes."""
         outs = {o.name: o.type for o in self.sess.get_outputs()}
         total = 0.0
-        for name, value in zip(self.present_names, presents):
+        for name, value in zip(self.outputs[1:], self.last[1:]):
             total += math.prod(value.shape()) * _ITEMSIZE[outs[name]]
         return total / (batch * seq)
 
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, dec in decs.items():
             _, presents = dec.step(prefill, None, 0)
             caches[name] = presents
-            rows[name]["cache_bytes_per_token"] = dec.cache_bytes_per_token(BATCH, PAST, presents)
+            rows[name]["cache_bytes_per_token"] = dec.cache_bytes_per_token(BATCH, PAST)
         base = rows["fp32"]["cache_bytes_per_token"]
         for row in rows.values():
             row["cache_ratio"] = row["cache_bytes_per_token"] / base
