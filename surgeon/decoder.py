@@ -250,6 +250,10 @@ class DecoderStep(nn.Module):
     """One generation step of a Hugging Face causal LM with the cache as explicit tensors (see the
     module docstring); ``cache_format=None`` keeps an fp32 cache."""
 
+    key_scale: torch.Tensor  # buffers of an 8-bit cache: [L, 1, H or 1, 1, 1]
+    value_scale: torch.Tensor
+    key_offset: torch.Tensor  # [L, 1, H, 1, D]
+
     def __init__(self, lm: nn.Module, geometry: CacheGeometry, cache_format: CacheFormat | None = None) -> None:
         super().__init__()
         self.lm = lm
@@ -333,6 +337,6 @@ def collect_stats(lm: nn.Module, geometry: CacheGeometry, batches: Iterable[dict
         with torch.no_grad():
             lm(input_ids=batch["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True,
                **{"cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values": cache})
-        for i, layer in enumerate(cache.layers):
-            stats.update(i, layer.keys, layer.values, mask)
+        for i, layer in enumerate(cache.layers):  # DynamicLayer (check_standard_cache refused anything else)
+            stats.update(i, layer.keys, layer.values, mask)  # type: ignore[union-attr,arg-type]
     return stats

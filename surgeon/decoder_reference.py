@@ -24,9 +24,9 @@ __all__ = ["HfCacheRunner", "hf_generate", "hf_perplexity", "replay"]
 class HfCacheRunner:
     """The original causal LM with its own ``transformers.DynamicCache`` (step protocol)."""
 
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, lm: Any) -> None:
         self.lm = lm.eval()
-        self.layers = int(lm.config.num_hidden_layers)
+        self.layers = int(self.lm.config.num_hidden_layers)
         self.max_positions = None
         self._kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
@@ -59,7 +59,7 @@ def replay(runner: Any, steps: Sequence[dict[str, np.ndarray]]) -> list[float]:
     return diffs
 
 
-def hf_generate(lm: nn.Module, token_lists: Sequence[Sequence[int]], max_new_tokens: int, *, pad_id: int,
+def hf_generate(lm: Any, token_lists: Sequence[Sequence[int]], max_new_tokens: int, *, pad_id: int,
                 eos_id: int | None) -> list[list[int]]:
     """``lm.generate`` greedy on the left-padded batch: the new tokens of each row."""
     t = max(len(x) for x in token_lists)

@@ -163,8 +163,23 @@ class DecoderTarget(Target):
                                              "present_bytes_equal": same_cache}
         return {"target": self.name, "file": path.name, "bytes": path.stat().st_size, "opset": self.opset,
                 "cache_elem_type": {1: "float", 3: "int8", 17: "float8e4m3fn"}[want],
+                "ops": sorted({n.op_type for n in model.graph.node}), "ort_ops": self.ort_ops(path),
                 "session_config": self.session_config(path), "ort_vs_torch": diffs,
                 "max_abs_diff": max(d["logits_max_abs_diff"] for d in diffs.values())}
+
+    def ort_ops(self, path: str | os.PathLike) -> dict[str, int]:
+        """Op types (with counts) of the graph ORT's CPU provider runs, after its graph optimizations."""
+        import onnx
+
+        from .onnx import session
+
+        with tempfile.TemporaryDirectory() as tmp:
+            optimized = Path(tmp) / "optimized.onnx"
+            session(path, optimized_path=optimized)
+            counts: dict[str, int] = {}
+            for node in onnx.load(str(optimized), load_external_data=False).graph.node:
+                counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        return dict(sorted(counts.items()))
 
     def baseline(self, original: Any, example_inputs: Any, path: str | os.PathLike) -> None:
         self.export(original, path)

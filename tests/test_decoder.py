@@ -25,7 +25,7 @@ import onnx
 import pytest
 import torch
 from _cli import run_cli
-from _decoder_models import save_lm
+from _decoder_models import LINES, save_lm
 
 from surgeon.decoder_reference import HfCacheRunner, hf_generate, replay
 from surgeon.generate import generate, load_outdir, pad_and_eos
@@ -35,10 +35,19 @@ NEW = 32
 STEP_TOL = 1e-4  # max |Δlogits| per step, ORT vs torch (fp32 arithmetic in both; measured ≤ 3e-6)
 
 
+def _digest(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
 @pytest.fixture(scope="module")
 def lm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lms")
-    return {k: save_lm(k, root / k) for k in ("gpt2", "llama", "qwen2")}
+    dirs = {k: save_lm(k, root / k) for k in ("gpt2", "llama", "qwen2")}
+    INPUT_DIGESTS.update({k: _digest(d) for k, d in dirs.items()})
+    return dirs
+
+
+INPUT_DIGESTS: dict[str, dict[str, bytes]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +65,13 @@ def outdirs(lm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     out["llama"] = root / "llama"
     assert cli.main(["optimize", str(lm_dirs["llama"]), "-o", str(out["llama"]), "--target", "onnx-decoder",
                      "--tolerance", "ppl_increase=0,agreement=1"]) == 0
+    calib = root / "prompts.txt"  # the INT8 file is calibrated on --calib lines (a quarter held out)
+    calib.write_text("\n".join(LINES + [s.lower() for s in LINES]) + "\n")
     for dtype in ("int8", "fp8"):
         out[f"llama-{dtype}"] = root / f"llama-{dtype}"
         # FP8 e4m3fn (3 mantissa bits) costs this model +2.1 % perplexity: over the default +1 %, so its
         # file is written with a looser bound (the default would roll it back to the fp32 cache)
-        tol = ["--tolerance", "ppl_increase=0.05"] if dtype == "fp8" else []
+        tol = ["--tolerance", "ppl_increase=0.05"] if dtype == "fp8" else ["--calib", str(calib)]
         assert cli.main(["optimize", str(lm_dirs["llama"]), "-o", str(out[f"llama-{dtype}"]), "--target",
                          "onnx-decoder", "--passes", f"kv-cache-quant{{dtype={dtype}}}", *tol]) == 0
     return out
@@ -163,14 +174,44 @@ def test_impossible_tolerance_rolls_every_rung_back(outdirs: dict[str, Path]) ->
     assert any("rolled back int8-head, fp8-head" in w for w in r["warnings"])
 
 
-def test_outdir_contents(outdirs: dict[str, Path]) -> None:
+def test_outdir_contents(outdirs: dict[str, Path], lm_dirs: dict[str, Path]) -> None:
+    for kind, d in lm_dirs.items():  # the input directories are never modified
+        assert _digest(d) == INPUT_DIGESTS[kind], kind
     out = outdirs["llama-int8"]
     for name in ("model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "report.json", "README.md"):
         assert (out / name).is_file(), name
     assert not list(out.parent.glob("*.partial-*"))
-    readme = (out / "README.md").read_text()
-    assert "run_with_ort_values" in readme and "past_key_values" in readme
-    assert _report(out)["deploy"]["inputs"][3]["dtype"] == "int8"
+    r = _report(out)
+    assert r["deploy"]["inputs"][3]["dtype"] == "int8"
+    assert r["calibration"]["lines"] == 16 and r["calibration"]["held_out_lines"] == 4
+    assert r["calibration"]["independent"] and r["calibration"]["source"].endswith("prompts.txt")
+    ops = r["targets"]["onnx-decoder"]["ort_ops"]
+    assert "Attention" in r["targets"]["onnx-decoder"]["ops"] and ops
+
+
+@pytest.mark.parametrize("kind", ["llama-int8", "llama-fp8"])
+def test_outdir_readme_snippet_runs_without_torch_or_surgeon(kind: str, outdirs: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    import onnxruntime
+    import tokenizers
+
+    readme = (outdirs[kind] / "README.md").read_text()
+    (tmp_path / "snippet.py").write_text(readme.split("```python\n", 1)[1].split("```", 1)[0])
+    sites = sorted({str(Path(m.__file__).resolve().parents[1]) for m in (np, onnxruntime, tokenizers)})
+    check = textwrap.dedent(f"""
+        import sys
+        exec(compile(open({str(tmp_path / "snippet.py")!r}).read(), "README.md", "exec"))
+        assert "torch" not in sys.modules and "surgeon" not in sys.modules
+    """)
+    # -I -S: no site-packages (so no editable surgeon, no torch), only these packages' directories
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", f"import sys; sys.path[:0] = {sites!r}\n" + check],
+                          cwd=outdirs[kind], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
 
 
 def test_generate_cli(outdirs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:

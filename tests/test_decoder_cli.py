@@ -111,3 +111,22 @@ def test_factory_returning_a_causal_lm(lms: dict[str, Path], tmp_path: Path, mon
     assert (tmp_path / "out" / "tokenizer.json").is_file() and (tmp_path / "out" / "config.json").is_file()
     code, out, _ = run_cli(["generate", "out", "--prompt", "The quick", "--max-new-tokens", "3"], capsys)
     assert code == 0 and out.startswith("The quick")
+
+
+def test_ladder_and_tolerance_parsing(capsys: pytest.CaptureFixture) -> None:
+    from surgeon.passes import pass_class
+    from surgeon.pipeline.decoder import DecoderTolerance
+    from surgeon.targets import get_target
+
+    profile = get_target("onnx-decoder").profile
+    assert profile.formats("kv_cache") == ("int8-head", "fp8-head", "keep")
+    kvq = pass_class("kv-cache-quant")
+    assert kvq().rungs(profile) == ("int8-head", "fp8-head", "keep")
+    assert kvq(dtype="fp8").rungs(profile) == ("fp8-head", "keep")
+    assert kvq(granularity="tensor").rungs(profile) == ("int8-tensor", "keep")  # not on the profile's ladder
+    assert DecoderTolerance.parse(None) == DecoderTolerance(0.01, 0.95)
+    assert DecoderTolerance.parse("agreement=0.9") == DecoderTolerance(0.01, 0.9)
+    code, out, _ = run_cli(["passes", "--json"], capsys)
+    listed = {p["name"]: p for p in json.loads(out)["passes"]}
+    assert code == 0 and [o["name"] for o in listed["kv-cache-quant"]["options"]] == ["dtype", "granularity",
+                                                                                      "centre_keys"]
