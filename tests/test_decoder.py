@@ -185,6 +185,11 @@ def test_outdir_contents(outdirs: dict[str, Path], lm_dirs: dict[str, Path]) -> 
     assert r["deploy"]["inputs"][3]["dtype"] == "int8"
     assert r["calibration"]["lines"] == 16 and r["calibration"]["held_out_lines"] == 4
     assert r["calibration"]["independent"] and r["calibration"]["source"].endswith("prompts.txt")
+    # one-sentence prompts calibrate an 8-bit cache for early positions only: the report says so
+    assert r["calibration"]["longest_fit_tokens"] < 64
+    assert any(w.startswith(f"the calibration prompts are at most {r['calibration']['longest_fit_tokens']} tokens")
+               for w in r["warnings"]), r["warnings"]
+    assert not any("calibration prompts are at most" in w for w in _report(outdirs["llama"])["warnings"])  # fp32 cache
     ops = r["targets"]["onnx-decoder"]["ort_ops"]
     assert "Attention" in r["targets"]["onnx-decoder"]["ops"] and ops
 

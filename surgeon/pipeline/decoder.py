@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,6 +89,21 @@ class _KeepCache:
 
     def spec(self) -> str:
         return "none (fp32 cache)"
+
+
+# Calibration prompts shorter than this (tokens) get a warning with an 8-bit cache: the scales and key
+# offsets see only early positions, and RoPE rotates a key's channel pairs by an angle that grows with
+# position, so later keys can leave the calibrated ranges. On bench/data/tiny-decoder, INT8 per head
+# calibrated on ~20-token lines cost +2.7 % perplexity on 512-token windows, on ~550-token prompts
+# +0.01 % (docs/benchmarks.md, "Decoder KV cache"); the guard's held-out lines are as short as the
+# calibration's, so it cannot see this itself.
+SHORT_CALIBRATION = 256
+
+
+def short_calibration_warning(longest: int) -> str:
+    return (f"the calibration prompts are at most {longest} tokens: the cache's scales were fitted, and the "
+            f"guard checked, on positions < {longest} only; keys at later positions (rotated by RoPE) can fall "
+            f"outside those ranges. Calibrate on prompts as long as the contexts you serve (docs/decoder.md)")
 
 
 def _read_lines(path: str) -> list[str]:
@@ -274,6 +290,10 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *, pas
         "cache": final.cache_format.to_json() if final.cache_format is not None else {"dtype": "float32"},
         "warnings": warnings,
     }
+    longest = max(map(len, fit), default=0)
+    report["calibration"]["longest_fit_tokens"] = longest
+    if final.cache_format is not None and longest < min(SHORT_CALIBRATION, limit):
+        report["warnings"].append(short_calibration_warning(longest))
     rolled = [r["rung"] for r in rungs if r["status"] == "rolled_back"]
     if rolled:
         why = "; ".join(f"{r['rung']}: {r['reason']}" for r in rungs if r["status"] == "rolled_back")
@@ -329,6 +349,8 @@ def run_decoder_cli(args: Any) -> int:
     for r in g["rungs"]:
         print(f"kv cache {r['rung']}: {r['status']} — perplexity ×{r['ppl_ratio']:.4f}, greedy agreement "
               f"{r['agreement']:.4f} ({r['reason']})")
+    for w in report["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     c = v["cache_bytes_per_token"]
     print(f"file: cache {g['chosen']}, {c['file']:.0f} bytes/token ({c['ratio']:.2f}× fp32); perplexity "
           f"{v['perplexity']['file']:.4g} (fp32 torch {v['perplexity']['fp32_torch']:.4g}); greedy tokens vs torch "
