@@ -309,7 +309,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     rep = figures["reported"]
     if rep.get("latency_ratio") is not None:
         where = (figures.get("optimized_on") or {}).get("class", "the optimizing machine")
-        print(f"report.json (measured on {where}): latency {rep['latency_ratio']:.2f}×, size {rep['size_ratio']:.2f}×")
+        other = (f"cache {rep['cache_ratio']:.2f}×" if rep.get("cache_ratio") is not None
+                 else f"size {rep['size_ratio']:.2f}×")
+        print(f"report.json (measured on {where}): latency {rep['latency_ratio']:.2f}×, {other}")
     return 0
 
 

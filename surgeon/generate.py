@@ -47,14 +47,15 @@ class OrtRunner:
     """A decoder ONNX file in onnxruntime (CPU), the cache kept as ``OrtValue``s between steps (FP8
     codes have no numpy dtype; they travel as the session returned them)."""
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, max_positions: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, max_positions: int | None = None,
+                 spinning: bool | None = None) -> None:
         import onnxruntime as ort
 
         from . import targets  # type: ignore[attr-defined]
 
         self._ort = ort
         self.path = Path(path)
-        self.session = targets.get_target("onnx-decoder").session(self.path, threads=threads)
+        self.session = targets.get_target("onnx-decoder").session(self.path, threads=threads, spinning=spinning)
         ins = self.session.get_inputs()
         self.past_inputs = [i for i in ins if i.name.startswith("past_key_values.")]
         if not self.past_inputs or [i.name for i in ins[:3]] != ["input_ids", "attention_mask", "position_ids"]:

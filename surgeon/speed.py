@@ -10,6 +10,7 @@ kernels a CPU runs (AVX2 ``vpmaddubsw``, AVX512-VNNI / AVX-VNNI ``vpdpbusd``, AM
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -17,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-__all__ = ["cpu", "side_by_side", "measure", "bench_outdir", "DEFAULT_RUNS", "DEFAULT_THREADS"]
+__all__ = ["cpu", "side_by_side", "measure", "measure_decode_step", "bench_outdir", "DEFAULT_RUNS",
+           "DEFAULT_THREADS"]
 
 DEFAULT_RUNS = 20
 DEFAULT_WARMUP = 3
@@ -124,6 +126,44 @@ def _memory(target: Any, files: Mapping[str, str | os.PathLike], inputs: Any, th
     return out
 
 
+DECODE_PAST = 512  # the cache length a decoder OUTDIR's decode step is timed at (fewer when the model has fewer positions)
+DECODE_BATCH = 4
+
+
+def measure_decode_step(optimized: str | os.PathLike, original: str | os.PathLike, *, vocab: int,
+                        past: int = DECODE_PAST, batch: int = DECODE_BATCH, runs: int = DEFAULT_RUNS,
+                        threads: int = DEFAULT_THREADS) -> dict[str, Any]:
+    """``report["speed"]`` of a decoder OUTDIR: one decode step (one new token per row, after a cache of
+    ``past`` tokens that each file's own prefill wrote) of ``optimized`` against ``original`` (the
+    fp32-cache file), round robin in one process like ``measure``, plus the cache each holds then."""
+    import numpy as np
+
+    from .generate import OrtRunner
+
+    ids = (np.arange(batch * (past + 1), dtype=np.int64).reshape(batch, past + 1) * 7919) % vocab
+    mask = np.ones((batch, past + 1), dtype=np.int64)
+    pos = np.broadcast_to(np.arange(past + 1, dtype=np.int64), (batch, past + 1))
+    runners: dict[str, Callable[[], Any]] = {}
+    cache: dict[str, int] = {}
+    for key, path in (("original", original), ("optimized", optimized)):
+        runner = OrtRunner(path, threads=threads, spinning=False)
+        _, present = runner.step(ids[:, :past], mask[:, :past], np.ascontiguousarray(pos[:, :past]),
+                                 runner.empty_past(batch))
+        cache[key] = OrtRunner.cache_nbytes(present)
+        runners[key] = functools.partial(runner.step, ids[:, past:], mask, np.ascontiguousarray(pos[:, past:]), present)
+    timed = side_by_side(runners, runs=runs)
+    o, n = timed["original"]["median_ms"], timed["optimized"]["median_ms"]
+    size = {k: Path(p).stat().st_size for k, p in (("original", original), ("optimized", optimized))}
+    return {
+        "target": "onnx-decoder", "runtime": "onnxruntime-cpu",
+        "decode_step_ms": {k: round(v["median_ms"], 3) for k, v in timed.items()},
+        "latency_ratio": round(n / o, 4) if o > 0 else None,
+        "cache_bytes": cache, "cache_ratio": round(cache["optimized"] / cache["original"], 4) if cache["original"] else None,
+        "bytes": size, "past_length": past, "batch": batch, "threads": threads, "runs": runs,
+        "statistic": "median of one decode step, round robin in one process", "cpu": cpu(),
+    }
+
+
 def bench_outdir(outdir: str | os.PathLike, *, runs: int = DEFAULT_RUNS, threads: int = DEFAULT_THREADS) -> dict[str, Any]:
     """``surgeon bench OUTDIR``: measure an OUTDIR written by ``surgeon optimize`` again, on this machine
     (a serving host is not the machine that optimized): the file of its target against
@@ -149,6 +189,13 @@ def bench_outdir(outdir: str | os.PathLike, *, runs: int = DEFAULT_RUNS, threads
     missing = [f for f in files.values() if not (out / f).is_file()]
     if missing:
         raise SurgeonError(f"'{out}' lacks {', '.join(missing)}: copy the whole OUTDIR")
+    if "decode_step_ms" in report["speed"]:  # a decoder OUTDIR (surgeon optimize --target onnx-decoder)
+        sp = report["speed"]
+        figures = measure_decode_step(out / files["optimized"], out / files["original"], vocab=sp["vocab"],
+                                      past=sp["past_length"], batch=sp["batch"], runs=runs, threads=threads)
+        figures.update(files=files, vocab=sp["vocab"], optimized_on=sp.get("cpu"),
+                       reported={k: sp.get(k) for k in ("latency_ratio", "cache_ratio", "decode_step_ms")})
+        return figures
     from . import targets  # type: ignore[attr-defined]
 
     target = targets.get_target(report["speed"]["target"])

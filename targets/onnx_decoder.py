@@ -80,11 +80,11 @@ class DecoderTarget(Target):
     def unmet_promise(self, module: Any) -> str | None:
         return None  # an fp32 cache is a valid decoder file (the ladder's last rung)
 
-    def session(self, path: str | os.PathLike, *, threads: int | None = None) -> Any:
+    def session(self, path: str | os.PathLike, *, threads: int | None = None, spinning: bool | None = None) -> Any:
         """An ORT CPU session with surgeon's session config (``targets/onnx.session``)."""
         from .onnx import session
 
-        return session(path, threads=threads)
+        return session(path, threads=threads, spinning=spinning)
 
     def session_config(self, path: str | os.PathLike) -> dict[str, str]:
         from .onnx import session_config

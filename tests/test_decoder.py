@@ -190,6 +190,16 @@ def test_outdir_contents(outdirs: dict[str, Path], lm_dirs: dict[str, Path]) -> 
     assert any(w.startswith(f"the calibration prompts are at most {r['calibration']['longest_fit_tokens']} tokens")
                for w in r["warnings"]), r["warnings"]
     assert not any("calibration prompts are at most" in w for w in _report(outdirs["llama"])["warnings"])  # fp32 cache
+    # what the 8-bit cache bought on this machine: one decode step against the fp32-cache file beside it
+    sp = r["speed"]
+    assert sp["files"] == {"optimized": "model.onnx", "original": "bench/original.onnx"}
+    assert sp["cache_ratio"] == 0.25 and sp["cache_bytes"]["original"] == 4 * sp["cache_bytes"]["optimized"]
+    assert sp["decode_step_ms"]["optimized"] > 0 and sp["decode_step_ms"]["original"] > 0 and sp["batch"] == 4
+    assert sp["latency_ratio"] == pytest.approx(sp["decode_step_ms"]["optimized"] / sp["decode_step_ms"]["original"],
+                                                rel=1e-2)
+    original = onnx.load(str(out / "bench" / "original.onnx"), load_external_data=False)
+    assert original.graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert "speed" not in _report(outdirs["llama"]) and not (outdirs["llama"] / "bench").exists()  # fp32: nothing bought
     ops = r["targets"]["onnx-decoder"]["ort_ops"]
     assert "Attention" in r["targets"]["onnx-decoder"]["ops"] and ops
 
@@ -233,6 +243,16 @@ def test_generate_cli(outdirs: dict[str, Path], capsys: pytest.CaptureFixture) -
         assert code == 0
         runs.append(json.loads(stdout)["results"][0]["tokens"])
     assert runs[0] == runs[1] and runs[0] != runs[2]  # seeded: the same seed, the same tokens
+
+
+def test_surgeon_bench_times_a_decoder_outdir_again(outdirs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    code, stdout, _ = run_cli(["bench", str(outdirs["llama-int8"]), "--runs", "3", "--json"], capsys)
+    assert code == 0
+    figures = json.loads(stdout)
+    assert figures["cache_ratio"] == 0.25 and figures["runs"] == 3 and figures["past_length"] == 127
+    assert figures["reported"]["cache_ratio"] == 0.25 and figures["decode_step_ms"]["optimized"] > 0
+    code, stdout, _ = run_cli(["bench", str(outdirs["llama-int8"]), "--runs", "2"], capsys)
+    assert code == 0 and "one decode step at past 127, batch 4" in stdout and "cache 0.25×" in stdout, stdout
 
 
 def test_generate_refuses_a_prompt_longer_than_the_positions(outdirs: dict[str, Path],

@@ -105,6 +105,13 @@ def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
 
 def speed_line(sp: dict) -> str:
     """One line: what the written file bought on this machine (report.json's ``speed``)."""
+    if "decode_step_ms" in sp:  # a decoder OUTDIR: one decode step, and the cache it holds
+        lat = sp["decode_step_ms"]
+        return (f"speed on this machine ({sp['cpu']['class']}; {sp['runtime']}, {sp['threads']} threads, one decode "
+                f"step at past {sp['past_length']}, batch {sp['batch']}): latency {sp['latency_ratio']:.2f}× the "
+                f"fp32-cache file ({lat['optimized']:.2f} ms vs {lat['original']:.2f} ms, median of {sp['runs']}), "
+                f"cache {sp['cache_ratio']:.2f}× ({sp['cache_bytes']['optimized'] / 1e6:.1f} MB vs "
+                f"{sp['cache_bytes']['original'] / 1e6:.1f} MB)")
     shapes = ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in sp.get("inputs", {}).items()) or "example inputs"
     lat = sp["latency_ms"]
     return (f"speed on this machine ({sp['cpu']['class']}; {sp['runtime']}, {sp['threads']} threads, {shapes}): "

@@ -213,14 +213,15 @@ def _verify(path: Path, step: Any, lm: Any, prompts: list[list[int]], held: list
 
 def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *, passes: Any = None,
                      calib: str | None = None, tolerance: Any = None, target: str = "onnx-decoder",
-                     seed: int = 0, force: bool = False) -> dict[str, Any]:
+                     seed: int = 0, force: bool = False, speed: bool = True) -> dict[str, Any]:
     """Write a verified decoder OUTDIR for the causal LM ``model`` (a Hugging Face directory or
     ``package.module:factory``); return the report (what ``report.json`` holds).
 
     ``passes``: a pipeline spec or list of passes (``kv-cache-quant{...}`` only; default the target's
     default passes); ``calib``: a text file of lines (calibration prompts; a seeded quarter of them is
     held out for perplexity and agreement), else ``DEFAULT_DECODER_TEXT``; ``tolerance``: a
-    ``DecoderTolerance`` or its spec string."""
+    ``DecoderTolerance`` or its spec string; ``speed``: with an 8-bit cache, also write the fp32-cache
+    file to ``bench/original.onnx`` and time one decode step of each (``report["speed"]``)."""
     from .. import __version__, deploy, targets  # type: ignore[attr-defined]
     from ..decoder import DecoderStep, check_standard_cache, collect_stats
     from ..deploy import io_spec
@@ -320,6 +321,18 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *, pas
         (partial / "README.md").write_text(deploy.decoder_readme(spec, cache=cache_name, session_config=figures["session_config"],
                                                           layers=geometry.layers, title=f"model.onnx ({Path(loaded.source).name})"),
                                            encoding="utf-8")
+        if speed and final.cache_format is not None:
+            # what the 8-bit cache buys, on this machine: its decode step against the fp32-cache file's
+            from ..speed import DECODE_PAST, measure_decode_step
+
+            t = time.perf_counter()
+            (partial / "bench").mkdir()
+            tgt.baseline(step32, None, partial / "bench" / "original.onnx")
+            vocab = int(lm.config.vocab_size)
+            report["speed"] = {**measure_decode_step(partial / tgt.filename, partial / "bench" / "original.onnx",
+                                                     vocab=vocab, past=min(DECODE_PAST, limit - 1)),
+                               "vocab": vocab, "files": {"optimized": tgt.filename, "original": "bench/original.onnx"}}
+            timings["speed"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         report["verdict"] = {"status": "met" if not rolled else "met_by_rollback", "exit_code": 0,
@@ -327,8 +340,9 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *, pas
         (partial / "report.json").write_text(json.dumps(report, indent=2, default=_json_default), encoding="utf-8")
         from ..resources import publish_mode
 
-        for p in partial.iterdir():
-            publish_mode(p)
+        for p in partial.rglob("*"):
+            if p.is_file():
+                publish_mode(p)
     return report
 
 
@@ -344,7 +358,7 @@ def run_decoder_cli(args: Any) -> int:
     """``surgeon optimize LM -o OUTDIR --target onnx-decoder [--passes …] [--calib FILE] [--tolerance …]``."""
     report = optimize_decoder(args.model, args.output, passes=args.passes, calib=args.calib,
                               tolerance=args.tolerance, target=args.target, seed=getattr(args, "seed", 0),
-                              force=getattr(args, "force", False))
+                              force=getattr(args, "force", False), speed=getattr(args, "speed", True))
     g, v = report["guard"], report["verification"]
     for r in g["rungs"]:
         print(f"kv cache {r['rung']}: {r['status']} — perplexity ×{r['ppl_ratio']:.4f}, greedy agreement "
@@ -355,5 +369,10 @@ def run_decoder_cli(args: Any) -> int:
     print(f"file: cache {g['chosen']}, {c['file']:.0f} bytes/token ({c['ratio']:.2f}× fp32); perplexity "
           f"{v['perplexity']['file']:.4g} (fp32 torch {v['perplexity']['fp32_torch']:.4g}); greedy tokens vs torch "
           f"generate {v['greedy_agreement_vs_torch_generate']:.3f}; logits max |Δ| {v['logits_max_abs_diff']:.3g}")
+    sp = report.get("speed")
+    if sp:
+        print(f"bought: cache {sp['cache_ratio']:.2f}× the fp32 cache's bytes; decode step {sp['latency_ratio']:.2f}× "
+              f"the fp32-cache file's ({sp['decode_step_ms']['optimized']:.2f} vs {sp['decode_step_ms']['original']:.2f} ms "
+              f"at past {sp['past_length']}, batch {sp['batch']}, this machine; surgeon bench OUTDIR times it again)")
     print(f"written: {Path(args.output) / 'model.onnx'} ({Path(args.output) / 'report.json'})")
     return 0
