@@ -81,6 +81,25 @@ def publish_mode(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
+@contextlib.contextmanager
+def placed_file(outdir: str | os.PathLike, filename: str, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary file in ``outdir`` (created if needed) that becomes ``outdir/filename`` (with the
+    mode ``open()`` gives) when the block ends without error, and is removed otherwise: a reader
+    never sees a partial file."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{Path(filename).stem}-", suffix=suffix, dir=str(out))
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        publish_mode(tmp)  # mkstemp made it 0600
+        os.replace(tmp, out / filename)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def parse_bytes(text: str) -> int:
     """``"2G"`` → 2147483648; plain numbers are bytes; K/M/G/T are powers of 1024."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))

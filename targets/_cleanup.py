@@ -65,18 +65,28 @@ def _constants(graph: Any) -> dict[str, Any]:
     return protos
 
 
-def drop_softmax_nan_guards(model: onnx.ModelProto) -> int:
-    """Remove the guards described in the module docstring from ``model`` (in place); returns how many."""
-    graph = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
-        return 0  # a subgraph may read a value by name: not worth tracking for these files
+def _index(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]], set[str]]:
+    """(value → producing node, value → consuming nodes, graph output names) of ``graph``."""
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list[Any]] = {}
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    return producer, consumers, {o.name for o in graph.output}
+
+
+def _only_use(name: str, user: Any, consumers: dict[str, list[Any]], outputs: set[str]) -> bool:
+    """Whether ``user`` is the one reader of ``name`` (and it is no graph output): safe to rewire."""
+    return name not in outputs and [id(c) for c in consumers.get(name, [])] == [id(user)]
+
+
+def drop_softmax_nan_guards(model: onnx.ModelProto) -> int:
+    """Remove the guards described in the module docstring from ``model`` (in place); returns how many."""
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return 0  # a subgraph may read a value by name: not worth tracking for these files
+    producer, consumers, outputs = _index(graph)
     consts = _constants(graph)
-    outputs = {o.name for o in graph.output}
 
     def const(name: str) -> np.ndarray | None:
         t = consts.get(name)
@@ -144,18 +154,13 @@ def attention_heads_in_place(model: onnx.ModelProto) -> int:
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return 0
     shapes = _shapes(model)
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in graph.output}
+    producer, consumers, outputs = _index(graph)
 
     def perm(node: Any) -> list[int]:
         return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
 
     def only_use(name: str, user: Any) -> bool:
-        return name not in outputs and [id(c) for c in consumers.get(name, [])] == [id(user)]
+        return _only_use(name, user, consumers, outputs)
 
     def heads_of(name: str, user: Any) -> tuple[str, int, int] | None:
         """(3-d input, heads, head size) when ``name`` is T(R(x)) as above and read only by ``user``."""
@@ -229,15 +234,10 @@ def attention_gqa_in_place(model: onnx.ModelProto) -> int:
         return 0
     shapes = _shapes(model)
     consts = _constants(graph)
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in graph.output}
+    producer, consumers, outputs = _index(graph)
 
     def only_use(name: str, user: Any) -> bool:
-        return name not in outputs and [id(c) for c in consumers.get(name, [])] == [id(user)]
+        return _only_use(name, user, consumers, outputs)
 
     def unrepeated(name: str, user: Any) -> tuple[str, list[Any], int] | None:
         """(the [b, H_kv, s, d] input, the three nodes, n) when ``name`` is R(E(U(x))) read only by ``user``."""

@@ -28,7 +28,6 @@ import io
 import logging
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,7 +39,7 @@ from torch import fx, nn
 from surgeon.capture import auto_dynamic_shapes
 from surgeon.errors import SurgeonError, first_line
 from surgeon.inputs import Inputs, as_args_kwargs, call, tensors_of
-from surgeon.resources import publish_mode
+from surgeon.resources import placed_file
 
 from ._cleanup import attention_gqa_in_place, attention_heads_in_place, drop_softmax_nan_guards
 from ._lowering import OPSET, translation_table
@@ -669,12 +668,7 @@ def write_onnx(module: Any, example_inputs: Inputs, outdir: str | os.PathLike, *
     """Export, verify and atomically place ``OUTDIR/model.onnx``; return the verification figures.
 
     ``tolerance`` (max abs diff ORT vs torch module), when given, must hold or nothing is written."""
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".model-", suffix=".onnx.tmp", dir=str(outdir))
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with placed_file(outdir, filename, suffix=".onnx.tmp") as tmp:
         export_onnx(module, example_inputs, tmp, input_names=input_names, original=original, opset=opset)
         vin = verify_inputs if verify_inputs is not None else example_inputs
         figures = verify_onnx(tmp, module, vin, original=original, original_inputs=original_inputs,
@@ -682,12 +676,7 @@ def write_onnx(module: Any, example_inputs: Inputs, outdir: str | os.PathLike, *
         if tolerance is not None and figures["max_abs_diff"] > tolerance:
             raise SurgeonError(f"ONNX file differs from the torch module by {figures['max_abs_diff']:.3g} "
                                f"(tolerance {tolerance:g}); nothing written")
-        final = outdir / filename
-        publish_mode(tmp)  # mkstemp made it 0600
-        os.replace(tmp, final)
-        figures["file"] = final.name
-        figures["path"] = str(final)
-        return figures
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    final = Path(outdir) / filename
+    figures["file"] = final.name
+    figures["path"] = str(final)
+    return figures

@@ -111,24 +111,14 @@ class DecoderTarget(Target):
 
     def lower(self, module: Any, example_inputs: Any, outdir: str | os.PathLike, **kw: Any) -> dict[str, Any]:
         """Export, verify and atomically place ``OUTDIR/model.onnx``; return the figures (with ``path``)."""
-        from surgeon.resources import publish_mode
+        from surgeon.resources import placed_file
 
-        outdir = Path(outdir)
-        outdir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".model-", suffix=".onnx.tmp", dir=str(outdir))
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        with placed_file(outdir, self.filename, suffix=".onnx.tmp") as tmp:
             self.export(module, tmp)
             figures = self.verify(tmp, module, example_inputs)
-            final = outdir / self.filename
-            publish_mode(tmp)
-            os.replace(tmp, final)
-            figures["file"], figures["path"] = final.name, str(final)
-            return figures
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        final = Path(outdir) / self.filename
+        figures["file"], figures["path"] = final.name, str(final)
+        return figures
 
     def verify(self, path: str | os.PathLike, module: Any, inputs: Any, **kw: Any) -> dict[str, Any]:
         """Checker, cache element types, and ORT vs the torch step at (past, new) = (0, 5), (3, 4), (5, 1)."""
