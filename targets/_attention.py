@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import fx
 
+from ._cleanup import attention_calls
+
 __all__ = ["attention_lowering"]
 
 _FUSED_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
@@ -99,7 +101,7 @@ def attention_lowering(module: Any, path: str | os.PathLike) -> dict[str, Any]:
         return {}
     sites = analyze_graph(module).by_kind("attention")
     graph = onnx.load(str(path), load_external_data=False).graph
-    fused_nodes = [n for n in graph.node if n.op_type in _FUSED_OPS]
+    fused_nodes = [n for n in graph.node if n.op_type in _FUSED_OPS and n.op_type != "Attention"] + attention_calls(graph)
     masks = {n.input[3] for n in fused_nodes if len(n.input) > 3 and n.input[3]}
     records: list[dict[str, Any]] = []
     budget = len(fused_nodes)

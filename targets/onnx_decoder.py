@@ -26,6 +26,7 @@ from surgeon import profile as _profile
 from surgeon.errors import SurgeonError
 
 from ._base import Target
+from ._cleanup import all_nodes
 
 __all__ = ["DecoderTarget", "ONNX_DECODER", "CACHE_ELEM_TYPES"]
 
@@ -153,7 +154,7 @@ class DecoderTarget(Target):
                                              "present_bytes_equal": same_cache}
         return {"target": self.name, "file": path.name, "bytes": path.stat().st_size, "opset": self.opset,
                 "cache_elem_type": {1: "float", 3: "int8", 17: "float8e4m3fn"}[want],
-                "ops": sorted({n.op_type for n in model.graph.node}), "ort_ops": self.ort_ops(path),
+                "ops": sorted({n.op_type for n in all_nodes(model.graph)}), "ort_ops": self.ort_ops(path),
                 "session_config": self.session_config(path), "ort_vs_torch": diffs,
                 "max_abs_diff": max(d["logits_max_abs_diff"] for d in diffs.values())}
 

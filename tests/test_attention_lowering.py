@@ -17,6 +17,7 @@ from _models import ManualAttention
 
 from surgeon.capture import capture
 from surgeon.targets._attention import attention_lowering
+from surgeon.targets._cleanup import all_nodes, attention_calls
 from surgeon.targets.onnx import export_onnx, run_ort, session
 
 transformers = pytest.importorskip("transformers")
@@ -58,10 +59,10 @@ def test_sdpa_lowers_to_one_attention_op_and_matches_torch(name: str, tmp_path: 
     path = export_onnx(gm, example, tmp_path / "m.onnx", original=model)
 
     graph = onnx.load(str(path)).graph
-    ops = [n.op_type for n in graph.node]
-    assert ops.count("Attention") == 2 and "Softmax" not in ops, ops  # two layers, nothing decomposed
+    ops = [n.op_type for n in all_nodes(graph)]
+    attention = attention_calls(graph)
+    assert len(attention) == 2 and "Softmax" not in ops, ops  # two layers, nothing decomposed
     if name in ("bert", "gpt2"):  # Q, K, V straight from the projections: the 3-d form, no copies
-        attention = [n for n in graph.node if n.op_type == "Attention"]
         heads = {a.name: a.i for n in attention for a in n.attribute if a.name.endswith("num_heads")}
         assert heads == {"q_num_heads": 4, "kv_num_heads": 4}, heads
         assert "Transpose" not in ops
@@ -88,7 +89,8 @@ def test_gqa_with_a_padding_mask_reads_the_kv_heads_unrepeated(tmp_path: Path) -
     path = export_onnx(gm, example, tmp_path / "m.onnx", original=model)
     graph = onnx.load(str(path)).graph
     producer = {o: n for n in graph.node for o in n.output}
-    attention = [n for n in graph.node if n.op_type == "Attention"]
+    attention = attention_calls(graph)
+
     def chain(name: str) -> list[str]:  # the ops that make an Attention input, nearest first
         ops = []
         while name in producer and len(ops) < 3:
@@ -183,3 +185,42 @@ def test_attention_matrix_per_site_and_measured_peak_of_one_run(tmp_path: Path) 
         peaks[fused] = figures["run_peak_bytes"]
         assert 0.9 * matrix <= peaks[fused] <= 3 * matrix, (fused, figures)
     assert peaks[True] <= 1.05 * peaks[False], peaks
+
+
+def test_masks_that_mask_nothing_take_the_mask_free_call_and_both_branches_match_torch(tmp_path: Path) -> None:
+    """BERT's padding mask is built once; each Attention call becomes If(mask masks nothing): the
+    call without the mask, else the call with it. Unpadded and padded batches both match torch."""
+    torch.manual_seed(0)
+    model = CASES["bert"][0]().eval()
+    example = _text_inputs(2, 12, pad=True)
+    path = export_onnx(capture(model, example).gm, example, tmp_path / "m.onnx", original=model)
+    graph = onnx.load(str(path)).graph
+    branches = [n for n in graph.node if n.op_type == "If"]
+    assert len(branches) == 2 and all(n.name.endswith("_mask_elided") for n in branches)
+    calls = {a.name: [len(m.input) for m in a.g.node] for a in branches[0].attribute}
+    assert calls == {"then_branch": [3], "else_branch": [4]}, calls
+    conditions = [n for n in graph.node if n.op_type == "ReduceMin"]
+    assert len(conditions) == 1  # one shared mask, one reduction per run
+    sess = session(path)
+    for pad in (False, True):
+        other = _text_inputs(3, 20, pad=pad)
+        with torch.no_grad():
+            ref = model(**other)[0].numpy()
+        assert np.abs(run_ort(sess, other)[0] - ref).max() <= 1e-5, pad
+
+
+def test_residual_add_and_layer_norm_stay_two_ops_in_ort(tmp_path: Path) -> None:
+    """ORT would fuse Add → LayerNormalization into SkipLayerNormalization (2.4× slower on its CPU
+    kernel); the reshape between them keeps ORT's optimized graph at Add + LayerNormalization, and the
+    file still matches torch."""
+    from surgeon.targets.onnx_targets import _optimized
+
+    torch.manual_seed(0)
+    model = CASES["bert"][0]().eval()
+    example = _text_inputs(2, 12, pad=True)
+    path = export_onnx(capture(model, example).gm, example, tmp_path / "m.onnx", original=model)
+    ops = [n.op_type for n in _optimized(path).graph.node]
+    assert "SkipLayerNormalization" not in ops and ops.count("LayerNormalization") == 5, ops  # embeddings + 2 × 2
+    raw = tmp_path / "raw.onnx"
+    export_onnx(model, example, raw, cleanup=False)
+    assert "SkipLayerNormalization" in [n.op_type for n in _optimized(raw).graph.node]  # what it prevents
