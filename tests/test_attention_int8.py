@@ -1,0 +1,274 @@
+"""The attention-int8 pass: integer Q·K̃ᵀ and P·V (SageAttention's recipe with static scales).
+
+Each case is real behaviour: the rewritten module against ONNX Runtime bit for bit, ORT's optimized
+graph (integer kernels for both products), accuracy against the original, the exact decomposition
+(causal + GQA), refusals with their reasons, option errors, and the public ``surgeon.optimize`` path.
+
+Stated tolerances. Q, K̃, V in int8 (per head, max scale) and P in uint8 (scale 1/255): for a lone
+attention block (peaked attention, no residual) the output's cosine to the original is ≥ 0.999
+(measured 0.99990 on the held-out input below); a decomposition with quantization off (K centred)
+matches ``F.scaled_dot_product_attention`` to 1e-5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from surgeon.calibration import calibrate
+from surgeon.capture import capture
+from surgeon.errors import SurgeonError
+from surgeon.pass_manager import PassContext, parse_pipeline
+from surgeon.passes._sdpa import center_keys
+from surgeon.passes.attention_int8 import MANUAL, P_SCALE, AttentionINT8, INT8SDPA
+
+COS_BLOCK = 0.999  # rewritten lone attention block vs the original, held-out input
+EXACT = 1e-5  # the decomposition (quantization off) vs F.scaled_dot_product_attention
+TIE_MARGIN = 1e-4  # code units: torch and ORT compute Q, K̃, P upstream to ≤ ~1e-5 of a code apart
+
+APPLIED = ("INT8 Q, K, V (per head, max; symmetric) and uint8 P (static scale 1/255); Q·Kᵀ and P·V as "
+           "integer products; K mean-subtracted over the key axis")
+
+
+class SDPABlock(nn.Module):
+    """Projections around F.scaled_dot_product_attention (GQA when kv_heads < heads)."""
+
+    def __init__(self, dim=16, heads=2, kv_heads=2, causal=False, dropout_p=0.0, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.h, self.hkv, self.d = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.d)
+        self.out = nn.Linear(dim, dim)
+        with torch.no_grad():
+            self.q.weight.mul_(2.0)  # peaked attention: P far from uniform
+            self.kv.weight.mul_(2.0)
+        self.causal, self.dropout_p = causal, dropout_p
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q = self.q(x).reshape(B, L, self.h, self.d).transpose(1, 2)
+        k, v = self.kv(x).reshape(B, L, 2, self.hkv, self.d).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p, is_causal=self.causal,
+                                           enable_gqa=self.hkv != self.h)
+        return self.out(o.transpose(1, 2).reshape(B, L, -1))
+
+
+class ManualBlock(nn.Module):
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.h, self.d = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
+        return (torch.softmax(q @ k.transpose(-2, -1) * self.d ** -0.5, dim=-1) @ v).transpose(1, 2).reshape(B, L, -1)
+
+
+def _x(seed, b=2, l=16, dim=16):
+    return torch.randn(b, l, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _rewritten(model, seed=100, n=4, **kw):
+    fit = [(_x(seed + i, **kw),) for i in range(n)]
+    gm = capture(model, fit[0]).gm
+    result = AttentionINT8().call(gm, PassContext())
+    calibrate(gm, fit, progress=False)
+    return gm, result
+
+
+def _site(gm) -> INT8SDPA:
+    (site,) = [m for m in gm.modules() if isinstance(m, INT8SDPA)]
+    return site
+
+
+def _tie_distance(gm, x) -> float:
+    """The smallest distance, in code units, of any Q/s_q, K̃/s_k, V/s_v or P/s_p to a rounding tie (.5)."""
+    site, seen = _site(gm), {}
+    h1 = site.register_forward_pre_hook(lambda m, a, kw: seen.update(args=a, kwargs=kw), with_kwargs=True)
+    h2 = site.p.register_forward_pre_hook(lambda m, a: seen.update(p=a[0]))
+    with torch.no_grad():
+        gm(x)
+    h1.remove()
+    h2.remove()
+    q, k, v = (t.float() for t in seen["args"][:3])
+
+    def per_head(quant, t):
+        s = quant.scale
+        return t / (s.reshape(-1, 1, 1) if s.dim() else s)
+
+    scaled = [per_head(site.q, q), per_head(site.k, center_keys(k)), per_head(site.v, v), seen["p"] / P_SCALE]
+    return min(float(((t - t.floor()) - 0.5).abs().min()) for t in scaled)
+
+
+def _export_and_run(gm, model, x, tmp_path):
+    from surgeon.targets.onnx import export_onnx, run_ort, session
+
+    path = export_onnx(gm, (x,), tmp_path / "m.onnx", original=model)
+    return path, run_ort(session(path), (x,))[0]
+
+
+# --- 1 + 2: torch == ORT bit for bit; ORT runs both products as integer kernels ----------------------
+
+def test_ort_matches_torch_bit_for_bit_and_runs_integer_kernels(tmp_path):
+    model = SDPABlock().eval()
+    gm, result = _rewritten(model)
+    assert [(d.status, d.reason) for d in result.diagnostics] == [("applied", APPLIED)]
+    site = _site(gm)
+    assert tuple(site.q.scale.shape) == tuple(site.k.scale.shape) == (2,)  # per head
+    # a held-out input with no value within TIE_MARGIN of a rounding tie (the first seed from 200 on)
+    seed = next(s for s in range(200, 240) if _tie_distance(gm, _x(s)) > TIE_MARGIN)
+    x = _x(seed)
+    with torch.no_grad():
+        want = gm(x).numpy()
+    path, got = _export_and_run(gm, model, x, tmp_path)
+    assert np.array_equal(got, want)
+
+    # the file: uint8 QuantizeLinear (Q, K̃, V per head on axis 1; P per tensor), two MatMulInteger
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulInteger") == 2 and "Attention" not in ops
+    dims = {i.name: list(i.dims) for i in graph.initializer}
+    dims |= {n.output[0]: list(n.attribute[0].t.dims) for n in graph.node if n.op_type == "Constant"}
+    quants = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert sorted(str(dims[n.input[1]]) for n in quants) == ["[2]", "[2]", "[2]", "[]"]  # Q, K̃, V per head; P
+    assert all(next(a.i for a in n.attribute if a.name == "axis") == 1 for n in quants if dims[n.input[1]])
+
+    # ORT's optimized graph: integer kernels for both products, no float MatMul on P or on Q/K/V codes
+    from surgeon.targets.onnx_targets import _optimized, ort_fusion
+
+    opt = _optimized(path).graph
+    producers = {o: n for n in opt.node for o in n.output}
+    integer = [n for n in opt.node if n.op_type in ("MatMulInteger", "MatMulIntegerToFloat")]
+    assert len(integer) == 2
+
+    def source(name):  # the op a value comes from, looking through layout ops
+        n = producers.get(name)
+        while n is not None and n.op_type in ("Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze"):
+            n = producers.get(n.input[0])
+        return n.op_type if n is not None else None
+
+    for n in integer:
+        assert [source(i) for i in n.input[:2]] == ["QuantizeLinear", "QuantizeLinear"]
+    softmax_out = {o for n in opt.node if n.op_type == "Softmax" for o in n.output}
+    float_mm = [n for n in opt.node if n.op_type in ("MatMul", "FusedMatMul", "Gemm")]
+    assert not any(i in softmax_out for n in float_mm for i in n.input)
+    assert not any(source(i) == "QuantizeLinear" for n in float_mm for i in n.input)
+    assert ort_fusion(path) == {"integer_kernels": 2, "float_matmul_after_dequantize": 0}
+
+
+# --- 3: accuracy against the original ------------------------------------------------------------------
+
+def test_accuracy_against_the_original_on_held_out_input():
+    model = SDPABlock(seed=1).eval()
+    gm, _ = _rewritten(model)
+    with torch.no_grad():
+        for seed in (300, 301):
+            x = _x(seed, b=3, l=20)  # another batch size and length than calibration
+            ref, got = model(x), gm(x)
+            assert F.cosine_similarity(ref.flatten().double(), got.flatten().double(), dim=0).item() >= COS_BLOCK
+            assert not torch.equal(ref, got)  # it does quantize
+
+
+# --- 4: causal + GQA, decomposed exactly before quantization -------------------------------------------
+
+def test_causal_gqa_decomposition_is_exact_and_quantizes_per_kv_head(tmp_path):
+    model = SDPABlock(dim=32, heads=4, kv_heads=2, causal=True).eval()
+    gm, result = _rewritten(model, dim=32)
+    assert result.diagnostics[0].status == "applied"
+    site = _site(gm)
+    assert tuple(site.q.scale.shape) == (4,) and tuple(site.k.scale.shape) == tuple(site.v.scale.shape) == (2,)
+    x = _x(400, b=2, l=12, dim=32)
+    with torch.no_grad():
+        ref = model(x)
+        # quantization off, the same decomposition (K centred over the keys): the original to 1e-5
+        site.forward = site.float_reference
+        assert (gm(x) - ref).abs().max().item() <= EXACT
+        del site.forward
+        got = gm(x)
+        assert F.cosine_similarity(ref.flatten().double(), got.flatten().double(), dim=0).item() >= COS_BLOCK
+    assert _tie_distance(gm, x) > TIE_MARGIN
+    _, ort = _export_and_run(gm, model, x, tmp_path)
+    assert np.array_equal(ort, got.numpy())  # GQA expansion and the causal mask in ORT: the same bits
+
+
+# --- 5: skipped sites give their reason ------------------------------------------------------------------
+
+def test_skipped_sites_say_why():
+    gm = fx.symbolic_trace(SDPABlock(dropout_p=0.1).train())
+    result = AttentionINT8().call(gm, PassContext())
+    assert not result.modified
+    assert [(d.status, d.reason) for d in result.diagnostics] == [(
+        "skipped", "dropout_p=0.1 in a graph in training mode: the decomposition does not reproduce dropout "
+                   "(capture the model in eval mode)")]
+    gm = capture(ManualBlock().eval(), (_x(0),)).gm
+    result = AttentionINT8().call(gm, PassContext())
+    assert not result.modified and [(d.status, d.reason) for d in result.diagnostics] == [("skipped", MANUAL)]
+    # a target whose runtime profile lists no int8 attention (FP8 engines): declined, and said so
+    from surgeon.profile import ORT_CPU_FP8, ORT_CPU_INT8
+
+    gm = capture(SDPABlock().eval(), (_x(0),)).gm
+    result = AttentionINT8().call(gm, PassContext(profile=ORT_CPU_FP8))
+    (d,) = result.diagnostics
+    assert d.status == "skipped" and d.reason.startswith("the target's runtime profile (onnxruntime-cpu, ")
+    assert d.reason.endswith("has no 'int8' rung for attention (its ladder: fp8 > keep); the INT8 targets "
+                             "onnx-int8 / onnx-int8-vnni have one")
+    assert ORT_CPU_INT8.formats("attention") == ("int8", "fp8", "keep")
+    assert AttentionINT8().call(gm, PassContext(profile=ORT_CPU_INT8)).diagnostics[0].status == "applied"
+
+
+# --- 6: options --------------------------------------------------------------------------------------------
+
+def test_bad_options_are_refused_with_their_message():
+    with pytest.raises(ValueError, match=r"^granularity must be 'tensor' or 'head', got 'row'$"):
+        AttentionINT8(granularity="row")
+    with pytest.raises(SurgeonError, match=r"^option attention-int8\.granularity=row is not one of tensor, head$"):
+        parse_pipeline("attention-int8{granularity=row}")
+    with pytest.raises(SurgeonError, match=r"^unknown option 'bits' for pass 'attention-int8' \(options: granularity, method\)$"):
+        parse_pipeline("attention-int8{bits=4}")
+    (p,) = parse_pipeline("attention-int8{granularity=tensor,method=mse}")
+    assert p == AttentionINT8(granularity="tensor", method="mse")
+
+
+def test_granularity_tensor_gives_one_scale_and_stays_exact_in_ort(tmp_path):
+    model = SDPABlock(seed=2).eval()
+    fit = [(_x(500 + i),) for i in range(3)]
+    gm = capture(model, fit[0]).gm
+    AttentionINT8(granularity="tensor").call(gm, PassContext())
+    calibrate(gm, fit, progress=False)
+    assert _site(gm).q.scale.dim() == 0
+    x = _x(next(s for s in range(600, 640) if _tie_distance(gm, _x(s)) > TIE_MARGIN))
+    with torch.no_grad():
+        want = gm(x).numpy()
+    _, got = _export_and_run(gm, model, x, tmp_path)
+    assert np.array_equal(got, want)
+
+
+# --- 7: the public API (what the CLI runs), with the guard -------------------------------------------------
+
+def test_optimize_for_onnx_int8_goes_through_the_guard(tmp_path):
+    import surgeon
+
+    model = SDPABlock(seed=3).eval()
+    batches = [(_x(700 + i),) for i in range(8)]
+    res = surgeon.optimize(model, batches[0], batches, passes="attention-int8", target="onnx-int8")
+    (site,) = res.report["sites"]
+    assert site["pass"] == "attention-int8" and site["kind"] == "attention"
+    assert site["status"] in ("applied", "rolled_back")
+    # the guard measured it on the check batches, on its one rung
+    assert site["ladder"] == ["int8", "keep"] and site["solo_end_to_end"]["samples"] > 0
+    assert site["status"] == "applied" and site["rung"] == "int8", site  # cosine ≈ 0.9999 ≫ the default 0.999
+    assert res.report["verdict"]["status"] == "met"
+    out = res.save(tmp_path / "out")
+    import json
+
+    target = json.loads((out / "report.json").read_text())["targets"]["onnx-int8"]
+    assert target["max_abs_diff"] <= 1e-5 and target["ort_cpu"]["integer_kernels"] == 2
+    (record,) = target["attention"]["records"]
+    assert record["scores_probs"]["probs_dtype"] == "uint8"
+    assert record["scores_probs"]["probs_bytes"] * 4 == record["scores_probs"]["fp32_matrix_bytes"]
