@@ -21,15 +21,20 @@ GQA: K and V are quantized per KV head (their own scales), then expanded to Q's 
 SDPA sites are decomposed exactly (``surgeon.passes._sdpa.sdpa_reference``: default scale 1/√E,
 ``is_causal`` top-left aligned, boolean and additive masks, GQA) into one submodule
 ``surgeon_attention_int8_<i>``, which the verification guard switches like every site (rolled back it
-calls ``scaled_dot_product_attention`` again). ONNX lowering (``targets/_lowering.py``): each
-quantization is a ``QuantizeLinear`` to uint8, each product ``MatMulInteger → Cast → Mul``, which
+calls ``scaled_dot_product_attention`` again). Hand-written sites whose two products are ``matmul`` /
+``bmm`` get the same recipe on the graph's own products: Q·Kᵀ and P·V become the submodule's ``qk``
+and ``pv`` (integer products, rescaled per head), and the graph's scaling, masking and softmax between
+them stay as they were; K is centred only where every op up to the softmax preserves a per-row shift
+(else quantized as it is, and the diagnostic says which op). ONNX lowering (``targets/_lowering.py``):
+each quantization is a ``QuantizeLinear`` to uint8, each product ``MatMulInteger → Cast → Mul``, which
 ONNX Runtime's CPU provider runs as integer kernels.
 
 Skipped when: the graph is in training mode and SDPA has ``dropout_p > 0`` (the decomposition does
-not reproduce dropout); ``dropout_p`` is not a constant; the site is hand-written (explicit matmul /
-softmax: attention-fp8 takes those); the target's runtime profile has no ``int8`` rung in its
-attention ladder (only the INT8 profiles ``onnx-int8`` / ``onnx-int8-vnni`` list it; without a
-target there is no profile and the pass applies).
+not reproduce dropout); ``dropout_p`` is not a constant; a hand-written site computes a product with
+something else than matmul / bmm (einsum, baddbmm: attention-fp8 takes those), multiplies a tensor by
+itself, or was already rewritten; the target's runtime profile has no ``int8`` rung in its attention
+ladder (only the INT8 profiles ``onnx-int8`` / ``onnx-int8-vnni`` list it; without a target there is
+no profile and the pass applies).
 
 Not a default pass of any target, by measurement: on ONNX Runtime 1.32's CPU provider (AMD EPYC with
 AVX512-VNNI), one MiniLM layer at batch 4 × 512 tokens takes 9.6 ms as the fused float ``Attention``
@@ -48,11 +53,13 @@ from torch import Tensor, fx, nn
 
 from surgeon.analysis import GraphView, Site, analyze_graph
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
+from surgeon.passes._attention_graph import shift_preserving
 from surgeon.passes._fx import copy_meta
-from surgeon.passes._sdpa import AttentionQuant, sdpa_reference
+from surgeon.passes._sdpa import AttentionQuant, center_keys, sdpa_reference
 from surgeon.quant import Quantizer, matmul_integer, quantize_uint8
 
-__all__ = ["AttentionINT8", "INT8SDPA", "UInt8P", "CODE_ZERO", "P_SCALE", "RUNG"]
+__all__ = ["AttentionINT8", "INT8SDPA", "INT8ManualAttention", "IntegerQK", "IntegerPV", "UInt8P", "CODE_ZERO",
+           "P_SCALE", "RUNG"]
 
 PREFIX = "surgeon_attention_int8_"
 RUNG = "int8"  # this pass's format on the profiles' attention ladders
@@ -155,15 +162,89 @@ class INT8SDPA(nn.Module):
                               quant=AttentionQuant(center_k=True, k=lambda x: x))
 
 
+class IntegerQK(nn.Module):
+    """A hand-written site's Q·Kᵀ (``q @ kt``, ``kt`` = Kᵀ with the keys on its last axis) as an integer
+    product: ``float32(Q̂ · K̂ᵀ) · s_q s_k``; the graph's own scaling and mask follow it unchanged.
+
+    ``center``: K̃ = Kᵀ minus its mean over the keys (only where the ops up to the softmax preserve a
+    per-row shift, so that it changes nothing). During calibration the quantizers observe Q and K̃ and
+    the product is the original float one."""
+
+    def __init__(self, q: Quantizer, k: Quantizer, center: bool) -> None:
+        super().__init__()
+        self.q, self.k, self.center = q, k, center
+
+    def forward(self, q: Tensor, kt: Tensor) -> Tensor:
+        k = center_keys(kt, -1) if self.center else kt
+        if self.q.mode == "observe":
+            self.q(q)
+            self.k(k)
+            return torch.matmul(q, kt)
+        if not (self.q.active and self.k.active):
+            return torch.matmul(q, kt)
+        heads = q.size(-3) if q.dim() >= 4 else 1
+        scale = self.q.scale * _expand_heads(self.k.scale, heads)
+        acc = matmul_integer(_codes(self.q, q), _codes(self.k, k), CODE_ZERO, CODE_ZERO)
+        return (acc * _per_head(scale)).to(q.dtype)
+
+
+class IntegerPV(nn.Module):
+    """A hand-written site's P·V as an integer product: ``float32(P̂ · V̂) · s_p s_v`` (P̂ uint8, 1/255)."""
+
+    def __init__(self, p: UInt8P, v: Quantizer) -> None:
+        super().__init__()
+        self.p, self.v = p, v
+
+    def forward(self, p: Tensor, v: Tensor) -> Tensor:
+        if self.v.mode == "observe":
+            self.v(v)
+            return torch.matmul(p, v)
+        if not (self.p.active and self.v.active):
+            return torch.matmul(p, v)
+        heads = p.size(-3) if p.dim() >= 4 else 1
+        scale = self.p.scale * _expand_heads(self.v.scale, heads)
+        acc = matmul_integer(self.p(p), _codes(self.v, v), 0, CODE_ZERO)
+        return (acc * _per_head(scale)).to(v.dtype)
+
+
+class INT8ManualAttention(nn.Module):
+    """The two integer products of one hand-written site (``qk``, ``pv``: what the graph calls).
+
+    ``q``, ``k``, ``v``, ``p`` name their quantizers (the report finds quantized sites by them);
+    ``active`` switches the whole site (the verification guard's switch)."""
+
+    probs_dtype: ClassVar[str] = "uint8"
+
+    def __init__(self, method: str, axes: dict[str, int | None], center: bool) -> None:
+        super().__init__()
+        self.qk = IntegerQK(Quantizer("int8", axis=axes["q"], method=method),
+                            Quantizer("int8", axis=axes["k"], method=method), center)
+        self.pv = IntegerPV(UInt8P(), Quantizer("int8", axis=axes["v"], method=method))
+        self.rung: str = RUNG
+
+    q = property(lambda self: self.qk.q)
+    k = property(lambda self: self.qk.k)
+    v = property(lambda self: self.pv.v)
+    p = property(lambda self: self.pv.p)
+
+    @property
+    def active(self) -> bool:
+        return all(m.active for m in (self.q, self.k, self.v, self.p))
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        for m in (self.q, self.k, self.v, self.p):
+            m.active = value
+
+
 # --- the pass -----------------------------------------------------------------------------------
 
-MANUAL = ("hand-written attention (explicit matmul / softmax): attention-int8 rewrites "
-          "scaled_dot_product_attention sites only (attention-fp8 takes hand-written ones)")
+_PRODUCTS = ("matmul", "bmm")
 
 
 @dataclass(frozen=True)
 class AttentionINT8(Pass):
-    """Integer attention on every SDPA attention site (options: ``granularity``, ``method``)."""
+    """Integer attention on every attention site (options: ``granularity``, ``method``)."""
 
     name: ClassVar[str] = "attention-int8"
 
@@ -194,7 +275,7 @@ class AttentionINT8(Pass):
             elif site.variant == "sdpa":
                 outcome = self._sdpa(gm, view, site)
             elif site.variant == "manual":
-                outcome = MANUAL
+                outcome = self._manual(gm, view, site)
             else:
                 outcome = f"unknown attention variant '{site.variant}'"
             if isinstance(outcome, str):
@@ -272,3 +353,48 @@ class AttentionINT8(Pass):
         record = SiteRecord(site.id, "attention", site.module, self.name, subs, probe=new.name, reference=old_name,
                             rungs=(RUNG,))
         return record, self._describe(notes)
+
+
+    def _manual(self, gm: fx.GraphModule, view: GraphView, site: Site) -> tuple[SiteRecord, str] | str:
+        n = site.nodes
+        qk, sm, pv, q, k, p, v = (n[r] for r in ("qk", "softmax", "pv", "q", "k", "p", "v"))
+        for x in (q, k, p, v):
+            if x.op == "call_module" and str(x.target).startswith("surgeon_attention_"):
+                return f"already rewritten ('{x.target}')"
+        for what, prod in (("Q·Kᵀ", qk), ("P·V", pv)):
+            if view.op(prod) not in _PRODUCTS:
+                return (f"{what} is computed with {view.op(prod)}: attention-int8 takes hand-written sites whose "
+                        "products are matmul / bmm (attention-fp8 takes the others)")
+        if q is k:
+            return "Q·Kᵀ multiplies a tensor by itself: its two operands cannot be quantized separately"
+        if p is v:
+            return "P·V multiplies a tensor by itself: its two operands cannot be quantized separately"
+        notes: list[str] = []
+        why = shift_preserving(view, qk, sm, gm.training)
+        if why:
+            notes.append(f"K quantized without mean subtraction: {why}")
+        ranks = {role: view.ndim(x) for role, x in (("q", q), ("k", k), ("v", v), ("p", p))}
+        axes = {role: (r - 3 if r is not None and r >= 4 else None) for role, r in ranks.items()}
+        if self.granularity == "head" and any(ax is None for ax in axes.values()):
+            notes.append("per-tensor scales: no head axis ([B·H, L, D] layout or unknown shape)")
+            axes = dict.fromkeys(axes)
+        axes = {role: self._axis(ax) for role, ax in axes.items()}
+        module = INT8ManualAttention(self.method, axes, center=not why)
+        name = self._new_name(gm)
+        gm.add_submodule(name, module)
+        g = gm.graph
+        old_pv = pv.name
+        with g.inserting_before(qk):
+            new_qk = g.call_module(f"{name}.qk", (q, k))
+        with g.inserting_before(pv):
+            new_pv = g.call_module(f"{name}.pv", (p, v))
+        for new, old in ((new_qk, qk), (new_pv, pv)):
+            copy_meta(new, old)
+            old.replace_all_uses_with(new)
+            g.erase_node(old)
+        record = SiteRecord(site.id, "attention", site.module, self.name, [name], probe=new_pv.name,
+                            reference=old_pv, rungs=(RUNG,))
+        text = self._describe(notes)
+        if why:
+            text = text.replace("; K mean-subtracted over the key axis", "")
+        return record, text

@@ -76,12 +76,15 @@ def _integer_probs(module: fx.GraphModule, path: str) -> dict[str, Any] | None:
     sub = module.get_submodule(path)
     if getattr(sub, "probs_dtype", None) != "uint8":
         return None
-    node = next((n for n in module.graph.nodes if n.op == "call_module" and str(n.target) == path), None)
-    q = _example_size(node.args[0]) if node is not None and len(node.args) > 1 else None
-    k = _example_size(node.args[1]) if node is not None and len(node.args) > 1 else None
-    if not q or not k or len(q) < 2 or len(k) < 2:
+    calls = {str(n.target): n for n in module.graph.nodes if n.op == "call_module"}
+    if path in calls and len(calls[path].args) > 1:  # an SDPA site: called with (query, key, value)
+        q, k = _example_size(calls[path].args[0]), _example_size(calls[path].args[1])
+        shape = [*q[:-1], k[-2]] if q and k and len(q) >= 2 and len(k) >= 2 else None
+    else:  # a hand-written site: its P·V product is called with (P, V)
+        pv = calls.get(f"{path}.pv")
+        shape = _example_size(pv.args[0]) if pv is not None and pv.args else None
+    if not shape:
         return None
-    shape = [*q[:-1], k[-2]]
     entries = 1
     for d in shape:
         entries *= d
