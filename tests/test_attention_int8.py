@@ -177,6 +177,27 @@ def test_ort_matches_torch_bit_for_bit_and_runs_integer_kernels(tmp_path):
     assert ort_fusion(path) == {"integer_kernels": 2, "float_matmul_after_dequantize": 0}
 
 
+def test_integer_product_rounds_like_ort_past_two_to_the_24(tmp_path):
+    """Sums past 2^24 (float32 no longer holds every integer): torch's exact sum rounded once equals
+    ORT's int32 MatMulInteger → Cast(to=FLOAT), whatever the summation order of either side."""
+    from surgeon.quant import matmul_integer
+    from surgeon.targets.onnx import export_onnx, run_ort, session
+
+    class Product(nn.Module):
+        def forward(self, a, b):
+            return matmul_integer(a, b, 3, 200)
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(200, 256, (2, 3, 5, 4000), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 10, (2, 3, 4000, 7), dtype=torch.uint8, generator=g)
+    want = Product()(a, b)
+    exact = (a.long() - 3) @ (b.long() - 200)
+    assert exact.abs().min() > 2 ** 24 and not torch.equal(want.double(), exact.double())  # rounded
+    assert torch.equal(want, exact.double().float())
+    path = export_onnx(Product(), (a, b), tmp_path / "p.onnx", dynamic_shapes=None)
+    assert np.array_equal(run_ort(session(path), (a, b))[0], want.numpy())
+
+
 # --- 3: accuracy against the original ------------------------------------------------------------------
 
 def test_accuracy_against_the_original_on_held_out_input():
