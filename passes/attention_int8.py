@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from surgeon.analysis import GraphView, Site, analyze_graph
+from surgeon.errors import SurgeonError
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
 from surgeon.passes._attention_graph import shift_preserving
 from surgeon.passes._fx import copy_meta
@@ -147,8 +148,6 @@ class INT8SDPA(nn.Module):
                                                   enable_gqa=enable_gqa)
         for role in (self.q, self.k, self.v):
             if not role.calibrated:
-                from surgeon.errors import SurgeonError
-
                 raise SurgeonError(f"quantizer {role.name or '(unnamed)'} is in quant mode but was never calibrated")
         hooks = AttentionQuant(q=lambda x: _codes(self.q, x), k=lambda x: _codes(self.k, x),
                                v=lambda x: _codes(self.v, x), p=self.p, qk=self._qk, pv=self._pv, center_k=True)
