@@ -1,17 +1,23 @@
-"""A tiny Vision Transformer on scikit-learn's digits, to measure what ``attention-fp8`` costs in top-1.
+"""A tiny Vision Transformer on scikit-learn's digits, to measure what ``attention-fp8`` and
+``attention-int8`` cost in top-1.
 
 The data are real (1797 handwritten 8×8 digits shipped with scikit-learn, no download): a stratified
 80/20 split with a fixed seed gives 1437 training and 360 held-out images. The model cuts an image
 into 2×2 patches (16 tokens + a class token), dim 48, 2 pre-norm blocks, 4 heads; it trains in a few
 seconds on one CPU thread with a fixed seed.
 
-Protocol: train in fp32 → capture → ``attention-fp8`` → calibrate on training images only →
-top-1 on the held-out split, compared with the fp32 model on the same split.
+Protocol: train in fp32 → capture → the pass on every attention site (``attention-fp8``,
+``attention-fp8{p_bits=1}``, ``attention-int8``) → calibrate on training images only → top-1 on the
+held-out split, compared with the fp32 model on the same split. No guard: every site stays
+substituted. The integer-attention model is also exported to ONNX (surgeon's writer) and its top-1
+measured in ONNX Runtime (CPU), which runs both products as ``MatMulInteger``.
 
-    python bench/digits_vit.py                 # prints the table, fp32 / FP8 / binary-P
+    python bench/digits_vit.py                 # prints the table, fp32 / FP8 / binary-P / INT8
+    python bench/digits_vit.py --seeds 0 1 2   # three seeds (three trained models and splits)
     python bench/digits_vit.py --json out.json # also writes the figures
 
-Importable: ``load_split``, ``TinyViT``, ``train``, ``accuracy``, ``evaluate_attention_fp8``.
+Importable: ``load_split``, ``TinyViT``, ``train``, ``accuracy``, ``evaluate_attention_fp8`` (any
+pipeline spec), ``onnxruntime_top1``.
 """
 
 from __future__ import annotations
@@ -164,33 +170,80 @@ def evaluate_attention_fp8(model: nn.Module, x_fit: Tensor, x_test: Tensor, y_te
             "model": gm}
 
 
+def onnxruntime_top1(gm: nn.Module, x_test: Tensor, y_test: Tensor, batch: int = 256) -> float:
+    """Top-1 (%) of ``gm`` exported by surgeon's ONNX writer and run in ONNX Runtime's CPU provider."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from surgeon.targets.onnx import export_onnx, session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(gm, (x_test[:batch],), Path(tmp) / "model.onnx")
+        sess = session(path, threads=1)
+        name = sess.get_inputs()[0].name
+        correct = 0
+        for i in range(0, len(y_test), batch):
+            logits = sess.run(None, {name: x_test[i:i + batch].numpy()})[0]
+            correct += int((np.argmax(logits, -1) == y_test[i:i + batch].numpy()).sum())
+    return 100.0 * correct / len(y_test)
+
+
+SPECS = ("attention-fp8", "attention-fp8{p_bits=1}", "attention-int8")
+
+
+def run_seed(seed: int, epochs: int, attn: Attn) -> dict:
+    data = load_split(seed)
+    x_train, _, x_test, y_test = data
+    start = time.perf_counter()
+    model, fp32 = train(seed, epochs, attn, data=data)
+    train_s = time.perf_counter() - start
+    rows: dict = {"fp32": {"top1": fp32, "train_seconds": round(train_s, 2)}}
+    print(f"digits ViT ({attn} attention), seed {seed}: {len(x_train)} train / {len(y_test)} held-out images")
+    print(f"  fp32                          top-1 {fp32:6.2f} %   (trained in {train_s:.1f} s)")
+    for spec in SPECS:
+        r = evaluate_attention_fp8(model, x_train, x_test, y_test, spec)
+        gm = r.pop("model")
+        r["drop_points"] = round(fp32 - r["top1"], 2)
+        line = (f"  {spec:<29} top-1 {r['top1']:6.2f} %   drop {r['drop_points']:+.2f} points, "
+                f"agrees with fp32 on {r['agreement_with_fp32']:.1f} % ({r['applied']} sites)")
+        if spec == "attention-int8":
+            r["top1_onnxruntime"] = onnxruntime_top1(gm, x_test, y_test)
+            line += f"; in ONNX Runtime {r['top1_onnxruntime']:.2f} %"
+        rows[spec] = r
+        print(line)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", help="several seeds (overrides --seed)")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--attn", choices=["sdpa", "manual"], default="sdpa")
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args(argv)
 
-    data = load_split(args.seed)
-    x_train, _, x_test, y_test = data
+    seeds = args.seeds or [args.seed]
     start = time.perf_counter()
-    model, fp32 = train(args.seed, args.epochs, args.attn, data=data)
-    train_s = time.perf_counter() - start
-    rows = {"fp32": {"top1": fp32, "train_seconds": round(train_s, 2)}}
-    print(f"digits ViT ({args.attn} attention), seed {args.seed}: {len(x_train)} train / {len(y_test)} held-out images")
-    print(f"  fp32                          top-1 {fp32:6.2f} %   (trained in {train_s:.1f} s)")
-    for spec in ("attention-fp8", "attention-fp8{p_bits=1}"):
-        r = evaluate_attention_fp8(model, x_train, x_test, y_test, spec)
-        r.pop("model")
-        r["drop_points"] = round(fp32 - r["top1"], 2)
-        rows[spec] = r
-        print(f"  {spec:<29} top-1 {r['top1']:6.2f} %   drop {r['drop_points']:+.2f} points, "
-              f"agrees with fp32 on {r['agreement_with_fp32']:.1f} % ({r['applied']} sites)")
+    runs = {}
+    for i, seed in enumerate(seeds):
+        if i:
+            print()
+        runs[seed] = run_seed(seed, args.epochs, args.attn)
+    if len(seeds) > 1:
+        print(f"\n{len(seeds)} seeds in {time.perf_counter() - start:.0f} s; top-1 drop (points) per seed:")
+        for spec in SPECS:
+            drops = ", ".join(f"{runs[s][spec]['drop_points']:+.2f}" for s in seeds)
+            print(f"  {spec:<29} {drops}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"seed": args.seed, "attn": args.attn, "epochs": args.epochs, "results": rows}, f, indent=2)
-    return rows
+            payload = {"seed": seeds[0], "attn": args.attn, "epochs": args.epochs, "results": runs[seeds[0]]}
+            if len(seeds) > 1:
+                payload["seeds"] = {str(s): runs[s] for s in seeds}
+            json.dump(payload, f, indent=2)
+    return runs[seeds[0]] if len(seeds) == 1 else runs
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ RESULTS = BENCH / "results"
 BENCHMARKS: dict[str, tuple[list[str], bool]] = {
     "analyze_bert": ([], False),          # issue 2: analyze a 12×768 BERT
     "optimize_minilm": ([], False),       # issue 3: optimize MiniLM, memory 8 vs 128 batches, p_bits=1
-    "digits_vit": (["--seed", "0"], False),  # issue 3: attention-fp8 top-1 drop on a digits ViT
+    "digits_vit": (["--seeds", "0", "1", "2"], False),  # issues 3, 16: attention-fp8 / -int8 top-1 drop, digits ViT
     "onnx_minilm": ([], True),            # issue 4: ORT latency/size/cosine, surgeon vs ORT's quantizers
     "int8_gemm": ([], True),              # issue 4: one linear layer, fp32 vs INT8 kernels in ORT (the floor)
     "attention_kernels": ([], True),      # issue 16: one attention layer, fused float vs integer kernels in ORT

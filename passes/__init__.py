@@ -54,7 +54,7 @@ def _base_name(node: ast.expr) -> str:
     return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
 
 
-# Lazy registry: the in-tree passes (attention-fp8, linear-quant, norm-fold, norm-gate, flow-fold,
+# Lazy registry: the in-tree passes (attention-fp8, attention-int8, linear-quant, norm-fold, norm-gate, flow-fold,
 # flow-inverse, kv-cache-quant) and whatever ``register`` adds.
 REGISTRY: dict[str, str | type] = dict(_discover())
 

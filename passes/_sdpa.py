@@ -16,6 +16,8 @@ torch (CPU) applies ``is_causal`` and ``attn_mask`` together when both are given
 Quantization (``quant``) hooks act on fp32 values: Q, K (after subtracting its mean over the key axis
 — exact, because it shifts every score row ``q·k_j`` by the same ``q·k̄``, and softmax is invariant to
 a per-row shift), V, and P (a per-element map, or a map that also sees V for fitted approximations).
+The two products can be replaced too (``qk``, ``pv``): integer attention quantizes Q, K, V and P to
+integer codes and multiplies the codes, so its hooks return codes and its products take them.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ class AttentionQuant:
     ``k`` receives K already centred over the key axis when ``center_k`` (the exact shift above);
     ``p`` maps P element-wise; ``p_given_v`` (used instead of ``p`` when set) maps P knowing V — the
     fitted binary approximation needs V to measure the P·V error it minimises. Both P hooks see V
-    and P after GQA expansion, i.e. with Q's head count."""
+    and P after GQA expansion, i.e. with Q's head count.
+
+    ``qk(q, k, scale)`` replaces ``(q @ kᵀ) · scale`` and ``pv(p, v)`` replaces ``p @ v`` (both on the
+    hooks' outputs, K and V after GQA expansion): integer attention multiplies integer codes there."""
 
     q: Optional[TensorMap] = None
     k: Optional[TensorMap] = None
@@ -47,6 +52,8 @@ class AttentionQuant:
     p: Optional[TensorMap] = None
     p_given_v: Optional[Callable[[Tensor, Tensor], Tensor]] = None
     center_k: bool = True
+    qk: Optional[Callable[[Tensor, Tensor, float], Tensor]] = None
+    pv: Optional[Callable[[Tensor, Tensor], Tensor]] = None
 
 
 def center_keys(k: Tensor, key_axis: int = -2) -> Tensor:
@@ -88,7 +95,10 @@ def sdpa_reference(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor 
         v = _repeat_kv(v, q.size(-3) // v.size(-3))
     L, S = q.size(-2), k.size(-2)
     factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
-    s = torch.matmul(q, k.transpose(-2, -1)) * factor
+    if quant is not None and quant.qk is not None:
+        s = quant.qk(q, k, factor)
+    else:
+        s = torch.matmul(q, k.transpose(-2, -1)) * factor
     if is_causal:
         causal = torch.ones(L, S, dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(causal.logical_not(), float("-inf"))
@@ -109,4 +119,5 @@ def sdpa_reference(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor 
             p = quant.p_given_v(p, v)
         elif quant.p is not None:
             p = quant.p(p)
-    return torch.matmul(p, v).to(out_dtype)
+    o = quant.pv(p, v) if quant is not None and quant.pv is not None else torch.matmul(p, v)
+    return o.to(out_dtype)

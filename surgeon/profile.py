@@ -147,7 +147,8 @@ _INT8_SPEED = {"int8-dynamic": 1.0, "int8-dynamic-outliers": 0.85, "int8-static"
 ORT_CPU_INT8 = Profile(
     runtime="onnxruntime-cpu",
     machine="x86-64 (AVX2 or later): 7-bit weights, exact where u8·s8 vpmaddubsw saturates",
-    ladders=_freeze_ladders({"linear": _INT8_LINEAR, "embedding": ("int8", KEEP), "attention": ("fp8", KEEP)}),
+    # attention: int8 (attention-int8: integer Q·Kᵀ and P·V, MatMulInteger) before fp8 (dequantized on ORT CPU)
+    ladders=_freeze_ladders({"linear": _INT8_LINEAR, "embedding": ("int8", KEEP), "attention": ("int8", "fp8", KEEP)}),
     weight_layout="transposed",
     int8_weight_bits=7,
     uint8_activations=True,

@@ -10,7 +10,19 @@ lower 1:1 to ``QuantizeLinear`` / ``DequantizeLinear`` (opset 21):
     surgeon::dequantize_int8(q, scale, zero_point, axis)   y = (float32(q) - zp) * scale
 
 ``scale`` (and ``zero_point``) is 0-d (per tensor, ``axis`` ignored) or 1-d of length
-``x.shape[axis]`` (per channel / per head), exactly ONNX's per-axis semantics. Bit for bit the
+``x.shape[axis]`` (per channel / per head), exactly ONNX's per-axis semantics.
+
+Integer attention (``attention-int8``) adds two ops whose torch dtypes are the ONNX ones, so each
+lowers 1:1 (``QuantizeLinear`` to uint8; ``MatMulInteger`` then ``Cast`` to float):
+
+    surgeon::quantize_uint8(x, scale, zero_point, axis)    q = clamp(rne(x / scale) + zp, 0, 255)  (uint8)
+    surgeon::matmul_integer(a, b, a_zero_point, b_zero_point)
+                                                            y = float32(Σ_k (a_ik − za)(b_kj − zb))
+
+``matmul_integer`` computes the sum exactly (in float64: every partial sum of 8-bit products is an
+integer far below 2^53) and rounds it once to float32, to nearest even — what ONNX Runtime's int32
+``MatMulInteger`` followed by ``Cast(to=FLOAT)`` gives, bit for bit, also past 2^24 where float32
+stops holding every integer. Bit for bit the
 results equal ``onnx.reference`` and onnxruntime (tests/test_quant.py checks 100k+ values including
 ±0, subnormals, ±448, values past ±448, ±inf and NaN): the division is a true ``x / scale`` (a
 multiplication by ``1/scale`` rounds differently), saturation maps ±inf and everything past ±448 to
@@ -34,6 +46,7 @@ Method = Literal["max", "percentile", "mse"]
 
 __all__ = [
     "DECOMPOSITIONS", "FP8_MAX", "INT8_MAX", "Quantizer", "fake_quant", "quantize", "dequantize", "qmax", "round_half_even",
+    "quantize_uint8", "matmul_integer",
 ]
 
 
@@ -125,6 +138,53 @@ def _dequantize_int8(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int) ->
 @_dequantize_int8.register_fake
 def _(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
     return torch.empty_like(q, dtype=torch.float32)
+
+
+def _quantize_uint8_ref(x: Tensor, scale: Tensor, zero_point: int, axis: int) -> Tensor:
+    s = _broadcast(scale, x, axis, "scale").to(torch.float32)
+    # A true division and round half to even, as QuantizeLinear; NaN → 0 (the lowest code, as
+    # onnxruntime gives for int8: -128).
+    v = (round_half_even(x.to(torch.float32) / s) + float(zero_point)).clamp(0.0, 255.0)
+    return torch.where(torch.isnan(v), torch.zeros_like(v), v).to(torch.uint8)
+
+
+@torch.library.custom_op("surgeon::quantize_uint8", mutates_args=())
+def _quantize_uint8(x: Tensor, scale: Tensor, zero_point: int, axis: int) -> Tensor:
+    return _quantize_uint8_ref(x, scale, zero_point, axis)
+
+
+@_quantize_uint8.register_fake
+def _(x: Tensor, scale: Tensor, zero_point: int, axis: int) -> Tensor:
+    return torch.empty_like(x, dtype=torch.uint8)
+
+
+def _matmul_integer_ref(a: Tensor, b: Tensor, a_zero_point: int, b_zero_point: int) -> Tensor:
+    # Exact: |a − za|, |b − zb| ≤ 255, so every partial sum is an integer below 255²·K < 2^53 for any
+    # K < 10^11, whatever order the float64 GEMM sums in; one rounding to float32 (nearest even)
+    # is then what ORT's int32 accumulator followed by Cast(to=FLOAT) gives.
+    a64 = a.to(torch.float64) - float(a_zero_point)
+    b64 = b.to(torch.float64) - float(b_zero_point)
+    return torch.matmul(a64, b64).to(torch.float32)
+
+
+@torch.library.custom_op("surgeon::matmul_integer", mutates_args=())
+def _matmul_integer(a: Tensor, b: Tensor, a_zero_point: int, b_zero_point: int) -> Tensor:
+    return _matmul_integer_ref(a, b, a_zero_point, b_zero_point)
+
+
+@_matmul_integer.register_fake
+def _(a: Tensor, b: Tensor, a_zero_point: int, b_zero_point: int) -> Tensor:
+    return torch.matmul(a.to(torch.float32), b.to(torch.float32))
+
+
+def quantize_uint8(x: Tensor, scale: Tensor, zero_point: int = 0, axis: int = 0) -> Tensor:
+    """``clamp(rne(x / scale) + zero_point, 0, 255)`` as uint8 (``surgeon::quantize_uint8``)."""
+    return torch.ops.surgeon.quantize_uint8(x, scale, int(zero_point), int(axis))
+
+
+def matmul_integer(a: Tensor, b: Tensor, a_zero_point: int = 0, b_zero_point: int = 0) -> Tensor:
+    """``float32((a − za) @ (b − zb))`` of uint8 tensors, exact then rounded once (``surgeon::matmul_integer``)."""
+    return torch.ops.surgeon.matmul_integer(a, b, int(a_zero_point), int(b_zero_point))
 
 
 def _zero_point(scale: Tensor, zero_point: Tensor | None) -> Tensor:
@@ -379,4 +439,6 @@ DECOMPOSITIONS = {
     torch.ops.surgeon.dequantize_fp8.default: _dequantize_fp8_ref,
     torch.ops.surgeon.quantize_int8.default: _quantize_int8_ref,
     torch.ops.surgeon.dequantize_int8.default: _dequantize_int8_ref,
+    torch.ops.surgeon.quantize_uint8.default: _quantize_uint8_ref,
+    torch.ops.surgeon.matmul_integer.default: _matmul_integer_ref,
 }

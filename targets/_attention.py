@@ -34,6 +34,8 @@ def _reason(site: Any) -> str | None:
 
 _QUANTIZED = ("quantized attention (attention-fp8 / integer attention): its Q/DQ sit between the products, "
               "so they stay MatMul / Softmax / MatMul")
+_INTEGER = ("integer attention (attention-int8): QuantizeLinear → MatMulInteger → Softmax → QuantizeLinear (uint8 P) "
+            "→ MatMulInteger, no fused Attention op")
 
 
 def _example_size(node: Any) -> list[int] | None:
@@ -68,6 +70,27 @@ def _scores_bytes(site: Any) -> dict[str, Any] | None:
     for d in shape:
         entries *= d
     return {"shape": shape, "fp32_matrix_bytes": 4 * entries}
+
+
+def _integer_probs(module: fx.GraphModule, path: str) -> dict[str, Any] | None:
+    """For an integer-attention site (``attention-int8``: P stored as uint8), the attention matrix at
+    the captured example's shape, one fp32 copy's bytes and the uint8 P's (0.25× fp32)."""
+    sub = module.get_submodule(path)
+    if getattr(sub, "probs_dtype", None) != "uint8":
+        return None
+    calls = {str(n.target): n for n in module.graph.nodes if n.op == "call_module"}
+    if path in calls and len(calls[path].args) > 1:  # an SDPA site: called with (query, key, value)
+        q, k = _example_size(calls[path].args[0]), _example_size(calls[path].args[1])
+        shape = [*q[:-1], k[-2]] if q and k and len(q) >= 2 and len(k) >= 2 else None
+    else:  # a hand-written site: its P·V product is called with (P, V)
+        pv = calls.get(f"{path}.pv")
+        shape = _example_size(pv.args[0]) if pv is not None and pv.args else None
+    if not shape:
+        return None
+    entries = 1
+    for d in shape:
+        entries *= d
+    return {"shape": shape, "fp32_matrix_bytes": 4 * entries, "probs_dtype": "uint8", "probs_bytes": entries}
 
 
 def _quantized_sites(module: fx.GraphModule) -> list[tuple[str, bool]]:
@@ -120,8 +143,12 @@ def attention_lowering(module: Any, path: str | os.PathLike) -> dict[str, Any]:
         # A rolled-back FP8SDPA calls scaled_dot_product_attention again, so it fuses like any other.
         fused = not active and budget > 0
         budget -= fused
+        integer = getattr(module.get_submodule(path), "probs_dtype", None) == "uint8"
+        probs = _integer_probs(module, path) if active and integer else None
         records.append({"module": path, "variant": "quantized (rolled back)" if not active else "quantized",
                         "lowered": "Attention" if fused else None,
-                        **({} if fused else {"reason": _QUANTIZED if active else "rolled back, decomposed in float"})})
+                        **({} if fused else {"reason": (_INTEGER if integer else _QUANTIZED) if active
+                                             else "rolled back, decomposed in float"}),
+                        **({"scores_probs": probs} if probs else {})})
     return {"sites": len(records), "fused": sum(r["lowered"] is not None for r in records),
             "attention_ops": len(fused_nodes), "masks": len(masks), "records": records}

@@ -14,6 +14,11 @@ onnxscript values while it builds the graph; they only *lower* (each custom op b
   weights (``vpmaddubsw``); s8 activations are converted at run time and round differently.
 * int8 weights (constant int8 tensors feeding ``surgeon::dequantize_int8``) stay int8 initializers
   with an int8 zero point: that is the S8 weight ORT's QDQ fusion turns into ``MatMulIntegerToFloat``.
+* integer attention (``attention-int8``): ``surgeon::quantize_uint8`` → ``QuantizeLinear`` to uint8 (its
+  zero point a uint8 constant, per axis where the scale is), ``surgeon::matmul_integer`` →
+  ``MatMulInteger(a, b, uint8 za, uint8 zb)`` → ``Cast(to=FLOAT)``; the per-head scale that follows is
+  an ordinary ``Mul``. ORT's CPU provider runs the u8·u8 ``MatMulInteger`` with int32 accumulation
+  (exact; checked in tests/test_attention_int8.py against the torch module bit for bit).
 """
 
 from __future__ import annotations
@@ -88,6 +93,17 @@ def _is_uint8(v: Any) -> bool:
     return dtype == ir.DataType.UINT8
 
 
+def quantize_uint8(x: Any, scale: Any, zero_point: int, axis: int) -> Any:
+    zp = _const("zp_u8", onnx.TensorProto.UINT8, _dims(scale), int(zero_point))
+    return op.QuantizeLinear(x, scale, zp, **_axis_kw(scale, axis))
+
+
+def matmul_integer(a: Any, b: Any, a_zero_point: int, b_zero_point: int) -> Any:
+    za = _const("za_u8", onnx.TensorProto.UINT8, [], int(a_zero_point))
+    zb = _const("zb_u8", onnx.TensorProto.UINT8, [], int(b_zero_point))
+    return op.Cast(op.MatMulInteger(a, b, za, zb), to=onnx.TensorProto.FLOAT)
+
+
 def dynamic_quantize_uint8(x: Any) -> Any:
     q, scale, zero_point = op.DynamicQuantizeLinear(x)
     return q, scale, zero_point
@@ -136,4 +152,6 @@ def translation_table() -> dict[Callable, Callable]:
         ops.dequantize_int8.default: dequantize_int8,
         ops.dynamic_quantize_uint8.default: dynamic_quantize_uint8,
         ops.matmul_integer_to_float.default: matmul_integer_to_float,
+        ops.quantize_uint8.default: quantize_uint8,
+        ops.matmul_integer.default: matmul_integer,
     }

@@ -29,7 +29,8 @@ from surgeon.pass_manager import Pass, PassContext, PassManager, parse_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from _models import MADE, AffineCoupling, Flow, TinyTransformer  # noqa: E402
+from _models import MADE, AffineCoupling, Flow, ManualAttention, TinyTransformer  # noqa: E402
+from digits_vit import TinyViT  # noqa: E402
 from flow_models import glow_like  # noqa: E402
 
 EXACT_NO_RECORDS = {"norm-fold"}  # exact rewrites: nothing for the guard to switch off
@@ -45,6 +46,16 @@ def _transformer(placement: str) -> Callable[[], tuple[nn.Module, tuple]]:
     return make
 
 
+def _vit() -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    return TinyViT(attn="sdpa").eval(), (torch.rand(2, 1, 8, 8),)  # two SDPA sites
+
+
+def _einsum_attention() -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    return ManualAttention(product="einsum").eval(), (torch.randn(2, 6, 16),)
+
+
 def _glow() -> tuple[nn.Module, tuple]:
     torch.manual_seed(0)
     return glow_like(4).eval(), (torch.randn(2, 4, 3, 3),)
@@ -58,6 +69,7 @@ def _flow() -> tuple[nn.Module, tuple]:
 # name → (a model with the pass's sites, and a near-miss where the pass has one; one non-default spec)
 CASES: dict[str, tuple[Callable[[], tuple[nn.Module, tuple]], str | None]] = {
     "attention-fp8": (_transformer("pre"), "attention-fp8{granularity=tensor}"),
+    "attention-int8": (_vit, "attention-int8{granularity=tensor}"),
     "linear-quant": (_transformer("pre"), "linear-quant{dtype=int8,rounding=nearest}"),  # tables < min_table: skipped
     "norm-fold": (_transformer("post"), "norm-fold{rmsnorm=False}"),  # post-norm: γ/β not foldable
     "norm-gate": (_transformer("pre"), "norm-gate{steps=7}"),  # the final norm is no residual site
@@ -80,7 +92,8 @@ def _run(name: str, model: nn.Module, inputs: tuple, enabled: set[str] | None):
 
 def test_registry_is_lazy_and_complete() -> None:
     assert surgeon.passes.registered() == sorted(
-        ["attention-fp8", "linear-quant", "norm-fold", "norm-gate", "flow-fold", "flow-inverse", "kv-cache-quant"])
+        ["attention-fp8", "attention-int8", "linear-quant", "norm-fold", "norm-gate", "flow-fold", "flow-inverse",
+         "kv-cache-quant"])
     code = ("import sys, surgeon.passes, surgeon.pass_manager; "
             "print(sorted(m for m in sys.modules if m.startswith('surgeon.passes.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -139,6 +152,7 @@ def _mlp() -> tuple[nn.Module, tuple]:
 
 # near-misses: a site the pass looks at and refuses (with its reason)
 NEAR_MISSES = {
+    "attention-int8": _einsum_attention,  # hand-written with einsum products: matmul / bmm only
     "linear-quant": _transformer("pre"),  # embedding tables smaller than min_table
     "norm-fold": _transformer("post"),  # post-norm: the residual add reads the norm, γ/β not foldable
     "flow-fold": _flow,  # coupling and autoregressive log-dets depend on the input
