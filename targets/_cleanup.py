@@ -68,8 +68,9 @@ CPU kernel as much as a quarter of the op (measured on one MiniLM layer at [4, 5
 11.0 ms with a [4, 1, 512, 512] boolean mask of all true, 8.8 ms without). Batches without padding
 (long documents cut into full windows) take the first branch; padded ones the second, at the cost of
 one reduction over the mask per model.
-Skipped when: the call has past keys/values or more than one output, or the mask's element type or
-Q's is unknown.
+Skipped when: the call has past keys/values or more than one output, the mask's element type or Q's
+is unknown, or the mask is additive and not shared by the heads ([b, 1, q, k]): a per-head additive
+mask is a position bias (T5's), which never masks nothing, and checking it would cost a pass over it.
 """
 
 from __future__ import annotations
@@ -359,6 +360,7 @@ def attention_mask_elided(model: onnx.ModelProto) -> int:
     from onnx import TensorProto, helper
 
     graph = model.graph
+    shapes = _shapes(model)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(graph.input) + list(graph.value_info)
              + list(graph.output) if vi.type.HasField("tensor_type")}
     types.update({t.name: t.data_type for t in graph.initializer})
@@ -373,6 +375,9 @@ def attention_mask_elided(model: onnx.ModelProto) -> int:
         mtype, ytype = types.get(mask), types.get(y) or types.get(node.input[0])  # the op's output type is Q's
         if mtype not in (TensorProto.BOOL, TensorProto.FLOAT, TensorProto.FLOAT16) or not ytype:
             continue
+        dims = shapes.get(mask)
+        if mtype != TensorProto.BOOL and not (dims and len(dims) == 4 and dims[1] == 1):
+            continue  # a per-head additive mask is a position bias (T5): it never masks nothing
         at = list(graph.node).index(node)
         if mask not in conds:
             tag = f"{mask}_masks_nothing"

@@ -217,18 +217,43 @@ def _chunks_as_slices(module: Any) -> Any:
     ONNX exporter lowers it to a ``SplitToSequence`` without sizes that onnxscript's constant folding
     cannot fold (``AttributeError`` inside ``FoldConstantsPass``: ``optimize --target onnx`` died there).
     Chunk ``i`` is ``x[..., i·step:(i+1)·step]`` with ``step = ceil(size / chunks)`` (torch.chunk's
-    definition; ``slice`` clamps the last one), the size symbolic where the dimension is dynamic."""
+    definition; ``slice`` clamps the last one), the size symbolic where the dimension is dynamic.
+
+    Each ``aten.view`` / ``aten.reshape`` of a transposed / permuted tensor reads a contiguous copy of
+    it (``aten.clone``, an ``Identity`` in ONNX): the capture saw ``scaled_dot_product_attention``'s CPU
+    output in a [b, t, h, d] layout, so the transpose back was contiguous and a reshape of it a view;
+    the exporter's own decomposition of that op writes [b, h, t, d], and the same view of its
+    transpose fails (T5's attention output, reshaped to [b, t, h·d], stopped ``--target onnx`` there).
+    For the same reason each ``aten.contiguous`` is a ``clone`` (a copy in every trace, not only where
+    the tracer's strides say so)."""
     import copy
     import operator
 
     gm = module if isinstance(module, fx.GraphModule) else None
-    chunks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.chunk.default
-              and n.users and all(u.target is operator.getitem for u in n.users)] if gm is not None else []
-    if not chunks:
+    nodes = list(gm.graph.nodes) if gm is not None else []
+    chunks = [n for n in nodes if n.op == "call_function" and n.target is torch.ops.aten.chunk.default
+              and n.users and all(u.target is operator.getitem for u in n.users)]
+    def transposed_view(n: fx.Node) -> bool:
+        return (n.op == "call_function" and n.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default)
+                and isinstance(n.args[0], fx.Node)
+                and n.args[0].target in (torch.ops.aten.transpose.int, torch.ops.aten.permute.default))
+
+    views = [n for n in nodes if transposed_view(n) or n.target is torch.ops.aten.contiguous.default]
+    if not chunks and not views:
         yield
         return
     saved = gm.graph  # type: ignore[union-attr]
     work = copy.deepcopy(saved)  # nodes copied, meta shallow: cheap
+    for node in [n for n in work.nodes if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default]:
+        # a copy only where the tracer sees non-contiguous strides; a clone copies in every trace
+        node.target = torch.ops.aten.clone.default
+        node.kwargs = {"memory_format": torch.contiguous_format}
+    for node in [n for n in work.nodes if transposed_view(n)]:
+        with work.inserting_before(node):
+            dense = work.call_function(torch.ops.aten.clone.default, (node.args[0],),
+                                       {"memory_format": torch.contiguous_format})
+        dense.meta.update(node.args[0].meta)
+        node.args = (dense, *node.args[1:])
     for node in [n for n in work.nodes if n.op == "call_function" and n.target is torch.ops.aten.chunk.default
                  and n.users and all(u.target is operator.getitem for u in n.users)]:
         src, count = node.args[0], int(node.args[1])

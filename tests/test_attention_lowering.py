@@ -2,7 +2,8 @@
 
 The lowering is exact: each file matches the torch module it was exported from to 1e-5 in ONNX Runtime,
 at another batch size and sequence length than the export's, with padding in the batch (BERT), causal
-masking (GPT-2), GQA with RoPE (Llama) and no mask (ViT). Sites that stay decomposed say why.
+masking (GPT-2), GQA with RoPE (Llama), a relative position bias with padding (T5's encoder) and no
+mask (ViT). Sites that stay decomposed say why.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ CASES = {
                                                                         num_key_value_heads=2, use_cache=False,
                                                                         **SMALL)),
               lambda b, t: _text_inputs(b, t, pad=False)),
+    # T5: eager-free since transformers 5 ("sdpa"): the relative position bias (with the padding) is the
+    # op's additive mask, computed by the first layer and read by both
+    "t5": (lambda: transformers.T5EncoderModel(transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64,
+                                                                      num_layers=2, num_heads=4,
+                                                                      relative_attention_num_buckets=8)),
+           lambda b, t: _text_inputs(b, t, pad=True)),
     "vit": (lambda: transformers.ViTModel(transformers.ViTConfig(image_size=16, patch_size=4, **SMALL)),
             lambda b, t: {"pixel_values": torch.randn(b, 3, 16, 16, generator=torch.Generator().manual_seed(b))}),
 }
@@ -69,8 +76,8 @@ def test_sdpa_lowers_to_one_attention_op_and_matches_torch(name: str, tmp_path: 
     # (Llama's RoPE and ViT's graph sit between the head split and the op: they stay 4-d, still one op)
     report = attention_lowering(gm, path)
     assert (report["sites"], report["fused"]) == (2, 2), report
-    if name == "bert":
-        assert report["masks"] == 1  # the padding mask is built once and read by both layers
+    if name in ("bert", "t5"):
+        assert report["masks"] == 1  # the padding mask (T5: with the position bias) is built once for both layers
 
     other = inputs(3, 20)  # batch and length the export never saw
     with torch.no_grad():
@@ -224,3 +231,25 @@ def test_residual_add_and_layer_norm_stay_two_ops_in_ort(tmp_path: Path) -> None
     raw = tmp_path / "raw.onnx"
     export_onnx(model, example, raw, cleanup=False)
     assert "SkipLayerNormalization" in [n.op_type for n in _optimized(raw).graph.node]  # what it prevents
+
+
+def test_t5_encoder_decoder_fuses_self_causal_and_cross_attention_with_position_bias(tmp_path: Path) -> None:
+    """T5Model: encoder self-attention (bias + padding), decoder causal self-attention (bias + causal)
+    and cross-attention (padding) — three masks, six fused ops — matching torch at other lengths."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                relative_attention_num_buckets=8, use_cache=False)
+    model = transformers.T5Model(cfg).eval()
+
+    def inputs(b: int, t: int, td: int) -> dict[str, torch.Tensor]:
+        return {**_text_inputs(b, t, pad=True), "decoder_input_ids": torch.randint(0, 100, (b, td))}
+
+    example = inputs(2, 12, 5)
+    gm = capture(model, example).gm
+    path = export_onnx(gm, example, tmp_path / "t5.onnx", original=model)
+    report = attention_lowering(gm, path)
+    assert (report["sites"], report["fused"], report["masks"]) == (6, 6, 3), report
+    other = inputs(3, 20, 7)
+    with torch.no_grad():
+        ref = model(**other)[0].numpy()
+    assert np.abs(run_ort(session(path), other)[0] - ref).max() <= 1e-5
