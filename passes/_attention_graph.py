@@ -1,4 +1,4 @@
-"""Graph facts about a hand-written attention site that more than one attention pass needs.
+"""Graph facts about an attention site that more than one attention pass needs.
 
 ``shift_preserving`` says whether centring K (subtracting its mean over the keys, which shifts each
 row of Q·Kᵀ by −q·k̄) leaves the softmax unchanged: true when every op from Q·Kᵀ to the softmax maps a
@@ -8,7 +8,7 @@ each other, so it lives here).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import networkx as nx
 import torch
@@ -16,7 +16,7 @@ from torch import fx
 
 from surgeon.analysis import GraphView
 
-__all__ = ["ROW_VIEWS", "scalar_like", "shift_preserving"]
+__all__ = ["ROW_VIEWS", "fresh_name", "rewrite_sites", "scalar_like", "sdpa_site_args", "shift_preserving"]
 
 ROW_VIEWS = {"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "expand", "flatten", "unflatten",
              "repeat", "expand_as", "view_as", "permute", "transpose"}
@@ -80,3 +80,69 @@ def shift_preserving(view: GraphView, qk: fx.Node, softmax: fx.Node, training: b
             return why
         return why
     return None
+
+
+def fresh_name(gm: fx.GraphModule, prefix: str) -> str:
+    """``prefix`` + the first index no child of ``gm`` is called yet."""
+    taken = {n for n, _ in gm.named_children()}
+    i = 0
+    while f"{prefix}{i}" in taken:
+        i += 1
+    return f"{prefix}{i}"
+
+
+def sdpa_site_args(gm: fx.GraphModule, view: GraphView, node: fx.Node,
+                   per_head: bool) -> tuple[dict[str, Any], list[str], int | None, int | None] | str:
+    """A ``scaled_dot_product_attention`` node's arguments by name, the notes for the site's record and
+    the head axes of Q and K (None: per-tensor scales); or why a quantized attention pass skips it."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    defaults = (None, None, None, None, 0.0, False)
+    a = {nm: view.arg(node, i, nm, d) for i, (nm, d) in enumerate(zip(names, defaults))}
+    # scale and enable_gqa are keyword-only in torch's signature
+    a["scale"], a["enable_gqa"] = node.kwargs.get("scale"), node.kwargs.get("enable_gqa", False)
+    if not isinstance(a["dropout_p"], (int, float)):
+        return "dropout_p is not a constant"
+    if a["dropout_p"] > 0 and gm.training:
+        return (f"dropout_p={a['dropout_p']:g} in a graph in training mode: the decomposition does not "
+                "reproduce dropout (capture the model in eval mode)")
+    notes: list[str] = []
+    if a["dropout_p"] > 0:
+        notes.append(f"dropout_p={a['dropout_p']:g} ignored (inference)")
+    rank_q, rank_k = view.ndim(a["query"]), view.ndim(a["key"])
+    head_q = rank_q - 3 if rank_q is not None and rank_q >= 4 else None
+    head_k = rank_k - 3 if rank_k is not None and rank_k >= 4 else None
+    if per_head and (head_q is None or head_k is None):
+        known = rank_q is not None and rank_k is not None
+        notes.append(f"per-tensor scales: {rank_q}-d query / {rank_k}-d key have no head axis" if known
+                     else "per-tensor scales: the rank of query/key is unknown (graph without shapes)")
+        head_q = head_k = None
+    return a, notes, head_q, head_k
+
+
+def rewrite_sites(name: str, gm: fx.GraphModule, ctx: Any, sites: Iterable[Any],
+                  handlers: dict[str, Callable[[fx.GraphModule, GraphView, Any], Any]],
+                  declined: str | None = None) -> Any:
+    """Rewrite each attention site of ``sites`` with the handler for its variant (``"sdpa"``,
+    ``"manual"``): a handler returns ``(SiteRecord, reason)`` or the reason it skips the site. Every
+    site gets its diagnostic; ``declined`` skips them all with that reason. Returns the PassResult."""
+    from surgeon.pass_manager import Diagnostic, PassResult
+
+    view = GraphView(gm)
+    diags: list[Any] = []
+    modified = False
+    for site in sites:
+        if site.kind != "attention":
+            continue
+        handler = handlers.get(site.variant)
+        outcome = declined or (handler(gm, view, site) if handler else f"unknown attention variant '{site.variant}'")
+        if isinstance(outcome, str):
+            diags.append(Diagnostic(name, site.id, "skipped", outcome, site.module, site.kind))
+            continue
+        record, reason = outcome
+        ctx.register(record)
+        diags.append(Diagnostic(name, site.id, "applied", reason, site.module, site.kind))
+        modified = True
+    if modified:
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, modified, diags)

@@ -32,7 +32,8 @@ from torch import Tensor, fx, nn
 
 from surgeon.analysis import GraphView, Site, analyze_graph
 from surgeon.errors import SurgeonError
-from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
+from surgeon.pass_manager import Pass, PassContext, PassResult, SiteRecord
+from surgeon.passes._attention_graph import fresh_name, rewrite_sites, sdpa_site_args
 from surgeon.passes._attention_graph import shift_preserving as _shift_preserving
 from surgeon.passes._fx import copy_meta
 from surgeon.passes._sdpa import AttentionQuant, center_keys, sdpa_reference
@@ -335,29 +336,7 @@ class AttentionFP8(Pass):
 
     def rewrite(self, gm: fx.GraphModule, ctx: PassContext, sites: Iterable[Site]) -> PassResult:
         """Rewrite the given attention sites of ``gm`` (``call`` passes the analyzer's)."""
-        view = GraphView(gm)
-        diags: list[Diagnostic] = []
-        modified = False
-        for site in sites:
-            if site.kind != "attention":
-                continue
-            if site.variant == "sdpa":
-                outcome = self._sdpa(gm, view, site)
-            elif site.variant == "manual":
-                outcome = self._manual(gm, view, site)
-            else:
-                outcome = f"unknown attention variant '{site.variant}'"
-            if isinstance(outcome, str):
-                diags.append(Diagnostic(self.name, site.id, "skipped", outcome, site.module, site.kind))
-                continue
-            record, reason = outcome
-            ctx.register(record)
-            diags.append(Diagnostic(self.name, site.id, "applied", reason, site.module, site.kind))
-            modified = True
-        if modified:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, modified, diags)
+        return rewrite_sites(self.name, gm, ctx, sites, {"sdpa": self._sdpa, "manual": self._manual})
 
     # -- helpers -----------------------------------------------------------------------------------
     def _axis(self, axis: int | None) -> int | None:
@@ -370,38 +349,14 @@ class AttentionFP8(Pass):
         text += "; K mean-subtracted over the key axis" if centered else ""
         return "; ".join([text] + notes)
 
-    @staticmethod
-    def _new_name(gm: fx.GraphModule) -> str:
-        taken = {n for n, _ in gm.named_children()}
-        i = 0
-        while f"{PREFIX}{i}" in taken:
-            i += 1
-        return f"{PREFIX}{i}"
-
     def _sdpa(self, gm: fx.GraphModule, view: GraphView, site: Site) -> tuple[SiteRecord, str] | str:
         node = site.nodes["sdpa"]
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-        defaults = (None, None, None, None, 0.0, False)
-        a = {nm: view.arg(node, i, nm, d) for i, (nm, d) in enumerate(zip(names, defaults))}
-        # scale and enable_gqa are keyword-only in torch's signature
-        a["scale"], a["enable_gqa"] = node.kwargs.get("scale"), node.kwargs.get("enable_gqa", False)
-        if not isinstance(a["dropout_p"], (int, float)):
-            return "dropout_p is not a constant"
-        if a["dropout_p"] > 0 and gm.training:
-            return (f"dropout_p={a['dropout_p']:g} in a graph in training mode: the decomposition does not "
-                    "reproduce dropout (capture the model in eval mode)")
-        notes: list[str] = []
-        if a["dropout_p"] > 0:
-            notes.append(f"dropout_p={a['dropout_p']:g} ignored (inference)")
-        rank_q, rank_k = view.ndim(a["query"]), view.ndim(a["key"])
-        head_q = rank_q - 3 if rank_q is not None and rank_q >= 4 else None
-        head_k = rank_k - 3 if rank_k is not None and rank_k >= 4 else None
-        if self.granularity == "head" and (head_q is None or head_k is None):
-            known = rank_q is not None and rank_k is not None
-            notes.append(f"per-tensor scales: {rank_q}-d query / {rank_k}-d key have no head axis" if known
-                         else "per-tensor scales: the rank of query/key is unknown (graph without shapes)")
+        args = sdpa_site_args(gm, view, node, self.granularity == "head")
+        if isinstance(args, str):
+            return args
+        a, notes, head_q, head_k = args
         module = FP8SDPA(self.p_bits, self.method, self._axis(head_q), self._axis(head_k))
-        name = self._new_name(gm)
+        name = fresh_name(gm, PREFIX)
         gm.add_submodule(name, module)
         kwargs = {k: a[k] for k in ("attn_mask", "is_causal", "scale", "enable_gqa")}
         with gm.graph.inserting_before(node):
@@ -442,7 +397,7 @@ class AttentionFP8(Pass):
             v=Quantizer("fp8", axis=self._axis(axes["v"]), method=self.method),
             p=_p_module(self.p_bits, self._axis(axes["p"])),
         )
-        name = self._new_name(gm)
+        name = fresh_name(gm, PREFIX)
         gm.add_submodule(name, module)
         g = gm.graph
         with g.inserting_before(qk):

@@ -97,6 +97,18 @@ def _constants(graph: Any) -> dict[str, Any]:
     return protos
 
 
+def _has_subgraphs(graph: Any) -> bool:
+    # a subgraph may read a value by name: the rewrites that rename or drop values do not track that
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute)
+
+
+def _forget(graph: Any, gone: set[str]) -> None:
+    """Drop the value infos of values the rewrite removed."""
+    keep = [vi for vi in graph.value_info if vi.name not in gone]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
+
+
 def _index(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]], set[str]]:
     """(value → producing node, value → consuming nodes, graph output names) of ``graph``."""
     producer = {o: n for n in graph.node for o in n.output}
@@ -115,7 +127,7 @@ def _only_use(name: str, user: Any, consumers: dict[str, list[Any]], outputs: se
 def drop_softmax_nan_guards(model: onnx.ModelProto) -> int:
     """Remove the guards described in the module docstring from ``model`` (in place); returns how many."""
     graph = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+    if _has_subgraphs(graph):
         return 0  # a subgraph may read a value by name: not worth tracking for these files
     producer, consumers, outputs = _index(graph)
     consts = _constants(graph)
@@ -162,10 +174,7 @@ def drop_softmax_nan_guards(model: onnx.ModelProto) -> int:
         for i, name in enumerate(n.input):
             if name in rename:
                 n.input[i] = rename[name]
-    gone = set(rename) | {n.output[0] for n in drop}
-    keep = [vi for vi in graph.value_info if vi.name not in gone]
-    del graph.value_info[:]
-    graph.value_info.extend(keep)
+    _forget(graph, set(rename) | {n.output[0] for n in drop})
     return len(drop) // 2
 
 
@@ -183,7 +192,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[Any]]:
 def attention_heads_in_place(model: onnx.ModelProto) -> int:
     """Rewrite 4-d ``Attention`` calls into the 3-d form of the module docstring (in place); returns how many."""
     graph = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+    if _has_subgraphs(graph):
         return 0
     shapes = _shapes(model)
     producer, consumers, outputs = _index(graph)
@@ -252,17 +261,14 @@ def attention_heads_in_place(model: onnx.ModelProto) -> int:
         rewritten += 1
     for n in dead:
         graph.node.remove(n)
-    gone = {o for n in dead for o in n.output} | renamed | _drop_unused(graph)
-    keep = [vi for vi in graph.value_info if vi.name not in gone]
-    del graph.value_info[:]
-    graph.value_info.extend(keep)
+    _forget(graph, {o for n in dead for o in n.output} | renamed | _drop_unused(graph))
     return rewritten
 
 
 def attention_gqa_in_place(model: onnx.ModelProto) -> int:
     """Feed ``Attention`` the un-repeated keys and values (module docstring, in place); returns how many."""
     graph = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+    if _has_subgraphs(graph):
         return 0
     shapes = _shapes(model)
     consts = _constants(graph)
@@ -307,10 +313,7 @@ def attention_gqa_in_place(model: onnx.ModelProto) -> int:
         node.input[1], node.input[2] = k[0], v[0]
         rewritten += 1
     if rewritten:
-        gone = _drop_unused(graph)
-        keep = [vi for vi in graph.value_info if vi.name not in gone]
-        del graph.value_info[:]
-        graph.value_info.extend(keep)
+        _forget(graph, _drop_unused(graph))
     return rewritten
 
 
@@ -318,7 +321,7 @@ def layer_norm_rows(model: onnx.ModelProto) -> int:
     """Keep each ``Add`` → ``LayerNormalization`` pair apart with the reshapes of the module docstring
     (in place); returns how many."""
     graph = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+    if _has_subgraphs(graph):
         return 0
     shapes = _shapes(model)
     consts = _constants(graph)
@@ -397,18 +400,22 @@ def attention_mask_elided(model: onnx.ModelProto) -> int:
             at += len(nodes)
             conds[mask] = tag
 
-        def branch(suffix: str, inputs: list[str]) -> Any:
-            call = helper.make_node("Attention", inputs, [f"{y}_{suffix}"], name=f"{node.name or y}_{suffix}")
-            call.attribute.extend(node.attribute)
-            return helper.make_graph([call], f"{y}_{suffix}", [], [helper.make_tensor_value_info(f"{y}_{suffix}", ytype, None)])
-
         branch_if = helper.make_node("If", [conds[mask]], [y], name=f"{node.name or y}_mask_elided",
-                                     then_branch=branch("unmasked", list(node.input[:3])),
-                                     else_branch=branch("masked", list(node.input)))
+                                     then_branch=_branch(node, y, ytype, "unmasked", list(node.input[:3])),
+                                     else_branch=_branch(node, y, ytype, "masked", list(node.input)))
         graph.node.remove(node)
         graph.node.insert(at, branch_if)
         rewritten += 1
     return rewritten
+
+
+def _branch(node: Any, y: str, ytype: int, suffix: str, inputs: list[str]) -> Any:
+    """A one-node graph: ``node``'s Attention call on ``inputs``, its output ``y_suffix``."""
+    from onnx import helper
+
+    call = helper.make_node("Attention", inputs, [f"{y}_{suffix}"], name=f"{node.name or y}_{suffix}")
+    call.attribute.extend(node.attribute)
+    return helper.make_graph([call], f"{y}_{suffix}", [], [helper.make_tensor_value_info(f"{y}_{suffix}", ytype, None)])
 
 
 def all_nodes(graph: Any) -> list[Any]:

@@ -41,8 +41,14 @@ from surgeon.errors import SurgeonError, first_line
 from surgeon.inputs import Inputs, as_args_kwargs, call, tensors_of
 from surgeon.resources import placed_file
 
-from ._cleanup import (all_nodes, attention_gqa_in_place, attention_heads_in_place, attention_mask_elided,
-                       drop_softmax_nan_guards, layer_norm_rows)
+from ._cleanup import (
+    all_nodes,
+    attention_gqa_in_place,
+    attention_heads_in_place,
+    attention_mask_elided,
+    drop_softmax_nan_guards,
+    layer_norm_rows,
+)
 from ._lowering import OPSET, translation_table
 
 IR_VERSION = 11  # onnxruntime 1.31 refuses IR 14 (what onnx.helper writes by default); 11 = the opset-23 era

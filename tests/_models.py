@@ -218,3 +218,15 @@ class Flow(nn.Module):
             ld = ld + l
             x = x.flip(-1)
         return x, ld
+
+
+def digits_bench():
+    """``bench/digits_vit.py`` as a module (the digits ViT the slow attention tests train)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "digits_vit.py"
+    spec = importlib.util.spec_from_file_location("digits_vit", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench

@@ -427,13 +427,9 @@ def test_options_are_validated():
 
 @pytest.mark.slow
 def test_digits_vit_top1_drop_with_attention_fp8(capsys):
-    import importlib.util
-    from pathlib import Path
+    from _models import digits_bench
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "digits_vit.py"
-    spec = importlib.util.spec_from_file_location("digits_vit", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = digits_bench()
 
     data = bench.load_split(0)
     x_train, _, x_test, y_test = data

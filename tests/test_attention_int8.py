@@ -349,13 +349,9 @@ def test_optimize_for_onnx_int8_goes_through_the_guard(tmp_path):
 
 @pytest.mark.slow
 def test_digits_vit_top1_drop_with_attention_int8(capsys):
-    import importlib.util
-    from pathlib import Path
+    from _models import digits_bench
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "digits_vit.py"
-    spec = importlib.util.spec_from_file_location("digits_vit", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = digits_bench()
 
     data = bench.load_split(0)
     x_train, _, x_test, y_test = data
