@@ -92,6 +92,21 @@ def _check_runs(model: nn.Module, example_inputs: Inputs) -> None:
                            + f": {first_line(exc)}") from exc
 
 
+def _check_no_cache_output(model: nn.Module, exc: BaseException | None) -> None:
+    """A Hugging Face model with ``config.use_cache`` on returns its key/value cache object, which
+    torch.export cannot flatten (and an fx trace of a transformers model fails later, less clearly):
+    say so, and what to do, in one line."""
+    text = str(exc or "")
+    cls = next((w.strip("'<>.") for w in text.split() if "cache_utils." in w), None)
+    if cls is None:
+        return
+    name = cls.rpartition(".")[2]
+    raise CaptureError(f"cannot capture {type(model).__name__}: it returns its key/value cache ({name}) "
+                       f"because config.use_cache is on; set model.config.use_cache = False before optimizing "
+                       f"(surgeon's loader does so for a model directory), or use --target onnx-decoder for "
+                       f"generation with a cache")
+
+
 def capture(model: nn.Module, example_inputs: Inputs, *, dynamic: bool = True) -> Captured:
     """Capture ``model`` (put in eval mode) as a GraphModule; raise ``CaptureError`` if impossible."""
     try:
@@ -111,6 +126,7 @@ def capture(model: nn.Module, example_inputs: Inputs, *, dynamic: bool = True) -
             where = module_of_failure(exc, model)
             notes.append(f"{method} failed" + (f" in module '{where}'" if where else "") + f": {first_line(exc)}")
     _check_runs(model, example_inputs)
+    _check_no_cache_output(model, last_exc)
     try:
         with quiet(output=True):
             gm = fx.symbolic_trace(copy.deepcopy(model))

@@ -210,6 +210,20 @@ def test_optimize_refuses_a_model_that_fails_on_its_inputs() -> None:  # row 10,
             "the model fails on its example inputs (arg0[2x5] float32) in module '1': RuntimeError: …", CaptureError)
 
 
+def test_capture_names_a_returned_kv_cache_and_the_fix() -> None:  # row 31, through the API
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2Model(transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1,
+                                                           n_head=2)).eval()  # use_cache defaults to on
+    ids = {"input_ids": torch.randint(0, 50, (2, 6))}
+    _raises(lambda: surgeon.optimize(model, ids, calib=[ids], passes="linear-quant"),
+            "cannot capture GPT2Model: it returns its key/value cache (DynamicCache) because config.use_cache is on; "
+            "set model.config.use_cache = False before optimizing (surgeon's loader does so for a model directory), "
+            "or use --target onnx-decoder for generation with a cache", CaptureError)
+    assert model.config.use_cache is True  # the input is not modified
+    model.config.use_cache = False
+    assert surgeon.capture(model, ids).method == "export"  # the fix the message names
+
+
 # --- Result.save: rows 16-18, 21 ----------------------------------------------------------------------
 
 def test_save_refuses_bad_outdirs_in_one_line(result: surgeon.Result, workdir: Path) -> None:
