@@ -15,21 +15,22 @@ from typing import Any
 from torch import fx
 
 from ._cleanup import attention_calls
+from ._manual_attention import manual_plan
 
 __all__ = ["attention_lowering"]
 
 _FUSED_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 
 
-def _reason(site: Any) -> str | None:
+def _reason(site: Any, view: Any) -> str | None:
     if site.variant == "sdpa":
         node = site.nodes["sdpa"]
         dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
         if dropout:
             return f"dropout_p={dropout}: the Attention op has no dropout (export in eval mode)"
         return None
-    return ("written as explicit matmul / softmax (eager attention), not scaled_dot_product_attention: "
-            "the exporter fuses only the latter")
+    plan = manual_plan(view, site)  # hand-written attention is exported as SDPA where it is the same
+    return f"written as explicit matmul / softmax (eager attention), not fused: {plan}" if isinstance(plan, str) else None
 
 
 _QUANTIZED = ("quantized attention (attention-fp8 / integer attention): its Q/DQ sit between the products, "
@@ -118,7 +119,7 @@ def attention_lowering(module: Any, path: str | os.PathLike) -> dict[str, Any]:
     when the model's mask is built once and shared by every layer)."""
     import onnx
 
-    from surgeon.analysis import analyze_graph
+    from surgeon.analysis import GraphView, analyze_graph
 
     if not isinstance(module, fx.GraphModule):
         return {}
@@ -128,8 +129,9 @@ def attention_lowering(module: Any, path: str | os.PathLike) -> dict[str, Any]:
     masks = {n.input[3] for n in fused_nodes if len(n.input) > 3 and n.input[3]}
     records: list[dict[str, Any]] = []
     budget = len(fused_nodes)
+    view = GraphView(module)
     for site in sites:
-        reason = _reason(site)
+        reason = _reason(site, view)
         if reason is None and budget == 0:
             reason = "the exporter wrote this scaled_dot_product_attention decomposed"
         if reason is None:

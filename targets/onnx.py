@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from surgeon.analysis import analyze_graph
 from surgeon.capture import auto_dynamic_shapes
 from surgeon.errors import SurgeonError, first_line
 from surgeon.inputs import Inputs, as_args_kwargs, call, tensors_of
@@ -50,6 +51,7 @@ from ._cleanup import (
     layer_norm_rows,
 )
 from ._lowering import OPSET, translation_table
+from ._manual_attention import fuse_manual_attention
 
 IR_VERSION = 11  # onnxruntime 1.31 refuses IR 14 (what onnx.helper writes by default); 11 = the opset-23 era
 FP8_SESSION_OPTION = ("session.disable_quant_qdq", "1")
@@ -245,7 +247,8 @@ def _chunks_as_slices(module: Any) -> Any:
                 and n.args[0].target in (torch.ops.aten.transpose.int, torch.ops.aten.permute.default))
 
     views = [n for n in nodes if transposed_view(n) or n.target is torch.ops.aten.contiguous.default]
-    if not chunks and not views:
+    manual = gm is not None and any(s.variant == "manual" for s in analyze_graph(gm).by_kind("attention"))
+    if not chunks and not views and not manual:
         yield
         return
     saved = gm.graph  # type: ignore[union-attr]
@@ -286,6 +289,8 @@ def _chunks_as_slices(module: Any) -> Any:
         work.erase_node(node)
     gm.graph = work  # type: ignore[union-attr]
     gm.recompile()  # type: ignore[union-attr]
+    if manual:
+        fuse_manual_attention(gm)  # type: ignore[arg-type]  # hand-written attention → SDPA → Attention op
     try:
         yield
     finally:

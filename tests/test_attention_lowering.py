@@ -3,7 +3,8 @@
 The lowering is exact: each file matches the torch module it was exported from to 1e-5 in ONNX Runtime,
 at another batch size and sequence length than the export's, with padding in the batch (BERT), causal
 masking (GPT-2), GQA with RoPE (Llama), a relative position bias with padding (T5's encoder) and no
-mask (ViT). Sites that stay decomposed say why.
+mask (ViT) — as ``scaled_dot_product_attention`` and written out ("eager"), which the export hands to
+the exporter as SDPA. Sites that stay decomposed say why.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import torch
 from _models import ManualAttention
 
+from surgeon.analysis import analyze_graph
 from surgeon.capture import capture
 from surgeon.targets._attention import attention_lowering
 from surgeon.targets._cleanup import all_nodes, attention_calls
@@ -115,15 +117,62 @@ def test_gqa_with_a_padding_mask_reads_the_kv_heads_unrepeated(tmp_path: Path) -
     assert np.abs(out - ref)[keep].max() <= 1e-5
 
 
-def test_eager_and_quantized_attention_are_declined_with_reasons(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", list(CASES))
+def test_eager_attention_lowers_to_the_attention_op_and_matches_torch(name: str, tmp_path: Path) -> None:
+    """The same models with Hugging Face's "eager" attention (matmul, scale, mask / position bias / causal
+    fill, softmax, matmul written out): exported as SDPA, so the file has the fused op all the same."""
     torch.manual_seed(0)
-    model = ManualAttention(dim=16, heads=2).eval()
+    make, inputs = CASES[name]
+    config = make().config
+    config._attn_implementation = "eager"
+    model = type(make())(config).eval()
+    example = inputs(2, 12)
+    gm = capture(model, example).gm
+    assert {s.variant for s in analyze_graph(gm).by_kind("attention")} == {"manual"}
+    path = export_onnx(gm, example, tmp_path / "m.onnx", original=model)
+    graph = onnx.load(str(path)).graph
+    assert len(attention_calls(graph)) == 2 and "Softmax" not in [n.op_type for n in all_nodes(graph)]
+    report = attention_lowering(gm, path)
+    assert (report["sites"], report["fused"]) == (2, 2), report
+    other = inputs(3, 20)
+    with torch.no_grad():
+        ref = model(**other)[0].numpy()
+    out = run_ort(session(path), other)[0]
+    if "attention_mask" in other and other["attention_mask"].min() == 0:
+        keep = other["attention_mask"].numpy().astype(bool)  # padded positions are not defined alike
+        assert np.abs(out - ref)[keep].max() <= 1e-5
+    else:
+        assert np.abs(out - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("kw", [dict(scale="div", causal=True), dict(scale="none", mask_side="left", causal=True),
+                                dict(scale="mul", mask_side="right", bool_mask=True), dict(dropout=True)],
+                         ids=["div-causal", "unscaled-bias-causal", "finfo-min-fill", "dropout"])
+def test_hand_written_attention_variants_fuse_exactly(kw: dict, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = ManualAttention(dim=16, heads=2, **kw).eval()
     x = torch.randn(2, 6, 16)
     gm = capture(model, (x,)).gm
-    path = export_onnx(gm, (x,), tmp_path / "eager.onnx", original=model)
-    report = attention_lowering(gm, path)
-    assert (report["sites"], report["fused"]) == (1, 0)
-    assert report["records"][0]["reason"].startswith("written as explicit matmul / softmax (eager attention)")
+    path = export_onnx(gm, (x,), tmp_path / "m.onnx", original=model)
+    assert attention_lowering(gm, path)["fused"] == 1
+    other = torch.randn(3, 9, 16)
+    with torch.no_grad():
+        ref = model(other).numpy()
+    assert np.abs(run_ort(session(path), (other,))[0] - ref).max() <= 1e-5
+
+
+def test_eager_and_quantized_attention_are_declined_with_reasons(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16)
+    for kw, why in ((dict(product="einsum"), "eager attention with a einsum / einsum product: only 4-d matmul "
+                                               "products are fused"),
+                    (dict(layout="3d"), "eager attention with a bmm / bmm product: only 4-d matmul products are fused")):
+        model = ManualAttention(dim=16, heads=2, **kw).eval()
+        gm = capture(model, (x,)).gm
+        path = export_onnx(gm, (x,), tmp_path / "eager.onnx", original=model)
+        report = attention_lowering(gm, path)
+        assert (report["sites"], report["fused"]) == (1, 0)
+        assert report["records"][0]["reason"] == f"written as explicit matmul / softmax (eager attention), not fused: {why}"
 
     import surgeon
 
