@@ -125,6 +125,19 @@ def test_hf_encoder_decoder_gets_decoder_inputs(save_hf, hf_tokenizer):
     original.config.use_cache = False
     _assert_same_outputs(loaded.model, original, inputs)
 
+def test_hf_t5_encoder_dir_loads_as_the_encoder_it_holds(save_hf, hf_tokenizer):
+    """config.architectures = ["T5EncoderModel"] (sentence-T5 and the like): AutoModel would add a
+    decoder with random weights and ask for decoder inputs; the loader builds the encoder it holds."""
+    torch.manual_seed(7)
+    cfg = transformers.T5Config(vocab_size=len(hf_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    original = transformers.T5EncoderModel(cfg).eval()
+    loaded = load_model(save_hf(original, "t5enc"))
+    assert type(loaded.model).__name__ == "T5EncoderModel"
+    assert "loaded as T5EncoderModel (its config's architecture: an encoder without the decoder)" in loaded.notes
+    assert set(loaded.example_inputs) == {"input_ids", "attention_mask"}
+    _assert_same_outputs(loaded.model, original, loaded.example_inputs)
+
+
 def test_hf_vit_dir_gives_pixel_values_and_no_tokenizer(save_hf):
     torch.manual_seed(3)
     cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

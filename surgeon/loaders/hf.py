@@ -1,5 +1,6 @@
 """A Hugging Face model directory (``config.json`` + weights + tokenizer), loaded with
-``AutoModel.from_pretrained(dir, local_files_only=True, trust_remote_code=False)``, ``use_cache=False``;
+``AutoModel.from_pretrained(dir, local_files_only=True, trust_remote_code=False)`` (or the config's
+``…EncoderModel`` architecture, e.g. ``T5EncoderModel``, whose checkpoint has no decoder), ``use_cache=False``;
 example inputs from the tokenizer (text) or the config (``pixel_values`` of the configured image size)."""
 
 from __future__ import annotations
@@ -132,7 +133,15 @@ def load_hf(source: str, path: Path, *, trust_pickle: bool = False, text: str | 
                 # A KV cache output is not a tensor graph export can return; we never decode step by step.
                 config.use_cache = False
                 notes.append("use_cache=False")
-            model = transformers.AutoModel.from_pretrained(str(path), config=config, **kwargs)
+            arch = (getattr(config, "architectures", None) or [""])[0]
+            encoder_only = getattr(transformers, arch, None) if arch.endswith("EncoderModel") else None
+            if encoder_only is not None:
+                # T5EncoderModel & co.: AutoModel would build the whole encoder-decoder, with a decoder the
+                # weights do not have (initialized at random) and decoder inputs the model never takes.
+                model = encoder_only.from_pretrained(str(path), config=config, **kwargs)
+                notes.append(f"loaded as {arch} (its config's architecture: an encoder without the decoder)")
+            else:
+                model = transformers.AutoModel.from_pretrained(str(path), config=config, **kwargs)
     except SurgeonError:
         raise
     except Exception as exc:  # noqa: BLE001
