@@ -142,7 +142,8 @@ def manual_plan(view: Any, site: Any) -> _Plan | str:
                 return f"the scores are scaled by a tensor, not a constant ('{op}')"
             plan.scale = c if op == "mul" else 1.0 / c
         elif op in ("mul", "div"):
-            return "a scale after the mask or bias (only a scale of Q·Kᵀ itself is fused)"
+            return ("a second scale, or one after the mask or bias (soft-capping, e.g.): only one scale of "
+                    "Q·Kᵀ itself is fused")
         elif op in ("add", "sub") and node.kwargs.get("alpha", 1) == 1 and (op == "add" or at == 0):
             plan.terms.append((op, node, at))
         elif op == "masked_fill" and at == 0:

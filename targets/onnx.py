@@ -233,7 +233,10 @@ def _chunks_as_slices(module: Any) -> Any:
     the exporter's own decomposition of that op writes [b, h, t, d], and the same view of its
     transpose fails (T5's attention output, reshaped to [b, t, h·d], stopped ``--target onnx`` there).
     For the same reason each ``aten.contiguous`` is a ``clone`` (a copy in every trace, not only where
-    the tracer's strides say so)."""
+    the tracer's strides say so). An SDPA whose keys and values have one head broadcast over the
+    queries' (multi-query attention: Falcon) gets ``enable_gqa=True``, the same computation, which the
+    exporter's ``Attention`` lowering takes (it asserts equal head counts otherwise). Hand-written
+    attention becomes SDPA (``targets/_manual_attention.py``)."""
     import copy
     import operator
 
@@ -247,12 +250,25 @@ def _chunks_as_slices(module: Any) -> Any:
                 and n.args[0].target in (torch.ops.aten.transpose.int, torch.ops.aten.permute.default))
 
     views = [n for n in nodes if transposed_view(n) or n.target is torch.ops.aten.contiguous.default]
+    def broadcast_kv(n: fx.Node) -> bool:
+        """SDPA whose K/V have one head broadcast over Q's (multi-query attention, Falcon)."""
+        if n.op != "call_function" or n.target is not torch.ops.aten.scaled_dot_product_attention.default:
+            return False
+        q, k = (getattr(a, "meta", {}).get("val") for a in n.args[:2])
+        return (getattr(q, "ndim", 0) == 4 and getattr(k, "ndim", 0) == 4 and str(k.shape[1]) == "1"
+                and str(q.shape[1]) != "1" and not n.kwargs.get("enable_gqa", False))
+
     manual = gm is not None and any(s.variant == "manual" for s in analyze_graph(gm).by_kind("attention"))
-    if not chunks and not views and not manual:
+    mqa = [n for n in nodes if broadcast_kv(n)]
+    if not chunks and not views and not manual and not mqa:
         yield
         return
     saved = gm.graph  # type: ignore[union-attr]
     work = copy.deepcopy(saved)  # nodes copied, meta shallow: cheap
+    for node in [n for n in work.nodes if broadcast_kv(n)]:
+        # one K/V head broadcast over the query heads is grouped-query attention with one group: the
+        # same computation, and the form the exporter's Attention op takes (it refuses broadcast heads)
+        node.kwargs = {**node.kwargs, "enable_gqa": True}
     for node in [n for n in work.nodes if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default]:
         # a copy only where the tracer sees non-contiguous strides; a clone copies in every trace
         node.target = torch.ops.aten.clone.default

@@ -302,3 +302,22 @@ def test_t5_encoder_decoder_fuses_self_causal_and_cross_attention_with_position_
     with torch.no_grad():
         ref = model(**other)[0].numpy()
     assert np.abs(run_ort(session(path), other)[0] - ref).max() <= 1e-5
+
+
+def test_multi_query_attention_with_one_broadcast_kv_head_fuses(tmp_path: Path) -> None:
+    """Falcon's SDPA broadcasts one key/value head over the query heads; the exporter's Attention
+    lowering refused that (it asserts equal head counts) — exported as GQA with one group, it fuses."""
+    torch.manual_seed(0)
+    model = transformers.FalconModel(transformers.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                               num_attention_heads=4, use_cache=False)).eval()
+    example = _text_inputs(2, 12, pad=True)
+    gm = capture(model, example).gm
+    path = export_onnx(gm, example, tmp_path / "m.onnx", original=model)
+    calls = attention_calls(onnx.load(str(path)).graph)
+    assert len(calls) == 2
+    assert attention_lowering(gm, path)["fused"] == 2
+    other = _text_inputs(3, 20, pad=True)
+    with torch.no_grad():
+        ref = model(**other)[0].numpy()
+    keep = other["attention_mask"].numpy().astype(bool)
+    assert np.abs(run_ort(session(path), other)[0] - ref)[keep].max() <= 1e-5
