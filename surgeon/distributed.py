@@ -26,6 +26,7 @@ error with exit code 5, instead of a hang.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import math
 import os
@@ -126,7 +127,20 @@ def init_from_env(timeout: float | None = None) -> bool:
                        f"group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {t:g} s: "
                        f"{first_line(exc, trim=True)}") from None
     _timeout = t
+    atexit.register(_leave)
     return active()
+
+
+def _leave() -> None:
+    # Left to the interpreter's teardown, gloo's worker threads are destroyed while still joinable and
+    # the process aborts ("terminate called without an active exception", exit -6) after a run that
+    # succeeded; destroying the group joins them. (A rank that lost its peers leaves by os._exit.)
+    dist = _dist()
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - nothing left to report to at exit
+        pass
 
 
 _LOST = re.compile(r"timed out|timeout|connection|closed|reset by peer|broken pipe|socket", re.IGNORECASE)
