@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from surgeon.analysis import analyze_graph
 from surgeon.capture import auto_dynamic_shapes
 from surgeon.errors import SurgeonError, first_line
 from surgeon.inputs import Inputs, as_args_kwargs, call, tensors_of
@@ -217,9 +216,11 @@ def _optimizer_error(exc: BaseException, module: Any, inputs: Inputs) -> Surgeon
 
 
 @contextlib.contextmanager
-def _chunks_as_slices(module: Any) -> Any:
-    """Each ``aten.chunk`` of a GraphModule as one ``aten.slice`` per chunk used, for the duration of the
-    export (the module's own graph is put back after).
+def _export_form(module: Any) -> Any:
+    """The graph the exporter is handed, for the duration of the export (the module's own graph is put
+    back after): the rewrites below, each the same computation in a form torch.onnx lowers (well).
+
+    Each ``aten.chunk`` of a GraphModule becomes one ``aten.slice`` per chunk used.
 
     A GraphModule captured by torch.export keeps ``chunk`` (``x.chunk(2, -1)`` of a coupling flow); the
     ONNX exporter lowers it to a ``SplitToSequence`` without sizes that onnxscript's constant folding
@@ -258,7 +259,8 @@ def _chunks_as_slices(module: Any) -> Any:
         return (getattr(q, "ndim", 0) == 4 and getattr(k, "ndim", 0) == 4 and str(k.shape[1]) == "1"
                 and str(q.shape[1]) != "1" and not n.kwargs.get("enable_gqa", False))
 
-    manual = gm is not None and any(s.variant == "manual" for s in analyze_graph(gm).by_kind("attention"))
+    # hand-written attention has a softmax; the analyzer (on the copy below) looks only where there is one
+    manual = any(n.op == "call_function" and "softmax" in str(n.target) for n in nodes)
     mqa = [n for n in nodes if broadcast_kv(n)]
     if not chunks and not views and not manual and not mqa:
         yield
@@ -363,7 +365,7 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
         ds = (auto_dynamic_shapes(module_or_ep, example_inputs) if isinstance(dynamic_shapes, str)
               else dynamic_shapes)
     try:
-        with _quiet(), _chunks_as_slices(module_or_ep):
+        with _quiet(), _export_form(module_or_ep):
             prog = torch.onnx.export(
                 module_or_ep, () if is_ep else args, kwargs=None if is_ep else (kwargs or None),
                 dynamo=True, opset_version=opset, dynamic_shapes=ds, external_data=False,

@@ -53,6 +53,10 @@ CASES = {
                                                                       num_layers=2, num_heads=4,
                                                                       relative_attention_num_buckets=8)),
            lambda b, t: _text_inputs(b, t, pad=True)),
+    # MPNet has no "sdpa" implementation: its attention is always written out (fused by the export)
+    "mpnet": (lambda: transformers.MPNetModel(transformers.MPNetConfig(vocab_size=100, max_position_embeddings=70,
+                                                                        **SMALL)),
+              lambda b, t: _text_inputs(b, t, pad=True)),
     "vit": (lambda: transformers.ViTModel(transformers.ViTConfig(image_size=16, patch_size=4, **SMALL)),
             lambda b, t: {"pixel_values": torch.randn(b, 3, 16, 16, generator=torch.Generator().manual_seed(b))}),
 }
