@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import fx
@@ -42,8 +42,18 @@ from .pass_manager import SiteRecord, set_site_active, set_site_rung
 Metric = Callable[[Any, Any], float]
 
 #: Tolerance criteria: name → True when higher is better.
-CRITERIA: dict[str, bool] = {"cosine_mean": True, "cosine_min": True, "max_rel_err": False, "metric": True}
+CRITERIA: dict[str, bool] = {"cosine_mean": True, "cosine_min": True, "max_rel_err": False, "metric": True,
+                             "agreement": True}
 DEFAULT_COSINE_MEAN = 0.999
+
+#: The margin rule (docs/report.md, "the margin"): a check set is a sample of the data the file will
+#: see, so a criterion must hold for what the check set *estimates*, not only for what it measured.
+#: Means (cosine_mean, agreement) are taken at their one-sided 95 % lower confidence bound
+#: (mean − 1.645·s/√n; for a proportion p, p − 1.645·√(p(1−p)/n)). Extremes (cosine_min,
+#: max_rel_err) have no distribution-free bound for unseen samples: the worst error measured must
+#: leave MARGIN_EXTREME headroom (error × 1.25 within the bound). A user metric is taken as measured.
+MARGIN_Z = 1.645
+MARGIN_EXTREME = 1.25
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,17 +70,23 @@ class Tolerance:
     cosine_min: float | None = None
     max_rel_err: float | None = None
     metric: float | None = None
+    agreement: float | None = None  # argmax agreement of the *logits outputs (task heads)
+    margin: bool = True  # judge the margined figures (``guarded``), not the measured ones
 
     def bounds(self) -> dict[str, float]:
-        """The constrained criteria in checking order (user metric first, then cosines)."""
-        order = ("metric", "cosine_min", "cosine_mean", "max_rel_err")
+        """The constrained criteria in checking order (user metric first, then the task metric, then cosines)."""
+        order = ("metric", "agreement", "cosine_min", "cosine_mean", "max_rel_err")
         return {k: getattr(self, k) for k in order if getattr(self, k) is not None}
+
+    def judged(self, figures: "Figures", name: str) -> float | None:
+        """The value of ``name`` the tolerance is checked on: ``guarded`` (the margin rule) or as measured."""
+        return guarded(figures, name) if self.margin else figures.get(name)
 
     def violations(self, figures: "Figures") -> list[str]:
         """Names of the violated criteria, in checking order (empty: the tolerance holds)."""
         bad = []
         for name, bound in self.bounds().items():
-            value = figures.get(name)
+            value = self.judged(figures, name)
             if value is None or math.isnan(value):
                 bad.append(name)
             elif (value < bound) if CRITERIA[name] else (value > bound):
@@ -81,10 +97,30 @@ class Tolerance:
         return ", ".join(f"{k} {'≥' if CRITERIA[k] else '≤'} {v:g}" for k, v in self.bounds().items()) or "none"
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in CRITERIA}
+        return {**{k: getattr(self, k) for k in CRITERIA}, "margin": self.margin}
 
 
-_TOL_ITEM = re.compile(r"^\s*([a-z_]+)\s*=\s*(\S+)\s*$")
+def guarded(figures: "Figures", name: str) -> float | None:
+    """``figures``' value of ``name`` under the margin rule (``MARGIN_Z``, ``MARGIN_EXTREME``): what the
+    check set supports for data it did not see. NaN and None pass through."""
+    value = figures.get(name)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return value
+    if name == "cosine_mean":
+        n, sd = figures.samples, figures.cosine_std
+        return value - MARGIN_Z * sd / math.sqrt(n) if sd is not None and n > 1 else value
+    if name == "agreement":
+        n = figures.agreement_count or 0
+        return value - MARGIN_Z * math.sqrt(max(value * (1.0 - value), 0.0) / n) if n > 0 else value
+    if name == "cosine_min":
+        return 1.0 - (1.0 - value) * MARGIN_EXTREME
+    if name == "max_rel_err":
+        return value * MARGIN_EXTREME
+    return value
+
+
+_TOL_ITEM = re.compile(r"^\s*([A-Za-z_-]+)\s*=\s*(\S+)\s*$")
+_KEYS = (*CRITERIA, "margin")
 
 
 def _bound(name: str, raw: Any) -> float:
@@ -98,6 +134,8 @@ def _bound(name: str, raw: Any) -> float:
         raise SurgeonError(f"tolerance {name}={raw} is not a cosine in [-1, 1]")
     if name == "max_rel_err" and value < 0:
         raise SurgeonError(f"tolerance max_rel_err={raw} must be ≥ 0")
+    if name == "agreement" and not 0.0 <= value <= 1.0:
+        raise SurgeonError(f"tolerance agreement={raw} is not a fraction in [0, 1]")
     return value
 
 
@@ -119,7 +157,8 @@ def parse_tolerance(spec: "Tolerance | float | str | dict | None", *, has_metric
         return Tolerance()
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         key = "metric" if has_metric else "cosine_mean"
-        return Tolerance(**{"cosine_mean": None, key: _bound(key, spec)})
+        bounds: dict[str, Any] = {"cosine_mean": None, key: _bound(key, spec)}
+        return Tolerance(**bounds)
     if isinstance(spec, str):
         text = spec.strip()
         if "=" not in text:
@@ -127,7 +166,7 @@ def parse_tolerance(spec: "Tolerance | float | str | dict | None", *, has_metric
                 number = float(text)
             except ValueError:
                 raise SurgeonError(f"cannot parse tolerance '{spec}': give a number (minimum mean cosine) "
-                                   f"or key=value pairs (cosine_mean, cosine_min, max_rel_err, metric)") from None
+                                   f"or key=value pairs ({', '.join(_KEYS)})") from None
             return parse_tolerance(number, has_metric=has_metric)
         items: dict[str, str] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
@@ -139,14 +178,23 @@ def parse_tolerance(spec: "Tolerance | float | str | dict | None", *, has_metric
     if isinstance(spec, dict):
         if not spec:
             raise SurgeonError("empty tolerance: name at least one criterion (e.g. cosine_mean=0.999)")
-        values: dict[str, float | None] = {k: None for k in CRITERIA}
+        values: dict[str, Any] = {k: None for k in CRITERIA}
+        margin = True
         for key, raw in spec.items():
+            if key == "margin":
+                if str(raw).strip().lower() not in ("0", "1", "true", "false", "on", "off"):
+                    raise SurgeonError(f"tolerance margin={raw} must be 1 (the margin rule, default) or 0 (as measured)")
+                margin = str(raw).strip().lower() in ("1", "true", "on")
+                continue
             if key not in CRITERIA:
-                raise SurgeonError(f"unknown tolerance key '{key}' (known: {', '.join(CRITERIA)})")
+                hint = f"; did you mean {key.replace('-', '_')}?" if key.replace("-", "_") in _KEYS else ""
+                raise SurgeonError(f"unknown tolerance key '{key}' (known: {', '.join(_KEYS)}{hint})")
             values[key] = _bound(key, raw)
         if values["metric"] is not None and not has_metric:
             raise SurgeonError("tolerance names 'metric' but no metric callable was given")
-        return Tolerance(**values)
+        if not any(v is not None for v in values.values()):
+            raise SurgeonError("empty tolerance: name at least one criterion (e.g. cosine_mean=0.999)")
+        return Tolerance(**values, margin=margin)
     raise SurgeonError(f"cannot use {type(spec).__name__} as a tolerance")
 
 
@@ -200,8 +248,9 @@ class PairStats:
     def __init__(self) -> None:
         self.ref2 = self.out2 = self.dot = self.err2 = 0.0
         self.max_err = self.max_ref = 0.0
-        self.cos_sum = 0.0
+        self.cos_sum = self.cos_sq = 0.0
         self.cos_min = math.inf
+        self.cosines: list[float] = []  # this process's per-sample cosines (the spread in the report)
         self.samples = 0
         self.nonfinite = False
         self.mismatch: str | None = None
@@ -233,7 +282,9 @@ class PairStats:
         for dt, a2, b2 in zip(dots.tolist(), na.tolist(), nb.tolist()):
             c = _cos(dt, a2, b2)
             self.cos_sum += c
+            self.cos_sq += c * c
             self.cos_min = min(self.cos_min, c) if not math.isnan(c) else math.nan
+            self.cosines.append(c)
             self.samples += 1
 
     def _pack(self) -> tuple[list[float], list[float], list[float]]:
@@ -241,7 +292,7 @@ class PairStats:
         propagate it)."""
         cos_nan = isinstance(self.cos_min, float) and math.isnan(self.cos_min)
         sums = [self.ref2, self.out2, self.dot, self.err2, self.cos_sum, float(self.samples), float(self.nonfinite),
-                float(self.mismatch is not None), float(cos_nan)]
+                float(self.mismatch is not None), float(cos_nan), self.cos_sq]
         maxes = [math.inf if math.isnan(v) else v for v in (self.max_err, self.max_ref)]
         return sums, maxes, [-math.inf if cos_nan else self.cos_min]
 
@@ -252,6 +303,7 @@ class PairStats:
             self.mismatch = "the output shape differs from the reference's on another rank"
         self.max_err, self.max_ref = maxes
         self.cos_min = math.nan if sums[8] else mins[0]
+        self.cos_sq = sums[9]
 
     def _rel(self) -> float:
         if self.max_ref == 0.0:
@@ -273,8 +325,11 @@ class PairStats:
     def figures(self) -> "Figures":
         if self._bad() or self.mismatch is not None:
             return Figures(math.nan, math.nan, math.nan, math.nan, self.samples)
-        return Figures(self.cos_sum / self.samples, self.cos_min, self._rel(), sqnr_db(self.ref2, self.err2),
-                       self.samples)
+        mean = self.cos_sum / self.samples
+        # sample standard deviation of the per-sample cosines, from reducible sums
+        var = (self.cos_sq - self.samples * mean * mean) / (self.samples - 1) if self.samples > 1 else 0.0
+        return Figures(mean, self.cos_min, self._rel(), sqnr_db(self.ref2, self.err2), self.samples,
+                       cosine_std=math.sqrt(max(var, 0.0)), cosines=list(self.cosines))
 
 
 @dataclass
@@ -287,49 +342,117 @@ class Figures:
     sqnr_db: float
     samples: int
     metric: float | None = None
+    cosine_std: float | None = None  # spread of the per-sample cosines (sample standard deviation)
+    agreement: float | None = None  # argmax agreement of the *logits outputs (None: the model has none)
+    agreement_count: int | None = None  # predictions compared (samples, or real token positions)
+    cosines: list[float] | None = field(default=None, repr=False)  # per-sample cosines (this process)
 
     def get(self, name: str) -> float | None:
         return getattr(self, name)
 
+    def spread(self) -> dict[str, Any]:
+        """The per-sample cosine distribution: quantiles and a bootstrap 95 % interval of the mean
+        (1000 resamples, seeded), from the samples this process measured."""
+        cos = [c for c in (self.cosines or []) if not math.isnan(c)]
+        if not cos:
+            return {}
+        t = torch.tensor(cos, dtype=torch.float64)
+        qs = torch.quantile(t, torch.tensor([0.01, 0.05, 0.5], dtype=torch.float64)).tolist()
+        gen = torch.Generator().manual_seed(0)
+        means = t[torch.randint(len(cos), (1000, len(cos)), generator=gen)].mean(1)
+        lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        return {"samples": len(cos), "cosine_std": self.cosine_std, "cosine_p01": qs[0], "cosine_p05": qs[1],
+                "cosine_median": qs[2], "cosine_mean_ci95": [lo, hi]}
+
     def to_json(self) -> dict:
-        out = {"cosine_mean": self.cosine_mean, "cosine_min": self.cosine_min, "max_rel_err": self.max_rel_err,
-               "sqnr_db": self.sqnr_db, "samples": self.samples}
+        out: dict[str, Any] = {"cosine_mean": self.cosine_mean, "cosine_min": self.cosine_min,
+                               "max_rel_err": self.max_rel_err, "sqnr_db": self.sqnr_db, "samples": self.samples}
+        if self.cosine_std is not None:
+            out["cosine_std"] = self.cosine_std
         if self.metric is not None:
             out["metric"] = self.metric
+        if self.agreement is not None:
+            out["agreement"] = self.agreement
+            out["agreement_count"] = self.agreement_count
         return out
 
 
+def logits_outputs(output: Any) -> dict[str, torch.Tensor]:
+    """The task head's outputs: floating tensors whose output name ends in ``logits`` (``logits``,
+    ``start_logits`` / ``end_logits``), by name; empty for an output without names (a tensor, a tuple)."""
+    if not isinstance(output, Mapping):
+        return {}
+    return {k: v for k, v in output.items()
+            if isinstance(k, str) and k.endswith("logits") and isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def _rows(tensors: Sequence[torch.Tensor], inputs: Any) -> torch.Tensor:
+    """Several outputs of one batch as [batch, features] (padded positions zeroed), side by side."""
+    rows = []
+    for t in tensors:
+        t = t.detach().to(torch.float64)
+        valid = position_mask(inputs, t)
+        if valid is not None:
+            t = torch.where(valid.bool(), t, 0.0)
+        rows.append(t.reshape(t.shape[0], -1) if t.dim() >= 1 else t.reshape(1, 1))
+    return torch.cat(rows, 1)
+
+
 class _EndToEnd:
-    """PairStats on the first floating output (its padded positions left out: ``position_mask``) plus
-    the user metric's batch average."""
+    """What the end-to-end figures compare: the task head's ``*logits`` outputs where the model names
+    them (all of them, side by side per sample; plus their argmax agreement), else the first floating
+    output; padded positions left out (``position_mask``); plus the user metric's batch average."""
 
     def __init__(self, metric: Metric | None) -> None:
         self.stats = PairStats()
         self.metric = metric
         self.metric_sum = 0.0
         self.batches = 0
+        self.agree = 0.0
+        self.agree_n = 0
 
     def update(self, ref_out: Any, out: Any, inputs: Any = None) -> None:
-        r, o = _first_float(ref_out), _first_float(out)
-        if r is None or o is None:
-            raise SurgeonError("the model output holds no floating tensor to compare; pass a metric callable")
-        self.stats.update(r, o, position_mask(inputs, r))
+        ref_heads, heads = logits_outputs(ref_out), logits_outputs(out)
+        if ref_heads and set(ref_heads) <= set(heads):
+            r_list, o_list = list(ref_heads.values()), [heads[k] for k in ref_heads]
+            if len(r_list) == 1:
+                self.stats.update(r_list[0], o_list[0], position_mask(inputs, r_list[0]))
+            elif all(a.shape == b.shape for a, b in zip(r_list, o_list)):
+                self.stats.update(_rows(r_list, inputs), _rows(o_list, inputs))
+            else:
+                self.stats.mismatch = "the logits outputs' shapes differ from the reference's"
+            for a, b in zip(r_list, o_list):
+                if a.shape != b.shape or a.dim() == 0:
+                    continue
+                same = (a.argmax(-1) == b.argmax(-1)).to(torch.float64)
+                valid = position_mask(inputs, same) if same.dim() >= 2 else None
+                w = valid if valid is not None else torch.ones_like(same)
+                self.agree += float((same * w).sum())
+                self.agree_n += int(w.sum())
+        else:
+            r, o = _first_float(ref_out), _first_float(out)
+            if r is None or o is None:
+                raise SurgeonError("the model output holds no floating tensor to compare; pass a metric callable")
+            self.stats.update(r, o, position_mask(inputs, r))
         if self.metric is not None:
             self.metric_sum += float(self.metric(ref_out, out))
         self.batches += 1
 
     def _pack(self) -> tuple[list[float], list[float], list[float]]:
         sums, maxes, mins = self.stats._pack()
-        return sums + [self.metric_sum, float(self.batches)], maxes, mins
+        return sums + [self.agree, float(self.agree_n), self.metric_sum, float(self.batches)], maxes, mins
 
     def _unpack(self, sums: list[float], maxes: list[float], mins: list[float]) -> None:
-        self.stats._unpack(sums[:-2], maxes, mins)
+        self.stats._unpack(sums[:-4], maxes, mins)
+        self.agree, self.agree_n = sums[-4], int(sums[-3])
         self.metric_sum, self.batches = sums[-2], int(sums[-1])
 
     def figures(self) -> Figures:
         fig = self.stats.figures()
         if self.metric is not None:
             fig.metric = self.metric_sum / max(self.batches, 1)
+        if self.agree_n:
+            fig.agreement, fig.agreement_count = self.agree / self.agree_n, self.agree_n
         return fig
 
 
@@ -443,6 +566,8 @@ class GuardResult:
     batches: int = 0
     samples: int = 0
     rungs: dict[str, str] = field(default_factory=dict)  # kept site → the rung it is on
+    # continue the descent from this result under a tighter tolerance (the solo figures are reused)
+    resume: Callable[..., "GuardResult"] | None = field(default=None, repr=False, compare=False)
 
 
 def ladder(record: SiteRecord) -> tuple[str, ...]:
@@ -575,7 +700,6 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
     ``gm`` is left with the kept sites on their rungs and the others off. Under a process group
     ``check`` is this rank's share (possibly empty) and the figures are combined over the ranks."""
     records = list(records)
-    by_site = {r.site: r for r in records}
     n_check = _total(len(check), distributed)
     if not n_check:
         raise SurgeonError("no check batches to verify on")
@@ -616,91 +740,120 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
                                     solo_rungs={rung: solo_acc[(r.site, rung)].figures() for rung in ladder(r)[:-1]})
                   for r in records}
         exact = exact_acc.figures()
-        benefit = _Benefit(records)
         all_fig = all_acc.figures()
-        config = {r.site: ladder(r)[0] for r in records}
-        fig = all_fig
-        configs: list[tuple[dict[str, str], Figures]] = [(dict(config), fig)]
-        steps: list[dict] = [{"kept": list(config), "rungs": dict(config), "end_to_end": fig.to_json(),
-                              "rolled_back": None}]
+    if tolerance.agreement is not None and exact.agreement is None:
+        raise SurgeonError("tolerance names 'agreement' but the model has no *logits output to take the argmax of "
+                           "(task heads name theirs logits, start_logits, ...)")
+    stepper = _Stepper(gm0, gm, records, checks, exact, all_fig, check, metric, distributed)
+    return stepper.run(tolerance, progress=progress, batches=n_check, samples=samples)
 
-        def loss(site: str, rung: str, criterion: str) -> float:
-            """Solo error of ``site`` on ``rung`` for ``criterion`` (0 for keep; NaN counts as worst)."""
-            if rung == KEEP:
-                return 0.0
-            value = _oriented(criterion, checks[site].solo_rungs[rung].get(criterion))
-            base = _oriented(criterion, exact.get(criterion) if criterion == "metric" else
-                             (0.0 if criterion == "max_rel_err" else 1.0))
-            return math.inf if value == -math.inf else max(base - value, 0.0)
 
-        while config and (bad := tolerance.violations(fig)):
-            criterion = bad[0]
-            best: tuple[float, float, str, str] | None = None  # (priority, gain, site, to)
-            for site, rung in config.items():
-                lad = checks[site].ladder
-                here = loss(site, rung, criterion)
-                for lower in lad[lad.index(rung) + 1:]:
-                    gain = here - loss(site, lower, criterion)
-                    if not gain > 0:
-                        continue
-                    cost = benefit(site, rung) - benefit(site, lower)
-                    priority = gain / max(cost, 1e-9 * max(benefit(site, rung), 1e-12))
-                    if best is None or (priority, gain) > best[:2]:
-                        best = (priority, gain, site, lower)
-            if best is None:  # the solo figures do not explain it: the worst site goes
-                site = max(config, key=lambda s: loss(s, config[s], criterion))
-                to, why = KEEP, "no single step removes error by the solo figures; the worst of those on"
-            else:
-                _, gain, site, to = best
-                why = (f"the most error removed per benefit given up ({criterion} gain {gain:.3g} for "
-                       f"{benefit(site, config[site]) - benefit(site, to):.3g} of the benefit)")
-            now, bound = fig.get(criterion), tolerance.bounds()[criterion]
-            cmp = "<" if CRITERIA[criterion] else ">"
-            c = checks[site]
-            solo_value = c.solo_rungs[config[site]].get(criterion)
-            text = (f"end-to-end {criterion} {_fmt(now)} {cmp} {bound:g} with {len(config)} site(s) on; "
-                    f"with only this site on {criterion} is {_fmt(solo_value)}")
-            worst = max(config, key=lambda s: loss(s, config[s], criterion))
-            if to == KEEP:
-                c.status, c.rung = "rolled_back", KEEP
-                c.reason = text + (", the worst of those kept" if best is None or worst == site
-                                   else f"; rolled back before worse sites: {why}")
-                c.cause = {"criterion": criterion, "solo": solo_value, "end_to_end": now, "bound": bound,
-                           "sites_on": len(config)}
-                del config[site]
-            else:
-                c.steps.append(f"{config[site]} → {to}: {text}; {why}")
-                c.rung = config[site] = to
-            bar.add(len(check), f"verifying ({len(config)} site(s) on)")
-            fig = measure_config(gm0, gm, records, dict(config), check, metric, bar, distributed=distributed)
-            configs.append((dict(config), fig))
-            steps.append({"kept": list(config), "rungs": dict(config), "end_to_end": fig.to_json(),
-                          "rolled_back": site if to == KEEP else None,
-                          "stepped": None if to == KEEP else {"site": site, "to": to}})
+class _Stepper:
+    """The guard's descent, resumable: the solo figures measured once, then configurations stepped
+    down until a tolerance holds. ``run`` starts from every site on its first rung, or from where
+    the last ``run`` ended (``GuardResult.resume``: the written file missed a tolerance the torch
+    module met, so the pipeline asks for a tighter one)."""
 
-    met = not tolerance.violations(fig)
-    if not met:
-        # Nothing met the tolerance: keep the best configuration measured (fewest violated criteria,
-        # then the best first criterion, then the most benefit) and say so.
-        criterion0 = next(iter(tolerance.bounds()))
+    def __init__(self, gm0: fx.GraphModule, gm: fx.GraphModule, records: list[SiteRecord],
+                 checks: dict[str, SiteCheck], exact: Figures, all_fig: Figures, check: Sequence[Inputs],
+                 metric: Metric | None, distributed: bool | None) -> None:
+        self.gm0, self.gm, self.records, self.checks = gm0, gm, records, checks
+        self.exact, self.all_fig, self.check, self.metric, self.distributed = exact, all_fig, check, metric, distributed
+        self.benefit = _Benefit(records)
+        self.config: dict[str, str] = {r.site: ladder(r)[0] for r in records}
+        self.fig = all_fig
+        self.configs: list[tuple[dict[str, str], Figures]] = [(dict(self.config), all_fig)]
+        self.steps: list[dict] = [{"kept": list(self.config), "rungs": dict(self.config), "end_to_end": all_fig.to_json(),
+                                   "rolled_back": None}]
 
-        def score(cfg: tuple[dict[str, str], Figures]) -> tuple:
-            on, f = cfg
-            return (-len(tolerance.violations(f)), _oriented(criterion0, f.get(criterion0)),
-                    len(on), sum(benefit(s, r) for s, r in on.items()))
+    def loss(self, site: str, rung: str, criterion: str) -> float:
+        """Solo error of ``site`` on ``rung`` for ``criterion`` (0 for keep; NaN counts as worst)."""
+        if rung == KEEP:
+            return 0.0
+        value = _oriented(criterion, self.checks[site].solo_rungs[rung].get(criterion))
+        base = _oriented(criterion, self.exact.get(criterion) if criterion in ("metric", "agreement") else
+                         (0.0 if criterion == "max_rel_err" else 1.0))
+        return math.inf if value == -math.inf else max(base - value, 0.0)
 
-        config, fig = max(configs, key=score)
-        config = dict(config)
+    def run(self, tolerance: Tolerance, *, progress: bool = False, batches: int = 0, samples: int = 0) -> GuardResult:
+        checks, config, benefit, loss = self.checks, self.config, self.benefit, self.loss
+        fig = self.fig
+        with _Progress(progress, "verifying") as bar, torch.no_grad():
+            while config and (bad := tolerance.violations(fig)):
+                criterion = bad[0]
+                best: tuple[float, float, str, str] | None = None  # (priority, gain, site, to)
+                for site, rung in config.items():
+                    lad = checks[site].ladder
+                    here = loss(site, rung, criterion)
+                    for lower in lad[lad.index(rung) + 1:]:
+                        gain = here - loss(site, lower, criterion)
+                        if not gain > 0:
+                            continue
+                        cost = benefit(site, rung) - benefit(site, lower)
+                        priority = gain / max(cost, 1e-9 * max(benefit(site, rung), 1e-12))
+                        if best is None or (priority, gain) > best[:2]:
+                            best = (priority, gain, site, lower)
+                if best is None:  # the solo figures do not explain it: the worst site goes
+                    site = max(config, key=lambda s: loss(s, config[s], criterion))
+                    to, why = KEEP, "no single step removes error by the solo figures; the worst of those on"
+                else:
+                    _, gain, site, to = best
+                    why = (f"the most error removed per benefit given up ({criterion} gain {gain:.3g} for "
+                           f"{benefit(site, config[site]) - benefit(site, to):.3g} of the benefit)")
+                now, bound = tolerance.judged(fig, criterion), tolerance.bounds()[criterion]
+                cmp = "<" if CRITERIA[criterion] else ">"
+                c = checks[site]
+                solo_value = c.solo_rungs[config[site]].get(criterion)
+                judged = " (with the margin)" if tolerance.margin and now != fig.get(criterion) else ""
+                text = (f"end-to-end {criterion}{judged} {_fmt(now)} {cmp} {bound:g} with {len(config)} site(s) on; "
+                        f"with only this site on {criterion} is {_fmt(solo_value)}")
+                worst = max(config, key=lambda s: loss(s, config[s], criterion))
+                if to == KEEP:
+                    c.status, c.rung = "rolled_back", KEEP
+                    c.reason = text + (", the worst of those kept" if best is None or worst == site
+                                       else f"; rolled back before worse sites: {why}")
+                    c.cause = {"criterion": criterion, "solo": solo_value, "end_to_end": now, "bound": bound,
+                               "sites_on": len(config)}
+                    del config[site]
+                else:
+                    c.steps.append(f"{config[site]} → {to}: {text}; {why}")
+                    c.rung = config[site] = to
+                bar.add(len(self.check), f"verifying ({len(config)} site(s) on)")
+                fig = measure_config(self.gm0, self.gm, self.records, dict(config), self.check, self.metric, bar,
+                                     distributed=self.distributed)
+                self.configs.append((dict(config), fig))
+                self.steps.append({"kept": list(config), "rungs": dict(config), "end_to_end": fig.to_json(),
+                                   "rolled_back": site if to == KEEP else None,
+                                   "stepped": None if to == KEEP else {"site": site, "to": to}})
+        self.fig = fig
+        met = not tolerance.violations(fig)
+        chosen = dict(config)
+        if not met:
+            # Nothing met the tolerance: keep the best configuration measured (fewest violated criteria,
+            # then the best first criterion, then the most benefit) and say so.
+            criterion0 = next(iter(tolerance.bounds()))
+
+            def score(cfg: tuple[dict[str, str], Figures]) -> tuple:
+                on, f = cfg
+                return (-len(tolerance.violations(f)), _oriented(criterion0, tolerance.judged(f, criterion0)),
+                        len(on), sum(benefit(s, r) for s, r in on.items()))
+
+            chosen, fig = max(self.configs, key=score)
+            chosen = dict(chosen)
+            for s, c in checks.items():
+                if s in chosen:
+                    c.rung = chosen[s]
+                    if c.status == "rolled_back":
+                        c.status, c.reason, c.cause = "applied", "", {}
         for s, c in checks.items():
-            if s in config:
-                c.rung = config[s]
-                if c.status == "rolled_back":
-                    c.status, c.reason, c.cause = "applied", "", {}
-    for s, c in checks.items():
-        if s in config and c.steps and not c.reason:
-            c.reason = "; ".join(c.steps)
-    _configure(gm, records, dict(config))
-    kept = [r.site for r in records if r.site in config]
-    return GuardResult(sites=list(checks.values()), kept=kept, end_to_end=fig, all_applied=all_fig, met=met,
-                       tolerance=tolerance, steps=steps, batches=n_check, samples=samples,
-                       rungs={s: config[s] for s in kept if by_site[s].rungs})
+            if s in chosen and c.steps and not c.reason:
+                c.reason = "; ".join(c.steps)
+        _configure(self.gm, self.records, dict(chosen))
+        kept = [r.site for r in self.records if r.site in chosen]
+        by_site = {r.site: r for r in self.records}
+        result = GuardResult(sites=list(checks.values()), kept=kept, end_to_end=fig, all_applied=self.all_fig,
+                             met=met, tolerance=tolerance, steps=self.steps, batches=batches, samples=samples,
+                             rungs={s: chosen[s] for s in kept if by_site[s].rungs})
+        result.resume = lambda tighter, progress=False: self.run(tighter, progress=progress, batches=batches,
+                                                                  samples=samples)
+        return result

@@ -63,6 +63,11 @@ class Target:
         """A prepared call of the written file in its runtime on ``inputs`` (loading is not timed)."""
         raise NotImplementedError
 
+    def open(self, path: str | os.PathLike) -> Callable[..., Any]:
+        """The written file loaded in its runtime, as a callable on the model's torch inputs (positional
+        or keyword) that returns torch tensors: what the verdict measures (``surgeon.verify.measure_model``)."""
+        raise NotImplementedError
+
     def peak_memory(self, path: str | os.PathLike, inputs: Any, *, threads: int = 2) -> dict[str, Any] | None:
         """Peak memory of one run of the file in its runtime, measured in a fresh process (None: this
         target does not measure it)."""

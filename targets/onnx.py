@@ -519,8 +519,11 @@ def session(path: str | os.PathLike, *, threads: int | None = None, fp8: bool | 
 
 def feeds_for(sess: Any, inputs: Inputs) -> dict[str, np.ndarray]:
     args, kwargs = as_args_kwargs(inputs)
-    values = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
     names = [i.name for i in sess.get_inputs()]
+    if kwargs and not args and all(isinstance(kwargs.get(n), torch.Tensor) for n in names):
+        # keyword inputs by name: a tokenizer's dict need not list them in the forward's order
+        return {n: kwargs[n].detach().cpu().numpy() for n in names}
+    values = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
     if len(names) != len(values):
         raise SurgeonError(f"the ONNX file has {len(names)} inputs but {len(values)} tensors were given")
     return {n: v.detach().cpu().numpy() for n, v in zip(names, values)}

@@ -158,6 +158,22 @@ class OnnxTarget(Target):
         feeds = feeds_for(sess, inputs)
         return lambda: sess.run(None, feeds)
 
+    def open(self, path: str | os.PathLike) -> Callable[..., Any]:
+        """An ORT CPU session with the deploy session config (``targets/onnx.session``), as a callable
+        on torch inputs returning ``{output name: tensor}`` in the file's output order."""
+        import torch
+
+        from .onnx import run_ort, session
+
+        sess = session(path)
+        names = [o.name for o in sess.get_outputs()]
+
+        def run(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            outs = run_ort(sess, kwargs if kwargs else tuple(args))
+            return {n: torch.from_numpy(o) for n, o in zip(names, outs)}
+
+        return run
+
     def peak_memory(self, path: str | os.PathLike, inputs: Any, *, threads: int = 2) -> dict[str, Any] | None:
         """One ORT run's resident-set peak in a fresh process (``targets/onnx.peak_memory``)."""
         from .onnx import peak_memory

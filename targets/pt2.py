@@ -218,6 +218,12 @@ class TorchTarget(Target):
 
         return run
 
+    def open(self, path: str | os.PathLike) -> Callable[..., Any]:
+        """``torch.export.load(path).module()``: the program as torch runs it."""
+        import torch
+
+        return torch.export.load(str(path)).module()
+
 
 TORCH = TorchTarget(
     name="torch", format="pt2", runtime=_profile.TORCH.runtime, profile=_profile.TORCH,

@@ -170,7 +170,7 @@ def test_bad_site_rolled_back_with_its_figure_others_applied(bad_site_run: dict)
     assert bad["rollback"]["criterion"] == "cosine_mean"
     assert bad["rollback"]["solo"] == bad["solo_end_to_end"]["cosine_mean"] < 0.999
     assert bad["rollback"]["end_to_end"] < 0.999 == bad["rollback"]["bound"]
-    assert re.fullmatch(r"end-to-end cosine_mean [0-9.]+ < 0\.999 with 3 site\(s\) on; with only this site on "
+    assert re.fullmatch(r"end-to-end cosine_mean (?:\(with the margin\) )?[0-9.]+ < 0\.999 with 3 site\(s\) on; with only this site on "
                         r"cosine_mean is [0-9.]+, the worst of those kept", bad["reason"])
     # The broken site's own output is far worse than the good sites' (one level vs 255).
     good = [s for s in measured if s["status"] == "applied"]
@@ -197,7 +197,8 @@ def test_check_batches_never_used_to_fit(bad_site_run: dict) -> None:
     batches, seen, fit_seen = bad_site_run["batches"], bad_site_run["seen"], bad_site_run["fit_seen"]
     cal = bad_site_run["result"].report["calibration"]
     check_idx = cal["check_index"]
-    assert cal["batches"] == {"fit": 9, "check": 3, "total": 12} and len(check_idx) == 3
+    # 12 batches of 4: the check part grows towards 64 samples, up to half of the batches
+    assert cal["batches"] == {"fit": 6, "check": 6, "total": 12} and len(check_idx) == 6
     expected_fit = [b for i, b in enumerate(batches) if i not in check_idx]
     assert len(seen) == 1 and len(fit_seen) == 1
     for used in (seen[0], fit_seen[0]):
@@ -207,9 +208,20 @@ def test_check_batches_never_used_to_fit(bad_site_run: dict) -> None:
     assert cal["independent_check"] is True and cal["weak"] is False
 
 
+def test_check_part_grows_to_64_samples_up_to_half_the_batches() -> None:
+    batch = lambda n: (torch.zeros(n, 3),)  # noqa: E731
+    many = split_batches([batch(8)] * 40, 0.25, 0)  # 25 % = 10 batches = 80 samples: enough
+    assert len(many.check) == 10 and sum(b[0].shape[0] for b in many.check) == 80
+    mid = split_batches([batch(8)] * 20, 0.25, 0)  # 5 batches = 40 samples: grows to 8 batches = 64
+    assert len(mid.check) == 8 and len(mid.fit) == 12
+    few = split_batches([batch(4)] * 10, 0.25, 0)  # 64 samples would take 16 batches: half of 10 it is
+    assert len(few.check) == 5 and len(few.fit) == 5
+
+
 def test_split_is_seeded_and_keeps_one_of_each() -> None:
     b = list(range(10))
-    a1, a2, a3 = split_batches(b, 0.25, 0), split_batches(b, 0.25, 0), split_batches(b, 0.25, 1)
+    a1, a2, a3 = (split_batches(b, 0.25, 0, min_check_samples=0), split_batches(b, 0.25, 0, min_check_samples=0),
+                  split_batches(b, 0.25, 1, min_check_samples=0))
     assert a1.check_index == a2.check_index and a1.check_index != a3.check_index
     assert len(a1.check) == 2 and sorted(a1.fit_index + a1.check_index) == b  # round(2.5) = 2
     two = split_batches([0, 1], 0.25, 0)
@@ -233,7 +245,16 @@ def test_report_json_keys(bad_site_run: dict) -> None:
         assert set(s["metrics"]) == {"sqnr_db", "cosine", "max_rel_err"}
         assert ("reason" in s) == (s["status"] != "applied")
     assert {"cosine_mean", "cosine_min", "max_rel_err"} <= set(rep["end_to_end"])
-    assert rep["end_to_end"]["samples"] == 9  # 3 check batches of 3 samples
+    assert rep["end_to_end"]["samples"] == 18  # 6 check batches of 3 samples
+    # the verdict's figures are the written file's (model.pt2 run by torch), with their spread
+    assert rep["end_to_end"]["measured_on"] == {"file": "model.pt2", "target": "torch",
+                                                "runtime": "torch (torch.export.load)"}
+    assert rep["end_to_end"]["spread"]["samples"] == 18
+    lo, hi = rep["end_to_end"]["spread"]["cosine_mean_ci95"]
+    assert lo <= rep["end_to_end"]["cosine_mean"] <= hi
+    assert rep["end_to_end"]["judged"]["cosine_mean"] == pytest.approx(
+        rep["end_to_end"]["cosine_mean"] - 1.645 * rep["end_to_end"]["cosine_std"] / 18 ** 0.5)
+    assert rep["end_to_end_torch"]["samples"] == 18
     assert {"capture", "passes", "calibrate", "verify", "rebuild", "export", "save"} <= set(rep["timings_s"])
     assert all(v >= 0 for v in rep["timings_s"].values())
     assert rep["outputs"]["model"] == "model.pt2"
@@ -396,8 +417,9 @@ def test_cli_optimize_toy(toy_cli: Path, capsys: pytest.CaptureFixture) -> None:
     assert rep["model"]["source"] == "toyfactory:factory" and "load" in rep["timings_s"]
     assert "sites: 2 applied, 1 rolled back, 1 skipped" in out
     assert f"report: {Path('out') / 'report.html'}" in out
-    assert re.search(r"end to end \(6 check samples\): cosine mean (0\.99\d{4}|1\.0{6}), min (0\.99\d{4}|1\.0{6}), "
-                     r"max rel err [0-9.e-]+ — tolerance \(cosine_mean ≥ 0\.999\) met", out), out
+    assert re.search(r"end to end on model\.pt2 in torch \(12 check samples\): cosine mean (0\.99\d{4}|1\.0{6}) "
+                     r"\(95 % interval [0-9.]+–[0-9.]+\), min (0\.99\d{4}|1\.0{6}), "
+                     r"max rel err [0-9.e-]+ — tolerance \(cosine_mean ≥ 0\.999, with the margin\) met", out), out
     assert sorted(os.listdir(toy_cli)) == ["calib.pt", "out", "toyfactory.py"]
 
 
@@ -460,7 +482,7 @@ def _bad_pt(path: Path, kind: str) -> None:
     ("ok", ["--passes", "toy-round{levels=3,colour=red}"],
      "unknown option 'colour' for pass 'toy-round' (options: levels, bad, op, perturb)"),
     ("ok", ["--tolerance", "cosine_max=0.9"],
-     "unknown tolerance key 'cosine_max' (known: cosine_mean, cosine_min, max_rel_err, metric)"),
+     "unknown tolerance key 'cosine_max' (known: cosine_mean, cosine_min, max_rel_err, metric, agreement, margin)"),
     ("ok", ["--target", "tflite"], "unknown target 'tflite'"),
     ("exists", [], "output directory 'out' already exists (use --force to replace it)"),
 ])
@@ -508,8 +530,8 @@ def test_cli_text_model(tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest
                            "--target", "torch", "--calib", "s.txt"], capsys)
     assert code == 0, err
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert rep["calibration"]["batches"] == {"fit": 3, "check": 1, "total": 4}
-    assert rep["calibration"]["samples"] == {"fit": 24, "check": 8}
+    assert rep["calibration"]["batches"] == {"fit": 2, "check": 2, "total": 4}  # the check part grows to half
+    assert rep["calibration"]["samples"] == {"fit": 16, "check": 16}
     assert rep["counts"]["applied"] == 2 and rep["tolerance"]["met"]
     assert rep["export"]["inputs"]["input_ids"] == ["dynamic", "dynamic"]
     m = torch.export.load(str(tmp_path / "o" / "model.pt2")).module()

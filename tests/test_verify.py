@@ -33,9 +33,14 @@ def test_parse_tolerance_forms() -> None:
 @pytest.mark.parametrize("spec, has_metric, message", [
     ("1.5", False, "tolerance cosine_mean=1.5 is not a cosine in [-1, 1]"),
     ("abc", False, "cannot parse tolerance 'abc': give a number (minimum mean cosine) or key=value pairs "
-                   "(cosine_mean, cosine_min, max_rel_err, metric)"),
+                   "(cosine_mean, cosine_min, max_rel_err, metric, agreement, margin)"),
     ("cosine_mean=x", False, "tolerance cosine_mean=x is not a number"),
-    ("cosine_max=0.9", False, "unknown tolerance key 'cosine_max' (known: cosine_mean, cosine_min, max_rel_err, metric)"),
+    ("cosine_max=0.9", False, "unknown tolerance key 'cosine_max' (known: cosine_mean, cosine_min, max_rel_err, metric, agreement, margin)"),
+    ("cosine-mean=0.99", False, "unknown tolerance key 'cosine-mean' (known: cosine_mean, cosine_min, max_rel_err, "
+                                "metric, agreement, margin; did you mean cosine_mean?)"),
+    ("agreement=1.5", False, "tolerance agreement=1.5 is not a fraction in [0, 1]"),
+    ("margin=maybe", False, "tolerance margin=maybe must be 1 (the margin rule, default) or 0 (as measured)"),
+    ("margin=0", False, "empty tolerance: name at least one criterion"),
     ("cosine_min 0.9", False, "cannot parse tolerance 'cosine_min 0.9': give a number"),
     ("cosine_min=0.9,oops", False, "cannot parse tolerance 'cosine_min=0.9,oops': 'oops' is not key=value"),
     ("max_rel_err=-1", False, "tolerance max_rel_err=-1 must be ≥ 0"),

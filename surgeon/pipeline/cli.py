@@ -88,11 +88,18 @@ def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
     c, e = r["counts"], r["end_to_end"]
     console.print(f"sites: {c['applied']} applied, {c['rolled_back']} rolled back, {c['skipped']} skipped",
                   soft_wrap=True)
-    line = (f"end to end ({e['samples']} check samples): cosine mean {fmt_cosine(e['cosine_mean'])}, "
-            f"min {fmt_cosine(e['cosine_min'])}, max rel err {_fmt(e['max_rel_err'], 4)}")
+    on = e.get("measured_on") or {}
+    where = f" on {on['file']} in {on['runtime'].split(' ')[0]}" if on.get("file") else ""
+    ci = (e.get("spread") or {}).get("cosine_mean_ci95")
+    line = (f"end to end{where} ({e['samples']} check samples): cosine mean {fmt_cosine(e['cosine_mean'])}"
+            + (f" (95 % interval {fmt_cosine(ci[0])}–{fmt_cosine(ci[1])})" if ci else "")
+            + f", min {fmt_cosine(e['cosine_min'])}, max rel err {_fmt(e['max_rel_err'], 4)}")
+    if e.get("agreement") is not None:
+        line += f", argmax agreement {e['agreement']:.4f}"
     if e.get("metric") is not None:
         line += f", metric {_fmt(e['metric'])}"
-    console.print(line + f" — tolerance ({r['tolerance']['description']}) {decide(r).summary}", soft_wrap=True)
+    margin = ", with the margin" if r["tolerance"].get("margin") else ""
+    console.print(line + f" — tolerance ({r['tolerance']['description']}{margin}) {decide(r).summary}", soft_wrap=True)
     written = r.get("outputs", {}).get("target")
     extra = "".join(f", {outdir / f}" for f in ([written] if isinstance(written, str) else written or []))
     console.print(f"report: {outdir / 'report.html'} ({outdir / 'report.json'}); model: {outdir / 'model.pt2'}{extra}",

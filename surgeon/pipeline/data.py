@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from ..errors import SurgeonError, first_line
-from ..inputs import Inputs, call, named_inputs
+from ..inputs import Inputs, batch_size, call, named_inputs
 
 __all__ = ["DEFAULT_CHECK_FRACTION", "TEXT_BATCH", "TEXT_MAX_LENGTH", "Split", "calibration_batches", "prepare_batches",
            "read_batches", "read_calibration", "split_batches"]
 
 DEFAULT_CHECK_FRACTION = 0.25
+MIN_CHECK_SAMPLES = 64  # the check part grows to this many samples where the data allows (split_batches)
 TEXT_BATCH = 8  # sentences per calibration batch for text models
 TEXT_MAX_LENGTH = 128
 
@@ -153,8 +154,12 @@ class Split:
     independent: bool  # False when a single batch serves as both
 
 
-def split_batches(batches: Sequence[Inputs], check_fraction: float = DEFAULT_CHECK_FRACTION, seed: int = 0) -> Split:
-    """Seeded split: ``round(n·check_fraction)`` check batches, at least one of each when n ≥ 2."""
+def split_batches(batches: Sequence[Inputs], check_fraction: float = DEFAULT_CHECK_FRACTION, seed: int = 0,
+                  min_check_samples: int = MIN_CHECK_SAMPLES) -> Split:
+    """Seeded split: ``round(n·check_fraction)`` check batches, at least one of each when n ≥ 2, and
+    more check batches until they hold ``min_check_samples`` samples, but never more than half of
+    the batches (the fit part calibrates): a check set of a dozen samples says little about the data
+    the model will see (docs/report.md, "the check set")."""
     n = len(batches)
     if not 0.0 < check_fraction < 1.0:
         raise SurgeonError(f"check fraction must be in (0, 1), got {check_fraction}")
@@ -162,6 +167,9 @@ def split_batches(batches: Sequence[Inputs], check_fraction: float = DEFAULT_CHE
         return Split([batches[0]], [batches[0]], [0], [0], False)
     n_check = min(max(1, round(n * check_fraction)), n - 1)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    sizes = [batch_size(batches[i]) if isinstance(batches[i], (tuple, list, dict, torch.Tensor)) else 1 for i in perm]
+    while n_check < n // 2 and sum(sizes[:n_check]) < min_check_samples:
+        n_check += 1
     check_index = sorted(perm[:n_check])
     fit_index = sorted(perm[n_check:])
     return Split([batches[i] for i in fit_index], [batches[i] for i in check_index], fit_index, check_index, True)
