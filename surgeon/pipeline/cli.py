@@ -89,7 +89,7 @@ def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
     console.print(f"sites: {c['applied']} applied, {c['rolled_back']} rolled back, {c['skipped']} skipped",
                   soft_wrap=True)
     on = e.get("measured_on") or {}
-    where = f" on {on['file']} in {on['runtime'].split(' ')[0]}" if on.get("file") else ""
+    where = f" on {on['file']} in {on['runtime']}" if on.get("file") else ""
     ci = (e.get("spread") or {}).get("cosine_mean_ci95")
     line = (f"end to end{where} ({e['samples']} check samples): cosine mean {fmt_cosine(e['cosine_mean'])}"
             + (f" (95 % interval {fmt_cosine(ci[0])}–{fmt_cosine(ci[1])})" if ci else "")

@@ -77,19 +77,28 @@ def _build(gm0: fx.GraphModule, applied: Any, verdict: GuardResult, check_local:
 
 
 def tighten(tolerance: Tolerance, torch_figures: Figures, file_figures: Figures) -> Tolerance:
-    """``tolerance`` with each bound the file missed moved by the file's gap to the torch module on the
-    same check set (the guard measures the torch module; the file computed that much worse), so that
-    a torch configuration meeting it leaves the file within the original bound."""
+    """``tolerance`` with each bound the file missed tightened for the torch module the guard measures:
+    the file's error on that criterion (1 − cosine, 1 − agreement, max_rel_err; judged values) was
+    ``ratio`` times the torch module's on the same check set, so the torch module may keep only
+    1/ratio of the allowed error. Where the torch module had no error at all, the bound moves by the
+    file's whole gap instead."""
     changes: dict[str, Any] = {}
     for name in tolerance.violations(file_figures):
+        if name == "metric":
+            continue  # a user metric has no error scale to divide
         bound = tolerance.bounds()[name]
         a, b = tolerance.judged(torch_figures, name), tolerance.judged(file_figures, name)
         if a is None or b is None or math.isnan(a) or math.isnan(b):
             continue
-        gap = abs(a - b) + 1e-6
-        changes[name] = bound + gap if CRITERIA[name] else max(bound - gap, 0.0)
-        if name.startswith("cosine") or name == "agreement":
-            changes[name] = min(changes[name], 1.0)
+        higher = CRITERIA[name]
+        err_torch, err_file = (1.0 - a, 1.0 - b) if higher else (a, b)
+        allowed = (1.0 - bound) if higher else bound
+        if err_torch > 0 and err_file > err_torch:
+            allowed = allowed * err_torch / err_file
+        else:
+            allowed = allowed - abs(err_file - err_torch)
+        allowed = max(allowed, 0.0)
+        changes[name] = 1.0 - allowed if higher else allowed
     return replace(tolerance, **changes)
 
 
@@ -97,15 +106,14 @@ def _measured_on(file_fig: Figures | None, result: Result, tol: Tolerance, round
     """What ``report["end_to_end"]`` was measured on, its spread, the margined figures and the rounds."""
     if file_fig is None:
         return {"measured_on": {"what": "the rebuilt torch module"}}
+    from .. import targets  # type: ignore[attr-defined]
+
     name = result.staged_outputs.get("target", "model.pt2")
-    target = result.staged_target
-    info: dict[str, Any] = {"file": name, "target": target}
-    figures = (result.report.get("targets") or {}).get(target) or {}
-    if target == "torch":
-        info["runtime"] = "torch (torch.export.load)"
-    else:
-        info["runtime"] = "onnxruntime (CPUExecutionProvider)"
-        info["session_config"] = figures.get("session_config")
+    target = result.staged_target or "torch"
+    info: dict[str, Any] = {"file": name, "target": target, "runtime": targets.get_target(target).runtime}
+    config = ((result.report.get("targets") or {}).get(target) or {}).get("session_config")
+    if config is not None:
+        info["session_config"] = config
     return {"measured_on": info, "spread": file_fig.spread(),
             "judged": {k: tol.judged(file_fig, k) for k in tol.bounds()},
             "margin": tol.margin, "file_rounds": rounds}
