@@ -35,7 +35,8 @@ def test_parse_tolerance_forms() -> None:
     ("abc", False, "cannot parse tolerance 'abc': give a number (minimum mean cosine) or key=value pairs "
                    "(cosine_mean, cosine_min, max_rel_err, metric, agreement, margin)"),
     ("cosine_mean=x", False, "tolerance cosine_mean=x is not a number"),
-    ("cosine_max=0.9", False, "unknown tolerance key 'cosine_max' (known: cosine_mean, cosine_min, max_rel_err, metric, agreement, margin)"),
+    ("cosine_max=0.9", False,
+     "unknown tolerance key 'cosine_max' (known: cosine_mean, cosine_min, max_rel_err, metric, agreement, margin)"),
     ("cosine-mean=0.99", False, "unknown tolerance key 'cosine-mean' (known: cosine_mean, cosine_min, max_rel_err, "
                                 "metric, agreement, margin; did you mean cosine_mean?)"),
     ("agreement=1.5", False, "tolerance agreement=1.5 is not a fraction in [0, 1]"),
