@@ -53,6 +53,8 @@ DEFAULT_COSINE_MEAN = 0.999
 #: max_rel_err) have no distribution-free bound for unseen samples: the worst error measured must
 #: leave MARGIN_EXTREME headroom (error × 1.25 within the bound). A user metric is taken as measured.
 MARGIN_Z = 1.645
+AGREEMENT_NEEDS_LOGITS = ("tolerance names 'agreement' but the model has no *logits output to take the argmax of "
+                          "(task heads name theirs logits, start_logits, ...)")
 MARGIN_EXTREME = 1.25
 
 
@@ -742,8 +744,7 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
         exact = exact_acc.figures()
         all_fig = all_acc.figures()
     if tolerance.agreement is not None and exact.agreement is None:
-        raise SurgeonError("tolerance names 'agreement' but the model has no *logits output to take the argmax of "
-                           "(task heads name theirs logits, start_logits, ...)")
+        raise SurgeonError(AGREEMENT_NEEDS_LOGITS)
     stepper = _Stepper(gm0, gm, records, checks, exact, all_fig, check, metric, distributed)
     return stepper.run(tolerance, progress=progress, batches=n_check, samples=samples)
 

@@ -14,11 +14,22 @@ import torch
 from torch import fx, nn
 
 from ..errors import SurgeonError, stage
-from ..inputs import Inputs, batch_size, describe
+from ..inputs import Inputs, batch_size, call, describe
 from ..pass_manager import Pass
 from ..report import json_safe
 from ..verdict import decide
-from ..verify import CRITERIA, Figures, GuardResult, Metric, Tolerance, guard, measure_model, parse_tolerance
+from ..verify import (
+    AGREEMENT_NEEDS_LOGITS,
+    CRITERIA,
+    Figures,
+    GuardResult,
+    Metric,
+    Tolerance,
+    guard,
+    logits_outputs,
+    measure_model,
+    parse_tolerance,
+)
 from ..version import __version__
 from .data import DEFAULT_CHECK_FRACTION, prepare_batches, read_batches, split_batches
 from .export import export_artifacts, export_info, reexport
@@ -187,6 +198,12 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     cap = capture(model, example_inputs)
     gm0 = cap.gm
     timings["capture"] = time.perf_counter() - t
+
+    if tol.agreement is not None:
+        with torch.no_grad():
+            has_logits = bool(logits_outputs(call(gm0, example_inputs)))
+        if not has_logits:  # before calibration, not after it
+            raise SurgeonError(AGREEMENT_NEEDS_LOGITS)
 
     t = time.perf_counter()
     batches, weak = prepare_batches(calib, example_inputs, gm0)
