@@ -241,6 +241,8 @@ def render_html(report: dict) -> str:
     e2e = r.get("end_to_end", {})
     tol = r.get("tolerance", {})
     cal = r.get("calibration", {})
+    on = e2e.get("measured_on") or {}
+    ci = (e2e.get("spread") or {}).get("cosine_mean_ci95")
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>surgeon report — {e(str(r.get('model', {}).get('source', '')))}</title>",
@@ -251,11 +253,15 @@ def render_html(report: dict) -> str:
         f"{e(str(r.get('capture', {}).get('method')))}.</p>",
         "<p class='big'>"
         f"<b>{counts.get('applied', 0)}</b> site(s) applied, <b>{counts.get('rolled_back', 0)}</b> rolled back, "
-        f"<b>{counts.get('skipped', 0)}</b> skipped. End to end on {e2e.get('samples', '?')} check sample(s): "
-        f"cosine mean <b>{_num(e2e.get('cosine_mean'))}</b>, min <b>{_num(e2e.get('cosine_min'))}</b>, "
-        f"max rel. error {_num(e2e.get('max_rel_err'))}"
+        f"<b>{counts.get('skipped', 0)}</b> skipped. End to end"
+        + (f" of <code>{e(str(on['file']))}</code> in {e(str(on.get('runtime')))}" if on.get("file") else "")
+        + f" on {e2e.get('samples', '?')} check sample(s): "
+        f"cosine mean <b>{_num(e2e.get('cosine_mean'))}</b>"
+        + (f" (95 % interval {_num(ci[0])}–{_num(ci[1])})" if ci else "")
+        + f", min <b>{_num(e2e.get('cosine_min'))}</b>, max rel. error {_num(e2e.get('max_rel_err'))}"
+        + (f", argmax agreement <b>{_num(e2e.get('agreement'))}</b>" if e2e.get("agreement") is not None else "")
         + (f", metric {_num(e2e.get('metric'))}" if e2e.get("metric") is not None else "")
-        + f". Tolerance ({e(str(tol.get('description')))}): "
+        + f". Tolerance ({e(str(tol.get('description')))}{', with the margin' if tol.get('margin') else ''}): "
         + (f"<span class='{'applied' if (r.get('verdict') or {}).get('status', 'met') == 'met' else 'rolled_back'}'>"
            f"{e((r.get('verdict') or {}).get('summary') or ('met' if tol.get('met') else 'NOT met'))}</span>")
         + ".</p>",
@@ -312,7 +318,11 @@ def render_html(report: dict) -> str:
         parts.append("</ul>")
     parts.append("<h2>End to end</h2><table><tr><th>configuration</th><th>cosine mean</th><th>cosine min</th>"
                  "<th>max rel err</th><th>SQNR dB</th></tr>")
-    for label, f in (("all sites applied", r.get("end_to_end_all_applied", {})), ("written model", e2e)):
+    rows = [("all sites applied (torch)", r.get("end_to_end_all_applied", {}))]
+    if r.get("end_to_end_torch"):
+        rows.append(("kept sites, torch module", r["end_to_end_torch"]))
+    rows.append((f"written file ({on['file']})" if on.get("file") else "written model", e2e))
+    for label, f in rows:
         parts.append(f"<tr><td>{label}</td><td>{_num(f.get('cosine_mean'))}</td><td>{_num(f.get('cosine_min'))}</td>"
                      f"<td>{_num(f.get('max_rel_err'), 4)}</td><td>{_num(f.get('sqnr_db'), 4)}</td></tr>")
     parts.append("</table>")
