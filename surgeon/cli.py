@@ -344,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=None, metavar="FILE",
                    help="calibration data: text file (one sentence per line) for HF text models, "
                         "else a .pt file holding a list of input tuples")
+    p.add_argument("--force-calib", action="store_true",
+                   help="use calibration text that does not fit the model (unknown tokens, a repeated line, "
+                        "lines of a few tokens) instead of refusing it")
     p.add_argument("--tolerance", default=None, metavar="T",
                    help="end-to-end output cosine to keep (default 0.999, mean over the check set); for "
                         "--target onnx-decoder: ppl_increase=0.01,agreement=0.95 (the defaults)")

@@ -167,7 +167,7 @@ def _run_cli(args: Any, writer: bool) -> int:
         loaded = load_model(args.model, trust_pickle=getattr(args, "trust_pickle", False),
                             text=getattr(args, "text", None))
         timings["load"] = time.perf_counter() - t
-        calib = read_calibration(args.calib, loaded) if args.calib else None
+        calib = read_calibration(args.calib, loaded, force=getattr(args, "force_calib", False)) if args.calib else None
     except SurgeonError as exc:
         error = exc
     distributed.agree(error, "reading the model and calibration data")

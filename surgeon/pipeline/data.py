@@ -176,8 +176,9 @@ def split_batches(batches: Sequence[Inputs], check_fraction: float = DEFAULT_CHE
 
 
 def read_calibration(path: str, loaded: Any, *, batch_size: int = TEXT_BATCH,
-                     max_length: int = TEXT_MAX_LENGTH) -> list[Inputs]:
-    """Calibration batches from ``--calib FILE``: sentences (text models) or a ``.pt`` list of inputs."""
+                     max_length: int = TEXT_MAX_LENGTH, force: bool = False) -> list[Inputs]:
+    """Calibration batches from ``--calib FILE``: sentences (text models) or a ``.pt`` list of inputs.
+    Sentences that do not fit the model (``_text_batches``) are refused unless ``force``."""
     p = Path(path)
     if not p.exists():
         raise SurgeonError(f"cannot read calibration file '{path}': no such file")
@@ -207,8 +208,87 @@ def read_calibration(path: str, loaded: Any, *, batch_size: int = TEXT_BATCH,
     sentences = [line.strip() for line in text.splitlines() if line.strip()]
     if not sentences:
         raise SurgeonError(f"calibration file '{path}' is empty")
-    return [loaded.text_inputs(sentences[i:i + batch_size], max_length=max_length)
-            for i in range(0, len(sentences), batch_size)]
+    return _text_batches(sentences, loaded, batch_size, max_length, f"calibration file '{path}'", force)
+
+
+class CalibrationBatches(list):
+    """Calibration batches tokenized from text, with what the text was like (``text_stats``) and the
+    warnings it earned (``notes``): both go to the report's ``calibration``."""
+
+    text_stats: dict[str, Any]
+    notes: list[str]
+
+
+#: Text that does not fit the model is refused (``--force-calib`` overrides); thin text is warned about.
+UNKNOWN_REFUSE = 0.05  # share of the content tokens the tokenizer does not know
+UNKNOWN_WARN = 0.01
+SHORT_REFUSE = 4  # median content tokens per sentence
+DISTINCT_REFUSE = 0.5  # distinct sentences / sentences
+THIN_WARN = 2 * MIN_CHECK_SAMPLES  # fewer sentences than this leave a check set under MIN_CHECK_SAMPLES
+
+
+def text_stats(sentences: Sequence[str], batches: Sequence[Mapping[str, Any]], tokenizer: Any,
+               max_length: int) -> dict[str, Any]:
+    """What tokenized text is like for the model: sentences and distinct ones, content tokens (special
+    tokens and padding left out), the share the tokenizer does not know (``unknown_rate``; None for a
+    tokenizer without an unknown token, e.g. byte-level BPE), the padding share of the batches, the
+    content length per sentence and how many were cut at ``max_length``."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=torch.long)
+    lengths: list[int] = []
+    unknown = positions = real = truncated = 0
+    for b in batches:
+        ids = b["input_ids"]
+        mask = b.get("attention_mask")
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        content = mask & ~torch.isin(ids, special) if special.numel() else mask
+        if unk is not None:
+            content = content | (mask & (ids == unk))  # [UNK] is itself a special token: count it as content
+            unknown += int((content & (ids == unk)).sum())
+        lengths += content.sum(1).tolist()
+        truncated += int((mask.sum(1) >= max_length).sum())
+        positions += ids.numel()
+        real += int(mask.sum())
+    tokens = sum(lengths)
+    ordered = sorted(lengths)
+    return {"sentences": len(sentences), "distinct": len(set(sentences)), "content_tokens": tokens,
+            "unknown_tokens": unknown if unk is not None else None,
+            "unknown_rate": (unknown / tokens if tokens else 0.0) if unk is not None else None,
+            "unknown_token": getattr(tokenizer, "unk_token", None),
+            "padding_share": 1.0 - real / positions if positions else 0.0,
+            "length_tokens": {"min": ordered[0], "median": ordered[len(ordered) // 2], "mean": tokens / len(ordered),
+                              "max": ordered[-1]} if ordered else {},
+            "truncated": truncated, "max_length": max_length}
+
+
+def _text_batches(sentences: list[str], loaded: Any, batch_size: int, max_length: int, what: str,
+                  force: bool) -> CalibrationBatches:
+    """Tokenize ``sentences`` in batches and judge whether they fit the model (``text_stats``): a one-line
+    refusal where they do not (unless ``force``), warnings in ``notes`` where they are thin."""
+    out = CalibrationBatches(loaded.text_inputs(sentences[i:i + batch_size], max_length=max_length)
+                             for i in range(0, len(sentences), batch_size))
+    stats = text_stats(sentences, out, loaded.tokenizer, max_length)
+    out.text_stats, out.notes = stats, []
+    refusals: list[str] = []
+    rate = stats["unknown_rate"]
+    if rate is not None and rate > UNKNOWN_REFUSE:
+        refusals.append(f"{100 * rate:.1f} % of its tokens are unknown to the model's tokenizer "
+                        f"({stats['unknown_token']}): it is not in the model's language or script")
+    elif rate is not None and rate > UNKNOWN_WARN:
+        out.notes.append(f"{100 * rate:.1f} % of the calibration tokens are unknown to the tokenizer "
+                         f"({stats['unknown_token']})")
+    if stats["distinct"] < max(2, DISTINCT_REFUSE * stats["sentences"]) and stats["sentences"] > 1:
+        refusals.append(f"only {stats['distinct']} distinct of its {stats['sentences']} lines")
+    median = stats["length_tokens"].get("median", 0)
+    if median < SHORT_REFUSE:
+        refusals.append(f"its median line has {median} token(s), far below a sentence the model would serve")
+    if refusals and not force:
+        raise SurgeonError(f"{what} does not fit the model: {'; '.join(refusals)} (--force-calib uses it anyway)")
+    out.notes += [f"calibration used although {r} (--force-calib)" for r in refusals]
+    if stats["sentences"] < THIN_WARN:
+        out.notes.append(f"the calibration text has {stats['sentences']} sentences: fewer than {THIN_WARN} leave a "
+                         f"check set under {MIN_CHECK_SAMPLES} samples")
+    return out
 
 
 
@@ -227,7 +307,8 @@ class _Tokenized:
 
 
 def calibration_batches(data: str | os.PathLike | Sequence[str], model: Any = None, *,
-                        batch_size: int = TEXT_BATCH, max_length: int = TEXT_MAX_LENGTH) -> list[Inputs]:
+                        batch_size: int = TEXT_BATCH, max_length: int = TEXT_MAX_LENGTH,
+                        force: bool = False) -> list[Inputs]:
     """Calibration batches for ``surgeon.optimize(..., calib=…)``, by the CLI's ``--calib`` rules.
 
     ``data``: a text file (one sentence per line; blank lines skipped), a list of sentences, or a
@@ -236,19 +317,19 @@ def calibration_batches(data: str | os.PathLike | Sequence[str], model: Any = No
     only the inputs its model's forward takes), a ``surgeon.loaders.LoadedModel``, a Hugging Face
     tokenizer, or a Hugging Face model (its ``name_or_path``'s tokenizer). ``batch_size`` sentences
     per batch (default 8, as the CLI), each padded and truncated to ``max_length`` tokens. Raises
-    ``SurgeonError`` with the CLI's one-line messages."""
+    ``SurgeonError`` with the CLI's one-line messages; sentences that do not fit the model (unknown
+    tokens, one repeated line, lines of a few tokens) are refused unless ``force`` (``--force-calib``)."""
     if batch_size < 1:
         raise SurgeonError(f"batch_size must be at least 1, got {batch_size}")
     if isinstance(data, (str, os.PathLike)) and Path(data).suffix.lower() in (".pt", ".pth"):
         return read_calibration(str(data), None)
     loaded = _tokenizer_of(model)
     if isinstance(data, (str, os.PathLike)):
-        return read_calibration(str(data), loaded, batch_size=batch_size, max_length=max_length)
+        return read_calibration(str(data), loaded, batch_size=batch_size, max_length=max_length, force=force)
     sentences = [str(x).strip() for x in data if str(x).strip()]
     if not sentences:
         raise SurgeonError("calibration data is empty")
-    return [loaded.text_inputs(sentences[i:i + batch_size], max_length=max_length)
-            for i in range(0, len(sentences), batch_size)]
+    return _text_batches(sentences, loaded, batch_size, max_length, "the calibration sentences", force)
 
 
 def _tokenizer_of(model: Any) -> Any:

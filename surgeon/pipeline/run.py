@@ -190,6 +190,8 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         from .data import calibration_batches
 
         calib = calibration_batches(calib, model)
+    text_stats = getattr(calib, "text_stats", None)  # calibration tokenized from text: what it was like
+    notes += list(getattr(calib, "notes", None) or [])
     if calib is not None:
         calib = read_batches(calib)  # read once: the memory estimate and the run both need the batches
     check_memory(model, example_inputs, calib)  # InsufficientMemory (exit 4) before the work, not an OOM kill
@@ -310,6 +312,8 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         "calibrate": cal_info,
         "world_size": distributed.world_size(),
     }
+    if text_stats is not None:
+        calibration["text"] = text_stats
     with stage("report"):
         report = make_report(
             surgeon_version=__version__,
