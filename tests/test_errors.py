@@ -136,6 +136,20 @@ def _truncated_pt2(d: Path) -> None:
     (d / "bad.pt2").write_bytes(data[: len(data) // 2])
 
 
+def _damaged_pt2(d: Path) -> None:
+    """A complete .pt2 with 4 KB of its first weight zeroed: still a valid zip, but that entry fails its CRC."""
+    model = torch.nn.Linear(64, 64)  # a 16 KB weight
+    torch.export.save(torch.export.export(model, (torch.randn(2, 64),)), str(d / "m.pt2"))
+    with zipfile.ZipFile(d / "m.pt2") as archive:
+        info = archive.getinfo("m/data/weights/weight_0")
+    data = bytearray((d / "m.pt2").read_bytes())
+    head = info.header_offset
+    start = head + 30 + int.from_bytes(data[head + 26:head + 28], "little") + int.from_bytes(data[head + 28:head + 30], "little")
+    assert info.compress_type == zipfile.ZIP_STORED and info.file_size >= 8192
+    data[start + 4096:start + 8192] = bytes(4096)
+    (d / "m.pt2").write_bytes(bytes(data))
+
+
 OPT = ["optimize", "errfac:make", "-o", "out", "--calib", "calib.pt"]
 
 CASES = [
@@ -151,6 +165,9 @@ CASES = [
          setup=lambda d: (d / "model.onnx").write_bytes(b"\x08\x0a")),
     Case("corrupt-pt2", ["optimize", "bad.pt2", "-o", "out"],
          "could not read .pt2 file 'bad.pt2': BadZipFile: File is not a zip file", setup=_truncated_pt2),
+    Case("damaged-pt2", ["optimize", "m.pt2", "-o", "out"],
+         "could not read .pt2 file 'm.pt2': the archive is corrupt (CRC check failed for 'm/data/weights/weight_0')",
+         setup=_damaged_pt2),
     Case("pt2-runs-code", ["analyze", "evil.pt2"],
          "refusing to load .pt2 file 'evil.pt2': it holds pickled objects beyond tensors (loading them would run "
          "code from the file); re-export it with torch.export.save from plain tensors",
