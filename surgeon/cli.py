@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .errors import SurgeonError
+from .errors import SurgeonError, strip_ansi
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -422,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - an internal error still gets one line without --debug
         if args.debug:
             raise
-        msg = " ".join(str(exc).split())[:400]
+        msg = " ".join(strip_ansi(str(exc)).split())[:400]
         print(f"surgeon: internal error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1

@@ -46,6 +46,10 @@ def mlp():
 
 def wrong_shape():
     return nn.Linear(4, 3), (torch.randn(2, 5),)
+
+def ansi():
+    # as torch's ONNX ConversionError colours its text for a terminal
+    raise RuntimeError("\\x1b[1;31mConversionError\\x1b[0m: cannot convert \\x1b[4maten::foo\\x1b[24m")
 '''
 
 
@@ -181,6 +185,8 @@ CASES = [
          setup=_hf_without_weights),
     Case("factory-raises", ["optimize", "errfac:boom", "-o", "out"],
          "factory 'errfac:boom' raised RuntimeError: weights not found"),
+    Case("factory-raises-colour", ["optimize", "errfac:ansi", "-o", "out"],
+         "factory 'errfac:ansi' raised RuntimeError: ConversionError: cannot convert aten::foo"),
     Case("factory-missing", ["analyze", "errfac_nope:make"],
          "cannot import module 'errfac_nope' of factory 'errfac_nope:make': ModuleNotFoundError: No module named "
          "'errfac_nope'"),
@@ -280,6 +286,18 @@ def test_bad_input(case: Case, workdir: Path, capsys: pytest.CaptureFixture, mon
         assert json.loads((workdir / "out" / "report.json").read_text())["tolerance"]["met"] is False
     if case.marker:
         assert not (workdir / "pwned").exists()
+
+
+def test_no_terminal_codes_in_messages() -> None:
+    """ANSI colour/cursor sequences in a quoted exception never reach the one-line message."""
+    from surgeon.errors import PipelineError, SurgeonError, first_line, strip_ansi
+
+    coloured = "\x1b[1;31mConversionError\x1b[0m: op \x1b[4maten::foo\x1b[24m\x1b[K is not supported\x1b[0m"
+    assert strip_ansi(coloured) == "ConversionError: op aten::foo is not supported"
+    assert first_line(RuntimeError(coloured + "\nsecond line")) == "RuntimeError: ConversionError: op aten::foo is not supported"
+    assert str(SurgeonError(f"cannot export to ONNX: {coloured}")) == (
+        "cannot export to ONNX: ConversionError: op aten::foo is not supported")
+    assert "\x1b" not in str(PipelineError(coloured))
 
 
 def test_debug_shows_the_traceback(workdir: Path) -> None:
