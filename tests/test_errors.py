@@ -224,6 +224,9 @@ CASES = [
     Case("outdir-not-writable", OPT[:3] + ["plain.txt/out"] + OPT[4:],
          "cannot write output directory 'plain.txt/out': '{tmp}/plain.txt' is not a directory",
          setup=_outdir_parent_is_file),
+    # /proc refuses new entries even to root: the probe (a directory really made there) is what catches it
+    Case("outdir-under-proc", OPT[:3] + ["/proc/out"] + OPT[4:],
+         "cannot write output directory '/proc/out': '/proc' is not writable (…", setup=_setup_calib("ok")),
     Case("memory", OPT, "would not fit in memory: estimated peak …", code=4, setup=_setup_calib("ok"),
          env={"SURGEON_MEMORY_LIMIT": "64K"}, subprocess=True),
     Case("memory-limit-value", OPT, "SURGEON_MEMORY_LIMIT='lots' is not a size (bytes, or a number with K, M, G or T)",
@@ -342,6 +345,57 @@ def test_unreadable_model_and_read_only_outdir(workdir: Path, capsys: pytest.Cap
     finally:
         os.chmod(workdir / "m.pt2", 0o644)
         os.chmod(workdir / "ro", 0o755)
+
+
+@pytest.fixture
+def tmpfs(workdir: Path) -> Path:
+    """``workdir/mnt``, a fresh tmpfs mount (root with mount rights only); unmounted afterwards."""
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "surgeon-test",
+                                                        str(mnt)], capture_output=True, check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _refused_before_work(argv: list[str], message: str, workdir: Path, capsys: pytest.CaptureFixture,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    def must_not_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded: the OUTDIR check came after the work")
+
+    monkeypatch.setattr(importlib.import_module("surgeon.load"), "load_model", must_not_load)
+    before = _snapshot(workdir)
+    code = cli.main(argv)
+    assert (code, capsys.readouterr().err.splitlines()) == (2, [f"surgeon: error: {message}"])
+    assert _snapshot(workdir) == before
+
+
+def test_outdir_on_a_read_only_mount(tmpfs: Path, workdir: Path, capsys: pytest.CaptureFixture,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only file system refuses OUTDIR before any work, even for root (file modes do not)."""
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    _refused_before_work(["optimize", "errfac:mlp", "-o", "mnt/out"],
+                         f"cannot write output directory 'mnt/out': '{tmpfs.resolve()}' is not writable "
+                         "(Read-only file system)", workdir, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("command", ["optimize", "export"])
+def test_outdir_that_is_a_mount_point(command: str, tmpfs: Path, workdir: Path, capsys: pytest.CaptureFixture,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """--force on a mount point (a container volume) cannot replace it (rename gives EBUSY after all the
+    work, exit 1): refused first; a directory inside the mount is fine."""
+    _refused_before_work([command, "errfac:mlp", "-o", "mnt", "--force", "--target", "torch"],
+                         "cannot replace output directory 'mnt': it is a mount point, and --force replaces OUTDIR "
+                         "as a whole; give a directory inside it (e.g. 'mnt/out')", workdir, capsys, monkeypatch)
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+    monkeypatch.syspath_prepend(str(workdir))
+    assert cli.main([command, "errfac:mlp", "-o", "mnt/out", "--force", "--target", "torch", "--no-speed"]
+                    if command == "optimize" else [command, "errfac:mlp", "-o", "mnt/out", "--target", "torch"]) == 0
+    assert (tmpfs / "out" / "model.pt2").is_file()
 
 
 def test_python_api_refuses_a_run_that_would_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
