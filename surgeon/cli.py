@@ -285,13 +285,32 @@ def _targets_help() -> str:
             "(`surgeon targets` describes them)")
 
 
+def print_markdown(text: str, console: Any = None) -> None:
+    """Print a listing: rendered through rich on a terminal (headings, tables), the Markdown text itself
+    otherwise (a pipe or a file gets exactly what docs/cli.md holds)."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    console = console or Console()
+    if console.is_terminal:
+        console.print(Markdown(text))
+    else:
+        console.file.write(text)
+
+
 def _cmd_passes(args: argparse.Namespace) -> int:
-    print(json.dumps(passes_json(), indent=2, default=str) if args.json else passes_markdown(), end="\n" if args.json else "")
+    if args.json:
+        print(json.dumps(passes_json(), indent=2, default=str))
+    else:
+        print_markdown(passes_markdown())
     return 0
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
-    print(json.dumps(targets_json(), indent=2, default=str) if args.json else targets_markdown(), end="\n" if args.json else "")
+    if args.json:
+        print(json.dumps(targets_json(), indent=2, default=str))
+    else:
+        print_markdown(targets_markdown())
     return 0
 
 
