@@ -207,6 +207,9 @@ CASES = [
          setup=_setup_calib("ok")),
     Case("unknown-option", OPT + ["--passes", "attention-fp8{bits=8}"],
          "unknown option 'bits' for pass 'attention-fp8' (options: …", setup=_setup_calib("ok")),
+    Case("pipeline-syntax", OPT + ["--passes", "linear-quant{dtype=int8"],
+         "cannot parse pass pipeline at the end (character 24): '}' expected to close the options of 'linear-quant' "
+         "opened at character 13: 'linear-quant{dtype=int8▸'", setup=_setup_calib("ok")),
     Case("option-value", OPT + ["--passes", "linear-quant{dtype=int4}"],
          "option linear-quant.dtype=int4 is not one of fp8, int8", setup=_setup_calib("ok")),
     Case("option-out-of-range", OPT + ["--passes", "attention-fp8{p_bits=3}"],
