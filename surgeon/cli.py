@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .errors import SurgeonError
+from .errors import SurgeonError, strip_ansi
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -285,13 +285,32 @@ def _targets_help() -> str:
             "(`surgeon targets` describes them)")
 
 
+def print_markdown(text: str, console: Any = None) -> None:
+    """Print a listing: rendered through rich on a terminal (headings, tables), the Markdown text itself
+    otherwise (a pipe or a file gets exactly what docs/cli.md holds)."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    console = console or Console()
+    if console.is_terminal:
+        console.print(Markdown(text))
+    else:
+        console.file.write(text)
+
+
 def _cmd_passes(args: argparse.Namespace) -> int:
-    print(json.dumps(passes_json(), indent=2, default=str) if args.json else passes_markdown(), end="\n" if args.json else "")
+    if args.json:
+        print(json.dumps(passes_json(), indent=2, default=str))
+    else:
+        print_markdown(passes_markdown())
     return 0
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
-    print(json.dumps(targets_json(), indent=2, default=str) if args.json else targets_markdown(), end="\n" if args.json else "")
+    if args.json:
+        print(json.dumps(targets_json(), indent=2, default=str))
+    else:
+        print_markdown(targets_markdown())
     return 0
 
 
@@ -425,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - an internal error still gets one line without --debug
         if args.debug:
             raise
-        msg = " ".join(str(exc).split())[:400]
+        msg = " ".join(strip_ansi(str(exc)).split())[:400]
         print(f"surgeon: internal error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1

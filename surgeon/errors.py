@@ -9,8 +9,18 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import traceback
 from typing import Any, Iterator
+
+# Terminal colour and cursor codes (CSI sequences): torch's ONNX ConversionError and some library messages
+# carry them, and quoted inside a one-line error they reach logs and pipelines as raw bytes.
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI escape sequences (``\\x1b[1;31m`` and the like)."""
+    return _ANSI.sub("", text)
 
 
 class SurgeonError(Exception):
@@ -19,8 +29,8 @@ class SurgeonError(Exception):
     exit_code: int = 2
 
     def __init__(self, message: str) -> None:
-        # One line, always: pipelines grep for it.
-        super().__init__(" ".join(str(message).split()))
+        # One line, always, and plain text: pipelines grep for it.
+        super().__init__(" ".join(strip_ansi(str(message)).split()))
 
 
 class CaptureError(SurgeonError):
@@ -86,7 +96,7 @@ def first_line(exc: BaseException, *, limit: int = 300, trim: bool = False) -> s
 
     ``trim`` also strips trailing whitespace from that line (``surgeon.distributed`` matches the
     text of collective failures)."""
-    lines = str(exc).strip().splitlines()
+    lines = strip_ansi(str(exc)).strip().splitlines()
     line = lines[0] if lines else ""
     # torch.export.load points at warnings surgeon does not show (it prints one line): drop the pointer.
     line = line.replace(" Please check the warnings above for possible errors.", "").replace(

@@ -165,7 +165,70 @@ def _coerce(cls: type[Pass], f: dataclasses.Field, raw: str) -> Any:
     return raw
 
 
-_SPEC = re.compile(r"\s*([A-Za-z0-9_-]+)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _spec_error(spec: str, at: int, reason: str) -> SurgeonError:
+    """One line naming the 1-based character of ``spec`` at ``at`` and showing the spec with a ``▸``
+    marker in front of it (after its end when ``at == len(spec)``)."""
+    where = f"character {at + 1}" if at < len(spec) else f"the end (character {at + 1})"
+    return SurgeonError(f"cannot parse pass pipeline at {where}: {reason}: '{spec[:at]}▸{spec[at:]}'")
+
+
+def _split_spec(spec: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """``name{key=value,...},name2`` → ``[(name, [(key, value), ...]), ...]``; any other text is refused
+    at the character where it stops being a pipeline. Empty entries (``a,,b``, ``{x=1,}``) are errors."""
+    n = len(spec)
+
+    def skip(i: int) -> int:
+        while i < n and spec[i].isspace():
+            i += 1
+        return i
+
+    items: list[tuple[str, list[tuple[str, str]]]] = []
+    i = skip(0)
+    while True:
+        m = _NAME.match(spec, i)
+        if not m:
+            found = "the end" if i == n else f"'{spec[i]}'"
+            raise _spec_error(spec, i, f"a pass name expected, found {found}")
+        name = m.group()
+        i = skip(m.end())
+        options: list[tuple[str, str]] = []
+        braces = i < n and spec[i] == "{"
+        if braces:
+            opened, close = i, spec.find("}", i)
+            inner = spec.find("{", i + 1)
+            if 0 <= inner and (close < 0 or inner < close):
+                raise _spec_error(spec, inner, f"'{{' inside the options of '{name}' (opened at character {opened + 1})")
+            if close < 0:
+                raise _spec_error(spec, n, f"'}}' expected to close the options of '{name}' opened at "
+                                           f"character {opened + 1}")
+            body, at = spec[opened + 1:close], opened + 1
+            if body.strip():  # '{}' is no options
+                for part in body.split(","):
+                    item_at = at + len(part) - len(part.lstrip())
+                    at += len(part) + 1
+                    item = part.strip()
+                    if not item:
+                        raise _spec_error(spec, item_at, f"empty option in the options of '{name}'")
+                    if "=" not in item:
+                        raise _spec_error(spec, item_at, f"option '{item}' of pass '{name}' must be written key=value")
+                    key, raw = (x.strip() for x in item.split("=", 1))
+                    if not key:
+                        raise _spec_error(spec, item_at, f"an option name expected before '=' in the options of "
+                                                         f"'{name}'")
+                    options.append((key, raw))
+            i = skip(close + 1)
+        items.append((name, options))
+        if i == n:
+            return items
+        if spec[i] != ",":
+            reason = ("'}' without a matching '{'" if spec[i] == "}" else
+                      f"one {{...}} per pass ('{name}' already has its options)" if spec[i] == "{" and braces else
+                      f"',' expected between passes, found '{spec[i]}'")
+            raise _spec_error(spec, i, reason)
+        i = skip(i + 1)
 
 
 def parse_pipeline(spec: str) -> list[Pass]:
@@ -173,20 +236,11 @@ def parse_pipeline(spec: str) -> list[Pass]:
     if not spec or not spec.strip():
         raise SurgeonError("empty pass pipeline: name at least one pass (e.g. attention-fp8)")
     passes: list[Pass] = []
-    pos = 0
-    while pos < len(spec):
-        m = _SPEC.match(spec, pos)
-        if not m or m.end() == pos:
-            raise SurgeonError(f"cannot parse pass pipeline '{spec}' at character {pos + 1}")
-        pos = m.end()
-        name, body = m.group(1), m.group(2)
+    for name, options in _split_spec(spec):
         cls = pass_class(name)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
-        for item in filter(None, (s.strip() for s in (body or "").split(","))):
-            if "=" not in item:
-                raise SurgeonError(f"option '{item}' of pass '{name}' must be written key=value")
-            key, raw = (s.strip() for s in item.split("=", 1))
+        for key, raw in options:
             if key not in fields:
                 raise SurgeonError(f"unknown option '{key}' for pass '{name}' (options: {', '.join(fields) or 'none'})")
             kwargs[key] = _coerce(cls, fields[key], raw)

@@ -287,6 +287,9 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise SurgeonError(f"output path '{out}' exists and is not a directory")
     if out.exists() and not force:
         raise SurgeonError(f"output directory '{out}' already exists (use --force to replace it)")
+    if out.exists() and os.path.ismount(out):  # a container volume, say: it cannot be renamed away (EBUSY)
+        raise SurgeonError(f"cannot replace output directory '{out}': it is a mount point, and --force replaces "
+                           f"OUTDIR as a whole; give a directory inside it (e.g. '{out / 'out'}')")
     anchor = out.absolute().parent
     while not anchor.exists() and anchor != anchor.parent:
         anchor = anchor.parent

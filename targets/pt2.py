@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -94,7 +95,13 @@ def portable(ep: Any) -> Any:
     table = _decompositions()
     if any(n.op == "call_function" and n.target in table for n in ep.graph.nodes):
         # only surgeon's ops are decomposed: an empty table leaves every aten op as it was exported
-        ep = ep.run_decompositions(table)
+        with warnings.catch_warnings():
+            # torch 2.13 deep-copies its own module call graph here, and copying a LeafSpec trips
+            # torch's deprecation of isinstance(treespec, LeafSpec): a FutureWarning about torch's
+            # code, not the user's, printed on every optimize
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            ep = ep.run_decompositions(table)
         for node in ep.graph.nodes:
             # provenance run_decompositions records per node (debugging only): it would make the
             # graph of a small model several times larger than the weights it saves

@@ -24,7 +24,7 @@ from torch import nn
 
 import surgeon
 from surgeon.errors import CaptureError, InsufficientMemory, SurgeonError
-from tests.test_errors import FACTORY, _evil_pt2, _pt2, _truncated_pt2, _WritesFile
+from tests.test_errors import FACTORY, _damaged_pt2, _evil_pt2, _pt2, _truncated_pt2, _WritesFile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,6 +84,10 @@ def test_load_refuses_every_bad_model_in_one_line(workdir: Path) -> None:
                                                 "export, and surgeon rewrites PyTorch models; …")  # 4
     _truncated_pt2(workdir)
     _raises(lambda: surgeon.load("bad.pt2"), "could not read .pt2 file 'bad.pt2': BadZipFile: File is not a zip file")  # 5
+    _damaged_pt2(workdir)
+    _raises(lambda: surgeon.load("m.pt2"),  # 5b
+            "could not read .pt2 file 'm.pt2': the archive is corrupt (CRC check failed for 'm/data/weights/weight_0')")
+    (workdir / "m.pt2").unlink()
     _evil_pt2(workdir / "evil.pt2", workdir / "pwned")
     _raises(lambda: surgeon.load("evil.pt2"),  # 6
             "refusing to load .pt2 file 'evil.pt2': it holds pickled objects beyond tensors (loading them would run "

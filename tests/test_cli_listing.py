@@ -73,3 +73,33 @@ def test_help_names_every_registered_pass_and_target() -> None:
         assert name in {a.dest: a for a in sub["export"]._actions}["target"].help
     for name in REGISTRY:
         assert name in opt["passes"].help
+
+
+@pytest.mark.parametrize("command", ["passes", "targets"])
+def test_listing_on_a_terminal_is_rendered(command: str, capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal the Markdown is rendered by rich (no raw ``###`` or table pipes); piped, it is the text."""
+    import io
+
+    from rich.console import Console
+
+    markdown = cli.passes_markdown() if command == "passes" else cli.targets_markdown()
+    assert any(line.startswith("|---") for line in markdown.splitlines())  # the plain text has both
+    buf = io.StringIO()
+    cli.print_markdown(markdown, Console(file=buf, force_terminal=True, width=120))
+    rendered = buf.getvalue()
+    assert rendered.strip() and "\x1b[" in rendered
+    assert not [line for line in rendered.splitlines() if line.lstrip().startswith("###")]
+    assert "|---|" not in rendered and "| option |" not in rendered and "| target |" not in rendered
+    assert ("linear-quant" if command == "passes" else "onnx-int8") in rendered
+    buf = io.StringIO()
+    cli.print_markdown(markdown, Console(file=buf, force_terminal=False))
+    assert buf.getvalue() == markdown  # not a terminal: exactly the Markdown docs/cli.md holds
+    # the command itself takes the terminal path when rich sees one (FORCE_COLOR stands in for a TTY)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert cli.main([command]) == 0
+    out = capsys.readouterr().out
+    assert "|---|" not in out and not [line for line in out.splitlines() if line.lstrip().startswith("###")]
+    monkeypatch.delenv("FORCE_COLOR")
+    assert cli.main([command]) == 0
+    assert capsys.readouterr().out == markdown

@@ -46,6 +46,10 @@ def mlp():
 
 def wrong_shape():
     return nn.Linear(4, 3), (torch.randn(2, 5),)
+
+def ansi():
+    # as torch's ONNX ConversionError colours its text for a terminal
+    raise RuntimeError("\\x1b[1;31mConversionError\\x1b[0m: cannot convert \\x1b[4maten::foo\\x1b[24m")
 '''
 
 
@@ -136,6 +140,20 @@ def _truncated_pt2(d: Path) -> None:
     (d / "bad.pt2").write_bytes(data[: len(data) // 2])
 
 
+def _damaged_pt2(d: Path) -> None:
+    """A complete .pt2 with 4 KB of its first weight zeroed: still a valid zip, but that entry fails its CRC."""
+    model = torch.nn.Linear(64, 64)  # a 16 KB weight
+    torch.export.save(torch.export.export(model, (torch.randn(2, 64),)), str(d / "m.pt2"))
+    with zipfile.ZipFile(d / "m.pt2") as archive:
+        info = archive.getinfo("m/data/weights/weight_0")
+    data = bytearray((d / "m.pt2").read_bytes())
+    head = info.header_offset
+    start = head + 30 + int.from_bytes(data[head + 26:head + 28], "little") + int.from_bytes(data[head + 28:head + 30], "little")
+    assert info.compress_type == zipfile.ZIP_STORED and info.file_size >= 8192
+    data[start + 4096:start + 8192] = bytes(4096)
+    (d / "m.pt2").write_bytes(bytes(data))
+
+
 OPT = ["optimize", "errfac:make", "-o", "out", "--calib", "calib.pt"]
 
 CASES = [
@@ -151,6 +169,9 @@ CASES = [
          setup=lambda d: (d / "model.onnx").write_bytes(b"\x08\x0a")),
     Case("corrupt-pt2", ["optimize", "bad.pt2", "-o", "out"],
          "could not read .pt2 file 'bad.pt2': BadZipFile: File is not a zip file", setup=_truncated_pt2),
+    Case("damaged-pt2", ["optimize", "m.pt2", "-o", "out"],
+         "could not read .pt2 file 'm.pt2': the archive is corrupt (CRC check failed for 'm/data/weights/weight_0')",
+         setup=_damaged_pt2),
     Case("pt2-runs-code", ["analyze", "evil.pt2"],
          "refusing to load .pt2 file 'evil.pt2': it holds pickled objects beyond tensors (loading them would run "
          "code from the file); re-export it with torch.export.save from plain tensors",
@@ -164,6 +185,8 @@ CASES = [
          setup=_hf_without_weights),
     Case("factory-raises", ["optimize", "errfac:boom", "-o", "out"],
          "factory 'errfac:boom' raised RuntimeError: weights not found"),
+    Case("factory-raises-colour", ["optimize", "errfac:ansi", "-o", "out"],
+         "factory 'errfac:ansi' raised RuntimeError: ConversionError: cannot convert aten::foo"),
     Case("factory-missing", ["analyze", "errfac_nope:make"],
          "cannot import module 'errfac_nope' of factory 'errfac_nope:make': ModuleNotFoundError: No module named "
          "'errfac_nope'"),
@@ -184,6 +207,9 @@ CASES = [
          setup=_setup_calib("ok")),
     Case("unknown-option", OPT + ["--passes", "attention-fp8{bits=8}"],
          "unknown option 'bits' for pass 'attention-fp8' (options: …", setup=_setup_calib("ok")),
+    Case("pipeline-syntax", OPT + ["--passes", "linear-quant{dtype=int8"],
+         "cannot parse pass pipeline at the end (character 24): '}' expected to close the options of 'linear-quant' "
+         "opened at character 13: 'linear-quant{dtype=int8▸'", setup=_setup_calib("ok")),
     Case("option-value", OPT + ["--passes", "linear-quant{dtype=int4}"],
          "option linear-quant.dtype=int4 is not one of fp8, int8", setup=_setup_calib("ok")),
     Case("option-out-of-range", OPT + ["--passes", "attention-fp8{p_bits=3}"],
@@ -201,6 +227,9 @@ CASES = [
     Case("outdir-not-writable", OPT[:3] + ["plain.txt/out"] + OPT[4:],
          "cannot write output directory 'plain.txt/out': '{tmp}/plain.txt' is not a directory",
          setup=_outdir_parent_is_file),
+    # /proc refuses new entries even to root: the probe (a directory really made there) is what catches it
+    Case("outdir-under-proc", OPT[:3] + ["/proc/out"] + OPT[4:],
+         "cannot write output directory '/proc/out': '/proc' is not writable (…", setup=_setup_calib("ok")),
     Case("memory", OPT, "would not fit in memory: estimated peak …", code=4, setup=_setup_calib("ok"),
          env={"SURGEON_MEMORY_LIMIT": "64K"}, subprocess=True),
     Case("memory-limit-value", OPT, "SURGEON_MEMORY_LIMIT='lots' is not a size (bytes, or a number with K, M, G or T)",
@@ -265,6 +294,18 @@ def test_bad_input(case: Case, workdir: Path, capsys: pytest.CaptureFixture, mon
         assert not (workdir / "pwned").exists()
 
 
+def test_no_terminal_codes_in_messages() -> None:
+    """ANSI colour/cursor sequences in a quoted exception never reach the one-line message."""
+    from surgeon.errors import PipelineError, SurgeonError, first_line, strip_ansi
+
+    coloured = "\x1b[1;31mConversionError\x1b[0m: op \x1b[4maten::foo\x1b[24m\x1b[K is not supported\x1b[0m"
+    assert strip_ansi(coloured) == "ConversionError: op aten::foo is not supported"
+    assert first_line(RuntimeError(coloured + "\nsecond line")) == "RuntimeError: ConversionError: op aten::foo is not supported"
+    assert str(SurgeonError(f"cannot export to ONNX: {coloured}")) == (
+        "cannot export to ONNX: ConversionError: op aten::foo is not supported")
+    assert "\x1b" not in str(PipelineError(coloured))
+
+
 def test_debug_shows_the_traceback(workdir: Path) -> None:
     with pytest.raises(Exception, match="model path 'missing.pt2' does not exist"):
         cli.main(["--debug", "analyze", "missing.pt2"])
@@ -307,6 +348,57 @@ def test_unreadable_model_and_read_only_outdir(workdir: Path, capsys: pytest.Cap
     finally:
         os.chmod(workdir / "m.pt2", 0o644)
         os.chmod(workdir / "ro", 0o755)
+
+
+@pytest.fixture
+def tmpfs(workdir: Path) -> Path:
+    """``workdir/mnt``, a fresh tmpfs mount (root with mount rights only); unmounted afterwards."""
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "surgeon-test",
+                                                        str(mnt)], capture_output=True, check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _refused_before_work(argv: list[str], message: str, workdir: Path, capsys: pytest.CaptureFixture,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    def must_not_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded: the OUTDIR check came after the work")
+
+    monkeypatch.setattr(importlib.import_module("surgeon.load"), "load_model", must_not_load)
+    before = _snapshot(workdir)
+    code = cli.main(argv)
+    assert (code, capsys.readouterr().err.splitlines()) == (2, [f"surgeon: error: {message}"])
+    assert _snapshot(workdir) == before
+
+
+def test_outdir_on_a_read_only_mount(tmpfs: Path, workdir: Path, capsys: pytest.CaptureFixture,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only file system refuses OUTDIR before any work, even for root (file modes do not)."""
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    _refused_before_work(["optimize", "errfac:mlp", "-o", "mnt/out"],
+                         f"cannot write output directory 'mnt/out': '{tmpfs.resolve()}' is not writable "
+                         "(Read-only file system)", workdir, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("command", ["optimize", "export"])
+def test_outdir_that_is_a_mount_point(command: str, tmpfs: Path, workdir: Path, capsys: pytest.CaptureFixture,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """--force on a mount point (a container volume) cannot replace it (rename gives EBUSY after all the
+    work, exit 1): refused first; a directory inside the mount is fine."""
+    _refused_before_work([command, "errfac:mlp", "-o", "mnt", "--force", "--target", "torch"],
+                         "cannot replace output directory 'mnt': it is a mount point, and --force replaces OUTDIR "
+                         "as a whole; give a directory inside it (e.g. 'mnt/out')", workdir, capsys, monkeypatch)
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+    monkeypatch.syspath_prepend(str(workdir))
+    assert cli.main([command, "errfac:mlp", "-o", "mnt/out", "--force", "--target", "torch", "--no-speed"]
+                    if command == "optimize" else [command, "errfac:mlp", "-o", "mnt/out", "--target", "torch"]) == 0
+    assert (tmpfs / "out" / "model.pt2").is_file()
 
 
 def test_python_api_refuses_a_run_that_would_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:

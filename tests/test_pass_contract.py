@@ -25,6 +25,7 @@ from torch import nn
 
 import surgeon.passes
 from surgeon.capture import capture
+from surgeon.errors import SurgeonError
 from surgeon.pass_manager import Pass, PassContext, PassManager, parse_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -115,6 +116,32 @@ def test_class_and_spec_round_trip(name: str) -> None:
     q = parse_pipeline(spec)[0]
     assert q != p  # a non-default option value
     assert parse_pipeline(q.spec())[0] == q
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("linear-quant{dtype=int8", "at the end (character 24): '}' expected to close the options of 'linear-quant' opened "
+                                "at character 13: 'linear-quant{dtype=int8▸'"),
+    ("attention-fp8{p_bits=8,,}", "at character 24: empty option in the options of 'attention-fp8': "
+                                  "'attention-fp8{p_bits=8,▸,}'"),
+    ("attention-fp8,,linear-quant", "at character 15: a pass name expected, found ',': 'attention-fp8,▸,linear-quant'"),
+    ("attention-fp8 linear-quant", "at character 15: ',' expected between passes, found 'l': "
+                                   "'attention-fp8 ▸linear-quant'"),
+    ("linear-quant{dtype}", "at character 14: option 'dtype' of pass 'linear-quant' must be written key=value: "
+                            "'linear-quant{▸dtype}'"),
+    ("attention-fp8{p_bits=8}}", "at character 24: '}' without a matching '{': 'attention-fp8{p_bits=8}▸}'"),
+    ("linear-quant{dtype={int8}}", "at character 20: '{' inside the options of 'linear-quant' (opened at character 13): "
+                                   "'linear-quant{dtype=▸{int8}}'"),
+])
+def test_spec_errors_point_at_the_character(spec: str, message: str) -> None:
+    with pytest.raises(SurgeonError) as info:
+        parse_pipeline(spec)
+    assert str(info.value) == "cannot parse pass pipeline " + message
+
+
+def test_spec_whitespace_and_empty_options() -> None:
+    passes = parse_pipeline(" attention-fp8{ p_bits = 1 , granularity=tensor } , norm-fold{} ")
+    assert [p.spec() for p in passes] == ["attention-fp8{p_bits=1,granularity=tensor,method=max}",
+                                          "norm-fold{rmsnorm=True,affine=True}"]
 
 
 @pytest.mark.parametrize("name", surgeon.passes.registered())

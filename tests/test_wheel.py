@@ -36,8 +36,16 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
            "-o", str(base / "dist"), str(src)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=base)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (base / "build.log").write_text(done.stdout + done.stderr)
     (whl,) = (base / "dist").glob("surgeon-*.whl")
     return whl
+
+
+def test_build_prints_no_packaging_warning(wheel: Path) -> None:
+    """Every importable folder of surgeon/ is in pyproject's ``packages`` (surgeon/data included: setuptools
+    warned 'Package would be ignored' on every install)."""
+    log = (wheel.parents[1] / "build.log").read_text()
+    assert "absent from the `packages` configuration" not in log and "Package would be ignored" not in log, log[-3000:]
 
 
 def _sources(folder: Path, prefix: str) -> set[str]:

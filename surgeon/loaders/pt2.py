@@ -168,10 +168,28 @@ def _resolve_pytree_classes(source: str, path: Path) -> None:
                                "does not register as a pytree node (another version wrote the file?)")
 
 
+def _check_integrity(source: str, path: Path) -> None:
+    """Refuse an archive whose entries fail their CRC: torch's reader does not check them, so a .pt2 with
+    damaged weight bytes would load and be optimized as if nothing were wrong. A file that does not open
+    as a zip at all is left to ``torch.export.load``, which says why (not a zip, no permission)."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return
+    with archive:
+        try:
+            bad = archive.testzip()  # reads every entry: the whole file once
+        except Exception as exc:  # noqa: BLE001 - a damaged local header or compressed stream
+            raise SurgeonError(f"could not read .pt2 file '{source}': the archive is corrupt ({first_line(exc)})") from exc
+    if bad is not None:
+        raise SurgeonError(f"could not read .pt2 file '{source}': the archive is corrupt (CRC check failed for '{bad}')")
+
+
 def load_pt2(source: str, path: Path, *, trust_pickle: bool = False, text: str | None = None) -> LoadedModel:
     refuse_text(text, source, "a .pt2 file")
     from .. import quant  # noqa: F401 - registers torch.ops.surgeon.*, which surgeon's own outputs call
 
+    _check_integrity(source, path)
     _resolve_pytree_classes(source, path)
     try:
         with quiet("torch.export", "torch._export"), _tensor_only_unpickling():
