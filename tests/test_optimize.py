@@ -603,3 +603,28 @@ def test_summary_never_truncates_module_paths(width: int) -> None:
     assert long_module in text and "…" not in text
     assert " ".join(text.replace("│", " ").split()).count(reason) == 1  # whole, wherever it wrapped
     assert "applied (exact)" in text
+
+
+def test_api_runs_on_the_clis_threads_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``surgeon.optimize`` runs with one intra-op thread like the CLI (unless OMP_NUM_THREADS is set),
+    and gives the caller's setting back; ``threads=None`` leaves it alone."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    seen: list[int] = []
+
+    def metric(ref: torch.Tensor, out: torch.Tensor) -> float:
+        seen.append(torch.get_num_threads())
+        return 1.0
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        optimize(ToyNet().eval(), (torch.randn(2, 5, 8),), toy_batches(4), passes=ToyRound(), tolerance=0.5, metric=metric)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        optimize(ToyNet().eval(), (torch.randn(2, 5, 8),), toy_batches(4), passes=ToyRound(), tolerance=0.5, metric=metric,
+                 threads=None)
+        assert set(seen) == {2}
+        with pytest.raises(SurgeonError, match=r"^threads must be a positive number, None or 'auto', got 0$"):
+            optimize(ToyNet().eval(), (torch.randn(2, 5, 8),), toy_batches(4), passes=ToyRound(), threads=0)
+    finally:
+        torch.set_num_threads(before)

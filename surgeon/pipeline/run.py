@@ -142,7 +142,7 @@ def _variants(gm0: fx.GraphModule) -> dict[str, str]:
 def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | None = None, *,
              passes: str | Pass | Sequence[Pass] | None = None, tolerance: Any = None,
              metric: Metric | None = None, seed: int = 0, check_fraction: float = DEFAULT_CHECK_FRACTION,
-             progress: bool = False, source: str | None = None, threads: int | None = None,
+             progress: bool = False, source: str | None = None, threads: int | str | None = "auto",
              target: str | None = None, force_passes: bool = False,
              _timings: dict[str, float] | None = None) -> Result:
     """Substitute, calibrate, verify and re-export ``model``; see the module docstring.
@@ -156,20 +156,27 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     ≥ 0.999. ``metric(ref_outputs, outputs) -> float`` (higher is better) replaces the cosine criterion
     and is averaged over the check batches. Raises ``SurgeonError`` on bad input; a configuration
     that does not meet the tolerance is still returned (``Result.met`` is False).
-    ``threads``: torch intra-op threads for the run (restored after); None leaves them as they are.
+    ``threads``: torch intra-op threads for the run (restored after); None leaves them as they are;
+    ``"auto"`` (default) is what the CLI runs with: one thread unless ``OMP_NUM_THREADS`` is set
+    (calibration batches are small, and spinning OpenMP workers on a busy CPU made a MiniLM run 3.4×
+    slower, bench/optimize_minilm.py).
     ``target``: the deploy target (``surgeon targets``): its runtime profile tells the passes which
     substitutes the runtime runs (and how fast), ``passes`` defaults to its ``default_passes``, and
     ``Result.save`` writes its file. None: no profile, passes ``attention-fp8``, ``save`` writes
     ``model.pt2`` (or the target named there). ``passes`` that cannot produce what ``target``
     promises (``attention-fp8`` alone for ``onnx-int8``: no INT8 anywhere) raise ``SurgeonError``
     after the passes ran, before calibration, unless ``force_passes``."""
+    if threads == "auto":
+        threads = None if os.environ.get("OMP_NUM_THREADS") else 1
     if threads is not None:
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise SurgeonError(f"threads must be a positive number, None or 'auto', got {threads!r}")
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             return optimize(model, example_inputs, calib, passes=passes, tolerance=tolerance, metric=metric,
                             seed=seed, check_fraction=check_fraction, progress=progress, source=source,
-                            target=target, force_passes=force_passes, _timings=_timings)
+                            threads=None, target=target, force_passes=force_passes, _timings=_timings)
         finally:
             torch.set_num_threads(previous)
     from .. import distributed
