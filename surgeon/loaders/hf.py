@@ -207,10 +207,11 @@ def _check_weights(model: nn.Module, info: dict, source: str, task: str | None, 
             parts.append("mismatched " + _names([f"{k} (checkpoint {_shape(a)}, model {_shape(b)})"
                                                  for k, a, b in mismatched]))
         head = getattr(model, "base_model", model) is not model
+        fix = "give the full checkpoint" if missing else "make config.json match the checkpoint"
         if not head:
-            hint = "give the full checkpoint"
+            hint = fix
         elif task is None:
-            hint = "give the full checkpoint, or --task feature-extraction to load without the head"
+            hint = f"{fix}, or --task feature-extraction to load without the head"
         else:  # the user asked for a head this checkpoint was not trained with
             hint = f"the checkpoint has no {task} head: give one that has, or --task feature-extraction to load " \
                    "without a head"
