@@ -291,3 +291,29 @@ def test_optimize_onnx_int8_keeps_the_head(arch, tmp_path, hf_tokenizer, capsys)
             agree += int(np.sum(a == b))
             total += a.size
     assert total >= 30 and agree / total >= 0.99, f"argmax agreement {agree}/{total}"
+
+
+@pytest.mark.parametrize("command", ["optimize", "export"])
+def test_task_with_the_decoder_target_is_refused(command, tmp_path, capsys):
+    code, out, err = run_cli([command, str(tmp_path / "lm"), "-o", str(tmp_path / "out"), "--target", "onnx-decoder",
+                              "--task", "fill-mask"], capsys)
+    assert (code, out, err) == (2, "", "surgeon: error: --task does not apply to --target onnx-decoder: it loads the "
+                                       "causal LM head (AutoModelForCausalLM)\n")
+
+
+def test_multiple_choice_and_audio_heads_get_example_inputs(save_hf, hf_tokenizer, tmp_path):
+    """(batch, choices, sequence) token inputs for a multiple-choice head; a waveform for an audio one."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(hf_tokenizer), max_position_embeddings=64, **SMALL)
+    loaded = load_model(save_hf(transformers.BertForMultipleChoice(cfg).eval(), "mc"))
+    assert {tuple(v.shape[:2]) for v in loaded.example_inputs.values()} == {(2, 4)}
+    with torch.no_grad():
+        assert loaded.model(**loaded.example_inputs).logits.shape == (2, 4)
+    wcfg = transformers.Wav2Vec2Config(conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                       num_feat_extract_layers=2, num_labels=NUM_LABELS, vocab_size=32, **SMALL)
+    transformers.Wav2Vec2ForSequenceClassification(wcfg).eval().save_pretrained(tmp_path / "w2v")
+    loaded = load_model(tmp_path / "w2v", task="audio-classification")
+    assert type(loaded.model).__name__ == "Wav2Vec2ForSequenceClassification"
+    assert "example input_values: 1 s of noise at 16000 Hz" in loaded.notes
+    with torch.no_grad():
+        assert loaded.model(**loaded.example_inputs).logits.shape == (2, NUM_LABELS)

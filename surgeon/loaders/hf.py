@@ -344,6 +344,7 @@ def load_hf(source: str, path: Path, *, trust_pickle: bool = False, text: str | 
         inputs["pixel_values"] = pixels
     if not inputs and "input_values" in params:
         inputs["input_values"] = _waveform(path)
+        notes.append(f"example input_values: 1 s of noise at {inputs['input_values'].shape[1]} Hz")
     if not inputs:
         raise SurgeonError(f"cannot build example inputs for '{source}' ({type(model).__name__}): its forward "
                            "takes neither input_ids, pixel_values nor input_values; use package.module:factory")
