@@ -36,13 +36,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickled nn.Module (pickles can run arbitrary code)")
     p.add_argument("--text", default=None, help="sentence used as the example input of a text model")
+    p.add_argument("--task", default=None, metavar="NAME",
+                   help="load a Hugging Face directory with this task's head instead of its config's architecture "
+                        "(Optimum's names: feature-extraction (no head), fill-mask, text-classification, "
+                        "token-classification, question-answering, multiple-choice, image-classification, "
+                        "audio-classification, sentence-similarity)")
+
+
+def _refuse_decoder_task(args: argparse.Namespace) -> None:
+    # onnx-decoder loads the causal LM head (AutoModelForCausalLM) whatever the architecture says.
+    if getattr(args, "task", None) is not None:
+        raise SurgeonError(f"--task does not apply to --target {DECODER_TARGET}: it loads the causal LM head "
+                           "(AutoModelForCausalLM)")
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .load import load
 
-    model, inputs = load(args.model, trust_pickle=args.trust_pickle, text=args.text)
+    model, inputs = load(args.model, trust_pickle=args.trust_pickle, text=args.text, task=args.task)
     analysis = analyze(model, inputs)
     if args.json:
         print(json.dumps(analysis.to_json() if args.explain else
@@ -62,9 +74,12 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if args.target == DECODER_TARGET:  # a causal LM with its KV cache: its own pipeline (surgeon/pipeline/decoder.py)
         from .pipeline.decoder import run_decoder_cli
 
+        _refuse_decoder_task(args)
         return run_decoder_cli(args)
+    from .loaders import default_task
 
-    return run_cli(args)
+    with default_task(args.task):  # the pipeline's load_model call (surgeon/pipeline/cli.py) passes no task
+        return run_cli(args)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -72,6 +72,10 @@ def run_export_cli(args: Any) -> int:
     if name == "onnx-decoder":  # a causal LM with its cache, unchanged: the fp32 cache, no pass
         from .pipeline.decoder import optimize_decoder
 
+        if getattr(args, "task", None) is not None:  # it loads the causal LM head whatever the architecture says
+            raise SurgeonError("--task does not apply to --target onnx-decoder: it loads the causal LM head "
+                               "(AutoModelForCausalLM)")
+
         report = optimize_decoder(args.model, args.output, passes=[], target=name, force=bool(getattr(args, "force", False)))
         v = report["verification"]
         print(f"wrote {Path(args.output) / tgt.filename} (fp32 cache): ORT vs torch logits max abs diff "
@@ -82,7 +86,8 @@ def run_export_cli(args: Any) -> int:
     out = Path(args.output)
     force = bool(getattr(args, "force", False))
     check_output_dir(out, force)
-    loaded = load_model(args.model, trust_pickle=getattr(args, "trust_pickle", False), text=getattr(args, "text", None))
+    loaded = load_model(args.model, trust_pickle=getattr(args, "trust_pickle", False), text=getattr(args, "text", None),
+                        task=getattr(args, "task", None))
     check_memory(loaded.model, loaded.example_inputs)
     # Written into OUTDIR.partial-<pid> and renamed into place: OUTDIR is never half-written.
     with atomic_dir(out, force) as partial:

@@ -9,6 +9,7 @@ model, and compares every file in that directory (by SHA-256) before and after: 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -122,6 +123,30 @@ def _hf_without_weights(d: Path) -> None:
     (d / "hf" / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
 
 
+def _hf_classifier(d: Path, *, drop: str | None = None, labels: int | None = None, architectures: bool = True) -> None:
+    """A tiny BertForSequenceClassification directory 'hf' (2 labels), without the weight ``drop``,
+    with ``labels`` labels in its config, or without the config's architectures."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32)
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar is not the command's stderr
+        transformers.BertForSequenceClassification(cfg).save_pretrained(d / "hf")
+    if drop:
+        state = load_file(d / "hf" / "model.safetensors")
+        del state[drop]
+        save_file(state, d / "hf" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((d / "hf" / "config.json").read_text())
+    if labels:
+        config["id2label"] = {str(i): f"L{i}" for i in range(labels)}
+        config["label2id"] = {f"L{i}": i for i in range(labels)}
+    if not architectures:
+        del config["architectures"]
+    (d / "hf" / "config.json").write_text(json.dumps(config))
+
+
 def _outdir_exists(d: Path) -> None:
     _setup_calib("ok")(d)
     (d / "out").mkdir()
@@ -183,6 +208,24 @@ CASES = [
     Case("hf-missing-weights", ["analyze", "hf"],
          "Hugging Face model directory 'hf' has no weights: expected model.safetensors (or pytorch_model.bin)",
          setup=_hf_without_weights),
+    Case("hf-missing-head-weight", ["optimize", "hf", "-o", "out"],
+         "Hugging Face model directory 'hf' does not hold the weights its class BertForSequenceClassification needs: "
+         "missing classifier.weight (they would be initialised at random); give the full checkpoint, or --task "
+         "feature-extraction to load without the head",
+         setup=lambda d: _hf_classifier(d, drop="classifier.weight"), subprocess=True),  # no transformers report
+    Case("hf-mismatched-weights", ["analyze", "hf"],
+         "Hugging Face model directory 'hf' does not hold the weights its class BertForSequenceClassification needs: "
+         "mismatched classifier.weight (checkpoint 2x32, model 5x32), classifier.bias (checkpoint 2, model 5) (they "
+         "would be initialised at random); make config.json match the checkpoint, or --task feature-extraction to "
+         "load without the head", setup=lambda d: _hf_classifier(d, labels=5)),
+    Case("hf-unexpected-weights", ["export", "hf", "-o", "out"],
+         "Hugging Face model directory 'hf' holds weights its class BertModel does not use: unexpected "
+         "classifier.bias, classifier.weight (they would be dropped); name the class that uses them in config.json's "
+         "architectures, or give --task to drop them on purpose",
+         setup=lambda d: _hf_classifier(d, architectures=False)),
+    Case("unknown-task", ["analyze", "errfac:make", "--task", "sentiment"],
+         "unknown task 'sentiment' (known: feature-extraction, fill-mask, text-classification, token-classification, "
+         "question-answering, multiple-choice, image-classification, audio-classification, sentence-similarity)"),
     Case("factory-raises", ["optimize", "errfac:boom", "-o", "out"],
          "factory 'errfac:boom' raised RuntimeError: weights not found"),
     Case("factory-raises-colour", ["optimize", "errfac:ansi", "-o", "out"],

@@ -4,9 +4,11 @@ Accepted specs, tried in the order of ``LOADERS`` (a predicate → loader table;
 
 - ``package.module:factory`` (``factory.py``) (when no such path exists): ``factory()`` returns ``(model, example_inputs)``;
   the current directory is importable while the module is imported.
-- a directory (``hf.py``): a Hugging Face model directory (``config.json`` + weights + tokenizer), loaded with
-  ``AutoModel.from_pretrained(dir, local_files_only=True, trust_remote_code=False)``, ``use_cache=False``;
-  example inputs from the tokenizer (text) or the config (``pixel_values`` of the configured image size).
+- a directory (``hf.py``): a Hugging Face model directory (``config.json`` + weights + tokenizer), loaded as
+  the class its config's architecture names (task heads included; ``AutoModel`` for a generative head or an
+  unknown architecture), or the head ``task`` names, ``local_files_only=True, trust_remote_code=False``,
+  ``use_cache=False``; weights missing from the checkpoint are refused. Example inputs from the tokenizer
+  (text) or the config (``pixel_values`` of the configured image size).
 - ``*.pt2`` (``pt2.py``): an ``ExportedProgram`` written by ``torch.export.save``; it carries its example inputs. Its
   pickled parts (example inputs, some weights) are read with the tensor-only unpickler: a file whose
   pickles hold anything else is refused (torch itself would fall back to full unpickling).
@@ -20,9 +22,11 @@ captured graph must accept any batch size and sentence length.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -31,15 +35,18 @@ from ..errors import SurgeonError, first_line
 from ..inputs import Inputs, call, describe
 from .common import LoadedModel, size_one_notes
 from .factory import call_factory, is_factory, load_factory
-from .hf import DEFAULT_TEXT, OTHER_TEXTS, LoadedDecoder, is_hf, load_hf, load_hf_causal_lm, refuse_encoder_decoder
+from .hf import DEFAULT_TEXT, OTHER_TEXTS, TASKS, LoadedDecoder, check_task, is_hf, load_hf, load_hf_causal_lm, refuse_encoder_decoder
 from .pickled import PICKLE_SUFFIXES, is_pickle, load_pickle
 from .pt2 import is_pt2, load_pt2
 
-__all__ = ["DEFAULT_TEXT", "LOADERS", "OTHER_TEXTS", "LoadedDecoder", "LoadedModel", "PICKLE_SUFFIXES", "load",
-           "load_decoder", "load_model"]
+__all__ = ["DEFAULT_TEXT", "LOADERS", "OTHER_TEXTS", "TASKS", "LoadedDecoder", "LoadedModel", "PICKLE_SUFFIXES",
+           "default_task", "load", "load_decoder", "load_model"]
 
 Predicate = Callable[[str, Path], bool]
-Loader = Callable[..., LoadedModel]  # (source, path, *, trust_pickle, text) -> LoadedModel
+Loader = Callable[..., LoadedModel]  # (source, path, *, trust_pickle, text) -> LoadedModel; load_hf also task
+
+# The --task of this CLI invocation, for load_model calls that do not pass one (see default_task).
+_TASK: ContextVar[str | None] = ContextVar("surgeon_task", default=None)
 
 
 def _missing(source: str, path: Path) -> bool:
@@ -72,20 +79,28 @@ LOADERS: tuple[tuple[Predicate, Loader], ...] = (
 )
 
 
-def load_model(spec: str | os.PathLike, *, trust_pickle: bool = False, text: str | None = None) -> LoadedModel:
+def load_model(spec: str | os.PathLike, *, trust_pickle: bool = False, text: str | None = None,
+               task: str | None = None) -> LoadedModel:
     """Load ``spec`` (see the module docstring) as a model in eval mode plus example inputs.
 
     ``text`` is the first sentence of a text model's example batch (default ``DEFAULT_TEXT``); giving it
-    for anything but a Hugging Face text model is an error. Every user error is a one-line
-    ``SurgeonError`` naming the spec.
+    for anything but a Hugging Face text model is an error. ``task`` (one of ``TASKS``, Optimum's task
+    names; default: the one ``default_task`` set, else none) loads a Hugging Face directory with that
+    task's head instead of its config's architecture; giving it for anything else is an error. Every
+    user error is a one-line ``SurgeonError`` naming the spec.
     """
     source = os.fsdecode(os.fspath(spec))
     path = Path(source).expanduser()
+    task = _TASK.get() if task is None else task
+    check_task(task)  # before any loading: a typo costs nothing
     loader = next((load for accepts, load in LOADERS if accepts(source, path)), None)
     if loader is None:
         raise SurgeonError(f"unknown model format '{source}': expected a .pt2 file, a Hugging Face model "
                            "directory, package.module:factory, or a pickle (.pt/.pth/.pkl/.bin)")
-    loaded = loader(source, path, trust_pickle=trust_pickle, text=text)
+    if task is not None and loader not in (load_hf, _refuse_missing):
+        raise SurgeonError(f"--task applies only to Hugging Face model directories (it picks the head transformers "
+                           f"builds); '{source}' is not one")
+    loaded = loader(source, path, trust_pickle=trust_pickle, text=text, **({"task": task} if task else {}))
     loaded.model.eval()
     if loaded.kind in ("factory", "pickle"):
         _check_runs(loaded)
@@ -105,10 +120,23 @@ def _check_runs(loaded: LoadedModel) -> None:
                            f"({describe(loaded.example_inputs)}): {first_line(exc)}") from exc
 
 
-def load(spec: str | os.PathLike, *, trust_pickle: bool = False, text: str | None = None) -> tuple[nn.Module, Inputs]:
+def load(spec: str | os.PathLike, *, trust_pickle: bool = False, text: str | None = None,
+         task: str | None = None) -> tuple[nn.Module, Inputs]:
     """``(model, example_inputs)`` of ``load_model(spec, ...)``."""
-    loaded = load_model(spec, trust_pickle=trust_pickle, text=text)
+    loaded = load_model(spec, trust_pickle=trust_pickle, text=text, task=task)
     return loaded.model, loaded.example_inputs
+
+
+@contextlib.contextmanager
+def default_task(task: str | None) -> Iterator[None]:
+    """Within the block, ``load_model`` calls that give no ``task`` load with this one: the CLI's
+    ``--task`` reaches the loader calls deep in ``surgeon optimize``'s pipeline this way."""
+    check_task(task)
+    token = _TASK.set(task)
+    try:
+        yield
+    finally:
+        _TASK.reset(token)
 
 
 

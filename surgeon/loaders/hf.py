@@ -1,12 +1,16 @@
-"""A Hugging Face model directory (``config.json`` + weights + tokenizer), loaded with
-``AutoModel.from_pretrained(dir, local_files_only=True, trust_remote_code=False)`` (or the config's
-``…EncoderModel`` architecture, e.g. ``T5EncoderModel``, whose checkpoint has no decoder), ``use_cache=False``;
-example inputs from the tokenizer (text) or the config (``pixel_values`` of the configured image size)."""
+"""A Hugging Face model directory (``config.json`` + weights + tokenizer), loaded as the class its config's
+``architectures[0]`` names where transformers has it, task heads included (``ViTForImageClassification``,
+``BertForSequenceClassification``; a generative head, ``...ForCausalLM`` or ``...ForConditionalGeneration``,
+loads as its ``AutoModel`` base), else with ``AutoModel``; ``--task`` (``TASKS``, Optimum's names) picks
+another head on purpose. Always ``local_files_only=True, trust_remote_code=False``, ``use_cache=False``. A
+weight the class needs that the checkpoint lacks is refused in one line, never initialised at random.
+Example inputs from the tokenizer (text) or the config (``pixel_values`` of the configured image size)."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +23,8 @@ from ..errors import SurgeonError, first_line
 from ..inputs import forward_params
 from .common import BATCH, SEED, LoadedModel, max_positions, refuse_text, tokenize
 
-__all__ = ["DEFAULT_TEXT", "OTHER_TEXTS", "LoadedDecoder", "is_hf", "load_hf", "load_hf_causal_lm",
-           "refuse_encoder_decoder"]
+__all__ = ["DEFAULT_TEXT", "OTHER_TEXTS", "TASKS", "LoadedDecoder", "check_task", "is_hf", "load_hf",
+           "load_hf_causal_lm", "refuse_encoder_decoder"]
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
 # Second sentence of the example batch; two candidates of different length so one always differs in
@@ -111,13 +115,161 @@ def _pixel_values(config: Any) -> torch.Tensor | None:
     return None
 
 
-def load_hf(source: str, path: Path, *, trust_pickle: bool = False, text: str | None = None) -> LoadedModel:
+# ------------------------------------------------------------------------------------------------
+# which class a directory loads as, and the weights it must hold
+# ------------------------------------------------------------------------------------------------
+# Optimum's task names → the transformers auto class that builds that head (``--task``).
+TASKS: dict[str, str] = {
+    "feature-extraction": "AutoModel",
+    "fill-mask": "AutoModelForMaskedLM",
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "multiple-choice": "AutoModelForMultipleChoice",
+    "image-classification": "AutoModelForImageClassification",
+    "audio-classification": "AutoModelForAudioClassification",
+    "sentence-similarity": "AutoModel",
+}
+# Names a generative head's class ends with (besides what ``can_generate()`` says).
+_GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForSpeechSeq2Seq",
+                        "ForVision2Seq")
+_CHOICES = 4  # choices of a multiple-choice model's example inputs (not 2: the batch is 2)
+_LISTED = 4  # weight names a refusal spells out before "and N more"
+
+
+def check_task(task: str | None) -> None:
+    """Refuse a ``--task`` name that is not one of ``TASKS`` in one line listing the known ones."""
+    if task is not None and task not in TASKS:
+        raise SurgeonError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
+
+
+@dataclass(frozen=True)
+class _Choice:
+    cls: Any  # what from_pretrained is called on: a model class or an auto class
+    note: str  # what was loaded and why; ``{loaded}`` is the class that came out
+    drops_head: bool  # checkpoint weights the class has no place for are dropped on purpose
+
+
+def _generates(cls: type, arch: str) -> bool:
+    can_generate = getattr(cls, "can_generate", None)
+    return arch.endswith(_GENERATIVE_SUFFIXES) or bool(callable(can_generate) and can_generate())
+
+
+def _model_class(transformers: Any, config: Any, task: str | None) -> _Choice:
+    """The class a directory with ``config`` loads as: ``task``'s auto class, else the config's
+    architecture where transformers has it (task heads included), else ``AutoModel``."""
+    if task is not None:
+        return _Choice(getattr(transformers, TASKS[task]), f"loaded as {{loaded}} (--task {task}: {TASKS[task]})", True)
+    arch = (getattr(config, "architectures", None) or [""])[0] or ""
+    cls = getattr(transformers, arch, None) if arch else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        why = f"its config's architecture {arch} is not a transformers model class" if arch \
+            else "its config names no architecture"
+        return _Choice(transformers.AutoModel, f"loaded as {{loaded}} (AutoModel): {why}", False)
+    if arch.endswith("EncoderModel"):
+        # T5EncoderModel & co.: AutoModel would build the whole encoder-decoder, with a decoder the
+        # weights do not have (initialized at random) and decoder inputs the model never takes.
+        return _Choice(cls, f"loaded as {arch} (its config's architecture: an encoder without the decoder)", False)
+    if _generates(cls, arch):
+        # optimize and export capture one forward of an encoder-style model; a generative head's
+        # logits over the vocabulary at every step are the onnx-decoder target's business.
+        return _Choice(transformers.AutoModel,
+                       f"loaded as {{loaded}} (AutoModel) without the generative head of its config's architecture "
+                       f"{arch}: optimize and export take encoder-style models (--target onnx-decoder exports a "
+                       "causal LM with its cache; --task picks another head)", True)
+    return _Choice(cls, f"loaded as {arch} (its config's architecture)", False)
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_LISTED])
+    return shown + (f" and {len(keys) - _LISTED} more" if len(keys) > _LISTED else "")
+
+
+def _shape(size: Any) -> str:
+    return "x".join(str(d) for d in size) or "scalar"
+
+
+def _check_weights(model: nn.Module, info: dict, source: str, task: str | None, *, allow_unexpected: bool,
+                   notes: list[str]) -> None:
+    """Refuse, in one line, a loaded model some of whose weights transformers did not take from the
+    checkpoint (missing, or of another shape: it initialised them at random), or, unless the head is
+    dropped on purpose (``allow_unexpected``), a checkpoint holding weights the class does not use."""
+    order = {name: i for i, name in enumerate(model.state_dict())}  # the model's order: weight before bias
+    missing = sorted(info.get("missing_keys") or (), key=lambda k: (order.get(k, len(order)), k))
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: (order.get(m[0], len(order)), m[0]))
+    cls = type(model).__name__
+    if missing or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {_names(missing)}")
+        if mismatched:
+            parts.append("mismatched " + _names([f"{k} (checkpoint {_shape(a)}, model {_shape(b)})"
+                                                 for k, a, b in mismatched]))
+        head = getattr(model, "base_model", model) is not model
+        fix = "give the full checkpoint" if missing else "make config.json match the checkpoint"
+        if not head:
+            hint = fix
+        elif task is None:
+            hint = f"{fix}, or --task feature-extraction to load without the head"
+        else:  # the user asked for a head this checkpoint was not trained with
+            hint = f"the checkpoint has no {task} head: give one that has, or --task feature-extraction to load " \
+                   "without a head"
+        raise SurgeonError(f"Hugging Face model directory '{source}' does not hold the weights its class {cls} needs: "
+                           f"{'; '.join(parts)} (they would be initialised at random); {hint}")
+    if unexpected and not allow_unexpected:
+        raise SurgeonError(f"Hugging Face model directory '{source}' holds weights its class {cls} does not use: "
+                           f"unexpected {_names(unexpected)} (they would be dropped); name the class that uses them "
+                           f"in config.json's architectures, or give --task to drop them on purpose")
+    if unexpected:
+        why = f"--task {task} drops them" if task is not None else "the generative head is left out"
+        notes.append(f"checkpoint weights {cls} does not use: {_names(unexpected)} ({why})")
+
+
+def _pooler_optional(model: nn.Module) -> bool:
+    """Whether ``model`` is a base model whose class can be built without its pooler."""
+    return getattr(model, "base_model", None) is model and \
+        "add_pooling_layer" in inspect.signature(type(model).__init__).parameters
+
+
+@contextlib.contextmanager
+def _quiet_load_report(transformers: Any) -> Iterator[None]:
+    # transformers logs a multi-line load report of missing/unexpected weights; surgeon refuses them
+    # in one line of its own (_check_weights), or says in a note what it dropped on purpose.
+    logging_ = transformers.utils.logging
+    verbosity = logging_.get_verbosity()
+    logging_.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging_.set_verbosity(verbosity)
+
+
+def _waveform(path: Path) -> torch.Tensor:
+    """One second of noise per example at the feature extractor's sampling rate (audio models' ``input_values``)."""
+    rate = 16000  # what speech models (wav2vec2, HuBERT) are trained on; the preprocessor's own rate wins
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        rate = int(json.loads((path / "preprocessor_config.json").read_text()).get("sampling_rate", rate))
+    gen = torch.Generator().manual_seed(SEED)
+    return torch.randn(BATCH, rate, generator=gen)
+
+
+def load_hf(source: str, path: Path, *, trust_pickle: bool = False, text: str | None = None,
+            task: str | None = None) -> LoadedModel:
+    """Load the Hugging Face directory ``path`` as the class its config's architecture names (``task``,
+    one of ``TASKS``, picks another head on purpose) and build its example inputs; a weight the class
+    needs and the checkpoint lacks (or holds in another shape) is refused in one line, never
+    initialised at random."""
     if not (path / "config.json").is_file():
         raise SurgeonError(f"directory '{source}' is not a Hugging Face model directory: no config.json")
+    check_task(task)
     weights = _hf_weights(path, source)
     transformers = _import_transformers()
     notes: list[str] = []
-    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False,
+                              # Mismatched shapes come back in the loading info (and are refused below)
+                              # instead of as transformers' multi-line RuntimeError.
+                              "ignore_mismatched_sizes": True, "output_loading_info": True}
     if weights in _PICKLED_WEIGHTS:
         # pytorch_model.bin is a pickle: load it only with the tensor-only unpickler.
         if "weights_only" in inspect.signature(transformers.PreTrainedModel.from_pretrained).parameters:
@@ -126,22 +278,23 @@ def load_hf(source: str, path: Path, *, trust_pickle: bool = False, text: str | 
     else:
         kwargs["use_safetensors"] = True
     try:
-        with _no_progress_bars(transformers):
+        with _no_progress_bars(transformers), _quiet_load_report(transformers):
             config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True,
                                                              trust_remote_code=False)
             if getattr(config, "use_cache", None) is not None:
                 # A KV cache output is not a tensor graph export can return; we never decode step by step.
                 config.use_cache = False
                 notes.append("use_cache=False")
-            arch = (getattr(config, "architectures", None) or [""])[0]
-            encoder_only = getattr(transformers, arch, None) if arch.endswith("EncoderModel") else None
-            if encoder_only is not None:
-                # T5EncoderModel & co.: AutoModel would build the whole encoder-decoder, with a decoder the
-                # weights do not have (initialized at random) and decoder inputs the model never takes.
-                model = encoder_only.from_pretrained(str(path), config=config, **kwargs)
-                notes.append(f"loaded as {arch} (its config's architecture: an encoder without the decoder)")
-            else:
-                model = transformers.AutoModel.from_pretrained(str(path), config=config, **kwargs)
+            choice = _model_class(transformers, config, task)
+            model, info = choice.cls.from_pretrained(str(path), config=config, **kwargs)
+            pooler_note = None
+            missing = set(info.get("missing_keys") or ())
+            if missing and all(k.startswith("pooler.") for k in missing) and _pooler_optional(model):
+                # A head's checkpoint (ViTForImageClassification, RobertaForTokenClassification) holds its
+                # base model without the pooler: built without one, nothing is left at random.
+                model, info = choice.cls.from_pretrained(str(path), config=config, add_pooling_layer=False, **kwargs)
+                pooler_note = "built without the pooler its checkpoint does not hold (add_pooling_layer=False: " \
+                              "no pooler_output)"
     except SurgeonError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -149,7 +302,14 @@ def load_hf(source: str, path: Path, *, trust_pickle: bool = False, text: str | 
         if '"auto_map"' in (path / "config.json").read_text(errors="replace"):
             hint = " (the model needs its own code, and surgeon never uses trust_remote_code: " \
                    "load it in a package.module:factory instead)"
+        elif task is not None and "Unrecognized configuration class" in str(exc):
+            raise SurgeonError(f"--task {task} has no head for '{source}' ({type(config).__name__}): transformers' "
+                               f"{TASKS[task]} does not know this model type") from exc
         raise SurgeonError(f"could not load Hugging Face model from '{source}': {first_line(exc)}{hint}") from exc
+    notes.append(choice.note.format(loaded=type(model).__name__))
+    if pooler_note:
+        notes.append(pooler_note)
+    _check_weights(model, info, source, task, allow_unexpected=choice.drops_head, notes=notes)
     model.eval()
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:
@@ -169,6 +329,11 @@ def load_hf(source: str, path: Path, *, trust_pickle: bool = False, text: str | 
             inputs["decoder_input_ids"] = inputs["input_ids"].clone()
             if "decoder_attention_mask" in params and "attention_mask" in inputs:
                 inputs["decoder_attention_mask"] = inputs["attention_mask"].clone()
+        if type(model).__name__.endswith("ForMultipleChoice"):
+            # (batch, choices, sequence): each sentence of the batch offered as every choice.
+            inputs = {k: v.unsqueeze(1).expand(-1, _CHOICES, -1).contiguous() if isinstance(v, torch.Tensor) else v
+                      for k, v in inputs.items()}
+            notes.append(f"multiple-choice example inputs: each sentence repeated as {_CHOICES} choices")
     elif text is not None:
         refuse_text(text, source, f"a {type(model).__name__} (no input_ids)")
     if "pixel_values" in params:
@@ -177,9 +342,12 @@ def load_hf(source: str, path: Path, *, trust_pickle: bool = False, text: str | 
             raise SurgeonError(f"cannot build pixel_values for '{source}': its config has no image_size; "
                                "use package.module:factory")
         inputs["pixel_values"] = pixels
+    if not inputs and "input_values" in params:
+        inputs["input_values"] = _waveform(path)
+        notes.append(f"example input_values: 1 s of noise at {inputs['input_values'].shape[1]} Hz")
     if not inputs:
         raise SurgeonError(f"cannot build example inputs for '{source}' ({type(model).__name__}): its forward "
-                           "takes neither input_ids nor pixel_values; use package.module:factory")
+                           "takes neither input_ids, pixel_values nor input_values; use package.module:factory")
     return LoadedModel(model, inputs, "hf", source, tokenizer=tokenizer, notes=notes)
 
 
