@@ -76,10 +76,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
         _refuse_decoder_task(args)
         return run_decoder_cli(args)
-    from .loaders import default_task
-
-    with default_task(args.task):  # the pipeline's load_model call (surgeon/pipeline/cli.py) passes no task
-        return run_cli(args)
+    return run_cli(args)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

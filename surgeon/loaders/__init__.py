@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -40,13 +39,11 @@ from .pickled import PICKLE_SUFFIXES, is_pickle, load_pickle
 from .pt2 import is_pt2, load_pt2
 
 __all__ = ["DEFAULT_TEXT", "LOADERS", "OTHER_TEXTS", "TASKS", "LoadedDecoder", "LoadedModel", "PICKLE_SUFFIXES",
-           "default_task", "load", "load_decoder", "load_model"]
+           "load", "load_decoder", "load_model"]
 
 Predicate = Callable[[str, Path], bool]
 Loader = Callable[..., LoadedModel]  # (source, path, *, trust_pickle, text) -> LoadedModel; load_hf also task
 
-# The --task of this CLI invocation, for load_model calls that do not pass one (see default_task).
-_TASK: ContextVar[str | None] = ContextVar("surgeon_task", default=None)
 
 
 def _missing(source: str, path: Path) -> bool:
@@ -85,13 +82,12 @@ def load_model(spec: str | os.PathLike, *, trust_pickle: bool = False, text: str
 
     ``text`` is the first sentence of a text model's example batch (default ``DEFAULT_TEXT``); giving it
     for anything but a Hugging Face text model is an error. ``task`` (one of ``TASKS``, Optimum's task
-    names; default: the one ``default_task`` set, else none) loads a Hugging Face directory with that
+    names; default: none) loads a Hugging Face directory with that
     task's head instead of its config's architecture; giving it for anything else is an error. Every
     user error is a one-line ``SurgeonError`` naming the spec.
     """
     source = os.fsdecode(os.fspath(spec))
     path = Path(source).expanduser()
-    task = _TASK.get() if task is None else task
     check_task(task)  # before any loading: a typo costs nothing
     loader = next((load for accepts, load in LOADERS if accepts(source, path)), None)
     if loader is None:
@@ -125,19 +121,6 @@ def load(spec: str | os.PathLike, *, trust_pickle: bool = False, text: str | Non
     """``(model, example_inputs)`` of ``load_model(spec, ...)``."""
     loaded = load_model(spec, trust_pickle=trust_pickle, text=text, task=task)
     return loaded.model, loaded.example_inputs
-
-
-@contextlib.contextmanager
-def default_task(task: str | None) -> Iterator[None]:
-    """Within the block, ``load_model`` calls that give no ``task`` load with this one: the CLI's
-    ``--task`` reaches the loader calls deep in ``surgeon optimize``'s pipeline this way."""
-    check_task(task)
-    token = _TASK.set(task)
-    try:
-        yield
-    finally:
-        _TASK.reset(token)
-
 
 
 def load_decoder(spec: str | os.PathLike) -> LoadedDecoder:

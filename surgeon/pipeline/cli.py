@@ -165,7 +165,7 @@ def _run_cli(args: Any, writer: bool) -> int:
 
         t = time.perf_counter()
         loaded = load_model(args.model, trust_pickle=getattr(args, "trust_pickle", False),
-                            text=getattr(args, "text", None))
+                            text=getattr(args, "text", None), task=getattr(args, "task", None))
         timings["load"] = time.perf_counter() - t
         calib = read_calibration(args.calib, loaded, force=getattr(args, "force_calib", False)) if args.calib else None
     except SurgeonError as exc:
