@@ -22,10 +22,9 @@ captured graph must accept any batch size and sentence length.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
