@@ -243,16 +243,12 @@ class Distilled:
 
 
 def split_indices(n: int, check_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """``(fit_index, check_index)`` of ``n`` batches: the seeded rule of the optimize pipeline's
-    ``split_batches`` (``round(n·check_fraction)`` check batches, at least one of each when n ≥ 2; one
-    batch is both). tests/test_pass_contract.py checks that the two agree."""
-    if not 0.0 < check_fraction < 1.0:
-        raise SurgeonError(f"check fraction must be in (0, 1), got {check_fraction}")
-    if n == 1:
-        return [0], [0]
-    n_check = min(max(1, round(n * check_fraction)), n - 1)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(perm[n_check:]), sorted(perm[:n_check])
+    """``(fit_index, check_index)`` of ``n`` one-sample batches by the optimize pipeline's rule
+    (``surgeon.pipeline.data.split_batches``, which it calls)."""
+    from surgeon.pipeline.data import split_batches
+
+    split = split_batches(list(range(n)), check_fraction, seed)
+    return split.fit_index, split.check_index
 
 
 def distill_inverse(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any], *,
@@ -260,7 +256,7 @@ def distill_inverse(model: nn.Module, example_inputs: Inputs, calib: Iterable[An
     """Capture ``model``, distil its inverse on the fit part of ``calib`` and guard it on the check part.
 
     The steps ``surgeon.optimize`` takes for this pass, through the pass API only: the same seeded
-    fit/check split (``split_indices``), the pass run by a ``PassManager`` on a copy of the captured
+    fit/check split (``split_batches``), the pass run by a ``PassManager`` on a copy of the captured
     graph with ``options={"seed": seed}``, ``fit`` under that seed, then ``check`` and ``artifacts``.
     (flow-inverse inserts no calibratable, so there is nothing to calibrate.)"""
     from surgeon.capture import capture
@@ -270,8 +266,10 @@ def distill_inverse(model: nn.Module, example_inputs: Inputs, calib: Iterable[An
     batches = [(b,) if isinstance(b, torch.Tensor) else tuple(b) if isinstance(b, list) else b for b in calib]
     if not batches:
         raise SurgeonError("calibration data is empty")
-    fit_index, check_index = split_indices(len(batches), check_fraction, seed)
-    fit, check = [batches[i] for i in fit_index], [batches[i] for i in check_index]
+    from surgeon.pipeline.data import split_batches
+
+    split = split_batches(batches, check_fraction, seed)  # the pipeline's own split, on the same batches
+    fit, check, fit_index, check_index = split.fit, split.check, split.fit_index, split.check_index
     gm, ctx, diagnostics = PassManager([p]).run(copy.deepcopy(cap.gm), PassContext(options={"seed": seed}))
     with torch.random.fork_rng(devices=[]):  # seeded fitting without touching the caller's RNG state
         torch.manual_seed(seed)

@@ -98,8 +98,7 @@ def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
         line += f", argmax agreement {e['agreement']:.4f}"
     if e.get("metric") is not None:
         line += f", metric {_fmt(e['metric'])}"
-    margin = ", with the margin" if r["tolerance"].get("margin") else ""
-    console.print(line + f" — tolerance ({r['tolerance']['description']}{margin}) {decide(r).summary}", soft_wrap=True)
+    console.print(line + f" — tolerance ({r['tolerance']['description']}) {decide(r).summary}", soft_wrap=True)
     written = r.get("outputs", {}).get("target")
     extra = "".join(f", {outdir / f}" for f in ([written] if isinstance(written, str) else written or []))
     console.print(f"report: {outdir / 'report.html'} ({outdir / 'report.json'}); model: {outdir / 'model.pt2'}{extra}",
