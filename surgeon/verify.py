@@ -250,7 +250,7 @@ class PairStats:
     def __init__(self) -> None:
         self.ref2 = self.out2 = self.dot = self.err2 = 0.0
         self.max_err = self.max_ref = 0.0
-        self.cos_sum = self.cos_sq = 0.0
+        self.cos_sum = self.dev_sum = self.dev_sq = 0.0  # dev = 1 − cosine: a spread without cancellation
         self.cos_min = math.inf
         self.cosines: list[float] = []  # this process's per-sample cosines (the spread in the report)
         self.samples = 0
@@ -284,7 +284,8 @@ class PairStats:
         for dt, a2, b2 in zip(dots.tolist(), na.tolist(), nb.tolist()):
             c = _cos(dt, a2, b2)
             self.cos_sum += c
-            self.cos_sq += c * c
+            self.dev_sum += 1.0 - c
+            self.dev_sq += (1.0 - c) * (1.0 - c)
             self.cos_min = min(self.cos_min, c) if not math.isnan(c) else math.nan
             self.cosines.append(c)
             self.samples += 1
@@ -294,7 +295,7 @@ class PairStats:
         propagate it)."""
         cos_nan = isinstance(self.cos_min, float) and math.isnan(self.cos_min)
         sums = [self.ref2, self.out2, self.dot, self.err2, self.cos_sum, float(self.samples), float(self.nonfinite),
-                float(self.mismatch is not None), float(cos_nan), self.cos_sq]
+                float(self.mismatch is not None), float(cos_nan), self.dev_sum, self.dev_sq]
         maxes = [math.inf if math.isnan(v) else v for v in (self.max_err, self.max_ref)]
         return sums, maxes, [-math.inf if cos_nan else self.cos_min]
 
@@ -305,7 +306,7 @@ class PairStats:
             self.mismatch = "the output shape differs from the reference's on another rank"
         self.max_err, self.max_ref = maxes
         self.cos_min = math.nan if sums[8] else mins[0]
-        self.cos_sq = sums[9]
+        self.dev_sum, self.dev_sq = sums[9], sums[10]
 
     def _rel(self) -> float:
         if self.max_ref == 0.0:
@@ -328,8 +329,10 @@ class PairStats:
         if self._bad() or self.mismatch is not None:
             return Figures(math.nan, math.nan, math.nan, math.nan, self.samples)
         mean = self.cos_sum / self.samples
-        # sample standard deviation of the per-sample cosines, from reducible sums
-        var = (self.cos_sq - self.samples * mean * mean) / (self.samples - 1) if self.samples > 1 else 0.0
+        # sample standard deviation of the per-sample cosines, from reducible sums of 1 − cosine (cosines
+        # sit near 1: Σc² − n·mean² would cancel to noise, the deviations from 1 do not)
+        dev = self.dev_sum / self.samples
+        var = (self.dev_sq - self.samples * dev * dev) / (self.samples - 1) if self.samples > 1 else 0.0
         return Figures(mean, self.cos_min, self._rel(), sqnr_db(self.ref2, self.err2), self.samples,
                        cosine_std=math.sqrt(max(var, 0.0)), cosines=list(self.cosines))
 

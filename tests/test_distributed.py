@@ -86,8 +86,9 @@ def test_two_ranks_equal_one_process(two_ranks: dict) -> None:
     assert r0["kept"] == one["kept"] == r1["kept"]
     assert r0["sites"] == one["sites"] == r1["sites"]
     assert set(one["sites"].values()) == {"applied", "rolled_back"}  # the rollback path was exercised
-    assert r0["calibrate"] == one["calibrate"] and one["calibrate"]["batches"] == 8
-    assert (r0["guard_batches"], r0["guard_samples"]) == (one["guard_batches"], one["guard_samples"]) == (3, 6)
+    # 11 batches of 2-3 samples: the check part grows towards 64 samples, up to half of them
+    assert r0["calibrate"] == one["calibrate"] and one["calibrate"]["batches"] == 6
+    assert (r0["guard_batches"], r0["guard_samples"]) == (one["guard_batches"], one["guard_samples"]) == (5, 12)
     for key in ("site_figures", "guard", "all_applied", "final"):
         assert _close(r0[key], one[key], REL), (key, r0[key], one[key])
         assert r0[key] == r1[key]  # every rank derives the very same figures

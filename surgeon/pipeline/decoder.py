@@ -254,7 +254,8 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *, pas
     pad, eos = pad_and_eos(tok)
     limit = geometry.max_positions or 512
     token_lists = [list(tok(s)["input_ids"])[:limit] for s in lines]
-    split = split_batches(token_lists, DEFAULT_CHECK_FRACTION, seed)  # type: ignore[arg-type]  # any items
+    # lines, not sample batches: the held-out part keeps the plain fraction (its perplexity counts tokens)
+    split = split_batches(token_lists, DEFAULT_CHECK_FRACTION, seed, min_check_samples=0)  # type: ignore[arg-type]
     fit, held = [list(x) for x in split.fit], [list(x) for x in split.check]
     warnings = list(loaded.notes)
     if not split.independent:

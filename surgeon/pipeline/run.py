@@ -273,12 +273,13 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
             with stage(f"verify: {path.name}", model=final):
                 file_fig = measure_model(gm0, runner, split.check, metric, distributed=False)
             timings["verify_file"] = timings.get("verify_file", 0.0) + time.perf_counter() - t
-        if distributed.active():
-            file_fig = distributed.broadcast_object(file_fig, what="the written file's figures")
+        fname = path.name if file_target is not None else None
+        if distributed.active():  # every rank takes the same decision (the descent's measurements are collective)
+            file_fig, fname = distributed.broadcast_object((file_fig, fname), what="the written file's figures")
         if file_fig is None:
             break
         missed = tol.violations(file_fig)
-        rounds.append({"file": path.name if file_target else None, "kept": len(verdict.kept),
+        rounds.append({"file": fname, "kept": len(verdict.kept),
                        "end_to_end_torch": figures.to_json(), "end_to_end_file": file_fig.to_json(),
                        "violations": missed, "guard_tolerance": verdict.tolerance.to_json()})
         if not missed or not verdict.kept or verdict.resume is None or len(rounds) >= FILE_ROUNDS:
