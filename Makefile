@@ -34,7 +34,11 @@ TYPED := surgeon/__init__.py surgeon/pipeline surgeon/profile.py surgeon/speed.p
 # Two pytest workers (pytest-xdist): the tests run torch on one thread each (tests/conftest.py), so two
 # processes use both cores of a CI machine; a full run took 20 min this way on a loaded 2-core machine,
 # against 25 min in one process on an idle one.
+# Debian's chromium: tests/test_report_html.py looks at report.html in it, headless at 1300 px (it skips,
+# saying why, where chromium could not be installed: apt-get needs root).
 test: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  chromium >/dev/null) || echo "chromium not installed: the browser check of report.html will skip"
 	$(BIN)/ruff check surgeon passes targets tests bench
 	$(BIN)/mypy $(TYPED)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -x -n 2 --durations=15

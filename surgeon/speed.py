@@ -60,7 +60,8 @@ def cpu() -> dict[str, Any]:
 
 def side_by_side(runners: Mapping[str, Callable[[], Any]], *, runs: int = DEFAULT_RUNS,
                  warmup: int = DEFAULT_WARMUP) -> dict[str, dict[str, float]]:
-    """Median / min / max wall time in ms of each runner, called round robin ``runs`` times."""
+    """Median / min / max and 10th / 90th percentile wall time in ms of each runner, called round robin
+    ``runs`` times (the percentiles interpolate between runs; with one run all five are that run)."""
     if runs < 1:
         raise ValueError(f"runs must be ≥ 1, got {runs}")
     for run in runners.values():
@@ -72,8 +73,15 @@ def side_by_side(runners: Mapping[str, Callable[[], Any]], *, runs: int = DEFAUL
             t = time.perf_counter()
             run()
             times[name].append((time.perf_counter() - t) * 1e3)
-    return {name: {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts)}
+    return {name: {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), **_p10_p90(ts)}
             for name, ts in times.items()}
+
+
+def _p10_p90(ts: list[float]) -> dict[str, float]:
+    if len(ts) < 2:
+        return {"p10_ms": ts[0], "p90_ms": ts[0]}
+    q = statistics.quantiles(ts, n=10, method="inclusive")
+    return {"p10_ms": q[0], "p90_ms": q[-1]}
 
 
 def _shape(inputs: Any) -> dict[str, list[int]]:
@@ -98,6 +106,8 @@ def measure(target: Any, optimized: str | os.PathLike, original: str | os.PathLi
         "target": target.name,
         "runtime": target.runtime,
         "latency_ms": {k: round(v["median_ms"], 3) for k, v in timed.items()},
+        "latency_spread_ms": {k: {s: round(v[f"{s}_ms"], 3) for s in ("min", "p10", "p90", "max")}
+                              for k, v in timed.items()},
         "latency_ratio": round(n / o, 4) if o > 0 else None,
         "bytes": size,
         "size_ratio": round(size["optimized"] / size["original"], 4) if size["original"] else None,

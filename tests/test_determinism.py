@@ -31,7 +31,7 @@ def _figures(report: Any) -> Any:
     """The report without wall-clock figures (``timings_s``, ``seconds``, the speed section's latencies)."""
     if isinstance(report, dict):
         return {k: _figures(v) for k, v in report.items()
-                if k not in ("timings_s", "seconds", "latency_ms", "latency_ratio")}
+                if k not in ("timings_s", "seconds", "latency_ms", "latency_spread_ms", "latency_ratio")}
     if isinstance(report, list):
         return [_figures(v) for v in report]
     return report

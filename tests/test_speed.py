@@ -56,6 +56,7 @@ def test_side_by_side_times_each_runner_round_robin() -> None:
     timed = side_by_side({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, runs=4, warmup=1)
     assert calls == ["a", "b"] + ["a", "b"] * 4  # warm-up each, then alternating
     assert set(timed) == {"a", "b"} and all(t["min_ms"] <= t["median_ms"] <= t["max_ms"] for t in timed.values())
+    assert all(t["min_ms"] <= t["p10_ms"] <= t["median_ms"] <= t["p90_ms"] <= t["max_ms"] for t in timed.values())
     with pytest.raises(ValueError, match="runs must be ≥ 1"):
         side_by_side({"a": lambda: None}, runs=0)
 
@@ -69,6 +70,9 @@ def test_the_default_target_reports_what_the_file_bought(outdir: Path) -> None:
     assert sp["inputs"] == {"arg0": [16, 64, 256]}  # the first check batch
     assert sp["latency_ms"]["original"] > 0 and sp["latency_ms"]["optimized"] > 0
     assert sp["latency_ratio"] == pytest.approx(sp["latency_ms"]["optimized"] / sp["latency_ms"]["original"], rel=1e-3)
+    spread = sp["latency_spread_ms"]  # the spread of the timed runs around each median
+    assert all(spread[k]["min"] <= spread[k]["p10"] <= sp["latency_ms"][k] <= spread[k]["p90"] <= spread[k]["max"]
+               for k in ("original", "optimized"))
     assert sp["bytes"]["optimized"] == (outdir / "model.onnx").stat().st_size
     assert sp["bytes"]["original"] == (outdir / "bench/original.onnx").stat().st_size
     assert sp["size_ratio"] < 0.5  # int8 weights: a quarter of the fp32 bytes, plus scales and graph
