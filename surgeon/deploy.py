@@ -127,12 +127,13 @@ def readme(spec: dict[str, Any], *, filename: str, fp8_option: str | None, token
         lines += ["The file holds FP8 Q/DQ. ONNX Runtime's CPU provider has no FP8 kernels; without the session option "
                   f"`{fp8_option}` its Q/DQ fusions either refuse the file or silently compute something else "
                   "(ORT 1.32: the session opens and the outputs differ), so the snippet sets it.", ""]
-    need = {None: "onnxruntime, numpy", "text": "onnxruntime, numpy and tokenizers",
+    style = "text" if text else kind or ""  # which preprocessing the snippet runs
+    need = {"": "onnxruntime, numpy", "text": "onnxruntime, numpy and tokenizers",
             "image": "onnxruntime, numpy, transformers (its image processor runs without torch) and Pillow",
             "audio": "onnxruntime, numpy, transformers (its feature extractor runs without torch) and soundfile"}
-    lines += [f"Run it from this directory with only {need['text' if text else kind]} installed (no torch, no surgeon):",
+    lines += [f"Run it from this directory with only {need[style]} installed (no torch, no surgeon):",
               "", "```python", "import numpy as np", "import onnxruntime as ort"]
-    lines += _IMPORTS.get("text" if text else kind, [])
+    lines += _IMPORTS.get(style, [])
     lines += ["", "so = ort.SessionOptions()"]
     entries = dict(session_config or {})
     if fp8_option:
@@ -253,7 +254,7 @@ def preprocessing_of(outdir: str | Path, spec: dict[str, Any]) -> dict[str, Any]
     names = {i["name"] for i in spec["inputs"]}
     pre, cfg = _json(out / "preprocessor_config.json"), _json(out / "config.json")
     if names == {"pixel_values"}:
-        vision = cfg.get("vision_config") if isinstance(cfg.get("vision_config"), dict) else {}
+        vision: dict[str, Any] = cfg["vision_config"] if isinstance(cfg.get("vision_config"), dict) else {}
         size = (_hw(pre.get("crop_size")) if pre.get("do_center_crop") else None) or _hw(pre.get("size")) \
             or _hw(cfg.get("image_size")) or _hw(vision.get("image_size"))
         mean = pre.get("image_mean")

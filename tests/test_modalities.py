@@ -277,3 +277,25 @@ def test_unreadable_recording_is_named(w2v_dir: Path, tmp_path: Path) -> None:
 def test_text_model_refuses_a_directory(image_dir: Path, hf_tokenizer: Any) -> None:
     with pytest.raises(SurgeonError, match=r"^cannot read calibration file '.*images': it is a directory$"):
         surgeon.calibration_batches(image_dir, hf_tokenizer)
+
+
+@pytest.mark.parametrize("pre, config, want", [
+    ({"do_center_crop": True, "crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 256}}, {},
+     (3, 224, 224)),  # the crop decides
+    ({"size": {"shortest_edge": 256}}, {"image_size": 384, "num_channels": 1}, (1, 384, 384)),  # the config's
+    ({"size": {"shortest_edge": 256}}, {}, (3, None, None)),  # the image's aspect ratio: unknown
+])
+def test_preprocessing_sizes(tmp_path: Path, pre: dict, config: dict, want: tuple) -> None:
+    from surgeon.deploy import preprocessing_of, readme
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    spec = {"inputs": [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", "s1", "s2", "s3"]}],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 3]}]}
+    prep = preprocessing_of(tmp_path, spec)
+    assert prep is not None and (prep["channels"], prep["height"], prep["width"]) == want
+    text = readme(spec, filename="model.onnx", fp8_option=None, tokenizer=None, pad_token=None, max_length=None,
+                  title="t", preprocessing=prep)
+    dims = [f"{v} ({n})" if v else n for n, v in zip(("channels", "height", "width"), want)]
+    assert f"| input | `pixel_values` | float32 | [batch, {', '.join(dims)}] |" in text
+    assert ('.convert("L")' if want[0] == 1 else '.convert("RGB")') in text

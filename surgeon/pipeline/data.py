@@ -457,7 +457,10 @@ def read_media_dir(path: str, media: MediaModel, *, batch_size: int = TEXT_BATCH
 
 def _media_files(p: Path, path: str, suffixes: tuple[str, ...], kind: str) -> list[Path]:
     """The files of ``p`` with one of ``suffixes``, sorted by name, or a one-line refusal."""
-    entries = sorted((f for f in p.iterdir() if not f.name.startswith(".")), key=lambda f: f.name)
+    try:
+        entries = sorted((f for f in p.iterdir() if not f.name.startswith(".")), key=lambda f: f.name)
+    except OSError as exc:
+        raise SurgeonError(f"cannot read calibration directory '{path}': {exc.strerror or exc}") from None
     files = [f for f in entries if f.is_file() and f.suffix.lower() in suffixes]
     if not entries:
         raise SurgeonError(f"calibration directory '{path}' is empty")
@@ -500,7 +503,8 @@ def _image_batch(files: list[Path], processor: Any) -> Mapping[str, Any]:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise SurgeonError("a calibration directory of images needs Pillow: pip install 'surgeon[hf]'") from None
-    mode = "L" if len(getattr(processor, "image_mean", None) or (0, 0, 0)) == 1 else "RGB"
+    mean = getattr(processor, "image_mean", None)
+    mode = "L" if isinstance(mean, (list, tuple)) and len(mean) == 1 else "RGB"  # its normalisation's channels
     images = []
     for f in files:
         try:
@@ -508,9 +512,9 @@ def _image_batch(files: list[Path], processor: Any) -> Mapping[str, Any]:
                 images.append(img.convert(mode))  # convert() loads the pixels: a truncated file fails here
         except UnidentifiedImageError:
             raise SurgeonError(f"cannot read calibration image '{f}': not an image file PIL can read") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise SurgeonError(f"cannot read calibration image '{f}': {first_line(exc)}") from None
-    return processor(images=images, return_tensors="np")
+    return _run_processor(processor, files, images=images, return_tensors="np")
 
 
 def _audio_batch(files: list[Path], extractor: Any) -> Mapping[str, Any]:
@@ -533,7 +537,17 @@ def _audio_batch(files: list[Path], extractor: Any) -> Mapping[str, Any]:
         if data.shape[0] == 0:
             raise SurgeonError(f"calibration audio '{f}' holds no samples")
         waves.append(data.mean(axis=1))
-    return extractor(waves, sampling_rate=rate or None, padding=True, return_tensors="np")
+    return _run_processor(extractor, files, waves, sampling_rate=rate or None, padding=True, return_tensors="np")
+
+
+def _run_processor(processor: Any, files: list[Path], *args: Any, **kwargs: Any) -> Mapping[str, Any]:
+    """``processor(*args, **kwargs)``; its failure (a file it cannot handle) is one line naming the batch's files."""
+    try:
+        return processor(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - whatever the processor raises, the files are the user's input
+        names = f"'{files[0]}'" + (f" … '{files[-1]}'" if len(files) > 1 else "")
+        raise SurgeonError(f"the model's {type(processor).__name__} fails on calibration files {names}: "
+                           f"{first_line(exc)}") from None
 
 
 def _tensor(value: Any) -> Any:
