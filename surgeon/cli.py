@@ -372,9 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory (must not exist)")
     p.add_argument("--passes", default=None, metavar="SPEC", help=_passes_help())
-    p.add_argument("--calib", default=None, metavar="FILE",
-                   help="calibration data: text file (one sentence per line) for HF text models, "
-                        "else a .pt file holding a list of input tuples")
+    p.add_argument("--calib", default=None, metavar="FILE|DIR",
+                   help="calibration data: text file (one sentence per line) for HF text models, a directory "
+                        "of images (HF vision models) or WAV/FLAC files (HF audio models) read through the "
+                        "model's preprocessor_config.json, else a .pt file holding a list of input tuples")
     p.add_argument("--force-calib", action="store_true",
                    help="use calibration text that does not fit the model (unknown tokens, a repeated line, "
                         "lines of a few tokens) instead of refusing it")
