@@ -13,7 +13,7 @@ import pytest
 import surgeon
 from surgeon import cli
 from surgeon.errors import SurgeonError
-from surgeon.pipeline.data import text_stats
+from surgeon.pipeline.data import calibration, text_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGLISH = [ln for ln in (ROOT / "surgeon" / "data" / "calib_sentences.txt").read_text(encoding="utf-8").splitlines()
@@ -48,15 +48,24 @@ def test_text_that_does_not_fit_is_refused_in_one_line(tiny_bert_dir: Path, line
     with pytest.raises(SurgeonError, match=rf"^the calibration sentences does not fit the model: .*{reason}.* "
                                            r"\(--force-calib uses it anyway\)$"):
         surgeon.calibration_batches(lines, str(tiny_bert_dir))
-    forced = surgeon.calibration_batches(lines, str(tiny_bert_dir), force=True)
+    forced = calibration(lines, str(tiny_bert_dir), force=True)
     assert len(forced) == -(-len(lines) // 8)
     assert any(n.startswith("calibration used although") and n.endswith("(--force-calib)") for n in forced.notes)
 
 
-def test_english_fits_and_thin_text_is_warned(tiny_bert_dir: Path) -> None:
-    batches = surgeon.calibration_batches(ENGLISH[:40], str(tiny_bert_dir))
+def test_english_fits_and_thin_text_is_warned(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    batches = calibration(ENGLISH[:40], str(tiny_bert_dir))
     assert batches.text_stats["unknown_rate"] < 0.01
-    assert batches.notes == ["the calibration text has 40 sentences: fewer than 128 leave a check set under 64 samples"]
+    thin = "the calibration text has 40 sentences: fewer than 128 leave a check set under 64 samples"
+    assert batches.notes == [thin]
+    # the public helper warns, and returns a plain list that torch.load reads back with weights_only
+    with pytest.warns(UserWarning, match=f"^{thin}$"):
+        plain = surgeon.calibration_batches(ENGLISH[:40], str(tiny_bert_dir))
+    assert type(plain) is list
+    import torch
+
+    torch.save(plain, tmp_path / "b.pt")
+    assert len(torch.load(tmp_path / "b.pt", weights_only=True)) == 5
 
 
 @pytest.mark.minilm

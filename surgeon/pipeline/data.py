@@ -328,7 +328,21 @@ def calibration_batches(data: str | os.PathLike | Sequence[str], model: Any = No
     tokenizer, or a Hugging Face model (its ``name_or_path``'s tokenizer). ``batch_size`` sentences
     per batch (default 8, as the CLI), each padded and truncated to ``max_length`` tokens. Raises
     ``SurgeonError`` with the CLI's one-line messages; sentences that do not fit the model (unknown
-    tokens, one repeated line, lines of a few tokens) are refused unless ``force`` (``--force-calib``)."""
+    tokens, one repeated line, lines of a few tokens) are refused unless ``force`` (``--force-calib``);
+    thin text is a ``UserWarning``. The result is a plain list (``torch.save`` it and ``torch.load``
+    reads it back with ``weights_only=True``)."""
+    import warnings
+
+    batches = calibration(data, model, batch_size=batch_size, max_length=max_length, force=force)
+    for note in getattr(batches, "notes", []):
+        warnings.warn(note, stacklevel=2)
+    return list(batches)
+
+
+def calibration(data: str | os.PathLike | Sequence[str], model: Any = None, *, batch_size: int = TEXT_BATCH,
+                max_length: int = TEXT_MAX_LENGTH, force: bool = False) -> list[Inputs]:
+    """``calibration_batches`` as ``optimize`` reads a path: text comes back as ``CalibrationBatches``
+    carrying ``text_stats`` and ``notes`` for the report."""
     if batch_size < 1:
         raise SurgeonError(f"batch_size must be at least 1, got {batch_size}")
     if isinstance(data, (str, os.PathLike)) and Path(data).suffix.lower() in (".pt", ".pth"):

@@ -194,9 +194,9 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
                                (deploy.default_passes if deploy is not None else DEFAULT_PASSES))
     tol = parse_tolerance(tolerance, has_metric=metric is not None)
     if isinstance(calib, (str, os.PathLike)):  # a file, by the CLI's --calib rules
-        from .data import calibration_batches
+        from .data import calibration as calibration_of
 
-        calib = calibration_batches(calib, model)
+        calib = calibration_of(calib, model)
     text_stats = getattr(calib, "text_stats", None)  # calibration tokenized from text: what it was like
     notes += list(getattr(calib, "notes", None) or [])
     if calib is not None:
