@@ -94,7 +94,7 @@ def test_the_default_target_reports_what_the_file_bought(outdir: Path) -> None:
     assert fusions["families"]["LayerNormalization"] == {"original": 1, "file": 1}
     assert report["targets"]["onnx-int8"]["ort_cpu"]["integer_kernels"] == 2
     page = (outdir / "report.html").read_text()
-    assert "<h2>What it bought</h2>" in page and f"latency <b>{sp['latency_ratio']:.3g}×</b>" in page
+    assert "<h2>What it bought</h2>" in page and f"Latency <b>{sp['latency_ratio']:.3g}×</b>" in page
     # the summary's last line says it
     last = (outdir.parent / "stdout.txt").read_text().strip().splitlines()[-1]
     assert re.fullmatch(rf"speed on this machine \({re.escape(cpu()['class'])}; onnxruntime-cpu, 2 threads, "

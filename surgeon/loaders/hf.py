@@ -23,8 +23,8 @@ from ..errors import SurgeonError, first_line
 from ..inputs import forward_params
 from .common import BATCH, SEED, LoadedModel, max_positions, refuse_text, tokenize
 
-__all__ = ["DEFAULT_TEXT", "OTHER_TEXTS", "TASKS", "LoadedDecoder", "check_task", "is_hf", "load_hf",
-           "load_hf_causal_lm", "refuse_encoder_decoder"]
+__all__ = ["DEFAULT_TEXT", "OTHER_TEXTS", "TASKS", "LoadedDecoder", "check_task", "import_transformers", "is_hf",
+           "load_hf", "load_hf_causal_lm", "quiet_load_report", "refuse_encoder_decoder"]
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
 # Second sentence of the example batch; two candidates of different length so one always differs in
@@ -53,7 +53,8 @@ def _hf_weights(path: Path, source: str) -> str:
                        "(or pytorch_model.bin)")
 
 
-def _import_transformers() -> Any:
+def import_transformers() -> Any:
+    """``transformers``, offline (the hub's offline switches set first), or a one-line install hint."""
     # Set before the hub library reads its constants at import time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -233,7 +234,8 @@ def _pooler_optional(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_load_report(transformers: Any) -> Iterator[None]:
+def quiet_load_report(transformers: Any) -> Iterator[None]:
+    """Within the block transformers' own load report (and progress output) is silenced."""
     # transformers logs a multi-line load report of missing/unexpected weights; surgeon refuses them
     # in one line of its own (_check_weights), or says in a note what it dropped on purpose.
     logging_ = transformers.utils.logging
@@ -264,7 +266,7 @@ def load_hf(source: str, path: Path, *, trust_pickle: bool = False, text: str | 
         raise SurgeonError(f"directory '{source}' is not a Hugging Face model directory: no config.json")
     check_task(task)
     weights = _hf_weights(path, source)
-    transformers = _import_transformers()
+    transformers = import_transformers()
     notes: list[str] = []
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False,
                               # Mismatched shapes come back in the loading info (and are refused below)
@@ -278,7 +280,7 @@ def load_hf(source: str, path: Path, *, trust_pickle: bool = False, text: str | 
     else:
         kwargs["use_safetensors"] = True
     try:
-        with _no_progress_bars(transformers), _quiet_load_report(transformers):
+        with _no_progress_bars(transformers), quiet_load_report(transformers):
             config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True,
                                                              trust_remote_code=False)
             if getattr(config, "use_cache", None) is not None:
@@ -380,7 +382,7 @@ def load_hf_causal_lm(source: str, path: Path) -> LoadedDecoder:
     if not (path / "config.json").is_file():
         raise SurgeonError(f"directory '{source}' is not a Hugging Face model directory: no config.json")
     weights = _hf_weights(path, source)
-    transformers = _import_transformers()
+    transformers = import_transformers()
     notes: list[str] = []
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)

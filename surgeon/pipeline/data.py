@@ -498,14 +498,14 @@ def _processor(media: MediaModel, kind: str) -> Any:
         raise SurgeonError(f"a calibration directory of {kind} files needs the model's {what}: '{media.source}' has "
                            f"no preprocessor_config.json (save it there with the {what}'s save_pretrained), or give "
                            "a .pt file of input batches")
-    from ..loaders.hf import _import_transformers, _quiet_load_report
+    from ..loaders.hf import import_transformers, quiet_load_report
 
-    transformers = _import_transformers()
+    transformers = import_transformers()
     auto = transformers.AutoImageProcessor if kind == "image" else transformers.AutoFeatureExtractor
     try:
         # quiet: without torchvision transformers logs that it falls back to the PIL image processor
         # (the one this reads with), which is not the user's concern
-        with _quiet_load_report(transformers):
+        with quiet_load_report(transformers):
             return auto.from_pretrained(str(media.directory), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - any failure is the same user error
         raise SurgeonError(f"cannot load the {what} of '{media.source}': {first_line(exc)}") from None
