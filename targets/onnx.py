@@ -259,14 +259,47 @@ def _export_form(module: Any) -> Any:
         return (getattr(q, "ndim", 0) == 4 and getattr(k, "ndim", 0) == 4 and str(k.shape[1]) == "1"
                 and str(q.shape[1]) != "1" and not n.kwargs.get("enable_gqa", False))
 
+    def inferred_heads(n: fx.Node) -> list[tuple[fx.Node, int]]:
+        """(view, heads) for each SDPA operand read as ``view(x, [b, t, -1, d]).transpose(1, 2)``
+        (through copies) where the capture knows the head count."""
+        if n.op != "call_function" or n.target is not torch.ops.aten.scaled_dot_product_attention.default:
+            return []
+        found = []
+        for arg in n.args[:3]:
+            heads = getattr(getattr(arg, "meta", {}).get("val"), "shape", [None, None])[1:2]
+            cur = arg
+            while isinstance(cur, fx.Node) and cur.target in (torch.ops.aten.clone.default,
+                                                               torch.ops.aten.contiguous.default):
+                cur = cur.args[0]
+            if not (isinstance(cur, fx.Node) and cur.target is torch.ops.aten.transpose.int
+                    and {d % 4 for d in cur.args[1:3] if isinstance(d, int)} == {1, 2}):
+                continue
+            view = cur.args[0]
+            shape = view.args[1] if isinstance(view, fx.Node) and view.target in (
+                torch.ops.aten.view.default, torch.ops.aten.reshape.default) and len(view.args) > 1 else None
+            if isinstance(shape, (list, tuple)) and len(shape) == 4 and shape[2] == -1 and heads \
+                    and isinstance(heads[0], int):
+                found.append((view, int(heads[0])))
+        return found
+
     # hand-written attention has a softmax; the analyzer (on the copy below) looks only where there is one
     manual = any(n.op == "call_function" and "softmax" in str(n.target) for n in nodes)
     mqa = [n for n in nodes if broadcast_kv(n)]
-    if not chunks and not views and not manual and not mqa:
+    heads = [vh for n in nodes for vh in inferred_heads(n)]
+    if not chunks and not views and not manual and not mqa and not heads:
         yield
         return
     saved = gm.graph  # type: ignore[union-attr]
     work = copy.deepcopy(saved)  # nodes copied, meta shallow: cheap
+    for view, count in [vh for n in work.nodes for vh in inferred_heads(n)]:
+        # the head count, not -1: a model's heads are its weights' (the capture knows them), but the
+        # exporter re-derives -1 from the other sizes. Where one of those is a constant the model ties
+        # to an input dim only indirectly (Whisper's encoder: 100 positions = (frames − 1) // 2 + 1),
+        # the query heads come out as ((frames − 1) // 2 + 1) // 25, the keys' as 4, and the exporter's
+        # Attention lowering refuses the pair as unequal heads.
+        shape = list(view.args[1])
+        shape[2] = count
+        view.args = (view.args[0], shape, *view.args[2:])
     for node in [n for n in work.nodes if broadcast_kv(n)]:
         # one K/V head broadcast over the query heads is grouped-query attention with one group: the
         # same computation, and the form the exporter's Attention op takes (it refuses broadcast heads)
