@@ -215,6 +215,29 @@ def _optimizer_error(exc: BaseException, module: Any, inputs: Inputs) -> Surgeon
                         f"{first_line(exc.__cause__ or exc)}")
 
 
+def _refuse_number_outputs(module: Any) -> None:
+    """Refuse, in one line, a graph that returns a Python number as one of its outputs.
+
+    An ONNX graph's outputs are tensors that nodes compute; the exporter fails on a constant number
+    with ``AttributeError: 'float' object has no attribute 'name'`` (a ``ConversionError``). FrEIA's
+    ``NICECouplingBlock`` returns its log-Jacobian determinant as the number 0.0 (additive coupling
+    preserves volume), and a flow that sums the blocks' determinants returns that number."""
+    import torch.utils._pytree as pytree
+
+    gm = module if isinstance(module, fx.GraphModule) else None
+    out = next((n for n in gm.graph.nodes if n.op == "output"), None) if gm is not None else None
+    if out is None:
+        return
+    leaves = pytree.tree_leaves(out.args[0])
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, (int, float, bool)) and not isinstance(leaf, fx.Node):
+            raise SurgeonError(f"cannot export to ONNX: output {i} of the model is the Python number {leaf!r}, "
+                               f"not a tensor computed from its inputs (no operation or module produces it; "
+                               f"FrEIA's NICECouplingBlock, e.g., returns its log-Jacobian determinant as 0.0): "
+                               f"return a tensor there (torch.zeros(batch) for a constant log-determinant), "
+                               f"or drop that output")
+
+
 @contextlib.contextmanager
 def _export_form(module: Any) -> Any:
     """The graph the exporter is handed, for the duration of the export (the module's own graph is put
@@ -392,6 +415,7 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
     if isinstance(module_or_ep, nn.Module) and not isinstance(module_or_ep, fx.GraphModule):
         module_or_ep.eval()  # (an exported program's module refuses eval(): it is already frozen)
     args, kwargs = as_args_kwargs(example_inputs)
+    _refuse_number_outputs(module_or_ep)
     names = list(input_names) if input_names else input_names_of(original or module_or_ep, example_inputs)
     ds = None
     if not is_ep and dynamic_shapes is not None:
@@ -668,6 +692,119 @@ def _first_rows(inputs: Inputs, n: int = 1) -> Inputs | None:
     return tuple(cut(a) for a in args)
 
 
+def _input_tensors(sess_inputs: Sequence[str], inputs: Inputs) -> list[tuple[Any, torch.Tensor]] | None:
+    """(key in ``inputs``, tensor) for each file input, matched as ``feeds_for`` matches them; None when
+    the inputs are nested (no tensor per key)."""
+    args, kwargs = as_args_kwargs(inputs)
+    if kwargs and not args and all(isinstance(kwargs.get(n), torch.Tensor) for n in sess_inputs):
+        return [(n, kwargs[n]) for n in sess_inputs]
+    keys = [i for i in range(len(args))] + list(kwargs)
+    values = list(args) + list(kwargs.values())
+    pairs = [(k, v) for k, v in zip(keys, values) if isinstance(v, torch.Tensor)]
+    return pairs if len(pairs) == len(sess_inputs) else None
+
+
+def _replaced(inputs: Inputs, new: dict[Any, torch.Tensor]) -> Inputs:
+    args, kwargs = as_args_kwargs(inputs)
+    if kwargs and not args:
+        return {k: new.get(k, v) for k, v in kwargs.items()}
+    return tuple(new.get(i, a) for i, a in enumerate(args))
+
+
+def shape_probes(path: str | os.PathLike, module: Any, inputs: Inputs,
+                 base_diff: float) -> tuple[list[dict[str, Any]], list[tuple[str, int]]]:
+    """Run the file where it claims to be dynamic, at sizes it was not exported with, against ``module``.
+
+    The batch axis (every input whose axis 0 is symbolic) at 1 and 3 (rows repeated cyclically), and
+    each other symbolic size (inputs sharing the size change together) cut to three quarters. A probe
+    the torch module refuses means the model fixes that axis; one the file cannot run, or runs with a
+    difference from torch beyond ``max(1e-4, 10 × base_diff)`` (``base_diff``: at the verified shape),
+    means the file claims an axis it cannot take. Returns ``(probes, axes)``: what each probe found
+    and the (input, axis) pairs that must be static."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    init = {t.name for t in graph.initializer}
+    dims = {vi.name: [d.dim_param for d in vi.type.tensor_type.shape.dim] for vi in graph.input if vi.name not in init}
+    names = list(dims)
+    pairs = _input_tensors(names, inputs)
+    if pairs is None:
+        return [{"skipped": "nested inputs"}], []
+    sess = session(path, fp8=needs_fp8_option(path))
+    batch_axes = [(n, 0) for n in names if dims[n] and dims[n][0]]
+    sizes: dict[int, list[tuple[str, int]]] = {}
+    for (n, (_key, t)) in zip(names, pairs):
+        for axis, sym in enumerate(dims[n]):
+            if axis and sym and t.dim() > axis and t.shape[axis] >= 2:
+                sizes.setdefault(int(t.shape[axis]), []).append((n, axis))
+    by_name = dict(zip(names, pairs))
+    tries: list[tuple[str, list[tuple[str, int]], dict[str, Any], Inputs]] = []
+    rows = {int(by_name[n][1].shape[0]) for n, _ in batch_axes}
+    for b in (1, 3):
+        if batch_axes and rows and b not in rows:
+            new = {by_name[n][0]: by_name[n][1][torch.arange(b) % by_name[n][1].shape[0]] for n, _ in batch_axes}
+            tries.append((f"batch {b}", batch_axes, {"batch": b}, _replaced(inputs, new)))
+    for size, axes in sizes.items():
+        cut = max(1, size * 3 // 4)
+        new = {}
+        for n, axis in axes:
+            key, t = by_name[n]
+            new[key] = (new.get(key, t)).narrow(axis, 0, cut)
+        tries.append((f"{', '.join(f'{n}[{a}]' for n, a in axes)} {size} → {cut}", axes, {"length": cut}, _replaced(inputs, new)))
+    probes: list[dict[str, Any]] = []
+    static: list[tuple[str, int]] = []
+    for label, axes, what, probe in tries:
+        record: dict[str, Any] = {"probe": label, **what}
+        try:
+            ref = _torch_outputs(module, probe)
+        except Exception as exc:  # noqa: BLE001 - the model itself fixes this axis
+            record["error"] = f"the torch module refuses it: {first_line(exc)[:200]}"
+            probes.append(record)
+            static += axes
+            continue
+        try:
+            got = _float_outputs(run_ort(sess, probe))
+            diff = _max_abs(got, [r for r in ref if np.issubdtype(r.dtype, np.floating)])
+        except Exception as exc:  # noqa: BLE001 - a file that claims an axis it cannot take
+            record["error"] = " ".join(first_line(exc).split())[:200]
+            probes.append(record)
+            static += axes
+            continue
+        record["max_abs_diff"] = diff
+        if not diff <= max(1e-4, 10 * base_diff):
+            record["error"] = f"differs from torch by {diff:.3g} (at the exported shape {base_diff:.3g})"
+            static += axes
+        probes.append(record)
+    return probes, list(dict.fromkeys(static))
+
+
+def _static_axes(path: str | os.PathLike, module: Any, inputs: Inputs, static: list[tuple[str, int]]) -> Any:
+    """``auto_dynamic_shapes`` with the ``static`` (file input, axis) pairs fixed; everything fixed (None)
+    where the batch axis is among them or the file's inputs do not map one to one onto the spec."""
+    import onnx
+
+    if any(axis == 0 for _, axis in static):
+        return None
+    graph = onnx.load(str(path), load_external_data=False).graph
+    init = {t.name for t in graph.initializer}
+    names = [vi.name for vi in graph.input if vi.name not in init]
+    pairs = _input_tensors(names, inputs)
+    spec = auto_dynamic_shapes(module, inputs)
+    args, kwargs = as_args_kwargs(inputs)
+    spec_keys = list(spec) if isinstance(spec, dict) else list(range(len(spec)))
+    if pairs is None or len(spec_keys) != len(args) + len(kwargs):
+        return None
+    # a key of ``inputs`` (argument position or keyword) → the spec's key (parameter name or position)
+    to_spec = dict(zip([*range(len(args)), *kwargs], spec_keys))
+    out = dict(spec) if isinstance(spec, dict) else list(spec)
+    for name, (key, _t) in zip(names, pairs):
+        fixed = {a for n, a in static if n == name}
+        dims = out[to_spec[key]]
+        if fixed and isinstance(dims, dict):
+            out[to_spec[key]] = {i: d for i, d in dims.items() if i not in fixed} or None
+    return out if isinstance(out, dict) else tuple(out)
+
+
 def fp32_bytes(model: nn.Module) -> int:
     """Bytes the fp32 ONNX file stores for ``model``'s weights: unique float parameters and buffers × 4."""
     seen: set[int] = set()
@@ -765,7 +902,28 @@ def write_onnx(module: Any, example_inputs: Inputs, outdir: str | os.PathLike, *
         export_onnx(module, example_inputs, tmp, input_names=input_names, original=original, opset=opset)
         vin = verify_inputs if verify_inputs is not None else example_inputs
         figures = verify_onnx(tmp, module, vin, original=original, original_inputs=original_inputs,
-                              fp32_size=fp32_size)
+                              fp32_size=fp32_size, check_batch=False)
+        probes, static = shape_probes(tmp, module, vin, figures["max_abs_diff"])
+        if static:
+            # the file claims an axis it cannot run at: written again with that axis fixed (every axis
+            # where the batch one fails too), so the file's inputs state what it takes
+            spec = _static_axes(tmp, module, example_inputs, static)
+            export_onnx(module, example_inputs, tmp, input_names=input_names, original=original, opset=opset,
+                        dynamic_shapes=spec)
+            figures = verify_onnx(tmp, module, vin, original=original, original_inputs=original_inputs,
+                                  fp32_size=fp32_size, check_batch=False)
+            again, still = shape_probes(tmp, module, vin, figures["max_abs_diff"])
+            if still:
+                raise SurgeonError(f"the ONNX file fails at input shapes the torch module runs at "
+                                   f"({still[0]['probe']}: {still[0]['error']}), even with the failing axes static")
+            probes = [*probes, *again]
+        figures["shape_check"] = {"probes": probes, "static_axes": [f"{i}:{a}" for i, a in static],
+                                  "note": ("inputs take only the exported size along " + ", ".join(
+                                      f"{i} axis {a}" for i, a in static)) if static else
+                                  "every dynamic axis ran at another size than exported"}
+        one = next((p for p in figures["shape_check"]["probes"] if p.get("batch") == 1 and "max_abs_diff" in p), None)
+        if one is not None:
+            figures["batch1_max_abs_diff"] = one["max_abs_diff"]
         if tolerance is not None and figures["max_abs_diff"] > tolerance:
             raise SurgeonError(f"ONNX file differs from the torch module by {figures['max_abs_diff']:.3g} "
                                f"(tolerance {tolerance:g}); nothing written")
