@@ -906,14 +906,15 @@ def write_onnx(module: Any, example_inputs: Inputs, outdir: str | os.PathLike, *
             # the file claims an axis it cannot run at: written again with the failing axes fixed (every
             # axis once the batch one fails, or where fixing those was not enough), so that its inputs
             # state what it takes
-            spec = None if everything else _static_axes(tmp, module, example_inputs, fixed)
+            # at the verified inputs' shape: the one the file is checked (and the verdict measured) at
+            spec = None if everything else _static_axes(tmp, module, vin, fixed)
             everything = spec is None
-            export_onnx(module, example_inputs, tmp, input_names=input_names, original=original, opset=opset,
+            export_onnx(module, vin, tmp, input_names=input_names, original=original, opset=opset,
                         dynamic_shapes=spec)
             figures = verify_onnx(tmp, module, vin, original=original, original_inputs=original_inputs,
                                   fp32_size=fp32_size, check_batch=False)
             again, static = ([], []) if everything else shape_probes(tmp, module, vin, figures["max_abs_diff"])
-            probes += again
+            probes += [{**p, "file": "exported again with the failing axes static"} for p in again]
             everything = everything or bool(static)
         figures["shape_check"] = {
             "probes": probes,
