@@ -13,8 +13,11 @@ Every file written is verified before it replaces anything:
 2. an onnxruntime CPU session (for FP8 files with ``session.disable_quant_qdq = 1``: ORT ≥ 1.31 on
    CPU otherwise fuses FP8 Q/DQ → MatMul into an integer kernel that rejects float8 inputs);
 3. ORT outputs compared with the torch module exported (max abs diff) and with the original model
-   (cosine per sample), and batch size 1 run against the torch module to prove the batch dimension
-   is really dynamic.
+   (cosine per sample);
+4. the file run where it claims dynamic axes, against the torch module: batch 1 and 3, and each other
+   symbolic size at three quarters (``shape_probes``). An axis the model or the file cannot take there
+   is exported again as static (every axis, once the batch fails), so no file claims a dynamic axis it
+   cannot run at; ``shape_check`` in the figures says what was fixed and why.
 
 The file is written to a temporary name in the output directory and renamed over ``model.onnx``
 only once all of that holds, so a crash never leaves a half-written file behind.
@@ -215,6 +218,29 @@ def _optimizer_error(exc: BaseException, module: Any, inputs: Inputs) -> Surgeon
                         f"{first_line(exc.__cause__ or exc)}")
 
 
+def _refuse_number_outputs(module: Any) -> None:
+    """Refuse, in one line, a graph that returns a Python number as one of its outputs.
+
+    An ONNX graph's outputs are tensors that nodes compute; the exporter fails on a constant number
+    with ``AttributeError: 'float' object has no attribute 'name'`` (a ``ConversionError``). FrEIA's
+    ``NICECouplingBlock`` returns its log-Jacobian determinant as the number 0.0 (additive coupling
+    preserves volume), and a flow that sums the blocks' determinants returns that number."""
+    import torch.utils._pytree as pytree
+
+    gm = module if isinstance(module, fx.GraphModule) else None
+    out = next((n for n in gm.graph.nodes if n.op == "output"), None) if gm is not None else None
+    if out is None:
+        return
+    leaves = pytree.tree_leaves(out.args[0])
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, (int, float, bool)) and not isinstance(leaf, fx.Node):
+            raise SurgeonError(f"cannot export to ONNX: output {i} of the model is the Python number {leaf!r}, "
+                               f"not a tensor computed from its inputs (no operation or module produces it; "
+                               f"FrEIA's NICECouplingBlock, e.g., returns its log-Jacobian determinant as 0.0): "
+                               f"return a tensor there (torch.zeros(batch) for a constant log-determinant), "
+                               f"or drop that output")
+
+
 @contextlib.contextmanager
 def _export_form(module: Any) -> Any:
     """The graph the exporter is handed, for the duration of the export (the module's own graph is put
@@ -259,14 +285,47 @@ def _export_form(module: Any) -> Any:
         return (getattr(q, "ndim", 0) == 4 and getattr(k, "ndim", 0) == 4 and str(k.shape[1]) == "1"
                 and str(q.shape[1]) != "1" and not n.kwargs.get("enable_gqa", False))
 
+    def inferred_heads(n: fx.Node) -> list[tuple[fx.Node, int]]:
+        """(view, heads) for each SDPA operand read as ``view(x, [b, t, -1, d]).transpose(1, 2)``
+        (through copies) where the capture knows the head count."""
+        if n.op != "call_function" or n.target is not torch.ops.aten.scaled_dot_product_attention.default:
+            return []
+        found = []
+        for arg in n.args[:3]:
+            heads = getattr(getattr(arg, "meta", {}).get("val"), "shape", [None, None])[1:2]
+            cur = arg
+            while isinstance(cur, fx.Node) and cur.target in (torch.ops.aten.clone.default,
+                                                               torch.ops.aten.contiguous.default):
+                cur = cur.args[0]
+            if not (isinstance(cur, fx.Node) and cur.target is torch.ops.aten.transpose.int
+                    and {d % 4 for d in cur.args[1:3] if isinstance(d, int)} == {1, 2}):
+                continue
+            view = cur.args[0]
+            shape = view.args[1] if isinstance(view, fx.Node) and view.target in (
+                torch.ops.aten.view.default, torch.ops.aten.reshape.default) and len(view.args) > 1 else None
+            if isinstance(shape, (list, tuple)) and len(shape) == 4 and shape[2] == -1 and heads \
+                    and isinstance(heads[0], int):
+                found.append((view, int(heads[0])))
+        return found
+
     # hand-written attention has a softmax; the analyzer (on the copy below) looks only where there is one
     manual = any(n.op == "call_function" and "softmax" in str(n.target) for n in nodes)
     mqa = [n for n in nodes if broadcast_kv(n)]
-    if not chunks and not views and not manual and not mqa:
+    heads = [vh for n in nodes for vh in inferred_heads(n)]
+    if not chunks and not views and not manual and not mqa and not heads:
         yield
         return
     saved = gm.graph  # type: ignore[union-attr]
     work = copy.deepcopy(saved)  # nodes copied, meta shallow: cheap
+    for view, count in [vh for n in work.nodes for vh in inferred_heads(n)]:
+        # the head count, not -1: a model's heads are its weights' (the capture knows them), but the
+        # exporter re-derives -1 from the other sizes. Where one of those is a constant the model ties
+        # to an input dim only indirectly (Whisper's encoder: 100 positions = (frames − 1) // 2 + 1),
+        # the query heads come out as ((frames − 1) // 2 + 1) // 25, the keys' as 4, and the exporter's
+        # Attention lowering refuses the pair as unequal heads.
+        shape = list(view.args[1])
+        shape[2] = count
+        view.args = (view.args[0], shape, *view.args[2:])
     for node in [n for n in work.nodes if broadcast_kv(n)]:
         # one K/V head broadcast over the query heads is grouped-query attention with one group: the
         # same computation, and the form the exporter's Attention op takes (it refuses broadcast heads)
@@ -359,6 +418,7 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
     if isinstance(module_or_ep, nn.Module) and not isinstance(module_or_ep, fx.GraphModule):
         module_or_ep.eval()  # (an exported program's module refuses eval(): it is already frozen)
     args, kwargs = as_args_kwargs(example_inputs)
+    _refuse_number_outputs(module_or_ep)
     names = list(input_names) if input_names else input_names_of(original or module_or_ep, example_inputs)
     ds = None
     if not is_ep and dynamic_shapes is not None:
@@ -622,17 +682,124 @@ def cosine_by_output(names: list[str], a: list[np.ndarray], b: list[np.ndarray],
     return figures
 
 
-def _first_rows(inputs: Inputs, n: int = 1) -> Inputs | None:
+def _input_tensors(sess_inputs: Sequence[str], inputs: Inputs) -> list[tuple[Any, torch.Tensor]] | None:
+    """(key in ``inputs``, tensor) for each file input, matched as ``feeds_for`` matches them; None when
+    the inputs are nested (no tensor per key)."""
     args, kwargs = as_args_kwargs(inputs)
-    vals = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
-    if not vals or any(v.dim() == 0 or v.shape[0] <= n for v in vals):
-        return None
-    if len({v.shape[0] for v in vals}) != 1:
-        return None
-    cut = lambda v: v[:n] if isinstance(v, torch.Tensor) else v  # noqa: E731
+    if kwargs and not args and all(isinstance(kwargs.get(n), torch.Tensor) for n in sess_inputs):
+        return [(n, kwargs[n]) for n in sess_inputs]
+    keys = [i for i in range(len(args))] + list(kwargs)
+    values = list(args) + list(kwargs.values())
+    pairs = [(k, v) for k, v in zip(keys, values) if isinstance(v, torch.Tensor)]
+    return pairs if len(pairs) == len(sess_inputs) else None
+
+
+def _replaced(inputs: Inputs, new: dict[Any, torch.Tensor]) -> Inputs:
+    args, kwargs = as_args_kwargs(inputs)
     if kwargs and not args:
-        return {k: cut(v) for k, v in kwargs.items()}
-    return tuple(cut(a) for a in args)
+        return {k: new.get(k, v) for k, v in kwargs.items()}
+    return tuple(new.get(i, a) for i, a in enumerate(args))
+
+
+def shape_probes(path: str | os.PathLike, module: Any, inputs: Inputs,
+                 base_diff: float) -> tuple[list[dict[str, Any]], list[tuple[str, int]]]:
+    """Run the file where it claims to be dynamic, at sizes it was not exported with, against ``module``.
+
+    The batch axis (every input whose axis 0 is symbolic) at 1 and 3 (rows repeated cyclically), and
+    each other symbolic size (inputs sharing the size change together) cut to three quarters. A probe
+    the torch module refuses means the model fixes that axis; one the file cannot run, or runs with a
+    difference from torch beyond ``max(1e-4, 10 × base_diff)`` (``base_diff``: at the verified shape;
+    for a quantized file also at most 10 % of the output's largest magnitude),
+    means the file claims an axis it cannot take. Returns ``(probes, axes)``: what each probe found
+    and the (input, axis) pairs that must be static."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    init = {t.name for t in graph.initializer}
+    dims = {vi.name: [d.dim_param for d in vi.type.tensor_type.shape.dim] for vi in graph.input if vi.name not in init}
+    names = list(dims)
+    pairs = _input_tensors(names, inputs)
+    if pairs is None:
+        return [{"skipped": "nested inputs"}], []
+    sess = session(path, fp8=needs_fp8_option(path))
+    quantized = any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger") for n in all_nodes(graph))
+    batch_axes = [(n, 0) for n in names if dims[n] and dims[n][0]]
+    sizes: dict[int, list[tuple[str, int]]] = {}
+    for (n, (_key, t)) in zip(names, pairs):
+        for axis, sym in enumerate(dims[n]):
+            if axis and sym and t.dim() > axis and t.shape[axis] >= 2:
+                sizes.setdefault(int(t.shape[axis]), []).append((n, axis))
+    by_name = dict(zip(names, pairs))
+    tries: list[tuple[str, list[tuple[str, int]], dict[str, Any], Inputs]] = []
+    rows = {int(by_name[n][1].shape[0]) for n, _ in batch_axes}
+    for b in (1, 3):
+        if batch_axes and rows and b not in rows:
+            new = {by_name[n][0]: by_name[n][1][torch.arange(b) % by_name[n][1].shape[0]] for n, _ in batch_axes}
+            tries.append((f"batch {b}", batch_axes, {"batch": b}, _replaced(inputs, new)))
+    for size, axes in sizes.items():
+        cut = max(1, size * 3 // 4)
+        new = {}
+        for n, axis in axes:
+            key, t = by_name[n]
+            new[key] = (new.get(key, t)).narrow(axis, 0, cut)
+        tries.append((f"{', '.join(f'{n}[{a}]' for n, a in axes)} {size} → {cut}", axes, {"length": cut}, _replaced(inputs, new)))
+    probes: list[dict[str, Any]] = []
+    static: list[tuple[str, int]] = []
+    for label, axes, what, probe in tries:
+        record: dict[str, Any] = {"probe": label, **what}
+        try:
+            ref = _torch_outputs(module, probe)
+        except Exception as exc:  # noqa: BLE001 - the model itself fixes this axis
+            record["error"] = f"the torch module refuses it: {first_line(exc)[:200]}"
+            probes.append(record)
+            static += axes
+            continue
+        try:
+            got = _float_outputs(run_ort(sess, probe))
+            diff = _max_abs(got, [r for r in ref if np.issubdtype(r.dtype, np.floating)])
+        except Exception as exc:  # noqa: BLE001 - a file that claims an axis it cannot take
+            record["error"] = " ".join(first_line(exc).split())[:200]
+            probes.append(record)
+            static += axes
+            continue
+        record["max_abs_diff"] = diff
+        scale = max((float(np.abs(r).max()) for r in ref if r.size and np.issubdtype(r.dtype, np.floating)), default=0.0)
+        # a quantized file moves isolated values by a quantization step wherever a float ulp crosses a
+        # rounding boundary, and another batch has other such values: 10 % of the output's range is
+        # far above those and far below what a file computing at the wrong shape gives
+        bound = max(1e-4, 10 * base_diff, 0.1 * scale if quantized else 0.0)
+        if not diff <= bound:
+            record["error"] = f"differs from torch by {diff:.3g} (at the exported shape {base_diff:.3g})"
+            static += axes
+        probes.append(record)
+    return probes, list(dict.fromkeys(static))
+
+
+def _static_axes(path: str | os.PathLike, module: Any, inputs: Inputs, static: list[tuple[str, int]]) -> Any:
+    """``auto_dynamic_shapes`` with the ``static`` (file input, axis) pairs fixed; everything fixed (None)
+    where the batch axis is among them or the file's inputs do not map one to one onto the spec."""
+    import onnx
+
+    if any(axis == 0 for _, axis in static):
+        return None
+    graph = onnx.load(str(path), load_external_data=False).graph
+    init = {t.name for t in graph.initializer}
+    names = [vi.name for vi in graph.input if vi.name not in init]
+    pairs = _input_tensors(names, inputs)
+    spec = auto_dynamic_shapes(module, inputs)
+    args, kwargs = as_args_kwargs(inputs)
+    spec_keys = list(spec) if isinstance(spec, dict) else list(range(len(spec)))
+    if pairs is None or len(spec_keys) != len(args) + len(kwargs):
+        return None
+    # a key of ``inputs`` (argument position or keyword) → the spec's key (parameter name or position)
+    to_spec = dict(zip([*range(len(args)), *kwargs], spec_keys))
+    out = dict(spec) if isinstance(spec, dict) else list(spec)
+    for name, (key, _t) in zip(names, pairs):
+        fixed = {a for n, a in static if n == name}
+        dims = out[to_spec[key]]
+        if fixed and isinstance(dims, dict):
+            out[to_spec[key]] = {i: d for i, d in dims.items() if i not in fixed} or None
+    return out if isinstance(out, dict) else tuple(out)
 
 
 def fp32_bytes(model: nn.Module) -> int:
@@ -655,8 +822,10 @@ def verify_onnx(path: str | os.PathLike, module: Any, inputs: Inputs, *, origina
 
     Returns the figures: ``max_abs_diff`` (ORT vs the torch module), ``cosine_min`` / ``cosine_mean``
     (ORT vs the original, per sample), ``bytes``, ``fp32_bytes``, ``size_ratio``, ``fp8_session_option``
-    and ``batch1_max_abs_diff`` (the batch dimension really is dynamic). Raises ``SurgeonError`` when
-    the checker or onnxruntime rejects the file."""
+    and, with ``check_batch``, ``shape_check`` (``shape_probes``: the file run at batch 1 and 3 and at
+    another size of each other dynamic axis against ``module``; the axes it claims but cannot take)
+    with ``batch1_max_abs_diff``. Raises ``SurgeonError`` when the checker or onnxruntime rejects the
+    file at the verified shape."""
     import onnx
 
     path = Path(path)
@@ -709,15 +878,13 @@ def verify_onnx(path: str | os.PathLike, module: Any, inputs: Inputs, *, origina
         figures["fp32_bytes"] = int(fp32_size)
         figures["size_ratio"] = round(figures["bytes"] / fp32_size, 4)
     if check_batch:
-        small = _first_rows(inputs)
-        if small is not None:
-            try:
-                figures["batch1_max_abs_diff"] = _max_abs(_float_outputs(run_ort(sess, small)),
-                                                          _torch_outputs(module, small))
-            except Exception as exc:  # noqa: BLE001 - a graph that fixes its batch (a static .pt2 input)
-                # runs at the verified batch size only: that is a fact about the file, not a failure
-                figures["batch1_max_abs_diff"] = None
-                figures["batch1_error"] = " ".join(first_line(exc).split())[:300]
+        # where the file claims dynamic axes: does it run there (write_onnx rewrites a file that does not;
+        # here, for a file given to verify, the failures are figures)
+        probes, failing = shape_probes(path, module, inputs, figures["max_abs_diff"])
+        figures["shape_check"] = {"probes": probes, "claimed_dynamic_but_fail": [f"{n}:{a}" for n, a in failing]}
+        one = next((p for p in probes if p.get("batch") == 1 and "max_abs_diff" in p), None)
+        if one is not None:
+            figures["batch1_max_abs_diff"] = one["max_abs_diff"]
     return figures
 
 
@@ -732,7 +899,34 @@ def write_onnx(module: Any, example_inputs: Inputs, outdir: str | os.PathLike, *
         export_onnx(module, example_inputs, tmp, input_names=input_names, original=original, opset=opset)
         vin = verify_inputs if verify_inputs is not None else example_inputs
         figures = verify_onnx(tmp, module, vin, original=original, original_inputs=original_inputs,
-                              fp32_size=fp32_size)
+                              fp32_size=fp32_size, check_batch=False)
+        probes, static = shape_probes(tmp, module, vin, figures["max_abs_diff"])
+        fixed, everything = list(static), False
+        while static:
+            # the file claims an axis it cannot run at: written again with the failing axes fixed (every
+            # axis once the batch one fails, or where fixing those was not enough), so that its inputs
+            # state what it takes
+            # at the verified inputs' shape: the one the file is checked (and the verdict measured) at
+            spec = None if everything else _static_axes(tmp, module, vin, fixed)
+            everything = spec is None
+            export_onnx(module, vin, tmp, input_names=input_names, original=original, opset=opset,
+                        dynamic_shapes=spec)
+            figures = verify_onnx(tmp, module, vin, original=original, original_inputs=original_inputs,
+                                  fp32_size=fp32_size, check_batch=False)
+            again, static = ([], []) if everything else shape_probes(tmp, module, vin, figures["max_abs_diff"])
+            probes += [{**p, "file": "exported again with the failing axes static"} for p in again]
+            everything = everything or bool(static)
+        figures["shape_check"] = {
+            "probes": probes,
+            "static_axes": ["all"] if everything else [f"{name}:{axis}" for name, axis in fixed],
+            "note": ("the file takes only the input shapes it was exported with: "
+                     + "; ".join(f"{i['name']} {i['shape']}" for i in figures["inputs"])) if everything else
+                    ("fixed at the exported size (the model or the file cannot take another): "
+                     + ", ".join(f"{n} axis {a}" for n, a in fixed)) if fixed else
+                    "every dynamic axis ran at a size it was not exported with, matching torch"}
+        one = next((p for p in figures["shape_check"]["probes"] if p.get("batch") == 1 and "max_abs_diff" in p), None)
+        if one is not None:
+            figures["batch1_max_abs_diff"] = one["max_abs_diff"]
         if tolerance is not None and figures["max_abs_diff"] > tolerance:
             raise SurgeonError(f"ONNX file differs from the torch module by {figures['max_abs_diff']:.3g} "
                                f"(tolerance {tolerance:g}); nothing written")

@@ -376,6 +376,32 @@ def refuse_encoder_decoder(config: Any, source: str) -> None:
                            "not expressed")
 
 
+def refuse_encoder_decoder_optimize(source: str, path: Path, task: str | None = None) -> None:
+    """Refuse, in one line and before any weight is read, a directory ``surgeon optimize`` would load as
+    an encoder-decoder (BART, T5, Marian, Whisper ``…ForConditionalGeneration``, or its base model).
+
+    Such a model runs both stacks in one forward: its example and calibration inputs need
+    ``decoder_input_ids`` (a ``--calib`` text file gives none, so the run failed at reading the data),
+    and one file of it is no deployable seq2seq model (that is an encoder file plus a
+    decoder-with-cache file, not supported yet). ``…EncoderModel`` directories (T5EncoderModel) load
+    as the encoder alone and pass. ``surgeon analyze`` and the Python API do not call this."""
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return
+    transformers = _import_transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception:  # noqa: BLE001 - load_hf reports an unreadable config in its own words
+        return
+    if not getattr(config, "is_encoder_decoder", False):
+        return
+    arch = (getattr(config, "architectures", None) or [""])[0] or type(config).__name__
+    if task is None and arch.endswith("EncoderModel"):
+        return
+    raise SurgeonError(f"'{source}' is an encoder-decoder ({arch}): surgeon optimize writes one encoder-style file; "
+                       f"export its encoder alone (a T5EncoderModel directory / a factory returning "
+                       f"model.get_encoder()) — encoder + decoder-with-cache files are not supported yet")
+
+
 def load_hf_causal_lm(source: str, path: Path) -> LoadedDecoder:
     """``AutoModelForCausalLM.from_pretrained(dir, local_files_only=True)`` with ``use_cache=True`` and
     its tokenizer; an encoder-decoder or a directory without a causal-LM head is refused in one line."""

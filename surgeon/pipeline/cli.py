@@ -148,6 +148,7 @@ def run_cli(args: Any) -> int:
 def _run_cli(args: Any, writer: bool) -> int:
     from .. import distributed
     from ..load import load_model
+    from ..loaders.hf import refuse_encoder_decoder_optimize
     from ..resources import check_output_dir
 
     out = Path(args.output)
@@ -163,6 +164,8 @@ def _run_cli(args: Any, writer: bool) -> int:
         tol = parse_tolerance(args.tolerance)
 
         t = time.perf_counter()
+        # an encoder-decoder directory is refused before its weights are read and before any calibration
+        refuse_encoder_decoder_optimize(args.model, Path(args.model), getattr(args, "task", None))
         loaded = load_model(args.model, trust_pickle=getattr(args, "trust_pickle", False),
                             text=getattr(args, "text", None), task=getattr(args, "task", None))
         timings["load"] = time.perf_counter() - t
