@@ -387,7 +387,7 @@ def refuse_encoder_decoder_optimize(source: str, path: Path, task: str | None = 
     as the encoder alone and pass. ``surgeon analyze`` and the Python API do not call this."""
     if not (path.is_dir() and (path / "config.json").is_file()):
         return
-    transformers = _import_transformers()
+    transformers = import_transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception:  # noqa: BLE001 - load_hf reports an unreadable config in its own words
