@@ -267,6 +267,11 @@ def test_optimize_onnx_int8_keeps_the_head(arch, tmp_path, hf_tokenizer, capsys)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["verdict"]["status"] == "met" and any(site["status"] == "applied" for site in report["sites"])
+    # the report says which class the checkpoint was loaded as, and that the verdict is the file's
+    assert any(n.startswith(f"loaded as {report['model']['class']} (its config's architecture)")
+               for n in report["model"]["load_notes"])
+    assert report["end_to_end"]["measured_on"]["file"] == "model.onnx"
+    assert report["end_to_end"]["agreement"] >= 0.99
     path = out / "model.onnx"
     assert _onnx_outputs(path) == OUTPUTS[arch]
 

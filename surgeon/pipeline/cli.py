@@ -192,6 +192,8 @@ def _run_cli(args: Any, writer: bool) -> int:
                 raise
             raise SurgeonError(f"{exc}; {target} is the default target: --target onnx or --target torch writes the "
                                "model as these passes compute it") from None
+    # what loading decided on the user's behalf (the class a checkpoint loaded as, a head dropped on purpose)
+    result.report["model"]["load_notes"] = list(loaded.notes)
     for note in result.report["warnings"] if writer else []:
         if (args.calib or "weak" not in note) and note != result.verdict.message:  # the error line says it
             print(f"surgeon: warning: {note}", file=sys.stderr)
