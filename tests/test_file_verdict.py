@@ -180,3 +180,30 @@ def test_tighten_divides_the_allowed_error_by_the_files_error_ratio() -> None:
     # (allowed 0.001 − gap 0.0015 < 0: only the exact computation is left)
     assert tighten(Tolerance(cosine_mean=0.999, margin=False), Figures(1.0, 1.0, 0.0, math.inf, 64),
                    Figures(0.9985, 0.99, 0.1, 30.0, 64)).cosine_mean == 1.0
+
+
+@dataclass(frozen=True)
+class BatchFour(TorchTarget):
+    """A file that runs only at batch 4 (as a runtime with a static batch axis would)."""
+
+    def open(self, path: str | Any) -> Any:
+        module = torch.export.load(str(path)).module()
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] != 4:
+                raise RuntimeError(f"Got invalid dimensions for input: x for the following indices index: 0 Got: "
+                                   f"{x.shape[0]} Expected: 4")
+            return module(x)
+
+        return run
+
+
+def test_a_file_that_cannot_run_a_check_batch_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(targets._REGISTRY, "batch-four", BatchFour(
+        name="batch-four", format="pt2", runtime="torch", profile=TORCH.profile, description="test: batch 4 only",
+        default_passes="toy-round", filename="four.pt2"))
+    monkeypatch.setitem(REGISTRY, "toy-round", "test_optimize:ToyRound")
+    with pytest.raises(SurgeonError, match=r"^the written file four\.pt2 cannot run a check batch of arg0\[3x\d+x8\] "
+                                           r"float32: RuntimeError: Got invalid dimensions .*; give calibration batches "
+                                           r"of the shape it was exported at$"):
+        surgeon.optimize(ORIGINAL, (torch.randn(4, 5, 8),), calib=toy_batches(8), passes=ToyRound(), target="batch-four")

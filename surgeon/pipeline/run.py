@@ -87,6 +87,27 @@ def _build(gm0: fx.GraphModule, applied: Any, verdict: GuardResult, check_local:
     return _Built(final, figures, checks, artifacts, artifact_inputs, artifact_exports, ep, export_notes)
 
 
+def _refusing(runner: Any, name: str, result: Result) -> Any:
+    """``runner`` whose failure on a check batch is one line naming the file, the batch's shapes and
+    the axes the target fixed (``shape_check.static_axes``): a file that cannot run on data the model
+    accepts is a fact about the file the user must hear, not an internal error."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return runner(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any runtime failure on a check batch
+            from ..errors import first_line
+
+            fixed = [str(a) for t in (result.report.get("targets") or {}).values() if isinstance(t, dict)
+                     for a in ((t.get("shape_check") or {}).get("static_axes") or [])]
+            why = f" (its axes {', '.join(fixed)} are static)" if fixed else ""
+            raise SurgeonError(f"the written file {name} cannot run a check batch of {describe(kwargs or args)}"
+                               f"{why}: {first_line(exc)}; give calibration batches of the shape it was exported "
+                               "at") from exc
+
+    return run
+
+
 def tighten(tolerance: Tolerance, torch_figures: Figures, file_figures: Figures) -> Tolerance:
     """``tolerance`` with each bound the file missed tightened for the torch module the guard measures:
     the file's error on that criterion (1 − cosine, 1 − agreement, max_rel_err; judged values) was
@@ -269,7 +290,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
                 path = result.stage(file_target)
                 from .. import targets  # type: ignore[attr-defined]
 
-                runner = targets.get_target(file_target).open(path)
+                runner = _refusing(targets.get_target(file_target).open(path), path.name, result)
             with stage(f"verify: {path.name}", model=final):
                 file_fig = measure_model(gm0, runner, split.check, metric, distributed=False)
             timings["verify_file"] = timings.get("verify_file", 0.0) + time.perf_counter() - t
