@@ -274,7 +274,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     # Build the model the guard chose, write its file and measure that file on the check set; where
     # the file misses a tolerance the torch module met (the runtime computes what torch emulated in
     # another order, or rounds otherwise), the guard steps further down under bounds tightened by the
-    # gap, and the file is written again (at most FILE_ROUNDS times).
+    # file's error ratio (tighten), and the file is written again (at most FILE_ROUNDS times).
     file_target = (deploy.name if deploy is not None else "torch") if distributed.is_writer() else None
     rounds: list[dict[str, Any]] = []
     while True:
