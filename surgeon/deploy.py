@@ -275,7 +275,7 @@ def _display_shapes(spec: dict[str, Any], preprocessing: dict[str, Any] | None) 
         dims = list(v["shape"])
         if preprocessing and preprocessing["kind"] == "image" and v["name"] == "pixel_values" and len(dims) == 4:
             shapes[("inputs", v["name"])] = [str(dims[0])] + [
-                str(d) if isinstance(d, int) else f"{preprocessing[n]} ({n})" if preprocessing.get(n) else n
+                f"{d} ({n})" if isinstance(d, int) else f"{preprocessing[n]} ({n})" if preprocessing.get(n) else n
                 for d, n in zip(dims[1:], ("channels", "height", "width"))]
         elif preprocessing and preprocessing["kind"] == "audio" and v["name"] in ("input_values", "attention_mask") \
                 and len(dims) == 2:
