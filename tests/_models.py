@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -230,3 +231,27 @@ def digits_bench():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
+
+
+class NormflowsFlow(nn.Module):
+    """normflows' AffineCouplingBlock twice with a swap between (its capture fixes the batch dimension);
+    ``logdet``: also return the summed log-determinants (a second output, the Add ORT once failed on).
+    Needs the normflows package (tests import it with ``pytest.importorskip`` first)."""
+
+    def __init__(self, *, init_zeros: bool = True, logdet: bool = False) -> None:
+        import normflows as nf
+
+        super().__init__()
+        self.logdet = logdet
+        layers: list[nn.Module] = []
+        for _ in range(2):
+            layers += [nf.flows.AffineCouplingBlock(nf.nets.MLP([2, 16, 4], init_zeros=init_zeros)),
+                       nf.flows.Permute(4, mode="swap")]
+        self.flows = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        ld: Any = 0
+        for f in self.flows:
+            x, step = f(x)
+            ld = ld + step
+        return (x, ld) if self.logdet else x

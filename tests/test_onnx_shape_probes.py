@@ -10,30 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _models import NormflowsFlow
 
 import surgeon
 from surgeon.errors import SurgeonError
 
-nf = pytest.importorskip("normflows")
-
-
-class _NormflowsFlow(torch.nn.Module):
-    """normflows' AffineCouplingBlock twice, the log-determinants summed (the Add ORT failed on)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        layers: list[torch.nn.Module] = []
-        for _ in range(2):
-            layers += [nf.flows.AffineCouplingBlock(nf.nets.MLP([2, 16, 4], init_zeros=False)),
-                       nf.flows.Permute(4, mode="swap")]
-        self.flows = torch.nn.ModuleList(layers)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ld: torch.Tensor | float = 0
-        for f in self.flows:
-            x, step = f(x)
-            ld = ld + step
-        return x, ld  # type: ignore[return-value]
+pytest.importorskip("normflows")
 
 
 class _NiceFlow(torch.nn.Module):
@@ -61,7 +43,7 @@ def _ort(path: Path, x: torch.Tensor) -> list[np.ndarray]:
 @pytest.mark.slow  # ~35 s on a shared 2-core machine
 def test_normflows_file_runs_at_other_batch_sizes_or_states_static_axes(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = _NormflowsFlow().eval()
+    model = NormflowsFlow(init_zeros=False, logdet=True).eval()  # the summed log-dets: the Add ORT failed on
     calib = [(torch.randn(4, 4),) for _ in range(4)]
     res = surgeon.optimize(model, (torch.randn(4, 4),), calib, target="onnx")
     out = res.save(tmp_path / "out", target="onnx", speed=False)

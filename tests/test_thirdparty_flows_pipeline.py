@@ -5,30 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _models import NormflowsFlow
 
 import surgeon
 
-nf = pytest.importorskip("normflows")
-
-
-class _NormflowsFlow(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        layers: list[torch.nn.Module] = []
-        for _ in range(2):
-            layers += [nf.flows.AffineCouplingBlock(nf.nets.MLP([2, 16, 4], init_zeros=True)),
-                       nf.flows.Permute(4, mode="swap")]
-        self.flows = torch.nn.ModuleList(layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for f in self.flows:
-            x, _ = f(x)
-        return x
+pytest.importorskip("normflows")
 
 
 def test_normflows_affine_coupling_flow_fold_and_inverse_train_at_the_captured_batch() -> None:
     torch.manual_seed(0)
-    model = _NormflowsFlow().eval()
+    model = NormflowsFlow(init_zeros=True).eval()
     calib = [(torch.randn(4, 4),) for _ in range(3)]
     # was: AssertionError: Guard failed: x.size()[0] == 4 (flow-inverse's minibatches of 12)
     # a small inverse (CI time): what this shows is the batch its training runs the flow at
