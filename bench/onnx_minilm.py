@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = _pool(model(**held).last_hidden_state.numpy(), held["attention_mask"].numpy())
 
     tmp = Path(tempfile.mkdtemp(prefix="surgeon-bench-"))
-    sets = {"shipped (72 sentences)": calib,
-            "random half of shipped (36)": random.Random(0).sample(calib, len(calib) // 2),
+    sets = {f"shipped ({len(calib)} sentences)": calib,
+            f"random half of shipped ({len(calib) // 2})": random.Random(0).sample(calib, len(calib) // 2),
             "product reviews (64, bench/data)": [s.strip() for s in (ROOT / "bench/data/calib_reviews.txt")
                                                  .read_text().splitlines() if s.strip()]}
     files = {}
