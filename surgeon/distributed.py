@@ -45,6 +45,7 @@ __all__ = ["DEFAULT_TIMEOUT_S", "PeerLost", "init_from_env", "active", "rank", "
            "broadcast_module_state", "barrier", "agree", "timeout_s"]
 
 DEFAULT_TIMEOUT_S = 300.0
+LEAVE_TIMEOUT_S = 10.0  # how long a rank waits at exit for its peers before it tears the group down
 T = TypeVar("T")
 _OPS = ("sum", "max", "min")
 _timeout: float | None = None  # what init_from_env set; None when the caller built the group
@@ -135,9 +136,16 @@ def _leave() -> None:
     # Left to the interpreter's teardown, gloo's worker threads are destroyed while still joinable and
     # the process aborts ("terminate called without an active exception", exit -6) after a run that
     # succeeded; destroying the group joins them. (A rank that lost its peers leaves by os._exit.)
+    # The ranks meet first: a rank that tears its group down while a peer's last message is still in
+    # flight left that peer aborting the same way (seen once more in test_two_ranks_equal_one_process).
+    # A monitored barrier has its own timeout, so a peer that is gone costs seconds, not a hang.
     dist = _dist()
     try:
         if dist.is_available() and dist.is_initialized():
+            try:
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=LEAVE_TIMEOUT_S))
+            except Exception:  # noqa: BLE001 - a peer already gone: destroy all the same
+                pass
             dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - nothing left to report to at exit
         pass
