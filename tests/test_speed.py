@@ -111,12 +111,13 @@ def test_surgeon_bench_measures_the_outdir_again(outdir: Path) -> None:
     again = json.loads(proc.stdout)
     assert again["size_ratio"] == report["speed"]["size_ratio"] and again["bytes"] == report["speed"]["bytes"]
     assert again["inputs"] == report["speed"]["inputs"] and again["runs"] == 10
-    # the same two files on the same machine: the same ratio within timing noise (a shared 2-core CI box:
-    # within 2×), and INT8 still faster than fp32 where the report found it clearly so
+    # the same two files timed again: INT8 still faster than fp32 where the report found it clearly so. The
+    # ratio itself is not compared: on a shared 2-core box with another test worker beside it, one run's
+    # ratio has been 2.7x another's (0.62 vs 0.23), so only its direction is a property of the files
     ratio, reported = again["latency_ratio"], report["speed"]["latency_ratio"]
-    assert reported / 2 < ratio < reported * 2, (ratio, reported)
+    assert ratio > 0 and again["latency_ms"]["original"] > 0 and again["latency_ms"]["optimized"] > 0
     if reported < 0.8:
-        assert ratio < 1.0
+        assert ratio < 1.0, (ratio, reported)
     assert again["reported"]["latency_ratio"] == report["speed"]["latency_ratio"]
     assert sorted(p.name for p in outdir.rglob("*")) == before  # bench writes nothing
 
