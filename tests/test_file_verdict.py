@@ -23,10 +23,11 @@ from torch import nn
 import surgeon
 from surgeon import targets
 from surgeon.errors import SurgeonError
+from surgeon.metrics import Figures
 from surgeon.passes import REGISTRY
-from surgeon.pipeline.run import tighten
 from surgeon.targets.pt2 import TORCH, TorchTarget
-from surgeon.verify import Figures, Tolerance, guarded, measure_model
+from surgeon.tolerance import Tolerance, guarded, parse_tolerance, tighten
+from surgeon.verify import measure_model
 
 ORIGINAL = ToyNet().eval()
 
@@ -166,7 +167,7 @@ def test_margin_rule() -> None:
     assert Tolerance(cosine_mean=0.999).violations(fig) == ["cosine_mean"]
     # ... and does as measured (margin=0)
     assert Tolerance(cosine_mean=0.999, margin=False).violations(fig) == []
-    assert surgeon.verify.parse_tolerance("cosine_mean=0.999,margin=0") == Tolerance(cosine_mean=0.999, margin=False)
+    assert parse_tolerance("cosine_mean=0.999,margin=0") == Tolerance(cosine_mean=0.999, margin=False)
 
 
 def test_tighten_divides_the_allowed_error_by_the_files_error_ratio() -> None:
