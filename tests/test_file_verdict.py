@@ -104,7 +104,7 @@ def test_onnx_file_figures_are_what_onnxruntime_computes(tmp_path: Path) -> None
     assert e2e["measured_on"]["session_config"]["session.set_denormal_as_zero"] == "1"
     assert e2e["samples"] == 64  # 25 % of 24 batches = 6 × 8 = 48 samples: grown to 8 batches
     out = result.save(tmp_path / "out", speed=False)
-    from surgeon.targets.onnx import session
+    from surgeon.targets._ort_session import session
 
     sess = session(out / "model.onnx")
     cos = []
