@@ -127,7 +127,8 @@ def gate_run(model: nn.Module, example, batches, spec: str = "norm-gate") -> dic
     from surgeon.optimize import apply_passes, fit_passes, rebuild, split_batches
     from surgeon.pass_manager import parse_pipeline
     from surgeon.passes.norm_gate import NormGateUnit
-    from surgeon.verify import guard, measure_model, parse_tolerance
+    from surgeon.tolerance import parse_tolerance
+    from surgeon.verify import guard, measure_model
 
     t0 = time.perf_counter()
     gm0 = capture(model, example).gm

@@ -132,7 +132,7 @@ def _local_module(gm: fx.GraphModule, start: fx.Node, target: fx.Node) -> tuple[
 
 def _collect(gm: fx.GraphModule, batches: Iterable[Inputs], names: list[str], k: int, seed: int) -> list[dict[str, Any]]:
     """A seeded reservoir of at most ``k`` batches' values of the named nodes (one pass, O(k) memory)."""
-    from surgeon.verify import run_tapped
+    from surgeon.tap import run_tapped
 
     gen = torch.Generator().manual_seed(seed)
     kept: list[dict[str, Any]] = []

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 __all__ = ["Profile", "TORCH", "ORT_CPU", "ORT_CPU_DECODER", "ORT_CPU_FP8", "ORT_CPU_INT8", "ORT_CPU_INT8_VNNI", "KEEP"]
 
-KEEP = "keep"  # the last rung of every ladder: the site stays as it is
+KEEP = "keep"  # the last rung of every ladder: the site stays as it is, computing what the original computed
 
 
 def _freeze_ladders(ladders: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:

@@ -18,8 +18,10 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from .metrics import Figures
 from .pass_manager import Diagnostic
-from .verify import Figures, GuardResult, Tolerance
+from .tolerance import Tolerance
+from .verify import GuardResult
 
 SCHEMA_VERSION = 1
 STATUS_COLORS = {"applied": "#2e7d32", "rolled_back": "#c62828", "skipped": "#9e9e9e"}

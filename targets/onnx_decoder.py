@@ -83,12 +83,12 @@ class DecoderTarget(Target):
 
     def session(self, path: str | os.PathLike, *, threads: int | None = None, spinning: bool | None = None) -> Any:
         """An ORT CPU session with surgeon's session config (``targets/onnx.session``)."""
-        from .onnx import session
+        from ._ort_session import session
 
         return session(path, threads=threads, spinning=spinning)
 
     def session_config(self, path: str | os.PathLike) -> dict[str, str]:
-        from .onnx import session_config
+        from ._ort_session import session_config
 
         return session_config(path)
 
@@ -162,7 +162,7 @@ class DecoderTarget(Target):
         """Op types (with counts) of the graph ORT's CPU provider runs, after its graph optimizations."""
         import onnx
 
-        from .onnx import session
+        from ._ort_session import session
 
         with tempfile.TemporaryDirectory() as tmp:
             optimized = Path(tmp) / "optimized.onnx"

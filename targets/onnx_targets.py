@@ -36,7 +36,7 @@ def _optimized(path: str | os.PathLike) -> Any:
     """The graph ORT's CPU provider runs for the file (after its graph optimizations)."""
     import onnx
 
-    from .onnx import session
+    from ._ort_session import session
 
     with tempfile.TemporaryDirectory() as tmp:
         opt = Path(tmp) / "optimized.onnx"
@@ -132,7 +132,7 @@ class OnnxTarget(Target):
     def verify(self, path: str | os.PathLike, module: Any, inputs: Any, *, original: Any = None,
                **kw: Any) -> dict[str, Any]:
         """``targets/onnx.verify_onnx`` (checker, ORT vs torch, batch 1) plus ``graph_checks``."""
-        from .onnx import verify_onnx
+        from ._ort_checks import verify_onnx
 
         figures = verify_onnx(path, module, inputs, original=original, **kw)
         figures["target"] = self.name
@@ -152,7 +152,7 @@ class OnnxTarget(Target):
     def runner(self, path: str | os.PathLike, inputs: Any, *, threads: int = 2) -> Callable[[], Any]:
         """An ORT CPU session with ``threads`` intra-op threads and intra-op spinning off (a spinning
         session would take the cores from the next one when files are timed round robin)."""
-        from .onnx import feeds_for, session
+        from ._ort_session import feeds_for, session
 
         sess = session(path, threads=threads, spinning=False)
         feeds = feeds_for(sess, inputs)
@@ -163,7 +163,7 @@ class OnnxTarget(Target):
         on torch inputs returning ``{output name: tensor}`` in the file's output order."""
         import torch
 
-        from .onnx import run_ort, session
+        from ._ort_session import run_ort, session
 
         sess = session(path)
         names = [o.name for o in sess.get_outputs()]
@@ -176,7 +176,7 @@ class OnnxTarget(Target):
 
     def peak_memory(self, path: str | os.PathLike, inputs: Any, *, threads: int = 2) -> dict[str, Any] | None:
         """One ORT run's resident-set peak in a fresh process (``targets/onnx.peak_memory``)."""
-        from .onnx import peak_memory
+        from ._ort_session import peak_memory
 
         return peak_memory(path, inputs, threads=threads)
 

@@ -122,7 +122,8 @@ def _tie_distance(gm, x) -> float:
 
 
 def _export_and_run(gm, model, x, tmp_path):
-    from surgeon.targets.onnx import export_onnx, run_ort, session
+    from surgeon.targets._ort_session import run_ort, session
+    from surgeon.targets.onnx import export_onnx
 
     path = export_onnx(gm, (x,), tmp_path / "m.onnx", original=model)
     return path, run_ort(session(path), (x,))[0]
@@ -181,7 +182,8 @@ def test_integer_product_rounds_like_ort_past_two_to_the_24(tmp_path):
     """Sums past 2^24 (float32 no longer holds every integer): torch's exact sum rounded once equals
     ORT's int32 MatMulInteger → Cast(to=FLOAT), whatever the summation order of either side."""
     from surgeon.quant import matmul_integer
-    from surgeon.targets.onnx import export_onnx, run_ort, session
+    from surgeon.targets._ort_session import run_ort, session
+    from surgeon.targets.onnx import export_onnx
 
     class Product(nn.Module):
         def forward(self, a, b):

@@ -21,7 +21,8 @@ from surgeon.analysis import analyze_graph
 from surgeon.capture import capture
 from surgeon.targets._attention import attention_lowering
 from surgeon.targets._cleanup import all_nodes, attention_calls
-from surgeon.targets.onnx import export_onnx, run_ort, session
+from surgeon.targets._ort_session import run_ort, session
+from surgeon.targets.onnx import export_onnx
 
 transformers = pytest.importorskip("transformers")
 
@@ -228,7 +229,7 @@ def test_attention_matrix_per_site_and_measured_peak_of_one_run(tmp_path: Path) 
     fresh-process peak of one ORT run sees it (≥ 0.9 of it, so the measurement is not blind) and the
     fused op holds no more than the decomposed chain (ORT runs that chain's elementwise steps in place:
     one matrix each, measured here)."""
-    from surgeon.targets.onnx import peak_memory
+    from surgeon.targets._ort_session import peak_memory
 
     x = torch.randn(2, 512, 32, generator=torch.Generator().manual_seed(0))
     matrix = 2 * 4 * 512 * 512 * 4

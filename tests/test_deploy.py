@@ -351,8 +351,7 @@ def test_no_pointer_to_warnings_nobody_sees() -> None:
 def test_padded_positions_do_not_count_in_the_figures() -> None:
     import numpy as np
 
-    from surgeon.targets.onnx import cosine_per_sample
-    from surgeon.verify import PairStats, position_mask
+    from surgeon.metrics import PairStats, cosine_per_sample, position_mask
 
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(2, 5, 4, generator=g)

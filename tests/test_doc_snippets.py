@@ -223,7 +223,7 @@ class _Memo:
         """``surgeon.optimize`` once per (model directory, inputs, calibration, passes, tolerance, target,
         seed): the CLI's run and the Python API's of the same thing share it."""
         from surgeon.pipeline.fit import resolve_passes
-        from surgeon.verify import parse_tolerance
+        from surgeon.tolerance import parse_tolerance
 
         def memo(model: Any, example_inputs: Any, calib: Any = None, **kw: Any) -> Any:
             source = getattr(model, "name_or_path", None)

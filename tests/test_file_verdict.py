@@ -23,10 +23,11 @@ from torch import nn
 import surgeon
 from surgeon import targets
 from surgeon.errors import SurgeonError
+from surgeon.metrics import Figures
 from surgeon.passes import REGISTRY
-from surgeon.pipeline.run import tighten
 from surgeon.targets.pt2 import TORCH, TorchTarget
-from surgeon.verify import Figures, Tolerance, guarded, measure_model
+from surgeon.tolerance import Tolerance, guarded, parse_tolerance, tighten
+from surgeon.verify import measure_model
 
 ORIGINAL = ToyNet().eval()
 
@@ -103,7 +104,7 @@ def test_onnx_file_figures_are_what_onnxruntime_computes(tmp_path: Path) -> None
     assert e2e["measured_on"]["session_config"]["session.set_denormal_as_zero"] == "1"
     assert e2e["samples"] == 64  # 25 % of 24 batches = 6 × 8 = 48 samples: grown to 8 batches
     out = result.save(tmp_path / "out", speed=False)
-    from surgeon.targets.onnx import session
+    from surgeon.targets._ort_session import session
 
     sess = session(out / "model.onnx")
     cos = []
@@ -166,7 +167,7 @@ def test_margin_rule() -> None:
     assert Tolerance(cosine_mean=0.999).violations(fig) == ["cosine_mean"]
     # ... and does as measured (margin=0)
     assert Tolerance(cosine_mean=0.999, margin=False).violations(fig) == []
-    assert surgeon.verify.parse_tolerance("cosine_mean=0.999,margin=0") == Tolerance(cosine_mean=0.999, margin=False)
+    assert parse_tolerance("cosine_mean=0.999,margin=0") == Tolerance(cosine_mean=0.999, margin=False)
 
 
 def test_tighten_divides_the_allowed_error_by_the_files_error_ratio() -> None:

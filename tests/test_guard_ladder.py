@@ -10,7 +10,8 @@ from torch import fx, nn
 
 from surgeon.capture import capture
 from surgeon.pass_manager import SiteRecord
-from surgeon.verify import Tolerance, guard, measure_model
+from surgeon.tolerance import Tolerance
+from surgeon.verify import guard, measure_model
 
 
 class Noise(nn.Module):

@@ -21,7 +21,8 @@ from surgeon.capture import capture
 from surgeon.pass_manager import PassContext, PassManager, set_site_rung
 from surgeon.passes.linear_quant import QuantLinear
 from surgeon.profile import ORT_CPU_INT8, ORT_CPU_INT8_VNNI
-from surgeon.targets.onnx import export_onnx, session
+from surgeon.targets._ort_session import session
+from surgeon.targets.onnx import export_onnx
 
 INTEGER_KERNELS = {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul"}
 

@@ -17,7 +17,7 @@ from surgeon.inputs import call
 from surgeon.optimize import apply_passes, fit_passes
 from surgeon.pass_manager import PassManager, parse_pipeline, set_site_active
 from surgeon.passes.norm_gate import NormGateUnit, _collect
-from surgeon.verify import run_tapped
+from surgeon.tap import run_tapped
 
 
 def _batches(n: int, seed: int = 0, shape=(4, 8)):

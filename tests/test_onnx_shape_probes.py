@@ -1,5 +1,5 @@
 """Every written ONNX file runs where it claims to be dynamic, or says which axes are static
-(``targets/onnx.shape_probes``): third-party flows whose files used to claim a dynamic batch they could
+(``targets/_ort_checks.shape_probes``): third-party flows whose files used to claim a dynamic batch they could
 not run at (normflows) or did not export at all (FrEIA's NICE coupling returns its log-determinant as
 the number 0.0)."""
 

@@ -19,7 +19,9 @@ from surgeon.capture import capture  # noqa: E402
 from surgeon.errors import SurgeonError  # noqa: E402
 from surgeon.pass_manager import PassContext  # noqa: E402
 from surgeon.targets import TARGETS, check_target, write_target  # noqa: E402
-from surgeon.targets.onnx import export_onnx, needs_fp8_option, run_ort, session, verify_onnx, write_onnx  # noqa: E402
+from surgeon.targets._ort_checks import verify_onnx  # noqa: E402
+from surgeon.targets._ort_session import needs_fp8_option, run_ort, session  # noqa: E402
+from surgeon.targets.onnx import export_onnx, write_onnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _models import MADE, AffineCoupling, Flow  # noqa: E402

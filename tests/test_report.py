@@ -9,9 +9,11 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+from surgeon.metrics import Figures
 from surgeon.pass_manager import Diagnostic, SiteRecord
 from surgeon.report import SCHEMA_VERSION, json_safe, make_report, render_html, write_html, write_json
-from surgeon.verify import Figures, GuardResult, SiteCheck, Tolerance
+from surgeon.tolerance import Tolerance
+from surgeon.verify import GuardResult, SiteCheck
 
 
 def _fig(cos: float, cmin: float | None = None, rel: float = 0.01, sqnr: float = 30.0) -> Figures:

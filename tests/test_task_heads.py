@@ -258,7 +258,7 @@ def _onnx_outputs(path: Path) -> dict[str, tuple]:
 
 @pytest.mark.parametrize("arch", list(BUILDERS))
 def test_optimize_onnx_int8_keeps_the_head(arch, tmp_path, hf_tokenizer, capsys):
-    from surgeon.targets.onnx import run_ort, session
+    from surgeon.targets._ort_session import run_ort, session
 
     d = _save(arch, tmp_path, hf_tokenizer)
     out = tmp_path / "out"

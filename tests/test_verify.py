@@ -10,8 +10,11 @@ from torch import fx, nn
 
 from surgeon.capture import capture
 from surgeon.errors import SurgeonError
+from surgeon.metrics import PairStats, sqnr_db
 from surgeon.pass_manager import SiteRecord
-from surgeon.verify import PairStats, Tolerance, flat_inputs, guard, measure_model, parse_tolerance, run_tapped, sqnr_db
+from surgeon.tap import flat_inputs, run_tapped
+from surgeon.tolerance import Tolerance, parse_tolerance
+from surgeon.verify import guard, measure_model
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from typing import Any
 
 from ..errors import SurgeonError, ToleranceNotMet
 from ..pass_manager import parse_pipeline
+from ..tolerance import parse_tolerance
 from ..verdict import decide
-from ..verify import parse_tolerance
 from .data import read_calibration
 from .result import Result, check_target
 from .run import optimize

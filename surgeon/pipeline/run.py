@@ -3,11 +3,10 @@ report (the stages are listed in ``surgeon.pipeline``'s docstring)."""
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -15,28 +14,19 @@ from torch import fx, nn
 
 from ..errors import SurgeonError, stage
 from ..inputs import Inputs, batch_size, call, describe
+from ..metrics import Figures, Metric, logits_outputs
 from ..pass_manager import Pass
 from ..report import json_safe
+from ..tolerance import AGREEMENT_NEEDS_LOGITS, Tolerance, parse_tolerance, tighten
 from ..verdict import decide
-from ..verify import (
-    AGREEMENT_NEEDS_LOGITS,
-    CRITERIA,
-    Figures,
-    GuardResult,
-    Metric,
-    Tolerance,
-    guard,
-    logits_outputs,
-    measure_model,
-    parse_tolerance,
-)
+from ..verify import GuardResult, guard, measure_model
 from ..version import __version__
 from .data import DEFAULT_CHECK_FRACTION, prepare_batches, read_batches, split_batches
 from .export import export_artifacts, export_info, reexport
 from .fit import apply_passes, fit_passes, rebuild, resolve_passes
 from .result import Result
 
-__all__ = ["DEFAULT_PASSES", "FILE_ROUNDS", "optimize", "tighten"]
+__all__ = ["DEFAULT_PASSES", "FILE_ROUNDS", "optimize"]
 
 DEFAULT_PASSES = "attention-fp8"
 FILE_ROUNDS = 3  # files written and measured at most: the first, then two further descents of the guard
@@ -106,32 +96,6 @@ def _refusing(runner: Any, name: str, result: Result) -> Any:
                                "at") from exc
 
     return run
-
-
-def tighten(tolerance: Tolerance, torch_figures: Figures, file_figures: Figures) -> Tolerance:
-    """``tolerance`` with each bound the file missed tightened for the torch module the guard measures:
-    the file's error on that criterion (1 − cosine, 1 − agreement, max_rel_err; judged values) was
-    ``ratio`` times the torch module's on the same check set, so the torch module may keep only
-    1/ratio of the allowed error. Where the torch module had no error at all, the bound moves by the
-    file's whole gap instead."""
-    changes: dict[str, Any] = {}
-    for name in tolerance.violations(file_figures):
-        if name == "metric":
-            continue  # a user metric has no error scale to divide
-        bound = tolerance.bounds()[name]
-        a, b = tolerance.judged(torch_figures, name), tolerance.judged(file_figures, name)
-        if a is None or b is None or math.isnan(a) or math.isnan(b):
-            continue
-        higher = CRITERIA[name]
-        err_torch, err_file = (1.0 - a, 1.0 - b) if higher else (a, b)
-        allowed = (1.0 - bound) if higher else bound
-        if err_torch > 0 and err_file > err_torch:
-            allowed = allowed * err_torch / err_file
-        else:
-            allowed = allowed - abs(err_file - err_torch)
-        allowed = max(allowed, 0.0)
-        changes[name] = 1.0 - allowed if higher else allowed
-    return replace(tolerance, **changes)
 
 
 def _measured_on(file_fig: Figures | None, result: Result, tol: Tolerance, rounds: list[dict]) -> dict[str, Any]:
