@@ -22,8 +22,8 @@ import tokenize
 import typing
 from typing import Any, Callable, Sequence
 
-from . import __version__
 from .errors import SurgeonError, strip_ansi
+from .version import __version__
 
 Handler = Callable[[argparse.Namespace], int]
 
