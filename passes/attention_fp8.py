@@ -316,6 +316,9 @@ class AttentionFP8(Pass):
     """FP8 attention on every attention site (options: ``p_bits``, ``granularity``, ``method``)."""
 
     name: ClassVar[str] = "attention-fp8"
+    # its contract examples (tests/test_pass_contract.py): a model with its sites, then near-misses
+    examples: ClassVar[tuple[str, ...]] = ("_pass_examples:transformer_pre",)
+    example_spec: ClassVar[str] = "attention-fp8{granularity=tensor}"  # a non-default option
 
     p_bits: int = 8  # 8 → FP8 P with a static scale; 1 → binary P, s·1[P>τ] fitted per head
     granularity: Literal["tensor", "head"] = "head"  # scales per tensor or per attention head

@@ -249,6 +249,9 @@ class AttentionINT8(Pass):
     """Integer attention on every attention site (options: ``granularity``, ``method``)."""
 
     name: ClassVar[str] = "attention-int8"
+    # its contract examples (tests/test_pass_contract.py): a model with its sites, then near-misses
+    examples: ClassVar[tuple[str, ...]] = ("_pass_examples:vit_sdpa", "_pass_examples:einsum_attention")
+    example_spec: ClassVar[str] = "attention-int8{granularity=tensor}"  # a non-default option
 
     granularity: Literal["tensor", "head"] = "head"  # Q, K, V scales per tensor or per attention head
     method: Literal["max", "percentile", "mse"] = "max"  # scale search for Q, K̃, V (P's is fixed: 1/255)

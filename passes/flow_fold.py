@@ -39,6 +39,8 @@ class FlowFold(Pass):
     """Fold parameter-only log-det terms of a normalizing flow into constant buffers (no options)."""
 
     name: ClassVar[str] = "flow-fold"
+    # its contract examples (tests/test_pass_contract.py): a model with its sites, then near-misses
+    examples: ClassVar[tuple[str, ...]] = ("_pass_examples:glow", "_pass_examples:flow")
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         leaves = [n for n in output_leaves(gm) if isinstance(n, fx.Node)]

@@ -71,6 +71,9 @@ class FlowInverse(Pass):
 
     name: ClassVar[str] = "flow-inverse"
     requires: ClassVar[tuple[str, ...]] = ("flow-fold",)  # the copied forward then has folded log-dets
+    # its contract examples (tests/test_pass_contract.py): a model with its sites, then near-misses
+    examples: ClassVar[tuple[str, ...]] = ("_pass_examples:flow", "_pass_examples:mlp")
+    example_spec: ClassVar[str] = "flow-inverse{corrections=1,steps=10}"  # a non-default option
 
     hidden: int = 256          # width of g's MLP
     depth: int = 2             # hidden layers of g's MLP (0: g is the ridge-fitted affine map only)

@@ -44,6 +44,9 @@ class KVCacheQuant(Pass):
     """Store the decoder's KV cache in INT8 or FP8 e4m3fn with calibrated per-layer scales (onnx-decoder)."""
 
     name: ClassVar[str] = "kv-cache-quant"
+    # contract (tests/test_pass_contract.py): no fx example, it rewrites a decoder step and declines graphs
+    examples: ClassVar[tuple[str, ...]] = ()
+    example_spec: ClassVar[str] = "kv-cache-quant{dtype=fp8,granularity=tensor}"  # a non-default option
     dtype: Literal["int8", "fp8"] = "int8"  # cache codes: int8 (s = amax/127) or fp8 e4m3fn (s = amax/448)
     granularity: Literal["tensor", "head"] = "head"  # one scale per layer (tensor) or per layer and kv-head
     centre_keys: bool = True  # subtract a calibrated per-channel key offset (exact: softmax is shift-invariant)

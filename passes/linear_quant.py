@@ -366,6 +366,9 @@ class LinearQuant(Pass):
 
     name: ClassVar[str] = "linear-quant"
     requires: ClassVar[tuple[str, ...]] = ("attention-fp8", "norm-fold", "norm-gate", "flow-inverse")
+    # its contract examples (tests/test_pass_contract.py): a model with its sites, then near-misses
+    examples: ClassVar[tuple[str, ...]] = ("_pass_examples:transformer_pre", "_pass_examples:transformer_pre")
+    example_spec: ClassVar[str] = "linear-quant{dtype=int8,rounding=nearest}"  # a non-default option
     dtype: Literal["fp8", "int8"] = "fp8"
     granularity: Literal["channel", "tensor"] = "channel"
     method: Literal["max", "percentile", "mse"] = "mse"  # activation clip; mse beat max and percentile on MiniLM

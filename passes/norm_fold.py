@@ -351,6 +351,9 @@ class NormFold(Pass):
     """Fold norm affines into the next linear layers; LayerNorm → RMSNorm where the stream can be centred."""
 
     name: ClassVar[str] = "norm-fold"
+    # its contract examples (tests/test_pass_contract.py): a model with its sites, then near-misses
+    examples: ClassVar[tuple[str, ...]] = ("_pass_examples:transformer_post", "_pass_examples:transformer_post")
+    example_spec: ClassVar[str] = "norm-fold{rmsnorm=False}"  # a non-default option
     rmsnorm: bool = True  # convert LayerNorm to RMSNorm by centring the writers of the residual stream
     affine: bool = True  # fold γ/β into the linear layers that read the norm
 

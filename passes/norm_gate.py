@@ -210,6 +210,9 @@ class NormGate(Pass):
 
     name: ClassVar[str] = "norm-gate"
     requires: ClassVar[tuple[str, ...]] = ("norm-fold",)  # gate what the exact folds leave
+    # its contract examples (tests/test_pass_contract.py): a model with its sites, then near-misses
+    examples: ClassVar[tuple[str, ...]] = ("_pass_examples:transformer_pre",)
+    example_spec: ClassVar[str] = "norm-gate{steps=7}"  # a non-default option
     steps: int = 500  # Adam steps per site
     lr: float = 0.03  # relative step size (scaled by each parameter group's magnitude)
     reservoir: int = 8  # fit batches kept per site (memory bound)

@@ -6,9 +6,8 @@ Every user error is a one-line message on stderr and a documented exit code (doc
 distributed rank), 1 internal error, 130 interrupted.
 ``--debug`` shows tracebacks.
 
-``surgeon passes`` / ``surgeon targets`` list the registries (``--json`` for machines); the same
-text is the generated part of docs/cli.md — regenerate it with ``python -m surgeon.cli --write-docs``
-(``write_docs()``), tests/test_cli_listing.py checks it is current.
+``surgeon passes`` / ``surgeon targets`` list the registries (``--json`` for machines); docs/cli.md
+does not copy the listing, so a new pass or target needs no doc regenerated.
 """
 
 from __future__ import annotations
@@ -21,11 +20,10 @@ import os
 import sys
 import tokenize
 import typing
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import __version__
 from .errors import SurgeonError, strip_ansi
+from .version import __version__
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -251,35 +249,6 @@ def targets_markdown() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-_DOC_SECTIONS = {"surgeon passes": passes_markdown, "surgeon targets": targets_markdown}
-_END = "<!-- end generated -->"
-
-
-def _marker(name: str) -> str:
-    return f"<!-- generated: {name} -->"
-
-
-def generated_docs(text: str) -> str:
-    """``text`` (docs/cli.md) with every generated section replaced by what the generators print."""
-    for name, gen in _DOC_SECTIONS.items():
-        start = text.find(_marker(name))
-        if start < 0:
-            raise ValueError(f"docs/cli.md has no '{_marker(name)}' marker")
-        body = start + len(_marker(name))
-        end = text.find(_END, body)
-        if end < 0:
-            raise ValueError(f"docs/cli.md: '{_marker(name)}' has no '{_END}' after it")
-        text = text[:body] + "\n\n" + gen() + "\n" + text[end:]
-    return text
-
-
-def write_docs(path: str | os.PathLike | None = None) -> Path:
-    """Regenerate the generated sections of docs/cli.md in place (``python -m surgeon.cli --write-docs``)."""
-    p = Path(path) if path is not None else Path(__file__).resolve().parents[1] / "docs" / "cli.md"
-    p.write_text(generated_docs(p.read_text(encoding="utf-8")), encoding="utf-8")
-    return p
-
-
 def _passes_help() -> str:
     return ("pipeline, e.g. 'attention-fp8{p_bits=8,granularity=head}' (comma-separated; default: the "
             f"target's default passes); passes: {', '.join(_pass_names())} (`surgeon passes` lists their options)")
@@ -464,7 +433,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--write-docs"]:
-        print(write_docs(*sys.argv[2:3]))
-        sys.exit(0)
     sys.exit(main())

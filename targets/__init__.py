@@ -2,9 +2,13 @@
 module to one deployable file and verifies it in its runtime; it never rewrites the module, runs a
 pass or calibrates (that is the pipeline's job, surgeon/optimize.py).
 
+* ``REGISTRY`` (a ``surgeon.registry.Registry``, the mechanism ``surgeon.passes`` uses too) maps a
+  target's name to ``"module:CONST"`` or the ``Target``. The in-tree entries are read from the source
+  of this directory's public modules (each top-level ``CONST = SomeTarget(name="...", ...)``), none
+  imported until used: adding a target in-tree is one new module here.
 * ``get_target(name)`` → the ``Target`` (imported on first use); ``registered()`` → the names,
   ``torch`` first; ``check_target(name)`` refuses an unknown name before any work.
-* ``register(name, "module:attr" | Target)`` adds one (``"module:attr"`` is resolved lazily).
+* ``register(name, "module:attr" | Target)`` / ``unregister(name)`` for out-of-tree targets.
 * ``TARGETS`` are the file targets ``write_target`` writes beside ``model.pt2`` (the ONNX ones).
 * ``write_target(name, result_or_gm, outdir)`` writes ``OUTDIR/model.onnx`` for a ``Result`` or a
   module and records the verification figures in ``report["targets"][name]``.
@@ -14,59 +18,52 @@ pass or calibrates (that is the pipeline's job, surgeon/optimize.py).
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any
 
 from surgeon.errors import SurgeonError
+from surgeon.registry import Registry, discover, target_objects
 
 from ._base import Target
 
-# name → "module:attr" (resolved on first use, then cached) or the Target itself. Order is the
-# order `surgeon targets` and the error messages list them in: torch first.
-_REGISTRY: dict[str, "str | Target"] = {
-    "torch": "surgeon.targets.pt2:TORCH",
-    "onnx": "surgeon.targets.onnx_targets:ONNX",
-    "onnx-fp8": "surgeon.targets.onnx_targets:ONNX_FP8",
-    "onnx-int8": "surgeon.targets.onnx_targets:ONNX_INT8",
-    "onnx-int8-vnni": "surgeon.targets.onnx_targets:ONNX_INT8_VNNI",
-    "onnx-decoder": "surgeon.targets.onnx_decoder:ONNX_DECODER",
-}
+# torch leads: it is the reference runtime every other file is compared with, and the order is the
+# one `surgeon targets` and the error messages list them in.
+REGISTRY = Registry("target", discover("target", Path(__file__).parent, __name__, target_objects, first=("torch",)),
+                    accepts=Target)
 
 TARGETS: tuple[str, ...] = ("onnx", "onnx-fp8", "onnx-int8", "onnx-int8-vnni")  # written by write_target beside model.pt2
 
-__all__ = ["TARGETS", "Target", "check_target", "get_target", "register", "registered", "write_target"]
+__all__ = ["REGISTRY", "TARGETS", "Target", "check_target", "get_target", "register", "registered", "unregister",
+           "write_target"]
 
 
 def registered() -> tuple[str, ...]:
     """Names of the registered targets, ``torch`` first."""
-    return tuple(_REGISTRY)
+    return tuple(REGISTRY)
 
 
-def register(name: str, target: "str | Target") -> None:
-    """Register ``target`` (a ``Target`` or ``"module:attr"`` naming one) under ``name``."""
-    if name in _REGISTRY:
-        raise ValueError(f"target '{name}' is already registered")
-    _REGISTRY[name] = target
+def register(name: str, target: str | Target) -> None:
+    """Register ``target`` (a ``Target`` or ``"module:attr"`` naming one) under ``name``; a name
+    already registered is refused (``unregister`` it first to replace it)."""
+    REGISTRY.register(name, target)
+
+
+def unregister(name: str) -> None:
+    """Remove a registered target (e.g. a test's, after it ran)."""
+    REGISTRY.unregister(name)
 
 
 def check_target(name: str) -> None:
     """Refuse a target name that does not exist (before any work is done)."""
-    if name not in _REGISTRY:
-        raise SurgeonError(f"unknown target '{name}' (known: {', '.join(_REGISTRY)})")
+    REGISTRY.check(name)
 
 
 def get_target(name: str) -> Target:
     """The registered ``Target`` called ``name`` (its module is imported on first use)."""
-    check_target(name)
-    entry = _REGISTRY[name]
-    if isinstance(entry, str):
-        module_name, attr = entry.split(":")
-        entry = getattr(importlib.import_module(module_name), attr)
-        if not isinstance(entry, Target) or entry.name != name:
-            raise TypeError(f"registry entry {name!r} -> {_REGISTRY[name]!r} is not the Target {name!r}")
-        _REGISTRY[name] = entry
+    entry = REGISTRY.resolve(name)
+    if not isinstance(entry, Target) or entry.name != name:
+        raise SurgeonError(f"target '{name}': {REGISTRY[name]!r} is not the Target '{name}'")
     return entry
 
 

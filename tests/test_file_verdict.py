@@ -56,7 +56,7 @@ AMPLIFIED = Amplified(name="amplified", format="pt2", runtime="torch", profile=T
 
 @pytest.fixture
 def amplified(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(targets._REGISTRY, "amplified", AMPLIFIED)
+    monkeypatch.setitem(targets.REGISTRY, "amplified", AMPLIFIED)
     monkeypatch.setitem(REGISTRY, "toy-round", "test_optimize:ToyRound")
 
 
@@ -200,7 +200,7 @@ class BatchFour(TorchTarget):
 
 
 def test_a_file_that_cannot_run_a_check_batch_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(targets._REGISTRY, "batch-four", BatchFour(
+    monkeypatch.setitem(targets.REGISTRY, "batch-four", BatchFour(
         name="batch-four", format="pt2", runtime="torch", profile=TORCH.profile, description="test: batch 4 only",
         default_passes="toy-round", filename="four.pt2"))
     monkeypatch.setitem(REGISTRY, "toy-round", "test_optimize:ToyRound")

@@ -3,11 +3,16 @@
 * its class is a frozen dataclass subclass of ``Pass`` whose ``name`` is its registry name;
 * ``spec()`` round-trips through ``parse_pipeline`` (default instance and one non-default option);
 * it honours ``PassContext.enabled_sites``: with none enabled it registers no ``SiteRecord``, with
-  one site enabled only that one. Exact passes may register no record by design (``PassContext``
-  docstring): norm-fold does, so for it the test only checks that it registers none;
-* every "skipped" diagnostic gives a reason (each case model has a near-miss where the pass has one).
+  one site enabled only that one. An exact pass may register no record by design (``PassContext``
+  docstring): one that registers none must then leave its example's outputs as they were;
+* every "skipped" diagnostic gives a reason, on its example and on each of its near-misses.
 
-A pass added to the registry needs a case in ``CASES`` (the test says so).
+The cases come from the pass classes, so a new pass needs no edit here: ``examples`` names
+``"module:function"`` factories returning ``(model, inputs)`` (tests/_pass_examples.py, or the pass's own
+test module; tests/ and bench/ are on the path): the first has the sites the pass substitutes, any
+further one is a near-miss; ``example_spec`` is a spec with a non-default option (for a pass with
+options). A pass with no example (``examples = ()``) rewrites something other than an fx graph (a
+decoder step's cache): on a graph it must decline every site, with the reason.
 """
 
 from __future__ import annotations
@@ -16,11 +21,10 @@ import copy
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
+from _pass_examples import resolve
 from torch import nn
 
 import surgeon.passes
@@ -28,62 +32,19 @@ from surgeon.capture import capture
 from surgeon.errors import SurgeonError
 from surgeon.pass_manager import Pass, PassContext, PassManager, parse_pipeline
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from _models import MADE, AffineCoupling, Flow, ManualAttention, TinyTransformer  # noqa: E402
-from digits_vit import TinyViT  # noqa: E402
-from flow_models import glow_like  # noqa: E402
-
-EXACT_NO_RECORDS = {"norm-fold"}  # exact rewrites: nothing for the guard to switch off
-# Passes that rewrite a decoder step's cache format (surgeon.decoder.DecoderStep, --target onnx-decoder),
-# not an fx graph: on any captured graph they decline, with the reason (their own guard is the decoder one).
-DECODER_STEP_PASSES = {"kv-cache-quant"}
+GRAPH = "_pass_examples:transformer_pre"  # what a pass without an fx example is run on (it must decline)
 
 
-def _transformer(placement: str) -> Callable[[], tuple[nn.Module, tuple]]:
-    def make() -> tuple[nn.Module, tuple]:
-        torch.manual_seed(0)
-        return TinyTransformer(layers=2, placement=placement).eval(), (torch.randint(0, 50, (2, 6)),)
-    return make
+def _examples(name: str) -> tuple[str, ...]:
+    cls = surgeon.passes.pass_class(name)
+    examples = getattr(cls, "examples", None)
+    if examples is None:
+        pytest.fail(f"pass '{name}' declares no `examples` (docs/architecture.md, 'Adding a pass')")
+    return tuple(examples)
 
 
-def _vit() -> tuple[nn.Module, tuple]:
-    torch.manual_seed(0)
-    return TinyViT(attn="sdpa").eval(), (torch.rand(2, 1, 8, 8),)  # two SDPA sites
-
-
-def _einsum_attention() -> tuple[nn.Module, tuple]:
-    torch.manual_seed(0)
-    return ManualAttention(product="einsum").eval(), (torch.randn(2, 6, 16),)
-
-
-def _glow() -> tuple[nn.Module, tuple]:
-    torch.manual_seed(0)
-    return glow_like(4).eval(), (torch.randn(2, 4, 3, 3),)
-
-
-def _flow() -> tuple[nn.Module, tuple]:
-    torch.manual_seed(0)
-    return Flow(AffineCoupling(8), MADE(8)).eval(), (torch.randn(4, 8),)
-
-
-# name → (a model with the pass's sites, and a near-miss where the pass has one; one non-default spec)
-CASES: dict[str, tuple[Callable[[], tuple[nn.Module, tuple]], str | None]] = {
-    "attention-fp8": (_transformer("pre"), "attention-fp8{granularity=tensor}"),
-    "attention-int8": (_vit, "attention-int8{granularity=tensor}"),
-    "linear-quant": (_transformer("pre"), "linear-quant{dtype=int8,rounding=nearest}"),  # tables < min_table: skipped
-    "norm-fold": (_transformer("post"), "norm-fold{rmsnorm=False}"),  # post-norm: γ/β not foldable
-    "norm-gate": (_transformer("pre"), "norm-gate{steps=7}"),  # the final norm is no residual site
-    "flow-fold": (_glow, None),  # no options
-    "flow-inverse": (_flow, "flow-inverse{corrections=1,steps=10}"),
-    "kv-cache-quant": (_transformer("pre"), "kv-cache-quant{dtype=fp8,granularity=tensor}"),  # declines on fx graphs
-}
-
-
-def _case(name: str):
-    if name not in CASES:
-        pytest.fail(f"pass '{name}' is registered but has no case in tests/test_pass_contract.py CASES")
-    return CASES[name]
+def _near_misses() -> list[tuple[str, str]]:
+    return [(name, ex) for name in surgeon.passes.registered() for ex in _examples(name)[1:]]
 
 
 def _run(name: str, model: nn.Module, inputs: tuple, enabled: set[str] | None):
@@ -92,13 +53,18 @@ def _run(name: str, model: nn.Module, inputs: tuple, enabled: set[str] | None):
 
 
 def test_registry_is_lazy_and_complete() -> None:
-    assert surgeon.passes.registered() == sorted(
-        ["attention-fp8", "attention-int8", "linear-quant", "norm-fold", "norm-gate", "flow-fold", "flow-inverse",
-         "kv-cache-quant"])
     code = ("import sys, surgeon.passes, surgeon.pass_manager; "
             "print(sorted(m for m in sys.modules if m.startswith('surgeon.passes.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"  # importing the registry imports no pass module
+    # complete: every Pass subclass with a name in the package's public modules is registered, and no other
+    code = ("import importlib, pkgutil, surgeon.passes as p; from surgeon.pass_manager import Pass\n"
+            "for m in pkgutil.iter_modules(p.__path__):\n"
+            "    mod = importlib.import_module('surgeon.passes.' + m.name)\n"
+            "    print(*sorted(c.name for c in vars(mod).values() if isinstance(c, type) and issubclass(c, Pass)"
+            " and c.name and c.__module__ == mod.__name__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert sorted(out.split()) == surgeon.passes.registered()
 
 
 @pytest.mark.parametrize("name", surgeon.passes.registered())
@@ -109,9 +75,9 @@ def test_class_and_spec_round_trip(name: str) -> None:
     assert cls.name == name
     p = cls()
     assert parse_pipeline(p.spec())[0] == p
-    _, spec = _case(name)
+    spec = getattr(cls, "example_spec", None)
     if spec is None:
-        assert not dataclasses.fields(cls), f"{name} has options: give CASES a non-default spec"
+        assert not dataclasses.fields(cls), f"{name} has options: give its class an `example_spec`"
         return
     q = parse_pipeline(spec)[0]
     assert q != p  # a non-default option value
@@ -146,22 +112,22 @@ def test_spec_whitespace_and_empty_options() -> None:
 
 @pytest.mark.parametrize("name", surgeon.passes.registered())
 def test_honours_enabled_sites_and_explains_skips(name: str) -> None:
-    make, _ = _case(name)
-    model, inputs = make()
-    _, ctx, diags = _run(name, model, inputs, None)
+    examples = _examples(name)
+    model, inputs = resolve(examples[0] if examples else GRAPH)
+    gm, ctx, diags = _run(name, model, inputs, None)
     for d in diags:
         assert d.pass_name == name
         assert d.status in ("applied", "skipped")
         if d.status == "skipped":
             assert d.reason.strip(), d
-    if name in DECODER_STEP_PASSES:
+    if not examples:  # not an fx-graph pass: declines, with the reason
         assert not ctx.records and diags and all(d.status == "skipped" for d in diags), [d.to_json() for d in diags]
         return
     assert any(d.status == "applied" for d in diags), [d.to_json() for d in diags]
-    if name in EXACT_NO_RECORDS:
-        assert not ctx.records  # by design (PassContext): an exact pass has no site to switch off
+    if not ctx.records:  # an exact rewrite has no site for the guard to switch off: it must be exact
+        with torch.no_grad():
+            torch.testing.assert_close(gm(*inputs), model(*inputs))
         return
-    assert ctx.records, f"{name} registered no site on its case model"
     assert all(r.pass_name == name and r.site == s for s, r in ctx.records.items())
 
     _, none, _ = _run(name, model, inputs, set())
@@ -172,24 +138,9 @@ def test_honours_enabled_sites_and_explains_skips(name: str) -> None:
     assert set(one.records) == {first}
 
 
-def _mlp() -> tuple[nn.Module, tuple]:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).eval(), (torch.randn(4, 8),)
-
-
-# near-misses: a site the pass looks at and refuses (with its reason)
-NEAR_MISSES = {
-    "attention-int8": _einsum_attention,  # hand-written with einsum products: matmul / bmm only
-    "linear-quant": _transformer("pre"),  # embedding tables smaller than min_table
-    "norm-fold": _transformer("post"),  # post-norm: the residual add reads the norm, γ/β not foldable
-    "flow-fold": _flow,  # coupling and autoregressive log-dets depend on the input
-    "flow-inverse": _mlp,  # no coupling site
-}
-
-
-@pytest.mark.parametrize("name", sorted(NEAR_MISSES))
-def test_near_misses_are_explained(name: str) -> None:
-    model, inputs = NEAR_MISSES[name]()
+@pytest.mark.parametrize("name, example", _near_misses())
+def test_near_misses_are_explained(name: str, example: str) -> None:
+    model, inputs = resolve(example)
     _, _, diags = _run(name, model, inputs, None)
     skipped = [d for d in diags if d.status == "skipped"]
     assert skipped and all(d.reason.strip() for d in skipped), [d.to_json() for d in diags]

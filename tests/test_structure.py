@@ -13,7 +13,14 @@ is not an edge):
     (importing the registry packages themselves is fine);
 (d) no ``from x import _y`` of a private name from another surgeon module; a ``_``-prefixed module
     is imported only inside its own package (its parent package and below, where ``surgeon.passes``
-    and ``surgeon.targets``, which live in their own folders, count as packages of their own).
+    and ``surgeon.targets``, which live in their own folders, count as packages of their own);
+(e) no ``mod._y`` either: a private attribute of a surgeon module imported from another package;
+(f) no import through the package root: no module imports ``surgeon`` itself (its ``__init__``, which
+    imports the pipeline) except ``surgeon.__main__``, so no module sits in a loop through it;
+(g) no module over 400 lines (one job per module);
+(h) the command line never branches on a target's name: no comparison of a value with a registered
+    target name (a literal, or a module constant holding one) in the CLI modules; what differs
+    between targets is asked of the ``Target``.
 
 Edge convention: ``from pkg import name`` is an edge to ``pkg.name`` when that is a module, else to
 ``pkg``; ``import a.b.c`` is an edge to ``a.b.c``. Importing a submodule is not counted as importing
@@ -23,11 +30,13 @@ its parent packages (otherwise every package would be in a cycle with its own su
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import networkx as nx
 import pytest
@@ -76,10 +85,20 @@ def _in_type_checking(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
     return False
 
 
-def _imports(name: str, known: set[str]) -> list[Import]:
+def _path(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     assert spec is not None and spec.origin, name
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"), spec.origin)
+    return Path(spec.origin)
+
+
+@functools.cache
+def _tree_of(name: str) -> ast.Module:
+    path = _path(name)
+    return ast.parse(path.read_text(encoding="utf-8"), str(path))
+
+
+def _imports(name: str, known: set[str]) -> list[Import]:
+    tree = _tree_of(name)
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     package = name if _is_package(name) else name.rpartition(".")[0]
     out: list[Import] = []
@@ -163,6 +182,133 @@ def private_imports(imports: list[Import]) -> set[str]:
     return found
 
 
+def _package(name: str) -> str:
+    """The package a module belongs to for the private-name rules (a package is its own)."""
+    return name if _is_package(name) else name.rpartition(".")[0]
+
+
+def _bound_modules(tree: ast.Module, name: str, known: set[str]) -> dict[str, str]:
+    """Local name → surgeon module, for every module an import statement binds to a name."""
+    package = name if _is_package(name) else name.rpartition(".")[0]
+    bound: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.asname and alias.name in known:
+                    bound[alias.asname] = alias.name
+                elif not alias.asname and alias.name.split(".")[0] == "surgeon":
+                    bound["surgeon"] = "surgeon"
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
+            for alias in node.names:
+                if f"{base}.{alias.name}" in known:
+                    bound[alias.asname or alias.name] = f"{base}.{alias.name}"
+    return bound
+
+
+def _module_of(expr: ast.expr, bound: dict[str, str], known: set[str]) -> str | None:
+    """The surgeon module an expression such as ``quant`` or ``surgeon.quant`` names, or None."""
+    if isinstance(expr, ast.Name):
+        return bound.get(expr.id)
+    if isinstance(expr, ast.Attribute):
+        outer = _module_of(expr.value, bound, known)
+        if outer is not None and f"{outer}.{expr.attr}" in known:
+            return f"{outer}.{expr.attr}"
+    return None
+
+
+def _imported_names(tree: ast.Module, known: set[str]) -> dict[str, str]:
+    """Local name → the surgeon module it was imported from, for ``from surgeon.x import Name`` (not a module)."""
+    return {alias.asname or alias.name: node.module for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module in known
+            for alias in node.names if f"{node.module}.{alias.name}" not in known}
+
+
+def _typed_parameters(fn: ast.FunctionDef | ast.AsyncFunctionDef, classes: dict[str, str]) -> dict[str, str]:
+    """Parameter → the surgeon module of its annotated class (``quant: Quantizer`` → ``surgeon.quant``)."""
+    params = [*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs]
+    return {a.arg: classes[a.annotation.id] for a in params
+            if isinstance(a.annotation, ast.Name) and a.annotation.id in classes}
+
+
+def private_attributes(name: str, tree: ast.Module, known: set[str]) -> set[str]:
+    """``mod._y`` where ``mod`` is a surgeon module of another package than ``name``'s, and ``obj._y`` where
+    ``obj`` is a parameter annotated with a class of such a module (``quant: Quantizer`` … ``quant._axis``)."""
+    bound = _bound_modules(tree, name, known)
+    classes = _imported_names(tree, known)
+    found = set()
+
+    def check(node: ast.Attribute, owner: str | None) -> None:
+        if owner is not None and _package(owner) != _package(name) and f"{owner}.{node.attr}" not in known:
+            found.add(f"private-attribute: {name}:{node.lineno} -> {owner}.{node.attr}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            check(node, _module_of(node.value, bound, known))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            typed = _typed_parameters(node, classes)
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Attribute) and _private(sub.attr) and isinstance(sub.value, ast.Name):
+                    check(sub, typed.get(sub.value.id))
+    return found
+
+
+def root_imports(imports: list[Import]) -> set[str]:
+    """Modules that import the package root ``surgeon`` (its ``__init__``) rather than the module they need."""
+    return {f"root-import: {i.importer} -> surgeon{'.' + i.name if i.name else ''}" for i in imports
+            if i.module == "surgeon" and i.importer != "surgeon"}
+
+
+MAX_LINES = 400
+
+
+def long_modules(names: list[str]) -> set[str]:
+    found = set()
+    for name in names:
+        lines = len(_path(name).read_text(encoding="utf-8").splitlines())
+        if lines > MAX_LINES:
+            found.add(f"long-module: {name} ({lines} lines > {MAX_LINES})")
+    return found
+
+
+NOT_NAMES = {"format", "runtime", "filename", "quantized"}  # Target fields whose values are not target names
+
+
+def _is_cli(name: str) -> bool:
+    return any(part == "cli" or part.startswith("cli_") or part.endswith("_cli") for part in name.split(".")[1:])
+
+
+def target_branches(name: str, tree: ast.Module, targets: set[str]) -> set[str]:
+    """Comparisons with a target name (``args.target == "onnx-decoder"``, ``t in ("torch", ...)``, or with
+    a module-level constant that holds one) in module ``name``."""
+    constants = {t.id: node.value.value for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+                 for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+
+    def strings(expr: ast.expr) -> list[str]:
+        if isinstance(expr, ast.Constant) and isinstance(expr.value, str):
+            return [expr.value]
+        if isinstance(expr, ast.Name) and expr.id in constants:
+            return [constants[expr.id]]
+        if isinstance(expr, (ast.Tuple, ast.List, ast.Set)):
+            return [s for e in expr.elts for s in strings(e)]
+        return []
+
+    found = set()
+    for node in ast.walk(tree):
+        # ``tgt.format == "onnx"`` compares a file format, which may share a target's name
+        if isinstance(node, ast.Compare) and not any(isinstance(v, ast.Attribute) and v.attr in NOT_NAMES
+                                                     for v in (node.left, *node.comparators)):
+            for value in (node.left, *node.comparators):
+                for s in strings(value):
+                    if s in targets:
+                        found.add(f"target-branch: {name}:{node.lineno} compares with '{s}'")
+    return found
+
+
 def test_every_module_imports() -> None:
     failed = []
     for name in MODULES:
@@ -184,15 +330,30 @@ def test_public_names_still_call_the_functions() -> None:
     assert surgeon.load is load and callable(surgeon.load)
 
 
-@pytest.mark.parametrize("rule", [cycles, registry_reaches, private_imports], ids=lambda f: f.__name__)
-def test_layering(imports: list[Import], rule) -> None:
-    found = rule(imports)
+def _source_rules() -> dict[str, Callable[[list[Import]], set[str]]]:
+    known = set(MODULES)
+    targets = set(importlib.import_module("surgeon.targets").registered())
+    return {
+        "private_attributes": lambda _: {v for m in MODULES for v in private_attributes(m, _tree_of(m), known)},
+        "long_modules": lambda _: long_modules(MODULES),
+        "target_branches": lambda _: {v for m in MODULES if _is_cli(m) for v in target_branches(m, _tree_of(m), targets)},
+    }
+
+
+RULES: dict[str, Callable[[list[Import]], set[str]]] = {
+    "cycles": cycles, "registry_reaches": registry_reaches, "private_imports": private_imports,
+    "root_imports": root_imports, **_source_rules()}
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_layering(imports: list[Import], rule: str) -> None:
+    found = RULES[rule](imports)
     new = sorted(found - KNOWN_VIOLATIONS)
     assert not new, "new structure violations:\n" + "\n".join(new)
 
 
 def test_known_violations_are_current(imports: list[Import]) -> None:
-    found = cycles(imports) | registry_reaches(imports) | private_imports(imports)
+    found = set().union(*(rule(imports) for rule in RULES.values()))
     stale = sorted(KNOWN_VIOLATIONS - found)
     assert not stale, "KNOWN_VIOLATIONS entries that no longer occur (delete them):\n" + "\n".join(stale)
 
@@ -208,3 +369,21 @@ def test_the_rules_catch_what_they_should() -> None:
     assert registry_reaches(imps) == {"registry: surgeon.c -> surgeon.passes.x"}
     assert private_imports(imps) == {"private-module: surgeon.passes.x -> surgeon._p",
                                      "private-name: surgeon.c -> surgeon.b._hidden"}
+    assert root_imports([Import("surgeon.a", "surgeon", "__version__"), Import("surgeon", "surgeon.a", None)]) == {
+        "root-import: surgeon.a -> surgeon.__version__"}
+
+
+def test_the_source_rules_catch_what_they_should() -> None:
+    known = {"surgeon", "surgeon.quant", "surgeon.passes", "surgeon.passes.p", "surgeon.passes._h"}
+    code = ast.parse("import surgeon.quant\nfrom surgeon import quant as q\nfrom . import _h\n"
+                     "a = q._axis\nb = surgeon.quant._scale\nc = _h._ok\nd = q.public\n"
+                     "from surgeon.quant import Quantizer\ndef f(x: Quantizer, y):\n    return x._axis, y._any\n")
+    assert private_attributes("surgeon.passes.p", code, known) == {
+        "private-attribute: surgeon.passes.p:4 -> surgeon.quant._axis",
+        "private-attribute: surgeon.passes.p:5 -> surgeon.quant._scale",
+        "private-attribute: surgeon.passes.p:10 -> surgeon.quant._axis"}
+    code = ast.parse('DEC = "dec"\nif t == DEC or t in ("x", "torch") or t == "other" or f.format == "dec":\n    pass\n')
+    assert target_branches("surgeon.cli", code, {"dec", "torch"}) == {
+        "target-branch: surgeon.cli:2 compares with 'dec'", "target-branch: surgeon.cli:2 compares with 'torch'"}
+    assert _is_cli("surgeon.cli") and _is_cli("surgeon.export_cli") and _is_cli("surgeon.pipeline.cli")
+    assert not _is_cli("surgeon.client") and not _is_cli("surgeon.pipeline.run")

@@ -15,7 +15,8 @@ pytest.importorskip("onnxruntime")
 from surgeon.capture import capture  # noqa: E402
 from surgeon.errors import SurgeonError  # noqa: E402
 from surgeon.profile import KEEP, ORT_CPU_INT8, Profile  # noqa: E402
-from surgeon.targets import TARGETS, Target, check_target, get_target, registered, write_target  # noqa: E402
+from surgeon.registry import discover, pass_classes, target_objects  # noqa: E402
+from surgeon.targets import TARGETS, Target, check_target, get_target, register, registered, unregister, write_target  # noqa: E402
 
 
 def test_registered_targets_are_described() -> None:
@@ -44,6 +45,51 @@ def test_check_target_message() -> None:
     assert str(info.value) == "unknown target 'nope' (known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni, onnx-decoder)"
     with pytest.raises(SurgeonError):
         get_target("nope")
+
+
+def test_register_and_unregister_like_passes() -> None:
+    """Targets register as passes do (surgeon.registry): an object or "module:attr", refused twice, removable."""
+    import dataclasses
+
+    import surgeon.passes
+
+    twin = dataclasses.replace(get_target("onnx"), name="onnx-twin")
+    register("onnx-twin", twin)
+    try:
+        assert registered()[-1] == "onnx-twin" and get_target("onnx-twin") is twin
+        with pytest.raises(SurgeonError, match=r"^target 'onnx-twin' is already registered"):
+            register("onnx-twin", "surgeon.targets.onnx_targets:ONNX")
+    finally:
+        unregister("onnx-twin")
+    assert "onnx-twin" not in registered()
+    with pytest.raises(SurgeonError, match=r"^unknown target 'onnx-twin' \(known: torch, "):
+        unregister("onnx-twin")
+    with pytest.raises(SurgeonError, match="must be written 'module:attr'"):
+        register("x", "no-colon")
+    with pytest.raises(SurgeonError, match="expected a Target"):
+        register("x", object())
+    register("misnamed", "surgeon.targets.onnx_targets:ONNX")  # resolved lazily: checked on first use
+    try:
+        with pytest.raises(SurgeonError, match="is not the Target 'misnamed'"):
+            get_target("misnamed")
+    finally:
+        unregister("misnamed")
+    with pytest.raises(SurgeonError, match=r"^unknown pass 'onnx' \(known: attention-fp8, "):
+        surgeon.passes.unregister("onnx")  # the same messages, the same mechanism
+
+
+def test_discovery_reads_sources_in_one_order(tmp_path: Path) -> None:
+    (tmp_path / "b_mod.py").write_text('A = MyTarget(name="alpha")\nB = MyTarget(name="beta")\nC = other(name="no")\n')
+    (tmp_path / "a_mod.py").write_text('T = MyTarget(name="zeta")\n')
+    (tmp_path / "_private.py").write_text('P = MyTarget(name="hidden")\n')
+    (tmp_path / "c_pass.py").write_text('class P(Pass):\n    name: ClassVar[str] = "p"\n')
+    found = discover("target", tmp_path, "pkg", target_objects)
+    assert found == {"alpha": "pkg.b_mod:A", "beta": "pkg.b_mod:B", "zeta": "pkg.a_mod:T"}
+    assert list(discover("target", tmp_path, "pkg", target_objects, first=("zeta",))) == ["zeta", "alpha", "beta"]
+    assert discover("pass", tmp_path, "pkg", pass_classes) == {"p": "pkg.c_pass:P"}
+    (tmp_path / "d_mod.py").write_text('X = MyTarget(name="alpha")\n')
+    with pytest.raises(SurgeonError, match="target 'alpha' is defined twice: pkg.b_mod:A and pkg.d_mod:X"):
+        discover("target", tmp_path, "pkg", target_objects)
 
 
 def test_profile_refuses_a_ladder_without_keep() -> None:

@@ -54,7 +54,6 @@ SHAPE_OPS = {"sym_size", "size", "dim", "numel", "sym_numel", "sym_stride", "str
 _METADATA_ATTRS = {"dtype", "device", "shape", "ndim", "layout", "is_cuda", "requires_grad", "is_floating_point"}
 TRANSPARENT = {"to", "dropout"}  # value-preserving in eval mode
 PRODUCTS = {"matmul", "bmm", "mm", "einsum", "baddbmm"}
-PARAMETRIC = {"linear", "conv", "addmm", "matmul", "mm", "bmm", "einsum"}  # parametric when a weight is constant
 VIEWS = {"view", "reshape", "_unsafe_view", "permute", "transpose", "unsqueeze", "squeeze", "expand",
          "flatten", "unflatten", "contiguous", "repeat", "repeat_interleave", "expand_as", "view_as"}
 
