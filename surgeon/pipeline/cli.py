@@ -15,7 +15,7 @@ from ..errors import SurgeonError, ToleranceNotMet
 from ..pass_manager import parse_pipeline
 from ..verdict import decide
 from ..verify import parse_tolerance
-from .data import read_calibration
+from .calib_read import read_calibration
 from .result import Result, check_target
 from .run import optimize
 

@@ -215,7 +215,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
                                (deploy.default_passes if deploy is not None else DEFAULT_PASSES))
     tol = parse_tolerance(tolerance, has_metric=metric is not None)
     if isinstance(calib, (str, os.PathLike)):  # a file, by the CLI's --calib rules
-        from .data import calibration as calibration_of
+        from .calib_read import calibration as calibration_of
 
         calib = calibration_of(calib, model)
     text_stats = getattr(calib, "text_stats", None)  # calibration tokenized from text: what it was like
