@@ -103,7 +103,7 @@ def _processor(media: MediaModel, kind: str) -> Any:
         raise SurgeonError(f"a calibration directory of {kind} files needs the model's {what}: '{media.source}' has "
                            f"no preprocessor_config.json (save it there with the {what}'s save_pretrained), or give "
                            "a .pt file of input batches")
-    from ..loaders.hf import import_transformers, quiet_load_report
+    from ..loaders.hf_files import import_transformers, quiet_load_report
 
     transformers = import_transformers()
     auto = transformers.AutoImageProcessor if kind == "image" else transformers.AutoFeatureExtractor
