@@ -202,7 +202,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
             torch.set_num_threads(previous)
     from .. import distributed
     from ..capture import capture
-    from ..resources import check_memory
+    from ..memory import check_memory
 
     timings: dict[str, float] = dict(_timings or {})
     notes: list[str] = []
