@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import SurgeonError, first_line
 
@@ -40,15 +40,20 @@ def import_transformers() -> Any:
 
 
 @contextlib.contextmanager
-def no_progress_bars(transformers: Any) -> Iterator[None]:
-    logging_ = transformers.utils.logging
-    enabled = logging_.is_progress_bar_enabled()
-    logging_.disable_progress_bar()
+def _while(enter: Callable[[], None], leave: Callable[[], None]) -> Iterator[None]:
+    """``enter()`` for the block, ``leave()`` after it, also when it raises."""
+    enter()
     try:
         yield
     finally:
-        if enabled:
-            logging_.enable_progress_bar()
+        leave()
+
+
+def no_progress_bars(transformers: Any) -> contextlib.AbstractContextManager[None]:
+    """Within the block transformers shows no progress bars (as they were after it)."""
+    logging_ = transformers.utils.logging
+    enabled = logging_.is_progress_bar_enabled()
+    return _while(logging_.disable_progress_bar, logging_.enable_progress_bar if enabled else lambda: None)
 
 
 def load_tokenizer(transformers: Any, path: Path, source: str, notes: list[str]) -> Any:
@@ -70,15 +75,10 @@ def load_tokenizer(transformers: Any, path: Path, source: str, notes: list[str])
     return tokenizer
 
 
-@contextlib.contextmanager
-def quiet_load_report(transformers: Any) -> Iterator[None]:
+def quiet_load_report(transformers: Any) -> contextlib.AbstractContextManager[None]:
     """Within the block transformers' own load report (and progress output) is silenced."""
     # transformers logs a multi-line load report of missing/unexpected weights; surgeon refuses them
     # in one line of its own (``hf_heads.check_weights``), or says in a note what it dropped on purpose.
     logging_ = transformers.utils.logging
     verbosity = logging_.get_verbosity()
-    logging_.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging_.set_verbosity(verbosity)
+    return _while(logging_.set_verbosity_error, lambda: logging_.set_verbosity(verbosity))
