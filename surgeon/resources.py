@@ -101,7 +101,7 @@ def clean_stale(out: Path) -> list[str]:
     renames of a replacement (systems without an atomic exchange): it is put back first."""
     out = Path(out)
     parent = out.parent if str(out.parent) else Path(".")
-    removed = []
+    removed: list[str] = []
     try:
         entries = sorted(parent.iterdir())
     except OSError:
