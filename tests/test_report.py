@@ -11,7 +11,8 @@ from pathlib import Path
 
 from surgeon.metrics import Figures
 from surgeon.pass_manager import Diagnostic, SiteRecord
-from surgeon.report import SCHEMA_VERSION, json_safe, make_report, render_html, write_html, write_json
+from surgeon.report import SCHEMA_VERSION, json_safe, make_report, write_json
+from surgeon.report_html import render_html, write_html
 from surgeon.tolerance import Tolerance
 from surgeon.verify import GuardResult, SiteCheck
 
