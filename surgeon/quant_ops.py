@@ -32,7 +32,7 @@ multiplication by ``1/scale`` rounds differently), saturation maps ±inf and eve
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -65,29 +65,9 @@ def _quantize_fp8_ref(x: Tensor, scale: Tensor, axis: int) -> Tensor:
     return (x.to(torch.float32) / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
-@torch.library.custom_op("surgeon::quantize_fp8", mutates_args=())
-def _quantize_fp8(x: Tensor, scale: Tensor, axis: int) -> Tensor:
-    return _quantize_fp8_ref(x, scale, axis)
-
-
-@_quantize_fp8.register_fake
-def _(x: Tensor, scale: Tensor, axis: int) -> Tensor:
-    return torch.empty_like(x, dtype=torch.float8_e4m3fn)
-
-
 def _dequantize_fp8_ref(q: Tensor, scale: Tensor, axis: int) -> Tensor:
     s = broadcast_param(scale, q, axis, "scale").to(torch.float32)
     return q.to(torch.float32) * s
-
-
-@torch.library.custom_op("surgeon::dequantize_fp8", mutates_args=())
-def _dequantize_fp8(q: Tensor, scale: Tensor, axis: int) -> Tensor:
-    return _dequantize_fp8_ref(q, scale, axis)
-
-
-@_dequantize_fp8.register_fake
-def _(q: Tensor, scale: Tensor, axis: int) -> Tensor:
-    return torch.empty_like(q, dtype=torch.float32)
 
 
 def _quantize_int8_ref(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
@@ -99,31 +79,11 @@ def _quantize_int8_ref(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) 
     return torch.where(torch.isnan(v), torch.full_like(v, -128.0), v).to(torch.int8)
 
 
-@torch.library.custom_op("surgeon::quantize_int8", mutates_args=())
-def _quantize_int8(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
-    return _quantize_int8_ref(x, scale, zero_point, axis)
-
-
-@_quantize_int8.register_fake
-def _(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
-    return torch.empty_like(x, dtype=torch.int8)
-
-
 def _dequantize_int8_ref(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
     s = broadcast_param(scale, q, axis, "scale").to(torch.float32)
     zp = broadcast_param(zero_point, q, axis, "zero_point").to(torch.int32)
     # (q - zp) is an exact small integer, so the float product rounds once, like ONNX.
     return (q.to(torch.int32) - zp).to(torch.float32) * s
-
-
-@torch.library.custom_op("surgeon::dequantize_int8", mutates_args=())
-def _dequantize_int8(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
-    return _dequantize_int8_ref(q, scale, zero_point, axis)
-
-
-@_dequantize_int8.register_fake
-def _(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
-    return torch.empty_like(q, dtype=torch.float32)
 
 
 def _quantize_uint8_ref(x: Tensor, scale: Tensor, zero_point: int, axis: int) -> Tensor:
@@ -132,16 +92,6 @@ def _quantize_uint8_ref(x: Tensor, scale: Tensor, zero_point: int, axis: int) ->
     # onnxruntime gives for int8: -128).
     v = (round_half_even(x.to(torch.float32) / s) + float(zero_point)).clamp(0.0, 255.0)
     return torch.where(torch.isnan(v), torch.zeros_like(v), v).to(torch.uint8)
-
-
-@torch.library.custom_op("surgeon::quantize_uint8", mutates_args=())
-def _quantize_uint8(x: Tensor, scale: Tensor, zero_point: int, axis: int) -> Tensor:
-    return _quantize_uint8_ref(x, scale, zero_point, axis)
-
-
-@_quantize_uint8.register_fake
-def _(x: Tensor, scale: Tensor, zero_point: int, axis: int) -> Tensor:
-    return torch.empty_like(x, dtype=torch.uint8)
 
 
 def _matmul_integer_ref(a: Tensor, b: Tensor, a_zero_point: int, b_zero_point: int) -> Tensor:
@@ -153,14 +103,23 @@ def _matmul_integer_ref(a: Tensor, b: Tensor, a_zero_point: int, b_zero_point: i
     return torch.matmul(a64, b64).to(torch.float32)
 
 
-@torch.library.custom_op("surgeon::matmul_integer", mutates_args=())
-def _matmul_integer(a: Tensor, b: Tensor, a_zero_point: int, b_zero_point: int) -> Tensor:
-    return _matmul_integer_ref(a, b, a_zero_point, b_zero_point)
+def _define(name: str, ref: Callable[..., Tensor], fake: Callable[..., Tensor]) -> None:
+    """Register ``surgeon::<name>`` computing ``ref``, with ``fake`` as its meta implementation (the
+    output's shape and dtype), so ``torch.export`` traces the op as one node."""
+    op = torch.library.custom_op(f"surgeon::{name}", ref, mutates_args=())
+    op.register_fake(fake)
 
 
-@_matmul_integer.register_fake
-def _(a: Tensor, b: Tensor, a_zero_point: int, b_zero_point: int) -> Tensor:
-    return torch.matmul(a.to(torch.float32), b.to(torch.float32))
+def _like(dtype: torch.dtype) -> Callable[..., Tensor]:
+    return lambda x, *_: torch.empty_like(x, dtype=dtype)
+
+
+_define("quantize_fp8", _quantize_fp8_ref, _like(torch.float8_e4m3fn))
+_define("dequantize_fp8", _dequantize_fp8_ref, _like(torch.float32))
+_define("quantize_int8", _quantize_int8_ref, _like(torch.int8))
+_define("dequantize_int8", _dequantize_int8_ref, _like(torch.float32))
+_define("quantize_uint8", _quantize_uint8_ref, _like(torch.uint8))
+_define("matmul_integer", _matmul_integer_ref, lambda a, b, *_: torch.matmul(a.to(torch.float32), b.to(torch.float32)))
 
 
 def quantize_uint8(x: Tensor, scale: Tensor, zero_point: int = 0, axis: int = 0) -> Tensor:
