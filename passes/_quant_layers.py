@@ -188,6 +188,7 @@ class QuantLinear(nn.Module):
         return self._smooth
 
     def smoothed(self, x: Tensor) -> Tensor:
+        """x / s: the input the smoothed weight diag(s)·W is meant for (x itself before smoothing)."""
         return x if self.inv_smooth is None else x * self.inv_smooth
 
     def _exact(self, x: Tensor) -> Tensor:

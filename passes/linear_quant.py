@@ -27,6 +27,8 @@ operand of the matmul; a conv is transposed; a table is also read by a linear (t
 linear owns it) or has fewer than ``min_table`` elements; the node is already quantized.
 Sites: ``linear:<module path>:<node>`` (one per layer) and ``embedding:<module path>:<node>``;
 each is one switchable submodule, so the guard can roll back single layers.
+This module matches the layers and swaps them in; the substitutes are passes/_quant_layers.py, the
+fit on calibration batches (SmoothQuant, outlier channels, GPTQ) passes/_quant_fit.py.
 """
 
 from __future__ import annotations

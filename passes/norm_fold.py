@@ -26,7 +26,8 @@ fold cannot be switched off without keeping both weight sets); it applies identi
 including the pipeline's rebuild, and reports one diagnostic per norm. Constants are replaced by new
 parameters (``<name>_folded``, ``<name>_centred``); tied weights are untied where a fold needs it.
 Each norm it rewrites carries ``node.meta["surgeon"] = {"pass": "norm-fold", "residual_centred": bool}``
-(True where the residual stream was centred) for later passes to read.
+(True where the residual stream was centred) for later passes to read. The graph walks that decide
+where a fold or the centring applies are passes/_norm_stream.py; norm anatomy passes/_norm_math.py.
 """
 
 from __future__ import annotations
