@@ -14,7 +14,6 @@ the parameter count of the result is the real one.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,11 +256,3 @@ def drop_unused(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
             del owner._buffers[leaf]
         elif hasattr(owner, leaf):
             delattr(owner, leaf)
-
-
-def relative_error(out: Tensor, ref: Tensor) -> float:
-    """‖out − ref‖² / ‖ref‖² (float64)."""
-    r = ref.detach().to(torch.float64)
-    e = float((out.detach().to(torch.float64) - r).square().sum())
-    s = float(r.square().sum())
-    return e / s if s > 0 else (0.0 if e == 0 else math.inf)

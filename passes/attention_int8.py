@@ -60,7 +60,8 @@ from surgeon.pass_manager import Pass, PassContext, PassResult, SiteRecord
 from surgeon.passes._attention_graph import fresh_name, rewrite_sites, sdpa_site_args, shift_preserving
 from surgeon.passes._fx import copy_meta
 from surgeon.passes._sdpa import AttentionQuant, center_keys, sdpa_reference
-from surgeon.quant import Quantizer, matmul_integer, quantize_uint8
+from surgeon.quant import Quantizer
+from surgeon.quant_ops import matmul_integer, quantize_uint8
 
 __all__ = ["AttentionINT8", "INT8SDPA", "INT8ManualAttention", "IntegerQK", "IntegerPV", "UInt8P", "CODE_ZERO",
            "P_SCALE", "RUNG"]
@@ -87,7 +88,7 @@ class UInt8P(nn.Module):
 
 def _codes(quant: Quantizer, x: Tensor) -> Tensor:
     """x's int8 codes (stored as uint8 + 128) with the calibrated scale of ``quant``."""
-    axis = quant._axis(x)
+    axis = quant.channel_axis(x)
     return quantize_uint8(x, quant.scale, CODE_ZERO, 0 if axis is None else axis)
 
 

@@ -9,7 +9,7 @@ After:   y = dq(q(x; s_x)) · dq(W_q; s_W) + b
          layout ONNX Runtime's QDQ fusion turns into one integer kernel (MatMulIntegerToFloat).
          Embedding tables no linear owns (``embeddings=True``): weight-only, one scale per row, stored
          FP8 (dtype=fp8) or INT8 (dtype=int8), so the table — half of a small BERT's weights — shrinks
-         in the file too (see ``QuantEmbedding`` for where the dequantize sits and why).
+         in the file too (passes/_quant_layers.py's ``QuantEmbedding`` says where the dequantize sits and why).
 Rungs (the guard steps a layer down them before it keeps the layer in float; the target's profile
 names those its runtime runs): INT8 ``int8-dynamic`` → ``int8-dynamic-outliers`` → ``int8-static``
 (``QuantLinear``); FP8 ``fp8-static`` → ``fp8-weight`` (onnx-fp8), the weight-only step:
@@ -27,6 +27,8 @@ operand of the matmul; a conv is transposed; a table is also read by a linear (t
 linear owns it) or has fewer than ``min_table`` elements; the node is already quantized.
 Sites: ``linear:<module path>:<node>`` (one per layer) and ``embedding:<module path>:<node>``;
 each is one switchable submodule, so the guard can roll back single layers.
+This module matches the layers and swaps them in; the substitutes are passes/_quant_layers.py, the
+fit on calibration batches (SmoothQuant, outlier channels, GPTQ) passes/_quant_fit.py.
 """
 
 from __future__ import annotations
@@ -36,303 +38,20 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from surgeon.analysis import GraphView, site_id
-from surgeon.calibration import RunningAmax
-from surgeon.inputs import call
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
-from surgeon.passes._gptq import gptq_round
-from surgeon.quant import FP8_MAX, Quantizer, dequantize, quantize
-from surgeon.quant_dynamic import dynamic_int8_linear
+from surgeon.passes._quant_fit import gptq_layers, input_amax, mark_outliers, smooth_layers
+from surgeon.passes._quant_layers import FP8_WEIGHT, OUTLIERS, QuantEmbedding, QuantLinear
 
-__all__ = ["LinearQuant", "QuantLinear", "QuantEmbedding", "PREFIX"]
+__all__ = ["LinearQuant", "PREFIX"]
 
 PREFIX = "surgeon_linear_quant_"
-OUTLIERS = "int8-dynamic-outliers"
-# Weight-only FP8: the weight stored and dequantized as on fp8-static, the activation left in float.
-# It keeps the bytes a table-heavy file saves (4 → 1 per weight) where quantizing the activation too
-# breaks the tolerance; nothing is multiplied in 8 bits.
-FP8_WEIGHT = "fp8-weight"
 INT8_RUNGS = ("int8-static", "int8-dynamic", OUTLIERS)
 # Without a target profile (the Python API without target=): the calibrated static scale alone, as
 # before rungs existed; a target's profile names the rungs its runtime runs.
 DEFAULT_LADDER = ("int8-static", "keep")
-INT8_WEIGHT_MAX = {True: 63.0, False: 127.0}  # reduce_range → 7-bit weights (see module docstring)
-
-
-def _weight_scale(w: Tensor, axis: int | None, dtype: str, qmax: float) -> Tensor:
-    """Symmetric weight scale: max for fp8 (a float format keeps relative precision over its range);
-    for int8 the clip per channel that minimises the weight's squared error (grid over 0.5–1 × max)."""
-    a = w.detach().abs().float()
-    amax = a.amax() if axis is None else a.movedim(axis, 0).reshape(a.shape[axis], -1).amax(1)
-    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
-    if dtype == "fp8":
-        return amax / FP8_MAX
-    rows = w.detach().float().reshape(1, -1) if axis is None else w.detach().float().movedim(axis, 0).reshape(w.shape[axis], -1)
-    amax_r = amax.reshape(-1)
-    best = amax_r / qmax
-    best_err = torch.full_like(best, float("inf"))
-    for ratio in torch.linspace(0.5, 1.0, 26):
-        s = (amax_r * ratio / qmax)[:, None]
-        err = ((torch.round(rows / s).clamp(-qmax, qmax) * s - rows) ** 2).sum(1)
-        better = err < best_err
-        best = torch.where(better, s[:, 0], best)
-        best_err = torch.where(better, err, best_err)
-    return best.reshape(amax.shape)
-
-
-def _quantize_weight(w: Tensor, axis: int | None, dtype: str, reduce_range: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(W_q, scale, zero_point) with the exact semantics of surgeon's Q custom ops."""
-    if dtype == "fp8":
-        s = _weight_scale(w, axis, dtype, FP8_MAX)
-        return quantize(w.float(), s, axis or 0, "fp8"), s, None
-    qmax = INT8_WEIGHT_MAX[reduce_range]
-    s = _weight_scale(w, axis, dtype, qmax)
-    zp = torch.zeros_like(s, dtype=torch.int8)
-    # The scale may clip (s < amax / qmax): QuantizeLinear only clamps to ±127, the 7-bit bound
-    # that keeps vpmaddubsw from saturating is ours to keep.
-    return quantize(w.float(), s, axis or 0, "int8", zp).clamp(-int(qmax), int(qmax)), s, zp
-
-
-class QuantLinear(nn.Module):
-    """``dq(q(x)) ⊗ dq(W_q) + b`` for one layer; ``active=False`` computes the original layer exactly.
-
-    ``op``: ``linear`` (y = x Wᵀ + b, W_q stored as Wᵀ), ``matmul`` (y = x W), ``addmm`` (y = b + x W,
-    HF ``Conv1D``), ``conv`` (F.convNd).
-    ``rung`` selects the substitute while active: ``int8-static`` / ``fp8-static`` (calibrated
-    activation scale, SmoothQuant-scaled weight) or ``int8-dynamic`` (activation range computed at run
-    time per tensor, ``surgeon.quant_dynamic``; its own unsmoothed weight, so the file needs no
-    smoothing Mul). ``rungs`` lists those this layer can take, best first."""
-
-    def __init__(self, op: str, weight: Tensor, bias: Tensor | None, *, dtype: str = "fp8",
-                 granularity: str = "channel", method: str = "max", reduce_range: bool = True,
-                 conv: dict | None = None, name: str = "", rungs: tuple[str, ...] | None = None) -> None:
-        super().__init__()
-        self.op, self.dtype, self.conv = op, dtype, dict(conv or {})
-        self.active: bool = True
-        # The float weight stays for rollback (active=False); only the branch traced lands in a file.
-        self.register_buffer("weight", weight.detach())
-        self.register_buffer("bias", None if bias is None else bias.detach())
-        # output channel: columns of Wᵀ / W (axis 1), rows of a conv weight (axis 0)
-        self.axis = None if granularity == "tensor" else (0 if op == "conv" else 1)
-        self.reduce_range = reduce_range
-        self.register_buffer("inv_smooth", None)
-        self._smooth: Tensor | None = None  # SmoothQuant's s itself (1/inv_smooth would round differently)
-        self.rungs: tuple[str, ...] = rungs or (f"{dtype}-static",)
-        self.rung: str = self.rungs[0]
-        self._set_weight(self._stored_weight())
-        self.act = Quantizer(dtype=dtype, axis=None, method=method, name=name)
-        if "int8-dynamic" in self.rungs:
-            q, s, _ = _quantize_weight(self._stored_weight(smoothed=False), self.axis, "int8", reduce_range)
-            self.register_buffer("dqweight", q)
-            self.register_buffer("dwscale", s)
-        if OUTLIERS in self.rungs:
-            # input channels with outlying ranges (``set_outliers``) computed in float beside the
-            # integer product: x·W = (x⊙m)·W + x[:, o]·W[o, :], m = 0 on the outlier channels o
-            self.register_buffer("outlier_index", torch.zeros(0, dtype=torch.long))
-            self.register_buffer("outlier_weight", None)
-            self.register_buffer("inlier_mask", None)
-            self.register_buffer("oqweight", None)
-            self.register_buffer("owscale", None)
-
-    def _inlier_weight(self) -> Tensor:
-        stored = self._stored_weight(smoothed=False).clone()
-        stored[self.outlier_index] = 0  # those rows go to the float product: no part of the int8 scales
-        return stored
-
-    def set_outliers(self, index: Tensor) -> None:
-        """The input channels ``index`` computed in float on the ``int8-dynamic-outliers`` rung: a
-        per-tensor range set by one channel 10–20× wider than the rest costs every other channel
-        3–4 bits (MiniLM's FFN outputs: one channel at 18× the median range)."""
-        index = index.sort().values.to(torch.long)
-        mask = torch.ones(self.in_features, dtype=torch.float32)
-        mask[index] = 0.0
-        self.outlier_index, self.inlier_mask = index, mask
-        self.outlier_weight = self._stored_weight(smoothed=False)[index].to(torch.float32).contiguous()
-        self.oqweight, self.owscale, _ = _quantize_weight(self._inlier_weight(), self.axis, "int8", self.reduce_range)
-
-    @property
-    def outlier_count(self) -> int:
-        index = getattr(self, "outlier_index", None)
-        return 0 if index is None else int(index.numel())
-
-    def _set_weight(self, stored: Tensor) -> None:
-        q, s, zp = _quantize_weight(stored, self.axis, self.dtype, self.reduce_range)
-        self.register_buffer("qweight", q)
-        self.register_buffer("wscale", s)
-        self.register_buffer("wzero", zp)
-
-    @property
-    def smoothable(self) -> bool:
-        return self.op in ("linear", "matmul", "addmm")
-
-    @property
-    def static(self) -> bool:
-        """Whether the active substitute uses the calibrated activation quantizer."""
-        return self.rung in ("int8-static", "fp8-static")
-
-    def _stored_weight(self, smoothed: bool = True) -> Tensor:
-        """The float weight in the stored layout (Wᵀ for a linear), diag(s)-scaled once smoothed;
-        computed when needed rather than kept, so a layer holds no second float copy of its weight."""
-        w = self.weight.detach()
-        stored = w.t() if self.op == "linear" else w
-        if smoothed and self._smooth is not None:
-            stored = stored.float() * self._smooth.to(stored)[:, None]
-        return stored.contiguous()
-
-    @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[1] if self.op == "linear" else self.weight.shape[0])
-
-    def weight_bytes_saved(self) -> int:
-        """fp32 weight bytes the substitute does not store (4 → 1 byte per weight)."""
-        return 3 * self.weight.numel()
-
-    def benefit(self, rung: str, base: dict[str, float]) -> dict[str, float]:
-        """``base`` (the whole layer in 8 bits) less what the outlier rung keeps in float: k weight
-        rows stored twice (int8 zeros and float) and their k/in share of the multiply-adds."""
-        if rung == FP8_WEIGHT:
-            return {**base, "macs": 0.0}
-        if rung != OUTLIERS or not self.outlier_count:
-            return dict(base)
-        k, n = self.outlier_count, self.weight.numel() // self.in_features
-        share = 1.0 - k / self.in_features
-        return {**base, "weight_bytes": float(base["weight_bytes"] - 4 * k * n), "macs": float(base["macs"] * share)}
-
-    def input_channel_amax(self) -> Tensor:
-        """max |W| over outputs, per input channel (the weight side of the smoothing balance)."""
-        w = self.weight.detach().float()
-        return (w.abs().amax(0) if self.op == "linear" else w.abs().amax(1))
-
-    def smooth_with(self, s: Tensor) -> None:
-        """Migrate per-input-channel scale ``s`` from the activation to the weight (SmoothQuant):
-        x·W = (x / s)·(diag(s) W) exactly in real arithmetic; only what gets quantized changes."""
-        self._smooth = s.to(self.weight)
-        self._set_weight(self._stored_weight())
-        self.inv_smooth = (1.0 / self._smooth).to(torch.float32)
-
-    def round_with(self, h: Tensor, damp: float) -> None:
-        """Re-round the stored weights by GPTQ (passes/_gptq.py) for inputs whose second moments are
-        ``h`` = E[x̃ᵀx̃] (x̃ the smoothed input). Scales and layout stay; only grid points move. The
-        dynamic rung's weight sees the unsmoothed x = x̃·diag(s), so its moments are diag(s)·h·diag(s)."""
-        if f"{self.dtype}-static" in self.rungs:
-            self.qweight = self._gptq(self._stored_weight(), self.wscale, self.dtype, h, damp)
-        if hasattr(self, "dqweight"):
-            s = self._smooth
-            h_x = h if s is None else h * (s.double()[:, None] * s.double()[None, :])
-            self.dqweight = self._gptq(self._stored_weight(smoothed=False), self.dwscale, "int8", h_x, damp)
-            if self.outlier_count:
-                h_o = h_x.clone()  # the outlier inputs are zero in the integer product
-                h_o[self.outlier_index, :] = 0
-                h_o[:, self.outlier_index] = 0
-                self.oqweight = self._gptq(self._inlier_weight(), self.owscale, "int8", h_o, damp)
-
-    def _gptq(self, stored: Tensor, s: Tensor, dtype: str, h: Tensor, damp: float) -> Tensor:
-        qmax = INT8_WEIGHT_MAX[self.reduce_range]
-        s64 = s.double()
-
-        def round_column(col: Tensor) -> Tensor:  # one input channel: a [out] vector, scale per out
-            if dtype == "int8":  # the custom op's rounding (half to even), inline: called per column
-                return torch.round(col / s64).clamp(-qmax, qmax) * s64
-            return dequantize(quantize(col.float(), s, 0, "fp8"), s, 0).double()
-
-        w = gptq_round(stored.t(), h, round_column, damp)
-        # w is on the grid already: quantizing it again returns exactly the integers chosen above
-        zp = torch.zeros_like(s, dtype=torch.int8) if dtype == "int8" else None
-        q = quantize(w.t().float().contiguous(), s, self.axis or 0, dtype, zp)
-        return q.clamp(-int(qmax), int(qmax)) if dtype == "int8" else q
-
-    def _smoothed(self, x: Tensor) -> Tensor:
-        return x if self.inv_smooth is None else x * self.inv_smooth
-
-    def _exact(self, x: Tensor) -> Tensor:
-        return self._apply_op(x, self.weight, transposed=False)
-
-    def _apply_op(self, x: Tensor, w: Tensor, transposed: bool) -> Tensor:
-        if self.op == "linear":
-            y = torch.matmul(x, w) if transposed else F.linear(x, w)
-        elif self.op in ("matmul", "addmm"):
-            y = torch.matmul(x, w)
-        else:
-            conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
-            return conv(x, w, self.bias, **self.conv)
-        return y if self.bias is None else y + self.bias
-
-    def dequantized_weight(self) -> Tensor:
-        return dequantize(self.qweight, self.wscale, self.axis or 0, self.wzero)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.active or self.act.mode == "observe":
-            if self.active:
-                self.act(self._smoothed(x))  # statistics of the float model's (smoothed) activation
-            return self._exact(x)
-        if self.rung == "int8-dynamic":
-            return dynamic_int8_linear(x, self.dqweight, self.dwscale, self.bias)
-        if self.rung == FP8_WEIGHT:  # x·diag(1/s) against diag(s)·W: the smoothing stays exact in float
-            return self._apply_op(self._smoothed(x), self.dequantized_weight(), transposed=self.op == "linear")
-        if self.rung == OUTLIERS:
-            if not self.outlier_count:  # no outlier found: the same as int8-dynamic
-                return dynamic_int8_linear(x, self.dqweight, self.dwscale, self.bias)
-            y = dynamic_int8_linear(x * self.inlier_mask, self.oqweight, self.owscale, self.bias)
-            return y + torch.matmul(x.index_select(-1, self.outlier_index), self.outlier_weight)
-        return self._apply_op(self.act(self._smoothed(x)), self.dequantized_weight(), transposed=self.op == "linear")
-
-    def extra_repr(self) -> str:
-        gran = "tensor" if self.axis is None else f"channel(axis={self.axis})"
-        return (f"op={self.op}, dtype={self.dtype}, weight={tuple(self.weight.shape)}, granularity={gran}, "
-                f"rung={self.rung}" + (f", float channels={self.outlier_count}" if self.outlier_count else "")
-                + ("" if self.active else ", active=False"))
-
-
-class QuantEmbedding(nn.Module):
-    """Weight-only table lookup with one scale per row, stored FP8 or INT8.
-
-    fp8:  ``gather(dq(E_q; s_row), ids)``. ONNX's Gather takes no float8 input, so the dequantize
-          comes first; ORT folds a DequantizeLinear of an initializer to a constant at load time
-          (under the FP8 session option), so the table costs nothing per run.
-    int8: ``float(gather(E_q, ids)) · gather(s_row, ids)``, the same product as a per-row
-          DequantizeLinear but of the rows read only: with INT8 Q/DQ fusion on, ORT keeps
-          DequantizeLinear nodes and would dequantize the whole table on every run."""
-
-    def __init__(self, weight: Tensor, padding_idx: int | None = None, dtype: str = "fp8") -> None:
-        super().__init__()
-        self.active: bool = True
-        self.padding_idx = padding_idx
-        self.dtype = dtype
-        self.register_buffer("weight", weight.detach())
-        w = weight.detach().float()
-        if dtype == "fp8":
-            q, s, _ = _quantize_weight(w, 0, "fp8", True)
-        else:
-            amax = w.abs().amax(1)
-            s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-            q = quantize(w, s, 0, "int8", torch.zeros_like(s, dtype=torch.int8))
-        self.register_buffer("qweight", q)
-        self.register_buffer("wscale", s)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        if not self.active:
-            return F.embedding(ids, self.weight)
-        if self.dtype == "fp8":
-            return F.embedding(ids, dequantize(self.qweight, self.wscale, 0))
-        return F.embedding(ids, self.qweight).to(torch.float32) * F.embedding(ids, self.wscale[:, None])
-
-    def extra_repr(self) -> str:
-        return f"{self.dtype} weight-only, table={tuple(self.weight.shape)}" + ("" if self.active else ", active=False")
-
-
-def _run_with_input_hook(gm: fx.GraphModule, layers: list[QuantLinear], record: Any, batches: list[Any]) -> None:
-    """One pass over ``batches`` with ``record(layer, args)`` seeing every layer's inputs."""
-    hooks = [m.register_forward_pre_hook(record) for m in layers]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                call(gm, b)
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def _target_name(node: fx.Node) -> str:
@@ -440,7 +159,8 @@ class LinearQuant(Pass):
         input-channel maxima of every layer's float input; (2) after the weights are requantized as
         diag(s)·W, the per-tensor activation quantizers are calibrated again on x / s.
         GPTQ (``rounding=gptq``): E[x̃ᵀx̃] of each layer's smoothed input, accumulated with the
-        quantized model running (the inputs the layer will see), then ``QuantLinear.round_with``.
+        quantized model running (the inputs the layer will see), then each weight re-rounded
+        (passes/_quant_fit.py).
         Other passes' quantizers are left as they are."""
         layers = [m for _, m in gm.named_modules()
                   if isinstance(m, QuantLinear) and m.smoothable and m.active and m.dtype == self.dtype]
@@ -450,9 +170,9 @@ class LinearQuant(Pass):
         split = [m for m in layers if OUTLIERS in m.rungs]
         static = [m for m in layers if f"{m.dtype}-static" in m.rungs] if self.smooth > 0 else []  # smoothing: static scale only
         # one pass of the float model serves both: outlier channels and SmoothQuant read the same maxima
-        amax = self._input_amax(gm, list({id(m): m for m in split + static}.values()), batches) if split or static else {}
+        amax = input_amax(gm, list({id(m): m for m in split + static}.values()), batches) if split or static else {}
         if split:
-            self._outliers(split, amax)
+            mark_outliers(split, amax, self.outliers, self.max_outliers)
             for record in ctx.records.values():  # a layer without outliers: that rung is int8-dynamic's twin
                 if record.pass_name == self.name and OUTLIERS in record.rungs:
                     m = gm.get_submodule(record.submodules[0])
@@ -462,90 +182,9 @@ class LinearQuant(Pass):
                     elif isinstance(m, QuantLinear):
                         record.benefit[OUTLIERS] = m.benefit(OUTLIERS, record.benefit[OUTLIERS])
         if static:
-            self._smooth(gm, static, amax, batches)
+            smooth_layers(gm, static, amax, batches, self.smooth)
         if self.rounding == "gptq":
-            self._gptq(gm, layers, batches)
-
-    def _gptq(self, gm: fx.GraphModule, layers: list[QuantLinear], batches: list[Any]) -> None:
-        # XᵀX is in² float64 per layer: layers are taken in groups that fit hessian_mb, one pass
-        # over the batches per group, so memory is bounded whatever the model's size.
-        budget = self.hessian_mb * 2**20
-        groups: list[list[QuantLinear]] = [[]]
-        used = 0
-        for m in layers:
-            size = m.in_features ** 2 * 8
-            if groups[-1] and used + size > budget:
-                groups.append([])
-                used = 0
-            groups[-1].append(m)
-            used += size
-        for group in groups:
-            stats: dict[int, list] = {id(m): [None, 0] for m in group}
-
-            def record(m: nn.Module, args: tuple, stats: dict = stats) -> None:
-                x = m._smoothed(args[0].detach())
-                x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-                st = stats[id(m)]
-                xtx = (x.t() @ x).to(torch.float64)  # one batch in float32 (fast), the sum in float64
-                st[0] = xtx if st[0] is None else st[0] + xtx
-                st[1] += x.shape[0]
-
-            _run_with_input_hook(gm, group, record, batches)
-            for m in group:
-                h, n = stats.pop(id(m))
-                if h is not None and n:
-                    m.round_with(h / n, self.damp)
-
-    def _input_amax(self, gm: fx.GraphModule, layers: list[QuantLinear], batches: list[Any]) -> dict[int, Tensor | None]:
-        """Per-input-channel max |x| of each layer's input in the float model (these layers exact), one
-        streaming pass with one running max per channel per layer."""
-        amax: dict[int, RunningAmax] = {id(m): RunningAmax(0) for m in layers}
-
-        def record(m: nn.Module, args: tuple) -> None:
-            x = args[0]
-            amax[id(m)].update(x.detach().reshape(-1, x.shape[-1]).t())
-
-        saved = [(m, m.active) for m in layers]
-        for m in layers:
-            m.active = False
-        try:
-            _run_with_input_hook(gm, layers, record, batches)
-        finally:
-            for m, active in saved:
-                m.active = active
-        return {k: v.value for k, v in amax.items()}
-
-    def _outliers(self, layers: list[QuantLinear], amax: dict[int, Tensor | None]) -> None:
-        for m in layers:
-            a = amax[id(m)]
-            if a is None or not bool(torch.isfinite(a).all()):
-                continue
-            limit = max(int(self.max_outliers * a.numel()), 1)
-            ratio = a / a.median().clamp_min(1e-12)
-            over = torch.nonzero(ratio > self.outliers).flatten()
-            if over.numel():
-                m.set_outliers(over[ratio[over].argsort(descending=True)][:limit])
-
-    def _smooth(self, gm: fx.GraphModule, layers: list[QuantLinear], amax: dict[int, Tensor | None],
-                batches: list[Any]) -> None:
-        saved = [(m, m.act.mode) for m in layers]
-        for m in layers:
-            xa = amax[id(m)]
-            if xa is not None:
-                wa = m.input_channel_amax().to(xa)
-                ok = (xa > 0) & (wa > 0)
-                sc = torch.where(ok, xa.clamp_min(1e-8) ** self.smooth / wa.clamp_min(1e-8) ** (1 - self.smooth),
-                                 torch.ones_like(xa)).clamp(1e-4, 1e4)
-                m.smooth_with(sc)
-            m.act.mode = "observe"  # calibrate the activation scales again, on x / s
-            m.act.reset()
-        with torch.no_grad():
-            for b in batches:
-                call(gm, b)
-        for m, mode in saved:
-            if m.act.amax is not None:
-                m.act.finalize()
-            m.act.mode = "quant" if m.act.calibrated else mode
+            gptq_layers(gm, layers, batches, self.damp, self.hessian_mb)
 
     # -- matching ---------------------------------------------------------------------------------
     def _layer(self, gm: fx.GraphModule, view: GraphView, node: fx.Node) -> tuple[str, fx.Node, Tensor, Tensor | None, dict] | str | None:

@@ -5,7 +5,7 @@ onnxscript values while it builds the graph; they only *lower* (each custom op b
 ``QuantizeLinear`` / ``DequantizeLinear``), they never change what is computed.
 
 * fp8: ``QuantizeLinear(x, scale, zp=FLOAT8E4M3FN 0, saturate=1)`` and ``DequantizeLinear(q, scale)``
-  — the custom ops have exactly ONNX's saturating round-to-nearest-even semantics (surgeon/quant.py).
+  — the custom ops have exactly ONNX's saturating round-to-nearest-even semantics (surgeon/quant_ops.py).
 * int8 on activations: ``surgeon::quantize_int8`` produces int8 with zero point ``zp``. It is written
   as a *uint8* QuantizeLinear with zero point ``zp + 128``, and the DequantizeLinear reading it gets
   the same shifted zero point. The identity ``clamp(r + zp + 128, 0, 255) - 128 = clamp(r + zp, -128,
@@ -133,11 +133,11 @@ def grouped_mm(x: Any, weight: Any, offs: Any) -> Any:
 
 
 def translation_table() -> dict[Callable, Callable]:
-    """The custom-op → onnxscript table for ``torch.onnx.export`` (imports surgeon.quant's ops)."""
+    """The custom-op → onnxscript table for ``torch.onnx.export`` (imports surgeon.quant_ops' ops)."""
     import torch
 
-    import surgeon.quant  # noqa: F401 - registers torch.ops.surgeon.*
     import surgeon.quant_dynamic  # noqa: F401
+    import surgeon.quant_ops  # noqa: F401 - registers torch.ops.surgeon.*
 
     ops = torch.ops.surgeon
     table: dict[Callable, Callable] = {}

@@ -31,9 +31,9 @@ def _outputs(module: Any, inputs: Any) -> list[Any]:
 
 
 def _decompositions() -> dict[Any, Callable[..., Any]]:
-    from surgeon import quant, quant_dynamic
+    from surgeon import quant_dynamic, quant_ops
 
-    return {**quant.DECOMPOSITIONS, **quant_dynamic.DECOMPOSITIONS}
+    return {**quant_ops.DECOMPOSITIONS, **quant_dynamic.DECOMPOSITIONS}
 
 
 def _renamed(spec: Any, renamed: dict[str, str]) -> Any:

@@ -181,7 +181,7 @@ def test_ort_matches_torch_bit_for_bit_and_runs_integer_kernels(tmp_path):
 def test_integer_product_rounds_like_ort_past_two_to_the_24(tmp_path):
     """Sums past 2^24 (float32 no longer holds every integer): torch's exact sum rounded once equals
     ORT's int32 MatMulInteger → Cast(to=FLOAT), whatever the summation order of either side."""
-    from surgeon.quant import matmul_integer
+    from surgeon.quant_ops import matmul_integer
     from surgeon.targets._ort_session import run_ort, session
     from surgeon.targets.onnx import export_onnx
 

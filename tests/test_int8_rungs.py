@@ -19,7 +19,7 @@ from torch import nn
 from surgeon.calibration import calibrate
 from surgeon.capture import capture
 from surgeon.pass_manager import PassContext, PassManager, set_site_rung
-from surgeon.passes.linear_quant import QuantLinear
+from surgeon.passes._quant_layers import QuantLinear
 from surgeon.profile import ORT_CPU_INT8, ORT_CPU_INT8_VNNI
 from surgeon.targets._ort_session import session
 from surgeon.targets.onnx import export_onnx
@@ -189,7 +189,7 @@ def test_fp8_layers_step_down_to_weight_only_on_the_fp8_target(tmp_path: Path) -
     x = _data(1, 7)[0][0]
     h = torch.relu(model.up(x)) * model.boost
     with torch.no_grad():
-        exact = layer._apply_op(layer._smoothed(h), layer.dequantized_weight(), transposed=True)
+        exact = layer._apply_op(layer.smoothed(h), layer.dequantized_weight(), transposed=True)
         assert torch.equal(layer(h), exact)  # weight rounding only: the activation is not quantized
     written, _, path = _written(tmp_path, gm, example)
     assert "QuantizeLinear" not in _ops(written)

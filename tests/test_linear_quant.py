@@ -11,7 +11,8 @@ from surgeon.calibration import calibrate
 from surgeon.capture import capture
 from surgeon.errors import SurgeonError
 from surgeon.pass_manager import PassContext, parse_pipeline, set_site_active
-from surgeon.passes.linear_quant import PREFIX, LinearQuant, QuantEmbedding, QuantLinear
+from surgeon.passes._quant_layers import QuantEmbedding, QuantLinear
+from surgeon.passes.linear_quant import PREFIX, LinearQuant
 
 
 class Net(nn.Module):

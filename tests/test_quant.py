@@ -1,4 +1,4 @@
-"""surgeon.quant: the Q/DQ custom ops agree bit for bit with onnx.reference and onnxruntime; Quantizer."""
+"""surgeon.quant_ops: the Q/DQ custom ops agree bit for bit with onnx.reference and onnxruntime; Quantizer."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from torch import nn
 
 from surgeon.calibration import calibrate
 from surgeon.errors import SurgeonError
-from surgeon.quant import Quantizer, dequantize, fake_quant, quantize
+from surgeon.quant import Quantizer, fake_quant
+from surgeon.quant_ops import dequantize, quantize
 
 RNG = np.random.default_rng(1234)
 
@@ -381,7 +382,7 @@ def test_percentile_and_mse_clip_on_heavy_tailed_data(dtype):
 
 
 def test_round_half_even_matches_torch_round():
-    from surgeon.quant import round_half_even
+    from surgeon.formats import round_half_even
 
     g = torch.Generator().manual_seed(0)
     v = torch.cat([torch.randn(200_000, generator=g) * 10.0 ** torch.empty(200_000).uniform_(-3, 6, generator=g),
