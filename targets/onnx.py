@@ -1,8 +1,8 @@
 """ONNX targets: ``onnx`` (as computed), ``onnx-fp8`` and ``onnx-int8`` (standard Q/DQ only).
 
 The exporter lowers, it never rewrites: ``torch.onnx.export(dynamo=True)`` of the graph's export form
-(``targets/_export_form.py``: the same computation in forms torch.onnx lowers, hand-written attention
-as one SDPA call) with a translation table (``targets/_lowering.py``) that turns surgeon's quantize/dequantize custom ops into ``QuantizeLinear``
+(``targets/_export_form.py``: the same computation in forms torch.onnx lowers) with a translation table
+(``targets/_lowering.py``) that turns surgeon's quantize/dequantize custom ops into ``QuantizeLinear``
 / ``DequantizeLinear`` (opset 21). Whatever the passes stored quantized (FP8 / INT8 buffers feeding a
 dequantize) lands in the file as an FP8 / INT8 initializer, so the file shrinks. One clean-up follows
 the export: the exporter's NaN guard after a softmax whose mask fill is finite, where it can never
