@@ -75,9 +75,9 @@ def _broadcast_kv(n: fx.Node) -> bool:
     """SDPA whose K/V have one head broadcast over Q's (multi-query attention, Falcon)."""
     if not _sdpa(n):
         return False
-    q, k = (getattr(a, "meta", {}).get("val") for a in n.args[:2])
-    return (getattr(q, "ndim", 0) == 4 and getattr(k, "ndim", 0) == 4 and str(k.shape[1]) == "1"
-            and str(q.shape[1]) != "1" and not n.kwargs.get("enable_gqa", False))
+    q, k = (tuple(getattr(getattr(a, "meta", {}).get("val"), "shape", ())) for a in n.args[:2])
+    return (len(q) == 4 and len(k) == 4 and str(k[1]) == "1" and str(q[1]) != "1"
+            and not n.kwargs.get("enable_gqa", False))
 
 
 def _inferred_heads(n: fx.Node) -> list[tuple[fx.Node, int]]:
@@ -85,7 +85,7 @@ def _inferred_heads(n: fx.Node) -> list[tuple[fx.Node, int]]:
     copies) where the capture knows the head count."""
     if not _sdpa(n):
         return []
-    found = []
+    found: list[tuple[fx.Node, int]] = []
     for arg in n.args[:3]:
         heads = getattr(getattr(arg, "meta", {}).get("val"), "shape", [None, None])[1:2]
         cur = arg
@@ -95,8 +95,10 @@ def _inferred_heads(n: fx.Node) -> list[tuple[fx.Node, int]]:
                 and {d % 4 for d in cur.args[1:3] if isinstance(d, int)} == {1, 2}):
             continue
         view = cur.args[0]
-        shape = view.args[1] if isinstance(view, fx.Node) and view.target in (
-            _ATEN.view.default, _ATEN.reshape.default) and len(view.args) > 1 else None
+        if not (isinstance(view, fx.Node) and view.target in (_ATEN.view.default, _ATEN.reshape.default)
+                and len(view.args) > 1):
+            continue
+        shape = view.args[1]
         if isinstance(shape, (list, tuple)) and len(shape) == 4 and shape[2] == -1 and heads \
                 and isinstance(heads[0], int):
             found.append((view, int(heads[0])))
