@@ -1,4 +1,6 @@
-"""An exact decomposition of ``F.scaled_dot_product_attention`` with optional quantization hooks.
+"""An exact decomposition of ``F.scaled_dot_product_attention`` with optional quantization hooks: what the
+attention passes' SDPA substitutes compute (the arithmetic side; how they get into the graph is
+``passes/_attention_graph.py``).
 
 ``sdpa_reference`` computes what ``torch.nn.functional.scaled_dot_product_attention`` computes on CPU,
 spelled out as plain ops (matmul, masked_fill, softmax, where), so that quantize/dequantize points can be

@@ -30,11 +30,22 @@ from typing import ClassVar, Iterable, Literal, Sequence
 import torch
 from torch import Tensor, fx, nn
 
-from surgeon.analysis import GraphView, Site, analyze_graph
+from surgeon.analysis import GraphView, Site
 from surgeon.errors import SurgeonError
 from surgeon.pass_manager import Pass, PassContext, PassResult, SiteRecord
-from surgeon.passes._attention_graph import fresh_name, rewrite_sites, sdpa_site_args
-from surgeon.passes._attention_graph import shift_preserving as _shift_preserving
+from surgeon.passes._attention_graph import (
+    add_site_module,
+    attention_sites,
+    check_options,
+    distinct_operands,
+    head_axis,
+    key_axis,
+    quantizer_paths,
+    rewrite_sites,
+    sdpa_site_args,
+    shift_preserving,
+    substitute_sdpa,
+)
 from surgeon.passes._fx import copy_meta
 from surgeon.passes._sdpa import AttentionQuant, center_keys, sdpa_reference
 from surgeon.quant import Quantizer
@@ -245,70 +256,6 @@ class ManualAttentionQuant(_SiteModule):
         self.q, self.k, self.v, self.p = q, k, v, p
 
 
-# --- graph helpers ------------------------------------------------------------------------------
-
-_MATMULS = {"matmul", "bmm", "mm", "baddbmm"}
-
-def _einsum_parts(node: fx.Node) -> tuple[list[str], str] | None:
-    eq = node.args[0] if node.args and isinstance(node.args[0], str) else None
-    if eq is None or "->" not in eq:
-        return None
-    lhs, out = eq.replace(" ", "").split("->")
-    return lhs.split(","), out
-
-
-def _letter_axis(sub: str, letter: str) -> int | None:
-    """Axis of ``letter`` in an einsum operand subscript (handles one ellipsis)."""
-    if letter not in sub:
-        return None
-    if "..." not in sub:
-        return sub.index(letter)
-    head, tail = sub.split("...")
-    if letter in head:
-        return head.index(letter)
-    return tail.index(letter) - len(tail)  # negative: counted from the end
-
-
-def _product_operand_index(view: GraphView, prod: fx.Node, operand: fx.Node) -> int:
-    ops = prod.args[1:] if view.op(prod) == "einsum" else prod.args
-    if view.op(prod) == "einsum" and len(ops) == 1 and isinstance(ops[0], (list, tuple)):
-        ops = ops[0]
-    if view.op(prod) == "baddbmm":
-        ops = prod.args[1:3]
-    return [i for i, o in enumerate(ops) if o is operand][0]
-
-
-def _key_axis(view: GraphView, qk: fx.Node, k: fx.Node) -> int | None:
-    """Axis of the ``k`` operand of Q·Kᵀ that indexes keys (the scores' last axis)."""
-    if view.op(qk) in _MATMULS:
-        return -1  # Q @ Kᵀ: the right operand's columns are the keys
-    if view.op(qk) == "einsum":
-        parts = _einsum_parts(qk)
-        if parts is None or not parts[1] or parts[1].endswith("."):
-            return None
-        subs, out = parts
-        return _letter_axis(subs[_product_operand_index(view, qk, k)], out[-1])
-    return None
-
-
-def _head_axis(view: GraphView, prod: fx.Node, operand: fx.Node) -> int | None:
-    """Head axis of a product operand laid out [..., H, rows, cols] (None: no head axis known)."""
-    rank = view.ndim(operand)
-    if view.op(prod) == "einsum":
-        parts = _einsum_parts(prod)
-        out_rank = view.ndim(prod)
-        if parts is None or out_rank is None or out_rank < 4 or "." in parts[1]:
-            return None
-        head = parts[1][out_rank - 3]
-        axis = _letter_axis(parts[0][_product_operand_index(view, prod, operand)], head)
-        if axis is not None and axis < 0 and rank is not None:
-            axis += rank
-        return axis
-    if rank is None or rank < 4:
-        return None
-    return rank - 3
-
-
 # --- the pass -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -327,15 +274,11 @@ class AttentionFP8(Pass):
     def __post_init__(self) -> None:
         if self.p_bits not in (1, 8):
             raise ValueError(f"p_bits must be 8 (FP8 P) or 1 (binary P fitted per head), got {self.p_bits}")
-        if self.granularity not in ("tensor", "head"):
-            raise ValueError(f"granularity must be 'tensor' or 'head', got '{self.granularity}'")
-        if self.method not in ("max", "percentile", "mse"):
-            raise ValueError(f"method must be 'max', 'percentile' or 'mse', got '{self.method}'")
+        check_options(self.granularity, self.method)
 
     # -- entry points ------------------------------------------------------------------------------
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        sites = [s for s in analyze_graph(gm).by_kind("attention") if ctx.wants(s.id)]
-        return self.rewrite(gm, ctx, sites)
+        return self.rewrite(gm, ctx, attention_sites(gm, ctx))
 
     def rewrite(self, gm: fx.GraphModule, ctx: PassContext, sites: Iterable[Site]) -> PassResult:
         """Rewrite the given attention sites of ``gm`` (``call`` passes the analyzer's)."""
@@ -353,55 +296,41 @@ class AttentionFP8(Pass):
         return "; ".join([text] + notes)
 
     def _sdpa(self, gm: fx.GraphModule, view: GraphView, site: Site) -> tuple[SiteRecord, str] | str:
-        node = site.nodes["sdpa"]
-        args = sdpa_site_args(gm, view, node, self.granularity == "head")
+        args = sdpa_site_args(gm, view, site.nodes["sdpa"], self.granularity == "head")
         if isinstance(args, str):
             return args
         a, notes, head_q, head_k = args
         module = FP8SDPA(self.p_bits, self.method, self._axis(head_q), self._axis(head_k))
-        name = fresh_name(gm, PREFIX)
-        gm.add_submodule(name, module)
-        kwargs = {k: a[k] for k in ("attn_mask", "is_causal", "scale", "enable_gqa")}
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, (a["query"], a["key"], a["value"]), kwargs)
-        copy_meta(new, node)
-        old_name = node.name
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        subs = [name] + [f"{name}.{c}" for c in ("q", "k", "v", "p")]
-        record = SiteRecord(site.id, "attention", site.module, self.name, subs, probe=new.name, reference=old_name)
-        return record, self._describe(notes, True)
+        return substitute_sdpa(gm, site, a, PREFIX, module, self.name), self._describe(notes, True)
 
     def _manual(self, gm: fx.GraphModule, view: GraphView, site: Site) -> tuple[SiteRecord, str] | str:
         n = site.nodes
         qk, sm, pv, q, k, p, v = (n[r] for r in ("qk", "softmax", "pv", "q", "k", "p", "v"))
         if any(x.op == "call_module" and str(x.target).startswith(PREFIX) for x in (q, k, p, v)):
             return "already rewritten by attention-fp8"
-        if q is k:
-            return "Q·Kᵀ multiplies a tensor by itself: its two operands cannot be quantized separately"
-        if p is v:
-            return "P·V multiplies a tensor by itself: its two operands cannot be quantized separately"
+        same = distinct_operands(q, k, p, v)
+        if same:
+            return same
         if self.p_bits == 1 and view.op(pv) not in ("matmul", "bmm", "mm"):
             return f"p_bits=1 needs P·V as a matrix product P @ V; this site computes it with {view.op(pv)}"
         notes: list[str] = []
-        key_axis = _key_axis(view, qk, k)
-        why = _shift_preserving(view, qk, sm, gm.training) if key_axis is not None else \
+        keys = key_axis(view, qk, k)
+        why = shift_preserving(view, qk, sm, gm.training) if keys is not None else \
             f"the key axis of '{k.name}' in {view.op(qk)} '{qk.name}' is unknown"
         if why:
             notes.append(f"K quantized without mean subtraction: {why}")
-        axes = {role: _head_axis(view, prod, x) for role, prod, x in (("q", qk, q), ("k", qk, k), ("p", pv, p), ("v", pv, v))}
+        axes = {role: head_axis(view, prod, x) for role, prod, x in (("q", qk, q), ("k", qk, k), ("p", pv, p), ("v", pv, v))}
         if self.granularity == "head" and any(ax is None for ax in axes.values()):
             flat = ", ".join(r.upper() for r, ax in axes.items() if ax is None)
             notes.append(f"per-tensor scales for {flat}: no head axis ([B·H, L, D] layout or unknown shape)")
         kq = Quantizer("fp8", axis=self._axis(axes["k"]), method=self.method)
         module = ManualAttentionQuant(
             q=Quantizer("fp8", axis=self._axis(axes["q"]), method=self.method),
-            k=kq if why else CenteredQuantizer(kq, key_axis=key_axis),
+            k=kq if why else CenteredQuantizer(kq, key_axis=keys),
             v=Quantizer("fp8", axis=self._axis(axes["v"]), method=self.method),
             p=_p_module(self.p_bits, self._axis(axes["p"])),
         )
-        name = fresh_name(gm, PREFIX)
-        gm.add_submodule(name, module)
+        name = add_site_module(gm, PREFIX, module)
         g = gm.graph
         with g.inserting_before(qk):
             qn = g.call_module(f"{name}.q", (q,))
@@ -415,6 +344,6 @@ class AttentionFP8(Pass):
         qk.replace_input_with(k, kn)
         pv.replace_input_with(p, pn)
         pv.replace_input_with(v, vn)
-        subs = [name] + [f"{name}.{c}" for c in ("q", "k", "v", "p")]
-        record = SiteRecord(site.id, "attention", site.module, self.name, subs, probe=pv.name, reference=pv.name)
+        record = SiteRecord(site.id, "attention", site.module, self.name, quantizer_paths(name), probe=pv.name,
+                            reference=pv.name)
         return record, self._describe(notes, not why)

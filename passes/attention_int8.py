@@ -54,10 +54,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from surgeon.analysis import GraphView, Site, analyze_graph
+from surgeon.analysis import GraphView, Site
 from surgeon.errors import SurgeonError
 from surgeon.pass_manager import Pass, PassContext, PassResult, SiteRecord
-from surgeon.passes._attention_graph import fresh_name, rewrite_sites, sdpa_site_args, shift_preserving
+from surgeon.passes._attention_graph import (
+    add_site_module,
+    attention_sites,
+    check_options,
+    distinct_operands,
+    rewrite_sites,
+    sdpa_site_args,
+    shift_preserving,
+    substitute_sdpa,
+)
 from surgeon.passes._fx import copy_meta
 from surgeon.passes._sdpa import AttentionQuant, center_keys, sdpa_reference
 from surgeon.quant import Quantizer
@@ -258,14 +267,10 @@ class AttentionINT8(Pass):
     method: Literal["max", "percentile", "mse"] = "max"  # scale search for Q, K̃, V (P's is fixed: 1/255)
 
     def __post_init__(self) -> None:
-        if self.granularity not in ("tensor", "head"):
-            raise ValueError(f"granularity must be 'tensor' or 'head', got '{self.granularity}'")
-        if self.method not in ("max", "percentile", "mse"):
-            raise ValueError(f"method must be 'max', 'percentile' or 'mse', got '{self.method}'")
+        check_options(self.granularity, self.method)
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        sites = [s for s in analyze_graph(gm).by_kind("attention") if ctx.wants(s.id)]
-        return self.rewrite(gm, ctx, sites)
+        return self.rewrite(gm, ctx, attention_sites(gm, ctx))
 
     def rewrite(self, gm: fx.GraphModule, ctx: PassContext, sites: Iterable[Site]) -> PassResult:
         """Rewrite the given attention sites of ``gm`` (``call`` passes the analyzer's)."""
@@ -292,26 +297,12 @@ class AttentionINT8(Pass):
         return "; ".join([text] + notes)
 
     def _sdpa(self, gm: fx.GraphModule, view: GraphView, site: Site) -> tuple[SiteRecord, str] | str:
-        node = site.nodes["sdpa"]
-        args = sdpa_site_args(gm, view, node, self.granularity == "head")
+        args = sdpa_site_args(gm, view, site.nodes["sdpa"], self.granularity == "head")
         if isinstance(args, str):
             return args
         a, notes, head_q, head_k = args
         module = INT8SDPA(self.method, self._axis(head_q), self._axis(head_k))
-        name = fresh_name(gm, PREFIX)
-        gm.add_submodule(name, module)
-        kwargs = {k: a[k] for k in ("attn_mask", "is_causal", "scale", "enable_gqa")}
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, (a["query"], a["key"], a["value"]), kwargs)
-        copy_meta(new, node)
-        old_name = node.name
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        subs = [name] + [f"{name}.{c}" for c in ("q", "k", "v", "p")]
-        record = SiteRecord(site.id, "attention", site.module, self.name, subs, probe=new.name, reference=old_name,
-                            rungs=(RUNG,))
-        return record, self._describe(notes)
-
+        return substitute_sdpa(gm, site, a, PREFIX, module, self.name, rungs=(RUNG,)), self._describe(notes)
 
     def _manual(self, gm: fx.GraphModule, view: GraphView, site: Site) -> tuple[SiteRecord, str] | str:
         n = site.nodes
@@ -323,10 +314,9 @@ class AttentionINT8(Pass):
             if view.op(prod) not in _PRODUCTS:
                 return (f"{what} is computed with {view.op(prod)}: attention-int8 takes hand-written sites whose "
                         "products are matmul / bmm (attention-fp8 takes the others)")
-        if q is k:
-            return "Q·Kᵀ multiplies a tensor by itself: its two operands cannot be quantized separately"
-        if p is v:
-            return "P·V multiplies a tensor by itself: its two operands cannot be quantized separately"
+        same = distinct_operands(q, k, p, v)
+        if same:
+            return same
         notes: list[str] = []
         why = shift_preserving(view, qk, sm, gm.training)
         if why:
@@ -338,8 +328,7 @@ class AttentionINT8(Pass):
             axes = dict.fromkeys(axes)
         axes = {role: self._axis(ax) for role, ax in axes.items()}
         module = INT8ManualAttention(self.method, axes, center=not why)
-        name = fresh_name(gm, PREFIX)
-        gm.add_submodule(name, module)
+        name = add_site_module(gm, PREFIX, module)
         g = gm.graph
         old_pv = pv.name
         with g.inserting_before(qk):

@@ -1,6 +1,7 @@
 """ONNX targets: ``onnx`` (as computed), ``onnx-fp8`` and ``onnx-int8`` (standard Q/DQ only).
 
-The exporter lowers, it never rewrites: ``torch.onnx.export(dynamo=True)`` with a translation table
+The exporter lowers, it never rewrites: ``torch.onnx.export(dynamo=True)`` of the graph's export form
+(``targets/_export_form.py``: the same computation in forms torch.onnx lowers) with a translation table
 (``targets/_lowering.py``) that turns surgeon's quantize/dequantize custom ops into ``QuantizeLinear``
 / ``DequantizeLinear`` (opset 21). Whatever the passes stored quantized (FP8 / INT8 buffers feeding a
 dequantize) lands in the file as an FP8 / INT8 initializer, so the file shrinks. One clean-up follows
@@ -51,8 +52,8 @@ from ._cleanup import (
     drop_softmax_nan_guards,
     layer_norm_rows,
 )
+from ._export_form import export_form
 from ._lowering import OPSET, translation_table
-from ._manual_attention import fuse_manual_attention
 from ._ort_checks import fp32_bytes, shape_probes, static_axes, verify_onnx
 from ._ort_session import DENORMAL_AS_ZERO, FP8_DISABLED_OPTIMIZERS, FP8_SESSION_OPTION, needs_fp8_option, session, session_config
 
@@ -140,7 +141,6 @@ def _rename_dims(model: Any, inputs: Inputs, names: Sequence[str]) -> None:
 # export
 # ------------------------------------------------------------------------------------------------
 _OP_RE = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>")
-_TARGET_RE = re.compile(r"target=([\w.:]+)\]?\(")
 
 
 def _module_of_op(module: Any, inputs: Inputs, op: str) -> str | None:
@@ -233,140 +233,6 @@ def _refuse_number_outputs(module: Any) -> None:
                                f"or drop that output")
 
 
-@contextlib.contextmanager
-def _export_form(module: Any) -> Any:
-    """The graph the exporter is handed, for the duration of the export (the module's own graph is put
-    back after): the rewrites below, each the same computation in a form torch.onnx lowers (well).
-
-    Each ``aten.chunk`` of a GraphModule becomes one ``aten.slice`` per chunk used.
-
-    A GraphModule captured by torch.export keeps ``chunk`` (``x.chunk(2, -1)`` of a coupling flow); the
-    ONNX exporter lowers it to a ``SplitToSequence`` without sizes that onnxscript's constant folding
-    cannot fold (``AttributeError`` inside ``FoldConstantsPass``: ``optimize --target onnx`` died there).
-    Chunk ``i`` is ``x[..., i·step:(i+1)·step]`` with ``step = ceil(size / chunks)`` (torch.chunk's
-    definition; ``slice`` clamps the last one), the size symbolic where the dimension is dynamic.
-
-    Each ``aten.view`` / ``aten.reshape`` of a transposed / permuted tensor reads a contiguous copy of
-    it (``aten.clone``, an ``Identity`` in ONNX): the capture saw ``scaled_dot_product_attention``'s CPU
-    output in a [b, t, h, d] layout, so the transpose back was contiguous and a reshape of it a view;
-    the exporter's own decomposition of that op writes [b, h, t, d], and the same view of its
-    transpose fails (T5's attention output, reshaped to [b, t, h·d], stopped ``--target onnx`` there).
-    For the same reason each ``aten.contiguous`` is a ``clone`` (a copy in every trace, not only where
-    the tracer's strides say so). An SDPA whose keys and values have one head broadcast over the
-    queries' (multi-query attention: Falcon) gets ``enable_gqa=True``, the same computation, which the
-    exporter's ``Attention`` lowering takes (it asserts equal head counts otherwise). Hand-written
-    attention becomes SDPA (``targets/_manual_attention.py``)."""
-    import copy
-    import operator
-
-    gm = module if isinstance(module, fx.GraphModule) else None
-    nodes = list(gm.graph.nodes) if gm is not None else []
-    chunks = [n for n in nodes if n.op == "call_function" and n.target is torch.ops.aten.chunk.default
-              and n.users and all(u.target is operator.getitem for u in n.users)]
-    def transposed_view(n: fx.Node) -> bool:
-        return (n.op == "call_function" and n.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default)
-                and isinstance(n.args[0], fx.Node)
-                and n.args[0].target in (torch.ops.aten.transpose.int, torch.ops.aten.permute.default))
-
-    views = [n for n in nodes if transposed_view(n) or n.target is torch.ops.aten.contiguous.default]
-    def broadcast_kv(n: fx.Node) -> bool:
-        """SDPA whose K/V have one head broadcast over Q's (multi-query attention, Falcon)."""
-        if n.op != "call_function" or n.target is not torch.ops.aten.scaled_dot_product_attention.default:
-            return False
-        q, k = (getattr(a, "meta", {}).get("val") for a in n.args[:2])
-        return (getattr(q, "ndim", 0) == 4 and getattr(k, "ndim", 0) == 4 and str(k.shape[1]) == "1"
-                and str(q.shape[1]) != "1" and not n.kwargs.get("enable_gqa", False))
-
-    def inferred_heads(n: fx.Node) -> list[tuple[fx.Node, int]]:
-        """(view, heads) for each SDPA operand read as ``view(x, [b, t, -1, d]).transpose(1, 2)``
-        (through copies) where the capture knows the head count."""
-        if n.op != "call_function" or n.target is not torch.ops.aten.scaled_dot_product_attention.default:
-            return []
-        found = []
-        for arg in n.args[:3]:
-            heads = getattr(getattr(arg, "meta", {}).get("val"), "shape", [None, None])[1:2]
-            cur = arg
-            while isinstance(cur, fx.Node) and cur.target in (torch.ops.aten.clone.default,
-                                                               torch.ops.aten.contiguous.default):
-                cur = cur.args[0]
-            if not (isinstance(cur, fx.Node) and cur.target is torch.ops.aten.transpose.int
-                    and {d % 4 for d in cur.args[1:3] if isinstance(d, int)} == {1, 2}):
-                continue
-            view = cur.args[0]
-            shape = view.args[1] if isinstance(view, fx.Node) and view.target in (
-                torch.ops.aten.view.default, torch.ops.aten.reshape.default) and len(view.args) > 1 else None
-            if isinstance(shape, (list, tuple)) and len(shape) == 4 and shape[2] == -1 and heads \
-                    and isinstance(heads[0], int):
-                found.append((view, int(heads[0])))
-        return found
-
-    # hand-written attention has a softmax; the analyzer (on the copy below) looks only where there is one
-    manual = any(n.op == "call_function" and "softmax" in str(n.target) for n in nodes)
-    mqa = [n for n in nodes if broadcast_kv(n)]
-    heads = [vh for n in nodes for vh in inferred_heads(n)]
-    if not chunks and not views and not manual and not mqa and not heads:
-        yield
-        return
-    saved = gm.graph  # type: ignore[union-attr]
-    work = copy.deepcopy(saved)  # nodes copied, meta shallow: cheap
-    for view, count in [vh for n in work.nodes for vh in inferred_heads(n)]:
-        # the head count, not -1: a model's heads are its weights' (the capture knows them), but the
-        # exporter re-derives -1 from the other sizes. Where one of those is a constant the model ties
-        # to an input dim only indirectly (Whisper's encoder: 100 positions = (frames − 1) // 2 + 1),
-        # the query heads come out as ((frames − 1) // 2 + 1) // 25, the keys' as 4, and the exporter's
-        # Attention lowering refuses the pair as unequal heads.
-        shape = list(view.args[1])
-        shape[2] = count
-        view.args = (view.args[0], shape, *view.args[2:])
-    for node in [n for n in work.nodes if broadcast_kv(n)]:
-        # one K/V head broadcast over the query heads is grouped-query attention with one group: the
-        # same computation, and the form the exporter's Attention op takes (it refuses broadcast heads)
-        node.kwargs = {**node.kwargs, "enable_gqa": True}
-    for node in [n for n in work.nodes if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default]:
-        # a copy only where the tracer sees non-contiguous strides; a clone copies in every trace
-        node.target = torch.ops.aten.clone.default
-        node.kwargs = {"memory_format": torch.contiguous_format}
-    for node in [n for n in work.nodes if transposed_view(n)]:
-        with work.inserting_before(node):
-            dense = work.call_function(torch.ops.aten.clone.default, (node.args[0],),
-                                       {"memory_format": torch.contiguous_format})
-        dense.meta.update(node.args[0].meta)
-        node.args = (dense, *node.args[1:])
-    for node in [n for n in work.nodes if n.op == "call_function" and n.target is torch.ops.aten.chunk.default
-                 and n.users and all(u.target is operator.getitem for u in n.users)]:
-        src, count = node.args[0], int(node.args[1])
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        val = src.meta.get("val") if isinstance(src, fx.Node) else None
-        static = isinstance(val, torch.Tensor) and isinstance(val.shape[dim], int)
-        with work.inserting_before(node):
-            if static:
-                step: Any = -(-int(val.shape[dim]) // count)  # type: ignore[union-attr]
-            else:
-                size = work.call_function(torch.ops.aten.sym_size.int, (src, dim))
-                step = work.call_function(operator.floordiv, (work.call_function(operator.add, (size, count - 1)), count))
-            for user in list(node.users):
-                i = int(user.args[1])
-                if static:
-                    lo, hi = step * i, step * (i + 1)
-                else:
-                    lo = work.call_function(operator.mul, (step, i))
-                    hi = work.call_function(operator.mul, (step, i + 1))
-                piece = work.call_function(torch.ops.aten.slice.Tensor, (src, dim, lo, hi))
-                piece.meta.update(user.meta)
-                user.replace_all_uses_with(piece)
-                work.erase_node(user)
-        work.erase_node(node)
-    gm.graph = work  # type: ignore[union-attr]
-    gm.recompile()  # type: ignore[union-attr]
-    if manual:
-        fuse_manual_attention(gm)  # type: ignore[arg-type]  # hand-written attention → SDPA → Attention op
-    try:
-        yield
-    finally:
-        gm.graph = saved  # type: ignore[union-attr]
-        gm.recompile()  # type: ignore[union-attr]
-
-
 # Ops a surgeon pass removes where the model allows it: the message names the pass.
 _LOWERING_HINTS = {
     "aten._linalg_slogdet": "a log-determinant of a constant weight is folded to a constant by the "
@@ -417,7 +283,7 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
         ds = (auto_dynamic_shapes(module_or_ep, example_inputs) if isinstance(dynamic_shapes, str)
               else dynamic_shapes)
     try:
-        with _quiet(), _export_form(module_or_ep):
+        with _quiet(), export_form(module_or_ep):
             prog = torch.onnx.export(
                 module_or_ep, () if is_ep else args, kwargs=None if is_ep else (kwargs or None),
                 dynamo=True, opset_version=opset, dynamic_shapes=ds, external_data=False,

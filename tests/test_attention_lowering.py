@@ -21,6 +21,7 @@ from surgeon.analysis import analyze_graph
 from surgeon.capture import capture
 from surgeon.targets._attention import attention_lowering
 from surgeon.targets._cleanup import all_nodes, attention_calls
+from surgeon.targets._export_form import export_form
 from surgeon.targets._ort_session import run_ort, session
 from surgeon.targets.onnx import export_onnx
 
@@ -164,6 +165,22 @@ def test_hand_written_attention_variants_fuse_exactly(kw: dict, tmp_path: Path) 
     with torch.no_grad():
         ref = model(other).numpy()
     assert np.abs(run_ort(session(path), (other,))[0] - ref).max() <= 1e-5
+
+
+def test_the_export_form_is_the_same_computation_and_the_graph_is_put_back() -> None:
+    # hand-written attention as one SDPA call and chunk as slices, only while the exporter holds the graph
+    torch.manual_seed(0)
+    model = ManualAttention(dim=16, heads=2, mask_side="right").eval()
+    x = torch.randn(2, 6, 16)
+    gm = capture(model, (x,)).gm
+    before = [str(n.target) for n in gm.graph.nodes]
+    with torch.no_grad():
+        ref = gm(x)
+        with export_form(gm):
+            ops = " ".join(str(n.target) for n in gm.graph.nodes)
+            assert "scaled_dot_product_attention" in ops and "softmax" not in ops and "chunk" not in ops, ops
+            torch.testing.assert_close(gm(x), ref, rtol=0, atol=1e-6)
+    assert [str(n.target) for n in gm.graph.nodes] == before
 
 
 def test_eager_and_quantized_attention_are_declined_with_reasons(tmp_path: Path) -> None:

@@ -36,11 +36,13 @@ def _is_activation_product(view: GraphView, n: fx.Node) -> bool:
     """A matmul/bmm/einsum whose two operands both depend on the model input."""
     if view.op(n) not in PRODUCTS:
         return False
-    operands = _product_operands(view, n)
+    operands = product_operands(view, n)
     return len(operands) == 2 and all(view.is_dynamic(o) for o in operands)
 
 
-def _product_operands(view: GraphView, n: fx.Node) -> list[fx.Node]:
+def product_operands(view: GraphView, n: fx.Node) -> list[fx.Node]:
+    """The two tensors a product multiplies: matmul / bmm / mm ``(a, b)``, ``baddbmm``'s batch pair,
+    ``einsum``'s operands (listed or as one list)."""
     op = view.op(n)
     if op == "einsum":
         ops = n.args[1:] if len(n.args) > 1 else []
@@ -130,7 +132,7 @@ def find_attention(view: GraphView) -> tuple[list[Site], list[NearMiss]]:
         if pv is None:
             misses.append(NearMiss("attention", module, sm.name, "softmax result does not multiply V"))
             continue
-        operands = _product_operands(view, pv)
+        operands = product_operands(view, pv)
         if view.op(pv) != "einsum" and (not operands or operands[0] is not p_operand):
             misses.append(NearMiss("attention", module, sm.name,
                                    "softmax result enters its product as the right operand, not as P in P·V"))
@@ -140,7 +142,7 @@ def find_attention(view: GraphView) -> tuple[list[Site], list[NearMiss]]:
             misses.append(NearMiss("attention", module, sm.name,
                                    "softmax result multiplies a constant, not V (an activation)"))
             continue
-        qo, ko = (_product_operands(view, qk) + [None, None])[:2]
+        qo, ko = (product_operands(view, qk) + [None, None])[:2]
         sites.append(Site("attention", module, "manual",
                           {"qk": qk, "softmax": sm, "pv": pv, "q": qo, "k": ko, "p": p_operand, "v": v},
                           _shapes(view, q=qo, k=ko, v=v, scores=qk),
