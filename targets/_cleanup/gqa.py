@@ -54,12 +54,9 @@ class AttentionGqaInPlace(RewriteRuleClassBase):
     def check(self, context: Any, k: ir.Value, v: ir.Value, k_axes: ir.Value, v_axes: ir.Value,
               k_big: ir.Value, v_big: ir.Value, k_rep: ir.Value, v_rep: ir.Value, y: ir.Value,
               **_: Any) -> MatchResult:
-        result = MatchResult()
-        call = y.producer()
-        assert call is not None  # the pattern's root
-        refused = single_attention_call(call)
-        if refused:
-            return result.fail(refused)
+        result = single_attention_call(y)
+        if not result:
+            return result
         nk, nv = _repeats(k, k_axes, k_big, k_rep), _repeats(v, v_axes, v_big, v_rep)
         for n in (nk, nv):
             if isinstance(n, str):

@@ -56,12 +56,11 @@ class AttentionHeadsInPlace(RewriteRuleClassBase):
 
     def check(self, context: Any, q: ir.Value, k: ir.Value, v: ir.Value, q_split: ir.Value, k_split: ir.Value,
               v_split: ir.Value, y: ir.Value, **_: Any) -> MatchResult:
-        result = MatchResult()
+        result = single_attention_call(y)
+        if not result:
+            return result
         call = y.producer()
-        assert call is not None
-        refused = single_attention_call(call)
-        if refused:
-            return result.fail(refused)
+        assert call is not None  # (the pattern's root)
         parts = [_heads(x, split) for x, split in ((q, q_split), (k, k_split), (v, v_split))]
         for part in parts:
             if isinstance(part, str):

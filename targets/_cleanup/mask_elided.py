@@ -63,13 +63,11 @@ class AttentionMaskElided(RewriteRuleClassBase):
         return op.Attention(q, k, v, mask, _allow_other_inputs=True, _outputs=["y"])
 
     def check(self, context: Any, q: ir.Value, mask: ir.Value, y: ir.Value, **_: Any) -> MatchResult:
-        result = MatchResult()
-        call = y.producer()
-        assert call is not None
-        refused = single_attention_call(call)
-        if refused:
-            return result.fail(refused)
-        if call.graph is not None and call.graph.name and call.graph.name.endswith(MASKED):
+        result = single_attention_call(y)
+        if not result:
+            return result
+        graph = y.graph
+        if graph is not None and graph.name and graph.name.endswith(MASKED):
             return result.fail("the call is already the masked branch of an elided mask")
         if mask.dtype not in _MASKS:
             return result.fail("the mask's element type is unknown or not bool / float / float16")

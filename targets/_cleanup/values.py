@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import MatchResult
 
 __all__ = ["dims", "constant", "single_attention_call"]
 
@@ -30,11 +31,15 @@ def constant(value: ir.Value | None, dtypes: tuple[ir.DataType, ...] | None = No
     return tensor.numpy()
 
 
-def single_attention_call(call: ir.Node) -> str | None:
-    """Why an ``Attention`` node is no call the rules rewrite (None when it is one): past keys/values
-    or extra outputs make it a decoder's cache step, which is left as exported."""
+def single_attention_call(y: ir.Value) -> MatchResult:
+    """Whether the ``Attention`` node computing ``y`` is a call the rules rewrite: a failed match with
+    the reason when it has past keys/values or extra outputs (a decoder's cache step, left as exported)."""
+    result = MatchResult()
+    call = y.producer()
+    if call is None or call.op_type != "Attention":
+        return result.fail("the value is no Attention call's output")
     if len(call.inputs) > 4:
-        return "the call has past keys/values (a decoder's cache step)"
+        return result.fail("the call has past keys/values (a decoder's cache step)")
     if len(call.outputs) != 1:
-        return "the call has more than one output (a decoder's cache step)"
-    return None
+        return result.fail("the call has more than one output (a decoder's cache step)")
+    return result
