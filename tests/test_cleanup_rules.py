@@ -50,7 +50,7 @@ def test_counts_reach_report_json(tmp_path: Path) -> None:
     cleanups = json.loads((out / "report.json").read_text())["targets"]["onnx"]["cleanups"]
     assert cleanups == {"drop-softmax-nan-guards": 0, "attention-gqa-in-place": 0, "attention-heads-in-place": 1,
                         "layer-norm-rows": 1, "attention-mask-elided": 1}
-    assert list(cleanups) == [rule.NAME for rule in RULES]  # in the order they run
+    assert list(cleanups) == list(RULES)  # in the order they run
 
 
 def _add_norm_graph(name: str, x: str, r: str, y: str) -> onnx.GraphProto:
@@ -105,7 +105,7 @@ def _guarded_softmax(fill: float, *, returned: bool = False) -> ir.Model:
 
 def _refusal(rule_class: type, model: ir.Model) -> str:
     """The reason ``rule_class`` gives for not rewriting the closest match in ``model`` (which it leaves as is)."""
-    tracer, rule = MatchingTracer(), rule_class.rule(rule_class.NAME)
+    tracer, rule = MatchingTracer(), rule_class.rule()
     assert RewriteRuleSet([rule]).apply_to_model(model, tracer=tracer) == 0
     (best,) = tracer.best_matches_map[rule]
     assert best.status == MatchStatus.CONDITION_FAILED

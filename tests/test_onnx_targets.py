@@ -409,7 +409,7 @@ def test_softmax_nan_guard_is_dropped_only_where_the_mask_fill_is_finite() -> No
 
     def drop_softmax_nan_guards(proto: onnx.ModelProto) -> int:
         model = ir.serde.deserialize_model(proto)
-        count = clean(model, (SoftmaxNanGuard,))[SoftmaxNanGuard.NAME]
+        count = clean(model, {"guards": SoftmaxNanGuard})["guards"]
         proto.CopyFrom(ir.serde.serialize_model(model))
         return count
 

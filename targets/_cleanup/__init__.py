@@ -20,12 +20,12 @@ in this order, each through the whole graph and its subgraphs (``If`` branches, 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
-from onnxscript.rewriter import RULE_NAME_TAG, RewriteRuleSet
+from onnxscript.rewriter import RULE_NAME_TAG, RewriteRuleClassBase, RewriteRuleSet
 
 from .gqa import AttentionGqaInPlace
 from .heads import AttentionHeadsInPlace
@@ -35,16 +35,23 @@ from .nan_guard import SoftmaxNanGuard
 
 __all__ = ["RULES", "clean", "all_nodes", "attention_calls"]
 
-RULES = (SoftmaxNanGuard, AttentionGqaInPlace, AttentionHeadsInPlace, LayerNormRows, AttentionMaskElided)
+# name (report.json's) → rule, in the order they run
+RULES: dict[str, type[RewriteRuleClassBase]] = {
+    "drop-softmax-nan-guards": SoftmaxNanGuard,
+    "attention-gqa-in-place": AttentionGqaInPlace,
+    "attention-heads-in-place": AttentionHeadsInPlace,
+    "layer-norm-rows": LayerNormRows,
+    "attention-mask-elided": AttentionMaskElided,
+}
 
 
-def clean(model: ir.Model, rules: tuple[type, ...] = RULES) -> dict[str, int]:
+def clean(model: ir.Model, rules: Mapping[str, type[RewriteRuleClassBase]] = RULES) -> dict[str, int]:
     """Apply ``rules`` (``RULES`` by default), in order, to ``model`` in place; returns how many times
     each applied, by rule name."""
     counts = {}
-    for rule in rules:
+    for name, rule in rules.items():
         # one rule set per rule: the counts are per rule, and each sees the graph the ones before left
-        counts[rule.NAME] = RewriteRuleSet([rule.rule(rule.NAME)]).apply_to_model(model)
+        counts[name] = RewriteRuleSet([rule.rule(name)]).apply_to_model(model)
     if any(counts.values()):
         RemoveUnusedNodesPass()(model)  # what fed the removed reshapes and expands: shapes, constants
         for node in ir.traversal.RecursiveGraphIterator(model.graph):

@@ -44,7 +44,6 @@ def _heads(x: ir.Value, split: ir.Value) -> tuple[int, int] | str:
 class AttentionHeadsInPlace(RewriteRuleClassBase):
     """``Reshape(T(Attention(T(R(q)), T(R(k)), T(R(v)), m)))`` → ``Reshape(Attention(q, k, v, m))``, 3-d."""
 
-    NAME = "attention-heads-in-place"
 
     def pattern(self, op: Any, q: ir.Value, k: ir.Value, v: ir.Value, q_shape: ir.Value, k_shape: ir.Value,
                 v_shape: ir.Value, shape: ir.Value) -> Any:
@@ -61,11 +60,13 @@ class AttentionHeadsInPlace(RewriteRuleClassBase):
             return result
         call = y.producer()
         assert call is not None  # (the pattern's root)
-        parts = [_heads(x, split) for x, split in ((q, q_split), (k, k_split), (v, v_split))]
-        for part in parts:
+        parts = []
+        for x, split in ((q, q_split), (k, k_split), (v, v_split)):
+            part = _heads(x, split)
             if isinstance(part, str):
                 return result.fail(part)
-        (_, dq), (hk, dk), (hv, _) = parts  # type: ignore[misc]
+            parts.append(part)
+        (_hq, dq), (hk, dk), (hv, _dv) = parts
         if hk != hv or dq != dk:
             return result.fail("keys and values differ in head count, or queries and keys in head size")
         mask = call.inputs[3] if len(call.inputs) > 3 else None

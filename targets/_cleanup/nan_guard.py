@@ -41,7 +41,6 @@ def _finite_mask_fill(add: ir.Node) -> bool:
 class SoftmaxNanGuard(RewriteRuleClassBase):
     """``Where(IsNaN(w), 0, w)`` → ``w`` where w is a softmax over scores plus a finite mask fill."""
 
-    NAME = "drop-softmax-nan-guards"
 
     def pattern(self, op: Any, w: ir.Value, zero: ir.Value) -> Any:
         return op.Where(op.IsNaN(w), zero, w, _outputs=["guarded"])
