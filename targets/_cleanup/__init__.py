@@ -13,7 +13,8 @@ in this order, each through the whole graph and its subgraphs (``If`` branches, 
 * ``layer-norm-rows`` (``layer_norm.py``): ``Add`` → ``LayerNormalization`` kept apart, so ORT does
   not fuse them into its slower ``SkipLayerNormalization`` kernel;
 * ``attention-mask-elided`` (``mask_elided.py``): a mask-free branch for masks that mask nothing.
-  Last: its ``If`` branches hold calls the rules before would otherwise rewrite again.
+  Last: the rules before match a call together with the nodes around it, which the ``If`` would
+  put in another graph (a pattern never crosses a graph's boundary).
 
 ``clean`` applies them and returns how many times each applied (``report.json → targets.<t>.cleanups``).
 """

@@ -43,7 +43,6 @@ def _repeats(x: ir.Value, axes: ir.Value, big: ir.Value, out: ir.Value) -> int |
 class AttentionGqaInPlace(RewriteRuleClassBase):
     """``Attention(q, repeat_kv(k), repeat_kv(v), …)`` → ``Attention(q, k, v, …)``."""
 
-
     def pattern(self, op: Any, q: ir.Value, k: ir.Value, v: ir.Value, k_axes: ir.Value, k_to: ir.Value,
                 k_shape: ir.Value, v_axes: ir.Value, v_to: ir.Value, v_shape: ir.Value) -> Any:
         k_rep = op.Reshape(op.Expand(op.Unsqueeze(k, k_axes), k_to, _outputs=["k_big"]), k_shape, _outputs=["k_rep"])

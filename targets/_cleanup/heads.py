@@ -44,7 +44,6 @@ def _heads(x: ir.Value, split: ir.Value) -> tuple[int, int] | str:
 class AttentionHeadsInPlace(RewriteRuleClassBase):
     """``Reshape(T(Attention(T(R(q)), T(R(k)), T(R(v)), m)))`` → ``Reshape(Attention(q, k, v, m))``, 3-d."""
 
-
     def pattern(self, op: Any, q: ir.Value, k: ir.Value, v: ir.Value, q_shape: ir.Value, k_shape: ir.Value,
                 v_shape: ir.Value, shape: ir.Value) -> Any:
         qh = op.Transpose(op.Reshape(q, q_shape, _outputs=["q_split"]), perm=_HEADS_AXIS)

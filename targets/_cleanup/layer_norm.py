@@ -27,7 +27,6 @@ __all__ = ["LayerNormRows"]
 class LayerNormRows(RewriteRuleClassBase):
     """``LayerNormalization(Add(a, r), γ, β)`` → the same normalization over the [n, E] rows."""
 
-
     def pattern(self, op: Any, x: ir.Value, gamma: ir.Value) -> Any:
         # β and the mean / inverse-deviation outputs are optional: other inputs pass through, and an
         # output read elsewhere keeps the node from matching (it could not be removed)

@@ -45,7 +45,6 @@ def _branch(call: ir.Node, inputs: list[ir.Value | None], y: ir.Value, dtype: ir
 class AttentionMaskElided(RewriteRuleClassBase):
     """``Attention(q, k, v, m)`` → ``If(m masks nothing, Attention(q, k, v), Attention(q, k, v, m))``."""
 
-
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name)
         # mask → its "masks nothing" value, one table per graph being rewritten, innermost last: a

@@ -41,7 +41,6 @@ def _finite_mask_fill(add: ir.Node) -> bool:
 class SoftmaxNanGuard(RewriteRuleClassBase):
     """``Where(IsNaN(w), 0, w)`` → ``w`` where w is a softmax over scores plus a finite mask fill."""
 
-
     def pattern(self, op: Any, w: ir.Value, zero: ir.Value) -> Any:
         return op.Where(op.IsNaN(w), zero, w, _outputs=["guarded"])
 
@@ -61,4 +60,5 @@ class SoftmaxNanGuard(RewriteRuleClassBase):
         return result
 
     def rewrite(self, op: Any, w: ir.Value, **_: Any) -> ir.Value:
+        # no node: the guard's readers read w itself (the rewriter gives w the guard's name)
         return w
