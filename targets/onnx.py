@@ -4,9 +4,8 @@ The exporter lowers, it never rewrites: ``torch.onnx.export(dynamo=True)`` of th
 (``targets/_export_form.py``: the same computation in forms torch.onnx lowers) with a translation table
 (``targets/_lowering.py``) that turns surgeon's quantize/dequantize custom ops into ``QuantizeLinear``
 / ``DequantizeLinear`` (opset 21). Whatever the passes stored quantized (FP8 / INT8 buffers feeding a
-dequantize) lands in the file as an FP8 / INT8 initializer, so the file shrinks. One clean-up follows
-the export: the exporter's NaN guard after a softmax whose mask fill is finite, where it can never
-fire on finite inputs (``targets/_cleanup.py``).
+dequantize) lands in the file as an FP8 / INT8 initializer, so the file shrinks. The clean-ups follow
+the export as onnxscript rewrite rules (``targets/_cleanup/``), their counts in the figures.
 
 Every file written is verified before it replaces anything:
 
@@ -44,14 +43,7 @@ from surgeon.errors import SurgeonError, first_line
 from surgeon.inputs import Inputs, as_args_kwargs, call
 from surgeon.resources import placed_file
 
-from ._cleanup import (
-    all_nodes,
-    attention_gqa_in_place,
-    attention_heads_in_place,
-    attention_mask_elided,
-    drop_softmax_nan_guards,
-    layer_norm_rows,
-)
+from ._cleanup import all_nodes, clean
 from ._export_form import export_form
 from ._lowering import OPSET, translation_table
 from ._ort_checks import fp32_bytes, shape_probes, static_axes, verify_onnx
@@ -59,8 +51,7 @@ from ._ort_session import DENORMAL_AS_ZERO, FP8_DISABLED_OPTIMIZERS, FP8_SESSION
 
 IR_VERSION = 11  # onnxruntime 1.31 refuses IR 14 (what onnx.helper writes by default); 11 = the opset-23 era
 
-# the checks and the session options are their own modules; the names stay importable from here, where
-# docs/deploy.md points a server
+# the checks and session options live in their own modules; importable from here, where docs/deploy.md points
 __all__ = ["export_onnx", "verify_onnx", "session", "session_config", "DENORMAL_AS_ZERO",
            "needs_fp8_option", "fp32_bytes", "IR_VERSION", "FP8_SESSION_OPTION",
            "FP8_DISABLED_OPTIMIZERS"]
@@ -259,7 +250,8 @@ def _quiet() -> Any:
 def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLike, *,
                 dynamic_shapes: Any = "auto", input_names: Sequence[str] | None = None,
                 output_names: Sequence[str] | None = None, opset: int = OPSET,
-                original: nn.Module | None = None, cleanup: bool = True) -> Path:
+                original: nn.Module | None = None, cleanup: bool = True,
+                cleanups: dict[str, int] | None = None) -> Path:
     """Export ``module_or_ep`` (nn.Module / GraphModule / ExportedProgram) to ``path`` (one file).
 
     ``dynamic_shapes="auto"`` marks every input dim ``Dim.AUTO`` (batch and sequence stay dynamic
@@ -267,7 +259,8 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
     (``input_names`` or the forward's parameter names); outputs take the original's ModelOutput keys
     when they map 1:1. Surgeon's Q/DQ custom ops lower to standard QuantizeLinear/DequantizeLinear.
     ``cleanup=False`` keeps the graph as the exporter wrote it (the softmax NaN guards of
-    ``targets/_cleanup.py`` stay), e.g. for a baseline that surgeon did not touch.
+    ``targets/_cleanup/`` stay), e.g. for a baseline that surgeon did not touch; ``cleanups``, when
+    given, receives how many times each clean-up rule applied.
     Raises ``SurgeonError`` naming the operator and its module when an op has no ONNX lowering."""
     import onnx
 
@@ -296,15 +289,13 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
         if err is not None:
             raise err from exc
         raise
+    if cleanup:  # exact rewrites for ORT's CPU kernels (targets/_cleanup/), on the exporter's IR
+        counts = clean(prog.model)
+        if cleanups is not None:
+            cleanups.update(counts)
     model = prog.model_proto
     model.ir_version = min(model.ir_version, IR_VERSION if opset >= 23 else 10)  # 10: the opset-21 era
     _strip_node_metadata(model)
-    if cleanup:
-        drop_softmax_nan_guards(model)  # exact on finite inputs; 6.5 % of a MiniLM run (targets/_cleanup.py)
-        attention_gqa_in_place(model)  # GQA read by the op, not repeat_kv's copies of K and V (targets/_cleanup.py)
-        attention_heads_in_place(model)  # the same computation without Q/K/V/output copies (targets/_cleanup.py)
-        layer_norm_rows(model)  # Add and LayerNormalization kept apart: ORT CPU's fused kernel is 2.4× slower
-        attention_mask_elided(model)  # last (subgraphs): a mask-free call when the mask masks nothing
     graph_inputs = list(model.graph.input)
     if len(names) == len(graph_inputs):
         old_to_new = {vi.name: n for vi, n in zip(graph_inputs, names)}
@@ -365,8 +356,10 @@ def write_onnx(module: Any, example_inputs: Inputs, outdir: str | os.PathLike, *
     """Export, verify and atomically place ``OUTDIR/model.onnx``; return the verification figures.
 
     ``tolerance`` (max abs diff ORT vs torch module), when given, must hold or nothing is written."""
+    cleanups: dict[str, int] = {}
     with placed_file(outdir, filename, suffix=".onnx.tmp") as tmp:
-        export_onnx(module, example_inputs, tmp, input_names=input_names, original=original, opset=opset)
+        export_onnx(module, example_inputs, tmp, input_names=input_names, original=original, opset=opset,
+                    cleanups=cleanups)
         vin = verify_inputs if verify_inputs is not None else example_inputs
         figures = verify_onnx(tmp, module, vin, original=original, original_inputs=original_inputs,
                               fp32_size=fp32_size, check_batch=False)
@@ -380,7 +373,7 @@ def write_onnx(module: Any, example_inputs: Inputs, outdir: str | os.PathLike, *
             spec = None if everything else static_axes(tmp, module, vin, fixed)
             everything = spec is None
             export_onnx(module, vin, tmp, input_names=input_names, original=original, opset=opset,
-                        dynamic_shapes=spec)
+                        dynamic_shapes=spec, cleanups=cleanups)
             figures = verify_onnx(tmp, module, vin, original=original, original_inputs=original_inputs,
                                   fp32_size=fp32_size, check_batch=False)
             again, static = ([], []) if everything else shape_probes(tmp, module, vin, figures["max_abs_diff"])
@@ -401,6 +394,7 @@ def write_onnx(module: Any, example_inputs: Inputs, outdir: str | os.PathLike, *
             raise SurgeonError(f"ONNX file differs from the torch module by {figures['max_abs_diff']:.3g} "
                                f"(tolerance {tolerance:g}); nothing written")
     final = Path(outdir) / filename
+    figures["cleanups"] = cleanups
     figures["file"] = final.name
     figures["path"] = str(final)
     return figures
