@@ -748,8 +748,42 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
         all_fig = all_acc.figures()
     if tolerance.agreement is not None and exact.agreement is None:
         raise SurgeonError(AGREEMENT_NEEDS_LOGITS)
-    stepper = _Stepper(gm0, gm, records, checks, exact, all_fig, check, metric, distributed)
+    def measure(config: dict[str, str], bar: _Progress) -> Figures:
+        bar.add(len(check), f"verifying ({len(config)} site(s) on)")
+        return measure_config(gm0, gm, records, config, check, metric, bar, distributed=distributed)
+
+    stepper = _Stepper(records, checks, exact, all_fig, measure, lambda config: _configure(gm, records, config))
     return stepper.run(tolerance, progress=progress, batches=n_check, samples=samples)
+
+
+class _Measured(dict[str, Figures]):
+    """A site's solo figures by rung, each measured when the descent first asks for it (a ladder whose
+    first rung holds measures nothing below it)."""
+
+    def __init__(self, measure: Callable[[str], Figures]) -> None:
+        super().__init__()
+        self.measure = measure
+
+    def __missing__(self, rung: str) -> Figures:
+        self[rung] = fig = self.measure(rung)
+        return fig
+
+
+def ladder_guard(records: Sequence[SiteRecord], solo: Callable[[str, str], Figures],
+                 measure: Callable[[dict[str, str]], Figures], exact: Figures, tolerance: Tolerance) -> GuardResult:
+    """The guard's descent over figures the caller measures (a model that is not an fx graph: a
+    decoder's cache): ``solo(site, rung)`` the figures with only ``site`` on at ``rung``, ``measure(config)``
+    those of a configuration (site → rung; the sites not in it exact), ``exact`` those of no error.
+    Solo figures are measured lazily, so a ladder whose first rung holds costs one measurement."""
+    records = list(records)
+    checks = {}
+    for r in records:
+        solo_rungs = _Measured(lambda rung, site=r.site: solo(site, rung))
+        checks[r.site] = SiteCheck(r, {}, solo_rungs[ladder(r)[0]], rung=ladder(r)[0], ladder=ladder(r),
+                                   solo_rungs=solo_rungs)
+    all_fig = measure({r.site: ladder(r)[0] for r in records})
+    stepper = _Stepper(records, checks, exact, all_fig, lambda config, bar: measure(config), lambda config: None)
+    return stepper.run(tolerance)
 
 
 class _Stepper:
@@ -758,11 +792,12 @@ class _Stepper:
     the last ``run`` ended (``GuardResult.resume``: the written file missed a tolerance the torch
     module met, so the pipeline asks for a tighter one)."""
 
-    def __init__(self, gm0: fx.GraphModule, gm: fx.GraphModule, records: list[SiteRecord],
-                 checks: dict[str, SiteCheck], exact: Figures, all_fig: Figures, check: Sequence[Inputs],
-                 metric: Metric | None, distributed: bool | None) -> None:
-        self.gm0, self.gm, self.records, self.checks = gm0, gm, records, checks
-        self.exact, self.all_fig, self.check, self.metric, self.distributed = exact, all_fig, check, metric, distributed
+    def __init__(self, records: list[SiteRecord], checks: dict[str, SiteCheck], exact: Figures, all_fig: Figures,
+                 measure: Callable[[dict[str, str], _Progress], Figures],
+                 configure: Callable[[dict[str, str]], None]) -> None:
+        # measure: the figures of a configuration (site → rung); configure: leave the model in one
+        self.records, self.checks, self.exact, self.all_fig = records, checks, exact, all_fig
+        self.measure, self.configure = measure, configure
         self.benefit = _Benefit(records)
         self.config: dict[str, str] = {r.site: ladder(r)[0] for r in records}
         self.fig = all_fig
@@ -822,9 +857,7 @@ class _Stepper:
                 else:
                     c.steps.append(f"{config[site]} → {to}: {text}; {why}")
                     c.rung = config[site] = to
-                bar.add(len(self.check), f"verifying ({len(config)} site(s) on)")
-                fig = measure_config(self.gm0, self.gm, self.records, dict(config), self.check, self.metric, bar,
-                                     distributed=self.distributed)
+                fig = self.measure(dict(config), bar)
                 self.configs.append((dict(config), fig))
                 self.steps.append({"kept": list(config), "rungs": dict(config), "end_to_end": fig.to_json(),
                                    "rolled_back": site if to == KEEP else None,
@@ -852,7 +885,7 @@ class _Stepper:
         for s, c in checks.items():
             if s in chosen and c.steps and not c.reason:
                 c.reason = "; ".join(c.steps)
-        _configure(self.gm, self.records, dict(chosen))
+        self.configure(dict(chosen))
         kept = [r.site for r in self.records if r.site in chosen]
         by_site = {r.site: r for r in self.records}
         result = GuardResult(sites=list(checks.values()), kept=kept, end_to_end=fig, all_applied=self.all_fig,
