@@ -1,7 +1,7 @@
 """`surgeon passes` / `surgeon targets`: generated from the registries, and docs/cli.md matches.
 
 When a pass option or a target changes, regenerate docs/cli.md's generated sections with
-``python -m surgeon.cli --write-docs`` (or ``surgeon.cli.write_docs()``) and commit the result.
+``python -m surgeon.cli --write-docs`` (or ``surgeon.cli_listing.write_docs()``) and commit the result.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from surgeon import cli
+from surgeon import cli, cli_listing
 from surgeon.passes import REGISTRY, pass_class
 from surgeon.targets import get_target, registered
 
@@ -23,7 +23,7 @@ REGENERATE = "regenerate with: python -m surgeon.cli --write-docs"
 def test_docs_generated_sections_are_current() -> None:
     text = DOCS.read_text(encoding="utf-8")
     assert "<!-- generated: surgeon passes -->" in text and "<!-- generated: surgeon targets -->" in text
-    assert cli.generated_docs(text) == text, f"docs/cli.md is out of date ({REGENERATE})"
+    assert cli_listing.generated_docs(text) == text, f"docs/cli.md is out of date ({REGENERATE})"
 
 
 def test_docs_sections_are_what_the_commands_print(capsys: pytest.CaptureFixture) -> None:
@@ -83,17 +83,17 @@ def test_listing_on_a_terminal_is_rendered(command: str, capsys: pytest.CaptureF
 
     from rich.console import Console
 
-    markdown = cli.passes_markdown() if command == "passes" else cli.targets_markdown()
+    markdown = cli_listing.passes_markdown() if command == "passes" else cli_listing.targets_markdown()
     assert any(line.startswith("|---") for line in markdown.splitlines())  # the plain text has both
     buf = io.StringIO()
-    cli.print_markdown(markdown, Console(file=buf, force_terminal=True, width=120))
+    cli_listing.print_markdown(markdown, Console(file=buf, force_terminal=True, width=120))
     rendered = buf.getvalue()
     assert rendered.strip() and "\x1b[" in rendered
     assert not [line for line in rendered.splitlines() if line.lstrip().startswith("###")]
     assert "|---|" not in rendered and "| option |" not in rendered and "| target |" not in rendered
     assert ("linear-quant" if command == "passes" else "onnx-int8") in rendered
     buf = io.StringIO()
-    cli.print_markdown(markdown, Console(file=buf, force_terminal=False))
+    cli_listing.print_markdown(markdown, Console(file=buf, force_terminal=False))
     assert buf.getvalue() == markdown  # not a terminal: exactly the Markdown docs/cli.md holds
     # the command itself takes the terminal path when rich sees one (FORCE_COLOR stands in for a TTY)
     monkeypatch.setenv("FORCE_COLOR", "1")

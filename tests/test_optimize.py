@@ -22,7 +22,7 @@ from _cli import run_cli
 from torch import fx, nn
 
 import surgeon.calibration as calibration_mod
-import surgeon.report as report_mod
+import surgeon.report_html as report_html_mod
 from surgeon.analysis._graph import GraphView
 from surgeon.errors import SurgeonError
 from surgeon.optimize import optimize, prepare_batches, split_batches
@@ -297,7 +297,7 @@ def test_error_mid_save_leaves_nothing(bad_site_run: dict, tmp_path: Path, monke
         Path(path).write_text("half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(report_mod, "write_html", boom)
+    monkeypatch.setattr(report_html_mod, "write_html", boom)
     out = tmp_path / "out"
     # what escapes Result.save is a SurgeonError naming the stage, the OSError chained as its cause
     with pytest.raises(SurgeonError, match=r"^internal error in stage 'save': OSError: disk full") as info:

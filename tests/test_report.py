@@ -10,7 +10,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from surgeon.pass_manager import Diagnostic, SiteRecord
-from surgeon.report import SCHEMA_VERSION, json_safe, make_report, render_html, write_html, write_json
+from surgeon.report import SCHEMA_VERSION, json_safe, make_report, write_json
+from surgeon.report_html import render_html, write_html
 from surgeon.verify import Figures, GuardResult, SiteCheck, Tolerance
 
 

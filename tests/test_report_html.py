@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from test_report import _report
 
-from surgeon.report import STEPS_MAX_TICKS, model_name, plot_sites, render_html, short_source, site_groups, sites_figure, steps_figure
+from surgeon.report_html import model_name, render_html, short_source
+from surgeon.report_plots import STEPS_MAX_TICKS, plot_sites, site_groups, sites_figure, steps_figure
 
 WIDTH = 1300
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

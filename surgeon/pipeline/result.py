@@ -95,6 +95,7 @@ class Result:
 
     def _save(self, outdir: str | os.PathLike, *, force: bool, target: str, speed: bool, speed_runs: int) -> Path:
         from .. import report as rep
+        from .. import report_html
         from ..resources import atomic_dir
 
         out = Path(outdir)
@@ -129,7 +130,7 @@ class Result:
             self.report["outputs"] = outputs
             self.report["timings_s"]["save"] = round(time.perf_counter() - start, 4)
             rep.write_json(self.report, partial / "report.json")
-            rep.write_html(self.report, partial / "report.html")
+            report_html.write_html(self.report, partial / "report.html")
         return out
 
 
