@@ -1,4 +1,5 @@
-"""``surgeon export MODEL --target T -o OUTDIR``: write the model as it is, no pass.
+"""``surgeon export MODEL --target T -o OUTDIR``: write the model as it is, no pass (the module
+variant; a decoder target's export is ``surgeon.decoder.cli``, chosen by ``surgeon.pipeline.variant``).
 
 Load, capture, lower with the registered target (``surgeon.targets``), write OUTDIR atomically
 (``report.json`` beside the file), print one line. A target whose file only makes sense after passes
@@ -19,7 +20,9 @@ from typing import Any
 from .errors import SurgeonError
 from .resources import publish_mode
 
-__all__ = ["export_model", "run_export_cli", "refuse_pipeline_target"]
+__all__ = ["DEFAULT_EXPORT_TARGET", "export_model", "run_export_cli", "refuse_pipeline_target"]
+
+DEFAULT_EXPORT_TARGET = "onnx"
 
 
 def refuse_pipeline_target(target: Any) -> None:
@@ -64,24 +67,11 @@ def export_model(loaded: Any, target: str, outdir: str | os.PathLike) -> dict:
 def run_export_cli(args: Any) -> int:
     """``surgeon export MODEL [--target T] -o OUTDIR [--force]``."""
     from . import targets  # type: ignore[attr-defined]
-    from .load import load_model
+    from .loaders import load_model
     from .resources import atomic_dir, check_memory, check_output_dir
 
-    name = getattr(args, "target", None) or "onnx"
+    name = getattr(args, "target", None) or DEFAULT_EXPORT_TARGET
     tgt = targets.get_target(name)  # unknown target: refused before any work
-    if name == "onnx-decoder":  # a causal LM with its cache, unchanged: the fp32 cache, no pass
-        from .pipeline.decoder import optimize_decoder
-
-        if getattr(args, "task", None) is not None:  # it loads the causal LM head whatever the architecture says
-            raise SurgeonError("--task does not apply to --target onnx-decoder: it loads the causal LM head "
-                               "(AutoModelForCausalLM)")
-
-        report = optimize_decoder(args.model, args.output, passes=[], target=name, force=bool(getattr(args, "force", False)))
-        v = report["verification"]
-        print(f"wrote {Path(args.output) / tgt.filename} (fp32 cache): ORT vs torch logits max abs diff "
-              f"{v['logits_max_abs_diff']:.3g} over {v['new_tokens']} steps, greedy tokens identical to torch generate: "
-              f"{'yes' if v['greedy_identical_to_torch_generate'] else 'no'}")
-        return 0
     refuse_pipeline_target(tgt)
     out = Path(args.output)
     force = bool(getattr(args, "force", False))

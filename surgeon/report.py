@@ -17,6 +17,7 @@ from .pass_manager import Diagnostic
 from .verify import Figures, GuardResult, Tolerance
 
 SCHEMA_VERSION = 1
+DECODER_SCHEMA = "surgeon.decoder/1"  # a decoder OUTDIR's report.json (surgeon.decoder.pipeline)
 
 
 

@@ -26,6 +26,7 @@ in which case the best configuration measured is kept and ``GuardResult.met`` is
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -778,7 +779,7 @@ def ladder_guard(records: Sequence[SiteRecord], solo: Callable[[str, str], Figur
     records = list(records)
     checks = {}
     for r in records:
-        solo_rungs = _Measured(lambda rung, site=r.site: solo(site, rung))
+        solo_rungs = _Measured(functools.partial(solo, r.site))
         checks[r.site] = SiteCheck(r, {}, solo_rungs[ladder(r)[0]], rung=ladder(r)[0], ladder=ladder(r),
                                    solo_rungs=solo_rungs)
     all_fig = measure({r.site: ladder(r)[0] for r in records})

@@ -27,8 +27,9 @@ import torch
 from _cli import run_cli
 from _decoder_models import LINES, save_lm
 
-from surgeon.decoder_reference import HfCacheRunner, hf_generate, replay
-from surgeon.generate import generate, load_outdir, pad_and_eos
+from surgeon.decoder.generate import generate, pad_and_eos
+from surgeon.decoder.generate_cli import load_outdir
+from surgeon.decoder.reference import HfCacheRunner, hf_generate, replay
 
 PROMPTS = ["The quick brown fox", "A decoder writes one token at a time and keeps", "Lighter parts"]
 NEW = 32
@@ -63,8 +64,9 @@ def outdirs(lm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
         out[kind] = root / kind
         assert cli.main(["export", str(lm_dirs[kind]), "-o", str(out[kind]), "--target", "onnx-decoder"]) == 0
     out["llama"] = root / "llama"
+    # met only by rolling the cache back to fp32: exit 3, as for every other model (surgeon.verdict)
     assert cli.main(["optimize", str(lm_dirs["llama"]), "-o", str(out["llama"]), "--target", "onnx-decoder",
-                     "--tolerance", "ppl_increase=0,agreement=1"]) == 0
+                     "--tolerance", "ppl_increase=0,agreement=1"]) == 3
     calib = root / "prompts.txt"  # the INT8 file is calibrated on --calib lines (a quarter held out)
     calib.write_text("\n".join(LINES + [s.lower() for s in LINES]) + "\n")
     for dtype in ("int8", "fp8"):
@@ -137,7 +139,7 @@ def test_8bit_cache_file(dtype: str, elem: int, lm_dirs: dict[str, Path], outdir
 
 @pytest.mark.parametrize("dtype", ["int8", "fp8"])
 def test_prefill_and_token_by_token_store_the_same_codes(dtype: str, lm_dirs: dict[str, Path]) -> None:
-    from surgeon.decoder import DecoderStep, check_standard_cache, collect_stats
+    from surgeon.decoder.step import DecoderStep, check_standard_cache, collect_stats
     from surgeon.loaders import load_decoder
     from surgeon.passes import pass_class
 
