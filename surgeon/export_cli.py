@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from .errors import SurgeonError
+from .pipeline.timing import Timings
 from .resources import publish_mode
 
 __all__ = ["DEFAULT_EXPORT_TARGET", "export_model", "run_export_cli", "refuse_pipeline_target"]
@@ -49,7 +49,7 @@ def export_model(loaded: Any, target: str, outdir: str | os.PathLike) -> dict:
     tgt = targets.get_target(target)
     refuse_pipeline_target(tgt)
     out = Path(outdir)
-    started = time.perf_counter()
+    clock = Timings()
     cap = capture(loaded.model, loaded.example_inputs)
     report: dict[str, Any] = {"schema": "surgeon.export/1", "command": "export", "source": str(loaded.source),
                               "target": target, "capture": cap.to_json(), "warnings": []}
@@ -59,7 +59,7 @@ def export_model(loaded: Any, target: str, outdir: str | os.PathLike) -> dict:
 
     write_deploy_files(out, report, source=loaded.source, filename=tgt.filename if tgt.format == "onnx" else None,
                        fp8_option=report["targets"][target].get("fp8_session_option"))
-    report["timings_s"] = {"total": round(time.perf_counter() - started, 3)}
+    report["timings_s"] = {"total": round(clock.elapsed(), 3)}
     _write_json_atomic(report, out / "report.json")
     return report
 
