@@ -172,7 +172,10 @@ def test_impossible_tolerance_rolls_every_rung_back(outdirs: dict[str, Path]) ->
         assert x["ppl_ratio"] > 1 or x["agreement"] < 1
         assert "perplexity" in x["reason"] or "agreement" in x["reason"]
     assert r["guard"]["chosen"] == "keep" and r["cache"] == {"dtype": "float32"}
-    assert r["verdict"]["status"] == "met_by_rollback"
+    assert r["verdict"]["status"] == "met_by_rollback" and r["verdict"]["exit_code"] == 3
+    assert r["sites"][0]["status"] == "rolled_back" and r["tolerance"]["met"]
+    page = (outdirs["llama"] / "report.html").read_text()  # the common renderer's decoder page
+    assert "Guard: the cache's ladder" in page and "met only by rolling back all 1 substitution(s)" in page
     assert any("rolled back int8-head, fp8-head" in w for w in r["warnings"])
 
 
@@ -180,7 +183,8 @@ def test_outdir_contents(outdirs: dict[str, Path], lm_dirs: dict[str, Path]) -> 
     for kind, d in lm_dirs.items():  # the input directories are never modified
         assert _digest(d) == INPUT_DIGESTS[kind], kind
     out = outdirs["llama-int8"]
-    for name in ("model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "report.json", "README.md"):
+    for name in ("model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "report.json", "report.html",
+                 "README.md"):
         assert (out / name).is_file(), name
     assert not list(out.parent.glob("*.partial-*"))
     r = _report(out)
