@@ -749,6 +749,7 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
         all_fig = all_acc.figures()
     if tolerance.agreement is not None and exact.agreement is None:
         raise SurgeonError(AGREEMENT_NEEDS_LOGITS)
+
     def measure(config: dict[str, str], bar: _Progress) -> Figures:
         bar.add(len(check), f"verifying ({len(config)} site(s) on)")
         return measure_config(gm0, gm, records, config, check, metric, bar, distributed=distributed)
