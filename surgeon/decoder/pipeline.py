@@ -106,8 +106,8 @@ def _texts(tok: Any, lines: list[str], limit: int, seed: int) -> tuple[list[list
 
 def _cache_passes(passes: str | Sequence[Pass] | None, tgt: Target) -> tuple[list[Pass], CachePass | None]:
     """The passes (default: the target's) and the cache pass among them; anything else is refused."""
-    pass_list = parse_pipeline(passes if passes is not None else tgt.default_passes) \
-        if isinstance(passes, str) or passes is None else list(passes)
+    spec = tgt.default_passes if passes is None else passes
+    pass_list = parse_pipeline(spec) if isinstance(spec, str) else list(spec)
     cache = [p for p in pass_list if isinstance(p, CachePass)]
     if len(cache) != len(pass_list) or len(pass_list) > 1:
         raise SurgeonError(f"target {tgt.name} runs one kv-cache-quant pass (the cache is the decoder's site); "
