@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .errors import CaptureError, SurgeonError, ToleranceNotMet
     from .load import load
     from .optimize import Result, optimize
-    from .pipeline.data import calibration_batches
+    from .pipeline.calib_read import calibration_batches
 
 # name → module that defines it. Function names shadow their modules on purpose (surgeon.load is the
 # function); the modules stay reachable through sys.modules / ``from surgeon.load import ...``.
@@ -38,7 +38,7 @@ _LAZY = {
     "Captured": ".capture", "capture": ".capture",
     "CaptureError": ".errors", "SurgeonError": ".errors", "ToleranceNotMet": ".errors",
     "load": ".load", "Result": ".optimize", "optimize": ".optimize",
-    "calibration_batches": ".pipeline.data",
+    "calibration_batches": ".pipeline.calib_read",
 }
 
 __all__ = ["Analysis", "Captured", "CaptureError", "NearMiss", "Result", "Site", "SurgeonError",

@@ -68,7 +68,8 @@ def run_export_cli(args: Any) -> int:
     """``surgeon export MODEL [--target T] -o OUTDIR [--force]``."""
     from . import targets  # type: ignore[attr-defined]
     from .loaders import load_model
-    from .resources import atomic_dir, check_memory, check_output_dir
+    from .memory import check_memory
+    from .resources import atomic_dir, check_output_dir
 
     name = getattr(args, "target", None) or DEFAULT_EXPORT_TARGET
     tgt = targets.get_target(name)  # unknown target: refused before any work

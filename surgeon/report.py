@@ -44,9 +44,9 @@ def site_entries(guard: GuardResult, diagnostics: Iterable[Diagnostic], variants
     sites: list[dict] = []
     for c in guard.sites:
         r = c.record
-        entry = {"id": r.site, "kind": r.kind, "module": r.module, "variant": variants.get(r.site),
-                 "pass": r.pass_name, "status": c.status, "metrics": dict(c.metrics),
-                 "solo_end_to_end": c.solo.to_json()}
+        entry: dict[str, Any] = {"id": r.site, "kind": r.kind, "module": r.module, "variant": variants.get(r.site),
+                                 "pass": r.pass_name, "status": c.status, "metrics": dict(c.metrics),
+                                 "solo_end_to_end": c.solo.to_json()}
         if c.ladder:
             # the rung it ended on, its ladder, and its solo figures on each rung (rung → cosine mean, ...)
             entry["rung"] = c.rung
@@ -63,14 +63,14 @@ def site_entries(guard: GuardResult, diagnostics: Iterable[Diagnostic], variants
         sites.append(entry)
     by_id = {e["id"]: e for e in sites}
     for chk in checks:
-        entry = by_id.get(chk.site)
-        if entry is None:
+        checked = by_id.get(chk.site)
+        if checked is None:
             continue
-        entry["check"] = {"accepted": chk.accepted, **chk.figures}
-        if not chk.accepted and entry["status"] == "applied":
-            entry["status"] = "rolled_back"
-            entry["reason"] = chk.reason
-            entry["rollback"] = {"check": chk.reason}
+        checked["check"] = {"accepted": chk.accepted, **chk.figures}
+        if not chk.accepted and checked["status"] == "applied":
+            checked["status"] = "rolled_back"
+            checked["reason"] = chk.reason
+            checked["rollback"] = {"check": chk.reason}
     measured = {c.record.site for c in guard.sites}
     for d in diagnostics:
         if d.status == "applied" and d.site is not None and d.site not in measured:

@@ -10,9 +10,15 @@ from typing import Any
 STATUS_COLORS = {"applied": "#2e7d32", "rolled_back": "#c62828", "skipped": "#9e9e9e"}
 
 
-def _png(fig: Any) -> str:
+def _png(fig: Any) -> str | None:
+    """``fig`` as a PNG data URI, the figure closed (None for no figure)."""
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -109,14 +115,7 @@ def sites_figure(report: dict) -> Any:
 
 def plot_sites(report: dict) -> str | None:
     """Data URI of a PNG: per-site SQNR and solo end-to-end error, coloured by rung / status."""
-    fig = sites_figure(report)
-    if fig is None:
-        return None
-    import matplotlib.pyplot as plt
-
-    uri = _png(fig)
-    plt.close(fig)
-    return uri
+    return _png(sites_figure(report))
 
 
 STEPS_MAX_TICKS = 30
@@ -166,11 +165,4 @@ def steps_figure(report: dict) -> Any:
 
 def plot_steps(report: dict) -> str | None:
     """Data URI of a PNG: end-to-end mean cosine after each rollback (None when nothing was rolled back)."""
-    fig = steps_figure(report)
-    if fig is None:
-        return None
-    import matplotlib.pyplot as plt
-
-    uri = _png(fig)
-    plt.close(fig)
-    return uri
+    return _png(steps_figure(report))

@@ -13,7 +13,8 @@ import pytest
 import surgeon
 from surgeon import cli
 from surgeon.errors import SurgeonError
-from surgeon.pipeline.data import calibration, text_stats
+from surgeon.pipeline.calib_read import calibration
+from surgeon.pipeline.calib_text import text_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGLISH = [ln for ln in (ROOT / "surgeon" / "data" / "calib_sentences.txt").read_text(encoding="utf-8").splitlines()

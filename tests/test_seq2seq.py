@@ -88,7 +88,7 @@ def test_encoder_decoder_directory_is_refused_early_in_one_line(build: Any, arch
 
 
 def test_t5_encoder_model_directory_is_not_refused(hf_tokenizer: Any, tmp_path: Path) -> None:
-    from surgeon.loaders.hf import refuse_encoder_decoder_optimize
+    from surgeon.loaders.hf_heads import refuse_encoder_decoder_optimize
 
     cfg = transformers.T5Config(vocab_size=hf_tokenizer.vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=1,
                                 num_heads=2, architectures=["T5EncoderModel"])

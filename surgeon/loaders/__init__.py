@@ -33,7 +33,8 @@ from ..errors import SurgeonError, first_line
 from ..inputs import Inputs, call, describe
 from .common import LoadedModel, size_one_notes
 from .factory import call_factory, is_factory, load_factory
-from .hf import DEFAULT_TEXT, OTHER_TEXTS, TASKS, LoadedDecoder, check_task, is_hf, load_hf, load_hf_causal_lm, refuse_encoder_decoder
+from .hf import DEFAULT_TEXT, OTHER_TEXTS, LoadedDecoder, is_hf, load_hf, load_hf_causal_lm, refuse_encoder_decoder
+from .hf_heads import TASKS, check_task
 from .pickled import PICKLE_SUFFIXES, is_pickle, load_pickle
 from .pt2 import is_pt2, load_pt2
 

@@ -34,16 +34,10 @@ Stages (each a plain function with a typed result; ``timings_s`` in the report n
 
 from __future__ import annotations
 
+from .calib_read import read_calibration
+from .calib_text import TEXT_BATCH, TEXT_MAX_LENGTH
 from .cli import fmt_cosine, print_summary, run_cli
-from .data import (
-           DEFAULT_CHECK_FRACTION,
-           TEXT_BATCH,
-           TEXT_MAX_LENGTH,
-           Split,
-           prepare_batches,
-           read_calibration,
-           split_batches,
-)
+from .data import DEFAULT_CHECK_FRACTION, Split, prepare_batches, split_batches
 from .export import export_artifacts, export_info, plain_outputs, reexport
 from .fit import Applied, apply_passes, fit_passes, rebuild, resolve_passes
 from .result import Result, check_target

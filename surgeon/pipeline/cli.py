@@ -14,7 +14,7 @@ from ..errors import SurgeonError, ToleranceNotMet
 from ..pass_manager import parse_pipeline
 from ..verdict import decide
 from ..verify import parse_tolerance
-from .data import read_calibration
+from .calib_read import read_calibration
 from .result import Result, check_target
 from .run import optimize
 from .timing import Timings
@@ -142,7 +142,7 @@ def run_cli(args: Any) -> int:
 def _run_cli(args: Any, writer: bool) -> int:
     from .. import distributed
     from ..loaders import load_model
-    from ..loaders.hf import refuse_encoder_decoder_optimize
+    from ..loaders.hf_heads import refuse_encoder_decoder_optimize
     from ..resources import check_output_dir
 
     out = Path(args.output)

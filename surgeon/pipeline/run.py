@@ -199,7 +199,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
             torch.set_num_threads(previous)
     from .. import distributed
     from ..capture import capture
-    from ..resources import check_memory
+    from ..memory import check_memory
 
     timings = Timings(_timings or {})
     notes: list[str] = []
@@ -212,7 +212,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
                                (deploy.default_passes if deploy is not None else DEFAULT_PASSES))
     tol = parse_tolerance(tolerance, has_metric=metric is not None)
     if isinstance(calib, (str, os.PathLike)):  # a file, by the CLI's --calib rules
-        from .data import calibration as calibration_of
+        from .calib_read import calibration as calibration_of
 
         calib = calibration_of(calib, model)
     text_stats = getattr(calib, "text_stats", None)  # calibration tokenized from text: what it was like
