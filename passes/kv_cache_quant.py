@@ -18,20 +18,20 @@ than the decoder tolerance (default +1 %) or whose greedy next-token agreement w
 falls below it (default 95 %) is rolled back by the guard to the next rung of the profile's
 ``kv_cache`` ladder (int8-head → fp8-head → keep), and report.json says so with the figures.
 
-The rewrite acts on the decoder step (``surgeon.decoder.DecoderStep``: its cache format), not on an
+The rewrite acts on the decoder step (``surgeon.decoder.step.DecoderStep``: its cache format), not on an
 fx graph: the cache is the step's inputs and outputs, which a graph rewrite cannot retype.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from torch import fx
 
-from surgeon.decoder import CacheStats, DecoderStep
+from surgeon.decoder.step import CacheStats, DecoderStep
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult
-from surgeon.profile import KEEP
+from surgeon.profile import KEEP, Profile
 
 __all__ = ["KVCacheQuant"]
 
@@ -41,7 +41,9 @@ _GRANULARITIES = ("tensor", "head")
 
 @dataclass(frozen=True)
 class KVCacheQuant(Pass):
-    """Store the decoder's KV cache in INT8 or FP8 e4m3fn with calibrated per-layer scales (onnx-decoder)."""
+    """Store the decoder's KV cache in INT8 or FP8 e4m3fn with calibrated per-layer scales (onnx-decoder).
+
+    A ``surgeon.pass_manager.CachePass``: the decoder pipeline calls ``rungs`` and ``apply``."""
 
     name: ClassVar[str] = "kv-cache-quant"
     # contract (tests/test_pass_contract.py): no fx example, it rewrites a decoder step and declines graphs
@@ -62,7 +64,7 @@ class KVCacheQuant(Pass):
         """This pass's own format, as a ladder rung (``int8-head``)."""
         return f"{self.dtype}-{self.granularity}"
 
-    def rungs(self, profile: Any = None) -> tuple[str, ...]:
+    def rungs(self, profile: Profile | None = None) -> tuple[str, ...]:
         """The formats the guard tries, best first: this pass's own, then the profile's ``kv_cache``
         rungs after it (all of them when it is not on the ladder: none), then ``keep`` (fp32 cache)."""
         ladder = tuple(profile.formats("kv_cache")) if profile is not None else (KEEP,)

@@ -36,16 +36,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "audio-classification, sentence-similarity)")
 
 
-def _refuse_decoder_task(args: argparse.Namespace) -> None:
-    # onnx-decoder loads the causal LM head (AutoModelForCausalLM) whatever the architecture says.
-    if getattr(args, "task", None) is not None:
-        raise SurgeonError(f"--task does not apply to --target {DECODER_TARGET}: it loads the causal LM head "
-                           "(AutoModelForCausalLM)")
-
-
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze
-    from .load import load
+    from .loaders import load
 
     model, inputs = load(args.model, trust_pickle=args.trust_pickle, text=args.text, task=args.task)
     analysis = analyze(model, inputs)
@@ -60,28 +53,25 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
-    from .optimize import run_cli
+    from .pipeline.variant import run_optimize
 
     args.target_given = args.target is not None  # the messages say when the target is the default one
     args.target = args.target or DEFAULT_TARGET
-    if args.target == DECODER_TARGET:  # a causal LM with its KV cache: its own pipeline (surgeon/pipeline/decoder.py)
-        from .pipeline.decoder import run_decoder_cli
-
-        _refuse_decoder_task(args)
-        return run_decoder_cli(args)
-    return run_cli(args)
+    return run_optimize(args)  # the variant for the kind of model the target takes
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import run_generate_cli
+    from .decoder.generate_cli import run_generate_cli
 
     return run_generate_cli(args)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export_cli import run_export_cli
+    from .export_cli import DEFAULT_EXPORT_TARGET
+    from .pipeline.variant import run_export
 
-    return run_export_cli(args)
+    args.target = args.target or DEFAULT_EXPORT_TARGET
+    return run_export(args)  # the variant for the kind of model the target takes
 
 
 
@@ -93,7 +83,6 @@ def _passes_help() -> str:
 # A user who deploys to a CPU server wants a file that is smaller *and* faster there: INT8 for ONNX
 # Runtime on x86 (portable 7-bit weights). FP8 files are dequantized on CPUs (slower than fp32).
 DEFAULT_TARGET = "onnx-int8"
-DECODER_TARGET = "onnx-decoder"  # causal LMs with their KV cache (surgeon/pipeline/decoder.py)
 
 
 def _targets_help() -> str:
@@ -120,7 +109,7 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .pipeline.cli import speed_line
+    from .pipeline.variant import speed_line
     from .speed import bench_outdir
 
     if args.runs < 1 or args.threads < 1:

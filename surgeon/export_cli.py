@@ -1,4 +1,5 @@
-"""``surgeon export MODEL --target T -o OUTDIR``: write the model as it is, no pass.
+"""``surgeon export MODEL --target T -o OUTDIR``: write the model as it is, no pass (the module
+variant; a decoder target's export is ``surgeon.decoder.cli``, chosen by ``surgeon.pipeline.variant``).
 
 Load, capture, lower with the registered target (``surgeon.targets``), write OUTDIR atomically
 (``report.json`` beside the file), print one line. A target whose file only makes sense after passes
@@ -12,14 +13,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from .errors import SurgeonError
+from .pipeline.timing import Timings
 from .resources import publish_mode
 
-__all__ = ["export_model", "run_export_cli", "refuse_pipeline_target"]
+__all__ = ["DEFAULT_EXPORT_TARGET", "export_model", "run_export_cli", "refuse_pipeline_target"]
+
+DEFAULT_EXPORT_TARGET = "onnx"
 
 
 def refuse_pipeline_target(target: Any) -> None:
@@ -46,7 +49,7 @@ def export_model(loaded: Any, target: str, outdir: str | os.PathLike) -> dict:
     tgt = targets.get_target(target)
     refuse_pipeline_target(tgt)
     out = Path(outdir)
-    started = time.perf_counter()
+    clock = Timings()
     cap = capture(loaded.model, loaded.example_inputs)
     report: dict[str, Any] = {"schema": "surgeon.export/1", "command": "export", "source": str(loaded.source),
                               "target": target, "capture": cap.to_json(), "warnings": []}
@@ -56,7 +59,7 @@ def export_model(loaded: Any, target: str, outdir: str | os.PathLike) -> dict:
 
     write_deploy_files(out, report, source=loaded.source, filename=tgt.filename if tgt.format == "onnx" else None,
                        fp8_option=report["targets"][target].get("fp8_session_option"))
-    report["timings_s"] = {"total": round(time.perf_counter() - started, 3)}
+    report["timings_s"] = {"total": round(clock.elapsed(), 3)}
     _write_json_atomic(report, out / "report.json")
     return report
 
@@ -64,25 +67,12 @@ def export_model(loaded: Any, target: str, outdir: str | os.PathLike) -> dict:
 def run_export_cli(args: Any) -> int:
     """``surgeon export MODEL [--target T] -o OUTDIR [--force]``."""
     from . import targets  # type: ignore[attr-defined]
-    from .load import load_model
+    from .loaders import load_model
     from .memory import check_memory
     from .resources import atomic_dir, check_output_dir
 
-    name = getattr(args, "target", None) or "onnx"
+    name = getattr(args, "target", None) or DEFAULT_EXPORT_TARGET
     tgt = targets.get_target(name)  # unknown target: refused before any work
-    if name == "onnx-decoder":  # a causal LM with its cache, unchanged: the fp32 cache, no pass
-        from .pipeline.decoder import optimize_decoder
-
-        if getattr(args, "task", None) is not None:  # it loads the causal LM head whatever the architecture says
-            raise SurgeonError("--task does not apply to --target onnx-decoder: it loads the causal LM head "
-                               "(AutoModelForCausalLM)")
-
-        report = optimize_decoder(args.model, args.output, passes=[], target=name, force=bool(getattr(args, "force", False)))
-        v = report["verification"]
-        print(f"wrote {Path(args.output) / tgt.filename} (fp32 cache): ORT vs torch logits max abs diff "
-              f"{v['logits_max_abs_diff']:.3g} over {v['new_tokens']} steps, greedy tokens identical to torch generate: "
-              f"{'yes' if v['greedy_identical_to_torch_generate'] else 'no'}")
-        return 0
     refuse_pipeline_target(tgt)
     out = Path(args.output)
     force = bool(getattr(args, "force", False))

@@ -12,6 +12,11 @@ it creates, under ``node.meta["surgeon"]`` (a dict of plain facts, e.g. norm-fol
 ``{"residual_centred": True}``): the graph carries it to every later pass, and the pipeline's rebuild
 reruns the same passes on a fresh copy of the captured graph, so the facts are recorded again.
 
+A pass whose site is a decoder's key/value cache (``kv-cache-quant``) is a :class:`CachePass`: the cache
+is the decode step's inputs and outputs, which no graph rewrite can retype, so the decoder variant of
+the pipeline (``surgeon.decoder.pipeline``) asks it for its ``rungs`` and builds each rung's step with
+``apply``; on an fx graph its ``call`` declines.
+
 Pipeline spec grammar: ``name{opt=value,opt=value},name2`` — e.g.
 ``attention-fp8{p_bits=8,granularity=head},linear-quant{dtype=int8}``.
 """
@@ -23,12 +28,16 @@ import importlib
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Protocol, Sequence, runtime_checkable
 
 import networkx as nx
 from torch import fx, nn
 
 from .errors import PipelineError, SurgeonError, first_line, module_of_failure
+
+if TYPE_CHECKING:  # types only: the decoder step needs transformers, the pass manager does not
+    from .decoder.step import CacheStats, DecoderStep
+    from .profile import Profile
 
 
 @dataclass
@@ -129,6 +138,24 @@ class Pass:
 
     def __str__(self) -> str:
         return self.spec()
+
+
+@runtime_checkable
+class CachePass(Protocol):
+    """What a pass on a decoder's key/value cache adds to ``Pass`` (the decoder variant of the
+    pipeline runs it): the guard tries its ``rungs`` best first, each built by ``apply``, and keeps the
+    first that holds."""
+
+    name: ClassVar[str]
+
+    def rungs(self, profile: "Profile | None" = None) -> tuple[str, ...]:
+        """The cache formats to try, best first, ending in ``keep`` (the fp32 cache)."""
+
+    def apply(self, step: "DecoderStep", stats: "CacheStats", rung: str) -> "DecoderStep":
+        """A step over the same LM whose cache takes ``rung``, from the calibration ``stats``."""
+
+    def spec(self) -> str:
+        """The pipeline spec that recreates the pass."""
 
 
 def pass_class(name: str) -> type[Pass]:

@@ -19,6 +19,7 @@ from .tolerance import Tolerance
 from .verify import GuardResult
 
 SCHEMA_VERSION = 1
+DECODER_SCHEMA = "surgeon.decoder/1"  # a decoder OUTDIR's report.json (surgeon.decoder.pipeline)
 
 
 

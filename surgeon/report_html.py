@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .report import DECODER_SCHEMA
 from .report_plots import plot_sites, plot_steps
 
 # Path components that name no model: a source ending in one of them is shown with its parent too.
@@ -247,6 +248,8 @@ def check_set_html(r: dict) -> str:
 
 def render_html(report: dict) -> str:
     """A self-contained HTML page for ``report`` (inline CSS, plots as data URIs, no scripts)."""
+    if report.get("schema") == DECODER_SCHEMA:
+        return _decoder_page(report)
     e = html.escape
     r = report
     counts = r.get("counts", {})
@@ -257,11 +260,7 @@ def render_html(report: dict) -> str:
     ci = (e2e.get("spread") or {}).get("cosine_mean_ci95")
     name = model_name(r)
     parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-        f"<title>{e(name)} — surgeon report</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>{e(name)}</h1>",
+        _head(name),
         f"<p class='sub'>surgeon optimize of <code>{e(str(r.get('model', {}).get('source', '')))}</code> — "
         f"surgeon {e(str(r.get('surgeon_version')))}, report schema {e(str(r.get('schema_version')))}, captured with "
         f"{e(str(r.get('capture', {}).get('method')))}"
@@ -342,12 +341,59 @@ def render_html(report: dict) -> str:
     targets = r.get("targets") or {}
     if targets:
         parts.append("<h2>Targets</h2>" + targets_table(targets))
-    parts.append("<h2>Timings (s)</h2><table><tr>"
-                 + "".join(f"<th>{e(k)}</th>" for k in r.get("timings_s", {}))
-                 + "</tr><tr>" + "".join(f"<td>{_num(v, 4)}</td>" for v in r.get("timings_s", {}).values())
-                 + "</tr></table>")
-    parts.append("</body></html>")
+    parts.append(_timings(r))
     return "\n".join(parts)
+
+
+def _head(name: str) -> str:
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' content='width="
+            f"device-width, initial-scale=1'><title>{html.escape(name)} — surgeon report</title><style>{_CSS}</style>"
+            f"</head><body><h1>{html.escape(name)}</h1>")
+
+
+def _timings(r: dict) -> str:
+    e, t = html.escape, r.get("timings_s", {})
+    return ("<h2>Timings (s)</h2><table><tr>" + "".join(f"<th>{e(k)}</th>" for k in t) + "</tr><tr>"
+            + "".join(f"<td>{_num(v, 4)}</td>" for v in t.values()) + "</tr></table></body></html>")
+
+
+def _decoder_page(r: dict) -> str:
+    """A decoder OUTDIR's page: the cache's ladder with each rung's figures, the file's check, what it bought."""
+    e = html.escape
+    g, v, tol, cal = r.get("guard", {}), r.get("verification", {}), r.get("tolerance", {}), r.get("calibration", {})
+    c, ppl, verdict = v.get("cache_bytes_per_token", {}), v.get("perplexity", {}), r.get("verdict") or {}
+    parts = [_head(model_name(r)),
+             f"<p class='sub'>surgeon optimize of <code>{e(str(r.get('model', {}).get('source', '')))}</code> — "
+             f"surgeon {e(str(r.get('surgeon_version')))}, report schema {e(str(r.get('schema')))}, target "
+             f"<code>{e(str((r.get('target') or {}).get('name')))}</code>, passes "
+             f"<code>{e(', '.join(r.get('passes', [])) or 'none')}</code>.</p>",
+             f"<p class='big'>Key/value cache <b>{e(str(g.get('chosen')))}</b>: {_num(c.get('file'), 4)} bytes per "
+             f"token, <b>{_num(c.get('ratio'), 4)}×</b> fp32. The file's perplexity {_num(ppl.get('file'), 5)} "
+             f"(fp32 torch {_num(ppl.get('fp32_torch'), 5)}, ratio <b>{_num(ppl.get('ratio'), 5)}</b>) on "
+             f"{_num(ppl.get('texts'))} held-out text(s); greedy tokens vs torch generate "
+             f"<b>{_num(v.get('greedy_agreement_vs_torch_generate'), 4)}</b>. Tolerance ({e(str(tol.get('description')))}): "
+             f"<span class='{'applied' if verdict.get('status') == 'met' else 'rolled_back'}'>"
+             f"{e(str(verdict.get('summary')))}</span>.</p>",
+             f"<p>Calibration: {e(str(cal.get('source')))}, {_num(cal.get('fit_lines'))} line(s) fit ({_num(cal.get('fit_tokens'))} "
+             f"tokens), {_num(cal.get('held_out_lines'))} held out ({_num(cal.get('held_out_tokens'))} tokens).</p>"]
+    parts += [f"<p class='warn'>warning: {e(w)}</p>" for w in r.get("warnings", [])]
+    parts.append("<h2>Guard: the cache's ladder</h2><table><tr><th>rung</th><th>status</th><th>perplexity</th>"
+                 "<th>× fp32</th><th>greedy agreement</th><th>reason</th></tr>")
+    parts += [f"<tr><td>{e(x['rung'])}</td><td class='{e(x['status'])}'>{e(x['status'].replace('_', ' '))}</td>"
+              f"<td>{_num(x.get('perplexity'), 5)}</td><td>{_num(x.get('ppl_ratio'), 5)}</td>"
+              f"<td>{_num(x.get('agreement'), 4)}</td><td class='w'>{e(x.get('reason', ''))}</td></tr>"
+              for x in g.get("rungs", [])]
+    parts.append(f"</table><h2>Verification in onnxruntime</h2><p>{_num(v.get('new_tokens'))} greedy steps of "
+                 f"{_num(v.get('prompts'))} prompt(s): logits max |Δ| {_num(v.get('logits_max_abs_diff'), 3)} vs "
+                 f"{e(str(v.get('logits_vs')))}, {_num(v.get('logits_max_abs_diff_vs_fp32_torch'), 3)} vs the fp32 "
+                 f"LM; tokens identical to torch generate: {'yes' if v.get('greedy_identical_to_torch_generate') else 'no'}.</p>")
+    sp, ms = r.get("speed") or {}, (r.get("speed") or {}).get("decode_step_ms") or {}
+    if ms:
+        parts.append(f"<h2>What it bought</h2><p>One decode step at past {_num(sp.get('past_length'))}, batch "
+                     f"{_num(sp.get('batch'))}: {_num(ms.get('optimized'), 4)} ms vs {_num(ms.get('original'), 4)} ms "
+                     f"for the fp32-cache file ({_num(sp.get('latency_ratio'), 4)}×, this machine); cache "
+                     f"{_num(sp.get('cache_ratio'), 4)}× the fp32 cache's bytes.</p>")
+    return "\n".join([*parts, "<h2>Targets</h2>" + targets_table(r.get("targets") or {}), _timings(r)])
 
 
 def write_html(report: dict, path: str | os.PathLike) -> None:

@@ -140,15 +140,16 @@ DECODE_PAST = 512  # the cache length a decoder OUTDIR's decode step is timed at
 DECODE_BATCH = 4
 
 
-def measure_decode_step(optimized: str | os.PathLike, original: str | os.PathLike, *, vocab: int,
+def measure_decode_step(target: Any, optimized: str | os.PathLike, original: str | os.PathLike, *, vocab: int,
                         past: int = DECODE_PAST, batch: int = DECODE_BATCH, runs: int = DEFAULT_RUNS,
                         threads: int = DEFAULT_THREADS) -> dict[str, Any]:
     """``report["speed"]`` of a decoder OUTDIR: one decode step (one new token per row, after a cache of
     ``past`` tokens that each file's own prefill wrote) of ``optimized`` against ``original`` (the
-    fp32-cache file), round robin in one process like ``measure``, plus the cache each holds then."""
+    fp32-cache file), round robin in one process like ``measure``, plus the cache each holds then;
+    ``target`` is the decoder target that wrote them (its sessions run them)."""
     import numpy as np
 
-    from .generate import OrtRunner
+    from .decoder.generate import OrtRunner
 
     ids = (np.arange(batch * (past + 1), dtype=np.int64).reshape(batch, past + 1) * 7919) % vocab
     mask = np.ones((batch, past + 1), dtype=np.int64)
@@ -156,7 +157,7 @@ def measure_decode_step(optimized: str | os.PathLike, original: str | os.PathLik
     runners: dict[str, Callable[[], Any]] = {}
     cache: dict[str, int] = {}
     for key, path in (("original", original), ("optimized", optimized)):
-        runner = OrtRunner(path, threads=threads, spinning=False)
+        runner = OrtRunner(target.session(path, threads=threads, spinning=False), str(path))
         _, present = runner.step(ids[:, :past], mask[:, :past], np.ascontiguousarray(pos[:, :past]),
                                  runner.empty_past(batch))
         cache[key] = OrtRunner.cache_nbytes(present)
@@ -165,7 +166,7 @@ def measure_decode_step(optimized: str | os.PathLike, original: str | os.PathLik
     o, n = timed["original"]["median_ms"], timed["optimized"]["median_ms"]
     size = {k: Path(p).stat().st_size for k, p in (("original", original), ("optimized", optimized))}
     return {
-        "target": "onnx-decoder", "runtime": "onnxruntime-cpu",
+        "target": target.name, "runtime": target.runtime,
         "decode_step_ms": {k: round(v["median_ms"], 3) for k, v in timed.items()},
         "latency_ratio": round(n / o, 4) if o > 0 else None,
         "cache_bytes": cache, "cache_ratio": round(cache["optimized"] / cache["original"], 4) if cache["original"] else None,
@@ -199,16 +200,16 @@ def bench_outdir(outdir: str | os.PathLike, *, runs: int = DEFAULT_RUNS, threads
     missing = [f for f in files.values() if not (out / f).is_file()]
     if missing:
         raise SurgeonError(f"'{out}' lacks {', '.join(missing)}: copy the whole OUTDIR")
-    if "decode_step_ms" in report["speed"]:  # a decoder OUTDIR (surgeon optimize --target onnx-decoder)
+    from . import targets  # type: ignore[attr-defined]
+
+    target = targets.get_target(report["speed"]["target"])
+    if target.model_kind == "decoder":  # one decode step, timed after each file's own prefill
         sp = report["speed"]
-        figures = measure_decode_step(out / files["optimized"], out / files["original"], vocab=sp["vocab"],
+        figures = measure_decode_step(target, out / files["optimized"], out / files["original"], vocab=sp["vocab"],
                                       past=sp["past_length"], batch=sp["batch"], runs=runs, threads=threads)
         figures.update(files=files, vocab=sp["vocab"], optimized_on=sp.get("cpu"),
                        reported={k: sp.get(k) for k in ("latency_ratio", "cache_ratio", "decode_step_ms")})
         return figures
-    from . import targets  # type: ignore[attr-defined]
-
-    target = targets.get_target(report["speed"]["target"])
     inputs = torch.load(out / files["inputs"], weights_only=True)  # tensors only: never unpickle code
     figures = measure(target, out / files["optimized"], out / files["original"], inputs, runs=runs, threads=threads)
     figures["files"] = files

@@ -24,6 +24,7 @@ fail, in which case the best configuration measured is kept and ``GuardResult.me
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -33,11 +34,7 @@ from torch import fx
 
 from .errors import SurgeonError
 from .inputs import Inputs, call
-from .metrics import EndToEnd as _EndToEnd
-from .metrics import Figures, Metric, PairStats
-from .metrics import combine_ranks as _combine
-from .metrics import first_float as _first_float
-from .metrics import total_over_ranks as _total
+from .metrics import EndToEnd, Figures, Metric, PairStats, combine_ranks, first_float, total_over_ranks
 from .pass_manager import SiteRecord, set_site_active, set_site_rung
 from .profile import KEEP
 from .tap import run_tapped
@@ -158,13 +155,13 @@ def measure_config(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[Si
     """End-to-end figures of ``gm`` with the sites in ``active`` on (others exact) against ``gm0``;
     ``active`` a set (first rungs) or a dict site → rung."""
     _configure(gm, records, active)
-    acc = _EndToEnd(metric)
+    acc = EndToEnd(metric)
     with torch.no_grad():
         for batch in check:
             acc.update(call(gm0, batch), call(gm, batch), batch)
             if progress:
                 progress.advance()
-    _combine([acc], distributed)
+    combine_ranks([acc], distributed)
     return acc.figures()
 
 
@@ -172,11 +169,11 @@ def measure_model(reference: Any, candidate: Any, check: Sequence[Inputs], metri
                   distributed: bool | None = None) -> Figures:
     """End-to-end figures of any ``candidate`` callable against ``reference`` on ``check`` (this rank's
     share under a process group, combined over the ranks unless ``distributed=False``)."""
-    acc = _EndToEnd(metric)
+    acc = EndToEnd(metric)
     with torch.no_grad():
         for batch in check:
             acc.update(call(reference, batch), call(candidate, batch), batch)
-    _combine([acc], distributed)
+    combine_ranks([acc], distributed)
     return acc.figures()
 
 
@@ -208,13 +205,13 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
     ``gm`` is left with the kept sites on their rungs and the others off. Under a process group
     ``check`` is this rank's share (possibly empty) and the figures are combined over the ranks."""
     records = list(records)
-    n_check = _total(len(check), distributed)
+    n_check = total_over_ranks(len(check), distributed)
     if not n_check:
         raise SurgeonError("no check batches to verify on")
     site_stats = {r.site: PairStats() for r in records}
-    solo_acc = {(r.site, rung): _EndToEnd(metric) for r in records for rung in ladder(r)[:-1]}
-    all_acc = _EndToEnd(metric)
-    exact_acc = _EndToEnd(metric)  # the original against itself: the figures of "no error"
+    solo_acc = {(r.site, rung): EndToEnd(metric) for r in records for rung in ladder(r)[:-1]}
+    all_acc = EndToEnd(metric)
+    exact_acc = EndToEnd(metric)  # the original against itself: the figures of "no error"
     refs = [r.reference for r in records if r.probe and r.reference]
     samples = 0
     with _Progress(progress, "verifying") as bar, torch.no_grad():
@@ -229,7 +226,7 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
                     tap = [r.probe] if (i == 0 and r.probe and r.reference) else []
                     out, vals = run_tapped(gm, batch, tap)
                     if r.probe in vals and r.reference in ref_vals:
-                        a, b = _first_float(ref_vals[r.reference]), _first_float(vals[r.probe])
+                        a, b = first_float(ref_vals[r.reference]), first_float(vals[r.probe])
                         if a is not None and b is not None:
                             site_stats[r.site].update(a, b)
                     solo_acc[(r.site, rung)].update(ref_out, out, batch)
@@ -237,11 +234,11 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
             _configure(gm, records, {r.site for r in records})
             all_out = call(gm, batch)
             all_acc.update(ref_out, all_out, batch)
-            first = _first_float(ref_out)
+            first = first_float(ref_out)
             samples += int(first.shape[0]) if first is not None and first.dim() >= 2 else 1
             bar.advance()
-        _combine([*site_stats.values(), *solo_acc.values(), all_acc, exact_acc], distributed)
-        samples = _total(samples, distributed)
+        combine_ranks([*site_stats.values(), *solo_acc.values(), all_acc, exact_acc], distributed)
+        samples = total_over_ranks(samples, distributed)
 
         checks = {r.site: SiteCheck(r, site_stats[r.site].site_metrics(), solo_acc[(r.site, ladder(r)[0])].figures(),
                                     rung=ladder(r)[0], ladder=ladder(r),
@@ -251,8 +248,43 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
         all_fig = all_acc.figures()
     if tolerance.agreement is not None and exact.agreement is None:
         raise SurgeonError(AGREEMENT_NEEDS_LOGITS)
-    stepper = _Stepper(gm0, gm, records, checks, exact, all_fig, check, metric, distributed)
+
+    def measure(config: dict[str, str], bar: _Progress) -> Figures:
+        bar.add(len(check), f"verifying ({len(config)} site(s) on)")
+        return measure_config(gm0, gm, records, config, check, metric, bar, distributed=distributed)
+
+    stepper = _Stepper(records, checks, exact, all_fig, measure, lambda config: _configure(gm, records, config))
     return stepper.run(tolerance, progress=progress, batches=n_check, samples=samples)
+
+
+class _Measured(dict[str, Figures]):
+    """A site's solo figures by rung, each measured when the descent first asks for it (a ladder whose
+    first rung holds measures nothing below it)."""
+
+    def __init__(self, measure: Callable[[str], Figures]) -> None:
+        super().__init__()
+        self.measure = measure
+
+    def __missing__(self, rung: str) -> Figures:
+        self[rung] = fig = self.measure(rung)
+        return fig
+
+
+def ladder_guard(records: Sequence[SiteRecord], solo: Callable[[str, str], Figures],
+                 measure: Callable[[dict[str, str]], Figures], exact: Figures, tolerance: Tolerance) -> GuardResult:
+    """The guard's descent over figures the caller measures (a model that is not an fx graph: a
+    decoder's cache): ``solo(site, rung)`` the figures with only ``site`` on at ``rung``, ``measure(config)``
+    those of a configuration (site → rung; the sites not in it exact), ``exact`` those of no error.
+    Solo figures are measured lazily, so a ladder whose first rung holds costs one measurement."""
+    records = list(records)
+    checks = {}
+    for r in records:
+        solo_rungs = _Measured(functools.partial(solo, r.site))
+        checks[r.site] = SiteCheck(r, {}, solo_rungs[ladder(r)[0]], rung=ladder(r)[0], ladder=ladder(r),
+                                   solo_rungs=solo_rungs)
+    all_fig = measure({r.site: ladder(r)[0] for r in records})
+    stepper = _Stepper(records, checks, exact, all_fig, lambda config, bar: measure(config), lambda config: None)
+    return stepper.run(tolerance)
 
 
 class _Stepper:
@@ -261,11 +293,12 @@ class _Stepper:
     the last ``run`` ended (``GuardResult.resume``: the written file missed a tolerance the torch
     module met, so the pipeline asks for a tighter one)."""
 
-    def __init__(self, gm0: fx.GraphModule, gm: fx.GraphModule, records: list[SiteRecord],
-                 checks: dict[str, SiteCheck], exact: Figures, all_fig: Figures, check: Sequence[Inputs],
-                 metric: Metric | None, distributed: bool | None) -> None:
-        self.gm0, self.gm, self.records, self.checks = gm0, gm, records, checks
-        self.exact, self.all_fig, self.check, self.metric, self.distributed = exact, all_fig, check, metric, distributed
+    def __init__(self, records: list[SiteRecord], checks: dict[str, SiteCheck], exact: Figures, all_fig: Figures,
+                 measure: Callable[[dict[str, str], _Progress], Figures],
+                 configure: Callable[[dict[str, str]], None]) -> None:
+        # measure: the figures of a configuration (site → rung); configure: leave the model in one
+        self.records, self.checks, self.exact, self.all_fig = records, checks, exact, all_fig
+        self.measure, self.configure = measure, configure
         self.benefit = _Benefit(records)
         self.config: dict[str, str] = {r.site: ladder(r)[0] for r in records}
         self.fig = all_fig
@@ -325,9 +358,7 @@ class _Stepper:
                 else:
                     c.steps.append(f"{config[site]} → {to}: {text}; {why}")
                     c.rung = config[site] = to
-                bar.add(len(self.check), f"verifying ({len(config)} site(s) on)")
-                fig = measure_config(self.gm0, self.gm, self.records, dict(config), self.check, self.metric, bar,
-                                     distributed=self.distributed)
+                fig = self.measure(dict(config), bar)
                 self.configs.append((dict(config), fig))
                 self.steps.append({"kept": list(config), "rungs": dict(config), "end_to_end": fig.to_json(),
                                    "rolled_back": site if to == KEEP else None,
@@ -355,7 +386,7 @@ class _Stepper:
         for s, c in checks.items():
             if s in chosen and c.steps and not c.reason:
                 c.reason = "; ".join(c.steps)
-        _configure(self.gm, self.records, dict(chosen))
+        self.configure(dict(chosen))
         kept = [r.site for r in self.records if r.site in chosen]
         by_site = {r.site: r for r in self.records}
         result = GuardResult(sites=list(checks.values()), kept=kept, end_to_end=fig, all_applied=self.all_fig,

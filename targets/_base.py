@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from surgeon.profile import Profile
 
-__all__ = ["Target", "batch_shapes", "quantized_dtypes"]
+__all__ = ["ModelKind", "Target", "batch_shapes", "quantized_dtypes"]
+
+#: The kind of model a target takes, which picks the pipeline's variant (its capture, data and
+#: metrics): ``"module"`` an encoder-style module (torch.export capture, batches, end-to-end cosines),
+#: ``"decoder"`` a causal LM's decode step with its key/value cache (``surgeon.decoder``: texts,
+#: perplexity and greedy agreement). An encoder-decoder kind would be a third.
+ModelKind = Literal["module", "decoder"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,7 @@ class Target:
     default_passes: str  # the pipeline `surgeon optimize --target NAME` uses when --passes is not given
     filename: str = "model.onnx"  # the file lower() writes into OUTDIR
     quantized: str | None = None  # "fp8" / "int8": the file is meant to compute with that quantization
+    model_kind: ModelKind = "module"  # what the target takes: the pipeline variant the CLI runs for it
 
     @property
     def needs_passes(self) -> bool:
@@ -84,7 +91,7 @@ class Target:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "format": self.format, "runtime": self.runtime, "file": self.filename,
                 "description": self.description, "default_passes": self.default_passes,
-                "quantized": self.quantized, "profile": self.profile.to_json()}
+                "quantized": self.quantized, "model_kind": self.model_kind, "profile": self.profile.to_json()}
 
 
 def quantized_dtypes(module: Any) -> dict[str, int]:

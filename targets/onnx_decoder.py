@@ -1,7 +1,7 @@
 """The ``onnx-decoder`` target: a generation-ready decoder file with its key/value cache as inputs
 and outputs (Hugging Face Optimum's names), for ONNX Runtime's CPU provider.
 
-``lower(step, example_inputs, outdir)`` exports a ``surgeon.decoder.DecoderStep`` with
+``lower(step, example_inputs, outdir)`` exports a ``surgeon.decoder.step.DecoderStep`` with
 ``torch.onnx.export(dynamo=True)`` at the profile's opset (``targets/onnx.export_onnx``: the same
 exporter, optimizer and clean-up as the other ONNX targets), batch / past length / new length dynamic,
 and checks the file before it is placed: ``onnx.checker`` (full), the cache element types, and
@@ -25,7 +25,7 @@ import torch
 from surgeon import profile as _profile
 from surgeon.errors import SurgeonError
 
-from ._base import Target
+from ._base import ModelKind, Target
 from ._cleanup import all_nodes
 
 __all__ = ["DecoderTarget", "ONNX_DECODER", "CACHE_ELEM_TYPES"]
@@ -72,6 +72,8 @@ def _name_dims(model: Any, layers: int) -> None:
 class DecoderTarget(Target):
     """``OUTDIR/model.onnx``: one decode step with the cache explicit (prefill = past length 0)."""
 
+    model_kind: ModelKind = "decoder"
+
     @property
     def opset(self) -> int:
         from ._lowering import OPSET
@@ -96,7 +98,7 @@ class DecoderTarget(Target):
         """Export ``step`` to ``path`` (no check; ``lower`` checks and places it)."""
         import onnx
 
-        from surgeon.decoder import input_names, output_names
+        from surgeon.decoder.step import input_names, output_names
 
         from .onnx import export_onnx
 
@@ -125,8 +127,8 @@ class DecoderTarget(Target):
         """Checker, cache element types, and ORT vs the torch step at (past, new) = (0, 5), (3, 4), (5, 1)."""
         import onnx
 
-        from surgeon.decoder import TorchStepRunner
-        from surgeon.generate import OrtRunner
+        from surgeon.decoder.generate import OrtRunner
+        from surgeon.decoder.step import TorchStepRunner
 
         path = Path(path)
         try:
@@ -140,7 +142,7 @@ class DecoderTarget(Target):
         wrong = [v.name for v in cache_io if v.type.tensor_type.elem_type != want]
         if wrong:
             raise SurgeonError(f"{path.name}: cache tensors {', '.join(wrong[:4])} are not of element type {want}")
-        ort_runner, torch_runner = OrtRunner(path), TorchStepRunner(module)
+        ort_runner, torch_runner = OrtRunner(self.session(path), path.name), TorchStepRunner(module)
         diffs = {}
         for past, new in ((0, 5), (3, 4), (5, 1)):
             ids, mask, pos, *cache = example_step_inputs(module, past=past, new=new, seed=past + new)

@@ -27,8 +27,9 @@ import torch
 from _cli import run_cli
 from _decoder_models import LINES, save_lm
 
-from surgeon.decoder_reference import HfCacheRunner, hf_generate, replay
-from surgeon.generate import generate, load_outdir, pad_and_eos
+from surgeon.decoder.generate import generate, pad_and_eos
+from surgeon.decoder.generate_cli import load_outdir
+from surgeon.decoder.reference import HfCacheRunner, hf_generate, replay
 
 PROMPTS = ["The quick brown fox", "A decoder writes one token at a time and keeps", "Lighter parts"]
 NEW = 32
@@ -63,8 +64,9 @@ def outdirs(lm_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
         out[kind] = root / kind
         assert cli.main(["export", str(lm_dirs[kind]), "-o", str(out[kind]), "--target", "onnx-decoder"]) == 0
     out["llama"] = root / "llama"
+    # met only by rolling the cache back to fp32: exit 3, as for every other model (surgeon.verdict)
     assert cli.main(["optimize", str(lm_dirs["llama"]), "-o", str(out["llama"]), "--target", "onnx-decoder",
-                     "--tolerance", "ppl_increase=0,agreement=1"]) == 0
+                     "--tolerance", "ppl_increase=0,agreement=1"]) == 3
     calib = root / "prompts.txt"  # the INT8 file is calibrated on --calib lines (a quarter held out)
     calib.write_text("\n".join(LINES + [s.lower() for s in LINES]) + "\n")
     for dtype in ("int8", "fp8"):
@@ -137,7 +139,7 @@ def test_8bit_cache_file(dtype: str, elem: int, lm_dirs: dict[str, Path], outdir
 
 @pytest.mark.parametrize("dtype", ["int8", "fp8"])
 def test_prefill_and_token_by_token_store_the_same_codes(dtype: str, lm_dirs: dict[str, Path]) -> None:
-    from surgeon.decoder import DecoderStep, check_standard_cache, collect_stats
+    from surgeon.decoder.step import DecoderStep, check_standard_cache, collect_stats
     from surgeon.loaders import load_decoder
     from surgeon.passes import pass_class
 
@@ -170,7 +172,10 @@ def test_impossible_tolerance_rolls_every_rung_back(outdirs: dict[str, Path]) ->
         assert x["ppl_ratio"] > 1 or x["agreement"] < 1
         assert "perplexity" in x["reason"] or "agreement" in x["reason"]
     assert r["guard"]["chosen"] == "keep" and r["cache"] == {"dtype": "float32"}
-    assert r["verdict"]["status"] == "met_by_rollback"
+    assert r["verdict"]["status"] == "met_by_rollback" and r["verdict"]["exit_code"] == 3
+    assert r["sites"][0]["status"] == "rolled_back" and r["tolerance"]["met"]
+    page = (outdirs["llama"] / "report.html").read_text()  # the common renderer's decoder page
+    assert "Guard: the cache's ladder" in page and "met only by rolling back all 1 substitution(s)" in page
     assert any("rolled back int8-head, fp8-head" in w for w in r["warnings"])
 
 
@@ -178,7 +183,8 @@ def test_outdir_contents(outdirs: dict[str, Path], lm_dirs: dict[str, Path]) -> 
     for kind, d in lm_dirs.items():  # the input directories are never modified
         assert _digest(d) == INPUT_DIGESTS[kind], kind
     out = outdirs["llama-int8"]
-    for name in ("model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "report.json", "README.md"):
+    for name in ("model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "report.json", "report.html",
+                 "README.md"):
         assert (out / name).is_file(), name
     assert not list(out.parent.glob("*.partial-*"))
     r = _report(out)

@@ -114,8 +114,8 @@ def test_factory_returning_a_causal_lm(lms: dict[str, Path], tmp_path: Path, mon
 
 
 def test_ladder_and_tolerance_parsing(capsys: pytest.CaptureFixture) -> None:
+    from surgeon.decoder.check import DecoderTolerance
     from surgeon.passes import pass_class
-    from surgeon.pipeline.decoder import DecoderTolerance
     from surgeon.targets import get_target
 
     profile = get_target("onnx-decoder").profile

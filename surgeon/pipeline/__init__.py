@@ -2,8 +2,10 @@
 
 One module per stage (read in this order): ``data`` (2), ``fit`` (3, 5), ``export`` (6), ``result``
 (``Result``, ``save``), ``run`` (the ``optimize`` orchestrator that calls them), ``cli`` (``surgeon
-optimize``). Capture is ``surgeon.capture``, the guard ``surgeon.verify``, calibration
-``surgeon.calibration``, the report ``surgeon.report``.
+optimize``), ``timing`` (the stage clock behind ``timings_s``). Capture is ``surgeon.capture``, the
+guard ``surgeon.verify``, calibration ``surgeon.calibration``, the report ``surgeon.report``.
+``variant`` picks the pipeline for the kind of model the target takes (``Target.model_kind``): this
+one for an encoder-style ``module``, ``surgeon.decoder.pipeline`` for a ``decoder`` with its cache.
 
 Python API::
 

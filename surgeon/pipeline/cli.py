@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from ..verdict import decide
 from .calib_read import read_calibration
 from .result import Result, check_target
 from .run import optimize
+from .timing import Timings
 
 __all__ = ["fmt_cosine", "print_summary", "run_cli"]
 
@@ -100,7 +100,7 @@ def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
         line += f", metric {_fmt(e['metric'])}"
     console.print(line + f" — tolerance ({r['tolerance']['description']}) {decide(r).summary}", soft_wrap=True)
     written = r.get("outputs", {}).get("target")
-    extra = "".join(f", {outdir / f}" for f in ([written] if isinstance(written, str) else written or []))
+    extra = f", {outdir / written}" if written else ""
     console.print(f"report: {outdir / 'report.html'} ({outdir / 'report.json'}); model: {outdir / 'model.pt2'}{extra}",
                   soft_wrap=True, markup=False, highlight=False)
     sp = r.get("speed")
@@ -110,14 +110,8 @@ def print_summary(result: Result, outdir: Path, console: Any = None) -> None:
 
 
 def speed_line(sp: dict) -> str:
-    """One line: what the written file bought on this machine (report.json's ``speed``)."""
-    if "decode_step_ms" in sp:  # a decoder OUTDIR: one decode step, and the cache it holds
-        lat = sp["decode_step_ms"]
-        return (f"speed on this machine ({sp['cpu']['class']}; {sp['runtime']}, {sp['threads']} threads, one decode "
-                f"step at past {sp['past_length']}, batch {sp['batch']}): latency {sp['latency_ratio']:.2f}× the "
-                f"fp32-cache file ({lat['optimized']:.2f} ms vs {lat['original']:.2f} ms, median of {sp['runs']}), "
-                f"cache {sp['cache_ratio']:.2f}× ({sp['cache_bytes']['optimized'] / 1e6:.1f} MB vs "
-                f"{sp['cache_bytes']['original'] / 1e6:.1f} MB)")
+    """One line: what the written file bought on this machine (report.json's ``speed``; a decoder
+    OUTDIR's is ``surgeon.decoder.cli.speed_line``)."""
     shapes = ", ".join(f"{k} {'×'.join(map(str, v))}" for k, v in sp.get("inputs", {}).items()) or "example inputs"
     lat = sp["latency_ms"]
     return (f"speed on this machine ({sp['cpu']['class']}; {sp['runtime']}, {sp['threads']} threads, {shapes}): "
@@ -147,14 +141,14 @@ def run_cli(args: Any) -> int:
 
 def _run_cli(args: Any, writer: bool) -> int:
     from .. import distributed
-    from ..load import load_model
+    from ..loaders import load_model
     from ..loaders.hf_heads import refuse_encoder_decoder_optimize
     from ..resources import check_output_dir
 
     out = Path(args.output)
     force = bool(getattr(args, "force", False))
     error: SurgeonError | None = None
-    timings: dict[str, float] = {}
+    timings = Timings()
     try:  # every rank checks the options and reads the inputs; any rank's error stops all of them
         if writer:
             check_output_dir(out, force)
@@ -163,12 +157,11 @@ def _run_cli(args: Any, writer: bool) -> int:
         pass_list = parse_pipeline(args.passes) if args.passes else None  # None: the target's default passes
         tol = parse_tolerance(args.tolerance)
 
-        t = time.perf_counter()
-        # an encoder-decoder directory is refused before its weights are read and before any calibration
-        refuse_encoder_decoder_optimize(args.model, Path(args.model), getattr(args, "task", None))
-        loaded = load_model(args.model, trust_pickle=getattr(args, "trust_pickle", False),
-                            text=getattr(args, "text", None), task=getattr(args, "task", None))
-        timings["load"] = time.perf_counter() - t
+        with timings.stage("load"):
+            # an encoder-decoder directory is refused before its weights are read and before any calibration
+            refuse_encoder_decoder_optimize(args.model, Path(args.model), getattr(args, "task", None))
+            loaded = load_model(args.model, trust_pickle=getattr(args, "trust_pickle", False),
+                                text=getattr(args, "text", None), task=getattr(args, "task", None))
         calib = read_calibration(args.calib, loaded, force=getattr(args, "force_calib", False)) if args.calib else None
     except SurgeonError as exc:
         error = exc

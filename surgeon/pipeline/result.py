@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from ..inputs import Inputs
 from ..speed import DEFAULT_RUNS
 from ..verdict import Verdict, decide
 from ..verify import GuardResult
+from .timing import Timings
 
 __all__ = ["Result", "check_target"]
 
@@ -100,7 +100,7 @@ class Result:
 
         out = Path(outdir)
         check_target(target)
-        start = time.perf_counter()
+        clock = Timings()  # report.json holds the save's seconds, so they are read before it is written
         with atomic_dir(out, force) as partial:
             if self.staged is not None and self.staged_target == target and self.staged.is_dir():
                 # the files the verdict was measured on, not a second export of the module
@@ -128,7 +128,7 @@ class Result:
             outputs["report_json"] = "report.json"
             outputs["report_html"] = "report.html"
             self.report["outputs"] = outputs
-            self.report["timings_s"]["save"] = round(time.perf_counter() - start, 4)
+            self.report["timings_s"]["save"] = round(clock.elapsed(), 4)
             rep.write_json(self.report, partial / "report.json")
             report_html.write_html(self.report, partial / "report.html")
         return out
@@ -154,10 +154,7 @@ class Result:
         if target != "torch":
             with stage(f"save: target {target}", model=self.module):
                 written = targets.write_target(target, self, directory)
-            if isinstance(written, (list, tuple)):
-                outputs["target"] = [os.path.basename(str(p)) for p in written]
-            elif written:
-                outputs["target"] = os.path.basename(str(written))
+            outputs["target"] = written.name
             for extra in self.artifacts:
                 if (directory / f"{extra}.onnx").exists():
                     outputs[f"{extra}_target"] = f"{extra}.onnx"

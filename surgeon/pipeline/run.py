@@ -4,7 +4,6 @@ report (the stages are listed in ``surgeon.pipeline``'s docstring)."""
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -25,6 +24,7 @@ from .data import DEFAULT_CHECK_FRACTION, prepare_batches, read_batches, split_b
 from .export import export_artifacts, export_info, reexport
 from .fit import apply_passes, fit_passes, rebuild, resolve_passes
 from .result import Result
+from .timing import Timings
 
 __all__ = ["DEFAULT_PASSES", "FILE_ROUNDS", "optimize"]
 
@@ -48,32 +48,29 @@ class _Built:
 
 
 def _build(gm0: fx.GraphModule, applied: Any, verdict: GuardResult, check_local: Sequence[Inputs],
-           check: Sequence[Inputs], metric: Metric | None, example_inputs: Inputs,
-           timings: dict[str, float]) -> _Built:
+           check: Sequence[Inputs], metric: Metric | None, example_inputs: Inputs, timings: Timings) -> _Built:
     """Stages 5 and 6: rebuild with the kept sites, measure it, the passes' checks and artifacts, export."""
     from .. import distributed
 
-    t = time.perf_counter()
-    with stage("rebuild", model=applied.gm):
-        final, rctx = rebuild(gm0, applied, verdict.kept, verdict.rungs)
-        final.eval()
-    with stage("measure", model=final):
-        figures = measure_model(gm0, final, check_local, metric)
-    checks: list[Any] = []
-    artifacts: dict[str, nn.Module] = {}
-    for p in applied.passes:
-        with stage("check", pass_name=p.name, model=final), torch.no_grad():
-            checks += p.check(final, rctx, check)
-        with stage("artifacts", pass_name=p.name, model=final):
-            artifacts.update(p.artifacts(final, rctx))  # detached: the model's export must not carry them
-    timings["rebuild"] = timings.get("rebuild", 0.0) + time.perf_counter() - t
-    t = time.perf_counter()
-    # only rank 0 writes OUTDIR, so only it needs the exported program
-    with stage("export", model=final):
-        ep, export_notes = reexport(final, example_inputs) if distributed.is_writer() else (None, [])
-    with stage("export"):
-        artifact_inputs, artifact_exports = export_artifacts(artifacts, final, example_inputs)
-    timings["export"] = timings.get("export", 0.0) + time.perf_counter() - t
+    with timings.stage("rebuild"):
+        with stage("rebuild", model=applied.gm):
+            final, rctx = rebuild(gm0, applied, verdict.kept, verdict.rungs)
+            final.eval()
+        with stage("measure", model=final):
+            figures = measure_model(gm0, final, check_local, metric)
+        checks: list[Any] = []
+        artifacts: dict[str, nn.Module] = {}
+        for p in applied.passes:
+            with stage("check", pass_name=p.name, model=final), torch.no_grad():
+                checks += p.check(final, rctx, check)
+            with stage("artifacts", pass_name=p.name, model=final):
+                artifacts.update(p.artifacts(final, rctx))  # detached: the model's export must not carry them
+    with timings.stage("export"):
+        # only rank 0 writes OUTDIR, so only it needs the exported program
+        with stage("export", model=final):
+            ep, export_notes = reexport(final, example_inputs) if distributed.is_writer() else (None, [])
+        with stage("export"):
+            artifact_inputs, artifact_exports = export_artifacts(artifacts, final, example_inputs)
     return _Built(final, figures, checks, artifacts, artifact_inputs, artifact_exports, ep, export_notes)
 
 
@@ -168,7 +165,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
     from ..capture import capture
     from ..memory import check_memory
 
-    timings: dict[str, float] = dict(_timings or {})
+    timings = Timings(_timings or {})
     notes: list[str] = []
     deploy = None
     if target is not None:
@@ -188,10 +185,9 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         calib = read_batches(calib)  # read once: the memory estimate and the run both need the batches
     check_memory(model, example_inputs, calib)  # InsufficientMemory (exit 4) before the work, not an OOM kill
 
-    t = time.perf_counter()
-    cap = capture(model, example_inputs)
+    with timings.stage("capture"):
+        cap = capture(model, example_inputs)
     gm0 = cap.gm
-    timings["capture"] = time.perf_counter() - t
 
     if tol.agreement is not None:
         with torch.no_grad():
@@ -199,12 +195,11 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         if not has_logits:  # before calibration, not after it
             raise SurgeonError(AGREEMENT_NEEDS_LOGITS)
 
-    t = time.perf_counter()
-    batches, weak = prepare_batches(calib, example_inputs, gm0)
-    split = split_batches(batches, check_fraction, seed)
-    # under torchrun: the split is the single-process one, then each rank checks its strided share
-    check_local = distributed.shard(split.check)
-    timings["data"] = time.perf_counter() - t
+    with timings.stage("data"):
+        batches, weak = prepare_batches(calib, example_inputs, gm0)
+        split = split_batches(batches, check_fraction, seed)
+        # under torchrun: the split is the single-process one, then each rank checks its strided share
+        check_local = distributed.shard(split.check)
     if weak:
         notes.append("no calibration data: the example inputs calibrate and check the model, so the calibration "
                      "is weak and the check is not independent")
@@ -212,9 +207,8 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         notes.append("a single calibration batch: it is used for both fitting and checking, so the check is "
                      "not independent")
 
-    t = time.perf_counter()
-    applied = apply_passes(gm0, pass_list, seed, profile=deploy.profile if deploy is not None else None)
-    timings["passes"] = time.perf_counter() - t
+    with timings.stage("passes"):
+        applied = apply_passes(gm0, pass_list, seed, profile=deploy.profile if deploy is not None else None)
     unmet = deploy.unmet_promise(applied.gm) if deploy is not None and passes is not None else None
     if unmet and not force_passes:
         spec = ",".join(p.spec() for p in pass_list)
@@ -222,18 +216,15 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
                            f"rewritten model); its default passes are '{deploy.default_passes}' "  # type: ignore[union-attr]
                            "(or give --force-passes to write it anyway)")
 
-    t = time.perf_counter()
-    cal_info = fit_passes(applied, split.fit, progress=progress)
-    timings["calibrate"] = time.perf_counter() - t
+    with timings.stage("calibrate"):
+        cal_info = fit_passes(applied, split.fit, progress=progress)
 
-    t = time.perf_counter()
     records = list(applied.ctx.records.values())
     # every stage from here on turns a failure other than a SurgeonError into a one-line PipelineError
     # naming the stage and the module found in the traceback, the cause chained (surgeon.errors.stage);
     # apply_passes and fit_passes do so per pass
-    with stage("verify", model=applied.gm):
+    with timings.stage("verify"), stage("verify", model=applied.gm):
         verdict = guard(gm0, applied.gm, records, check_local, tol, metric, progress=progress)
-    timings["verify"] = time.perf_counter() - t
 
     # Build the model the guard chose, write its file and measure that file on the check set; where
     # the file misses a tolerance the torch module met (the runtime computes what torch emulated in
@@ -249,15 +240,14 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
                         target=target)
         file_fig: Figures | None = None
         if file_target is not None:
-            t = time.perf_counter()
-            with stage(f"save: target {file_target}", model=final):
-                path = result.stage(file_target)
-                from .. import targets  # type: ignore[attr-defined]
+            with timings.stage("verify_file"):
+                with stage(f"save: target {file_target}", model=final):
+                    path = result.stage(file_target)
+                    from .. import targets  # type: ignore[attr-defined]
 
-                runner = _refusing(targets.get_target(file_target).open(path), path.name, result)
-            with stage(f"verify: {path.name}", model=final):
-                file_fig = measure_model(gm0, runner, split.check, metric, distributed=False)
-            timings["verify_file"] = timings.get("verify_file", 0.0) + time.perf_counter() - t
+                    runner = _refusing(targets.get_target(file_target).open(path), path.name, result)
+                with stage(f"verify: {path.name}", model=final):
+                    file_fig = measure_model(gm0, runner, split.check, metric, distributed=False)
         fname = path.name if file_target is not None else None
         if distributed.active():  # every rank takes the same decision (the descent's measurements are collective)
             file_fig, fname = distributed.broadcast_object((file_fig, fname), what="the written file's figures")
@@ -272,10 +262,8 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         tighter = tighten(verdict.tolerance, figures, file_fig)
         notes.append(f"the written file missed the tolerance the torch module met ({', '.join(missed)}); the guard "
                      f"stepped further down under {tighter.describe()}")
-        t = time.perf_counter()
-        with stage("verify", model=applied.gm):
+        with timings.stage("verify"), stage("verify", model=applied.gm):
             verdict = verdict.resume(tighter, progress=progress)
-        timings["verify"] += time.perf_counter() - t
     verdict.tolerance = tol  # the report states the user's tolerance; the tightened ones are in file_rounds
     del applied.gm  # the fitted copy is no longer needed (memory)
     checks, ep, export_notes = built.checks, built.ep, built.export_notes

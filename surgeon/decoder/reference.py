@@ -1,8 +1,8 @@
 """Torch references for decoder files: Hugging Face's own model, cache and ``generate``, kept apart
-from the generation loop that runs files (``surgeon.generate``).
+from the generation loop that runs files (``surgeon.decoder.generate``).
 
 * :class:`HfCacheRunner` runs the original LM with the ``DynamicCache`` transformers builds itself
-  (the step protocol of ``surgeon.generate``, the cache an opaque object);
+  (the step protocol of ``surgeon.decoder.generate``, the cache an opaque object);
 * :func:`replay` feeds the steps a file's loop recorded to another runner with its own cache and
   returns the max |Δlogits| per step;
 * :func:`hf_generate` is ``model.generate`` (greedy) on a left-padded batch;

@@ -4,7 +4,7 @@ with left padding) that ``surgeon generate``, the decoder verification and the g
 The loop talks to a *runner*: ``empty_past(batch)`` gives the empty cache (past length 0) and
 ``step(input_ids, attention_mask, position_ids, past) → (logits, present)`` runs one step; the cache
 objects are opaque to the loop (ONNX Runtime ``OrtValue``s here, torch tensors for
-``surgeon.decoder.TorchStepRunner``) and are fed back as they came. :class:`OrtRunner` runs
+``surgeon.decoder.step.TorchStepRunner``) and are fed back as they came. :class:`OrtRunner` runs
 ``OUTDIR/model.onnx`` in onnxruntime with surgeon's session config.
 
 Positions follow Hugging Face ``generate``: ``position_ids = cumsum(attention_mask) − 1`` (1 at padded
@@ -13,19 +13,14 @@ positions), so a left-padded row sees the positions it would see alone.
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from .errors import SurgeonError
+from ..errors import SurgeonError
 
-__all__ = ["Generation", "OrtRunner", "Runner", "Sampling", "Score", "generate", "left_pad", "load_outdir", "pad_and_eos",
-           "run_generate_cli", "score"]
+__all__ = ["Generation", "OrtRunner", "Runner", "Sampling", "Score", "generate", "left_pad", "pad_and_eos", "score"]
 
 # onnxruntime's type strings of the cache tensors → (numpy dtype of the bytes, ONNX element type)
 _ORT_TYPES = {"tensor(float)": (np.float32, 1), "tensor(int8)": (np.int8, 3), "tensor(float8e4m3fn)": (np.uint8, 17)}
@@ -44,22 +39,20 @@ class Runner(Protocol):
 
 
 class OrtRunner:
-    """A decoder ONNX file in onnxruntime (CPU), the cache kept as ``OrtValue``s between steps (FP8
-    codes have no numpy dtype; they travel as the session returned them)."""
+    """A decoder ONNX file's onnxruntime session (the target's: ``DecoderTarget.session``), the cache
+    kept as ``OrtValue``s between steps (FP8 codes have no numpy dtype; they travel as the session
+    returned them). ``name`` names the file in errors."""
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, max_positions: int | None = None,
-                 spinning: bool | None = None) -> None:
+    def __init__(self, session: Any, name: str, *, max_positions: int | None = None) -> None:
         import onnxruntime as ort
 
-        from . import targets  # type: ignore[attr-defined]
-
         self._ort = ort
-        self.path = Path(path)
-        self.session = targets.get_target("onnx-decoder").session(self.path, threads=threads, spinning=spinning)
+        self.name = name
+        self.session = session
         ins = self.session.get_inputs()
         self.past_inputs = [i for i in ins if i.name.startswith("past_key_values.")]
         if not self.past_inputs or [i.name for i in ins[:3]] != ["input_ids", "attention_mask", "position_ids"]:
-            raise SurgeonError(f"'{self.path}' is not a decoder file: it has no input_ids, attention_mask, "
+            raise SurgeonError(f"'{self.name}' is not a decoder file: it has no input_ids, attention_mask, "
                                "position_ids and past_key_values.<i>.key inputs")
         self.layers = len(self.past_inputs) // 2
         self.input_names = [i.name for i in ins]
@@ -226,39 +219,6 @@ def score(runner: Runner, token_lists: Sequence[Sequence[int]], *, pad_id: int, 
     return Score(nll, count, argmax)
 
 
-# ------------------------------------------------------------------------------------------------
-# surgeon generate OUTDIR
-# ------------------------------------------------------------------------------------------------
-def load_outdir(outdir: str | os.PathLike, *, threads: int | None = None) -> tuple[OrtRunner, Any]:
-    """The decoder file of ``outdir`` (written by ``surgeon optimize --target onnx-decoder``) in ORT, and
-    the tokenizer beside it; anything else is refused in one line."""
-    out = Path(outdir)
-    path = out / "model.onnx"
-    if not path.is_file():
-        raise SurgeonError(f"'{outdir}' is not a decoder OUTDIR: it has no model.onnx (write one with "
-                           "surgeon optimize LM_DIR --target onnx-decoder -o OUTDIR)")
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    if "past_key_values.0.key" not in {i.name for i in graph.input}:
-        raise SurgeonError(f"'{outdir}' is not a decoder OUTDIR: its model.onnx has no past_key_values.<i>.key "
-                           "inputs (write one with surgeon optimize LM_DIR --target onnx-decoder -o OUTDIR)")
-    max_pos = None
-    try:
-        cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
-        max_pos = next((cfg[k] for k in ("max_position_embeddings", "n_positions") if isinstance(cfg.get(k), int)), None)
-    except (OSError, ValueError):
-        pass
-    runner = OrtRunner(path, threads=threads, max_positions=max_pos)
-    if not (out / "tokenizer.json").is_file() and not (out / "tokenizer_config.json").is_file():
-        raise SurgeonError(f"'{outdir}' has no tokenizer files (tokenizer.json): surgeon generate needs them")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True, trust_remote_code=False)
-    return runner, tok
-
-
 def pad_and_eos(tokenizer: Any) -> tuple[int, int | None]:
     """The pad id (the EOS id when the tokenizer has no pad token, as causal LMs ship) and the EOS id."""
     eos = tokenizer.eos_token_id
@@ -266,27 +226,3 @@ def pad_and_eos(tokenizer: Any) -> tuple[int, int | None]:
     if pad is None:
         pad = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else 0
     return int(pad), None if eos is None else int(eos)
-
-
-def run_generate_cli(args: Any) -> int:
-    """``surgeon generate OUTDIR --prompt … [--prompt …] --max-new-tokens N [--sample --seed S
-    --temperature T --top-k K] [--json]``: prints each prompt with its continuation."""
-    runner, tok = load_outdir(args.outdir)
-    prompts = list(args.prompt or [])
-    if not prompts:
-        raise SurgeonError("give at least one --prompt")
-    token_lists = [tok(p)["input_ids"] for p in prompts]
-    sampling = Sampling(args.seed, args.temperature, args.top_k) if args.sample else None
-    pad, eos = pad_and_eos(tok)
-    gen = generate(runner, token_lists, args.max_new_tokens, pad_id=pad, eos_id=eos, sampling=sampling)
-    texts = []
-    for ids in gen.tokens:
-        cut = ids[:ids.index(eos) + 1] if eos is not None and eos in ids else ids
-        texts.append(tok.decode(cut, skip_special_tokens=True))
-    if getattr(args, "json", False):
-        print(json.dumps({"results": [{"prompt": p, "completion": t, "tokens": ids}
-                                      for p, t, ids in zip(prompts, texts, gen.tokens)]}, indent=2))
-    else:
-        for p, t in zip(prompts, texts):
-            sys.stdout.write(" ".join((p + t).split("\n")) + "\n")
-    return 0

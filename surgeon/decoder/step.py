@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import SurgeonError
+from ..errors import SurgeonError
 
 __all__ = ["CACHE_DTYPES", "CacheFormat", "CacheGeometry", "CacheStats", "DecoderStep", "TorchStepRunner",
            "cache_geometry", "check_standard_cache", "collect_stats", "dequantize_cache", "input_names", "output_names",
            "quantize_cache"]
 
-CacheDtype = Literal["int8", "fp8"]
 CACHE_DTYPES: dict[str, torch.dtype] = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 QMAX = {"int8": 127.0, "fp8": 448.0}
 
@@ -82,7 +81,7 @@ def check_standard_cache(model: nn.Module, source: str) -> CacheGeometry:
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
     except Exception as exc:  # noqa: BLE001 - any failure here is the model's, named in one line
-        from .errors import first_line
+        from ..errors import first_line
 
         raise SurgeonError(f"the causal LM of '{source}' fails on a two-token input: {first_line(exc)}") from exc
     # transformers 5.24 names the output's cache ``cache`` (reading ``past_key_values`` warns)
@@ -127,7 +126,7 @@ def dequantize_cache(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     axis 1, or per tensor): the same value, one pass over the cache where ``Cast`` + ``Mul`` take two
     (a Llama decode step at past length 1024, batch 4: 2.95 → 2.43 ms on ORT's CPU provider)."""
     if q.dtype == torch.int8 and (scale.numel() == 1 or scale.numel() == scale.shape[1]):
-        from .quant import dequantize
+        from ..quant import dequantize
 
         flat = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1)
         return dequantize(q, flat.to(torch.float32), axis=1)
@@ -315,7 +314,7 @@ class DecoderStep(nn.Module):
 
 
 class TorchStepRunner:
-    """The step protocol of ``surgeon.generate`` (``step(ids, mask, pos, past) → (logits, present)``,
+    """The step protocol of ``surgeon.decoder.generate`` (``step(ids, mask, pos, past) → (logits, present)``,
     ``empty_past(batch)``) for a :class:`DecoderStep` run in torch: the torch module of the same decoder
     the ONNX file computes, for the guard and for per-step comparison."""
 

@@ -1,0 +1,182 @@
+"""What a decoder's cache must keep and how it is checked: the decoder tolerance, the ladder guard of
+``surgeon.verify`` fed the decoder's figures, and the written file's verification in onnxruntime.
+
+The guard measures each rung of the cache pass's ladder (e.g. int8-head → fp8-head → keep) on the
+held-out texts in torch (the step module the file computes) against the fp32 cache: perplexity
+within ``1 + ppl_increase`` and teacher-forced greedy next-token agreement ≥ ``agreement``. Its
+figures are ``surgeon.verify.Figures`` with the perplexity's relative increase (ratio − 1) as
+``max_rel_err`` and the greedy agreement as ``agreement``, judged as measured (no margin): the same
+descent, rollback and verdict as every other site.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from torch import nn
+
+from ..errors import SurgeonError
+from ..pass_manager import CachePass, SiteRecord
+from ..profile import KEEP, Profile
+from ..verify import Figures, Tolerance, ladder_guard
+from .generate import OrtRunner, Score, generate, score
+from .reference import HfCacheRunner, hf_generate, hf_perplexity, replay
+from .step import CacheGeometry, CacheStats, DecoderStep, TorchStepRunner
+
+__all__ = ["SITE", "VERIFY_NEW_TOKENS", "CacheGuard", "DecoderTolerance", "guard_cache", "verify_file"]
+
+SITE = "kv_cache"  # the decoder's one site: its key/value cache
+VERIFY_NEW_TOKENS = 16  # greedy steps the verification compares (per-step logits, tokens vs generate)
+
+
+@dataclass(frozen=True)
+class DecoderTolerance:
+    """What a cache rung must keep on held-out text, against the fp32 cache."""
+
+    ppl_increase: float = 0.01  # perplexity at most (1 + ppl_increase) × the fp32 cache's
+    agreement: float = 0.95  # greedy next-token agreement (teacher-forced) at least this
+
+    @classmethod
+    def parse(cls, spec: "str | DecoderTolerance | None") -> "DecoderTolerance":
+        """``None`` → the defaults; ``"ppl_increase=0.02,agreement=0.9"`` → those keys (others default)."""
+        if spec is None or isinstance(spec, DecoderTolerance):
+            return spec or cls()
+        values: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in str(spec).split(","))):
+            key, sep, raw = (s.strip() for s in part.partition("="))
+            if not sep or key not in ("ppl_increase", "agreement"):
+                raise SurgeonError(f"cannot parse decoder tolerance '{spec}': give ppl_increase=X and/or agreement=Y "
+                                   "(e.g. ppl_increase=0.01,agreement=0.95)")
+            try:
+                values[key] = float(raw)
+            except ValueError:
+                raise SurgeonError(f"decoder tolerance {key}={raw} is not a number") from None
+        tol = cls(**values)
+        if not (tol.ppl_increase >= 0 and 0 <= tol.agreement <= 1):
+            raise SurgeonError(f"decoder tolerance needs ppl_increase ≥ 0 and agreement in [0, 1], got '{spec}'")
+        return tol
+
+    def describe(self) -> str:
+        return f"perplexity ≤ (1 + {self.ppl_increase:g}) × fp32, greedy next-token agreement ≥ {self.agreement:g}"
+
+    def bounds(self) -> Tolerance:
+        """The ladder guard's tolerance on ``figures``: as measured, there is no margin rule for perplexity."""
+        return Tolerance(cosine_mean=None, max_rel_err=self.ppl_increase, agreement=self.agreement, margin=False)
+
+    def broken(self, ratio: float, agreement: float) -> list[str]:
+        """What a rung with perplexity ``ratio`` × fp32 and greedy ``agreement`` breaks, in words."""
+        out = [f"perplexity ×{ratio:.4f} > {1 + self.ppl_increase:g}"] if not ratio <= 1 + self.ppl_increase else []
+        if not agreement >= self.agreement:
+            out.append(f"greedy agreement {agreement:.4f} < {self.agreement:g}")
+        return out
+
+
+def figures(ratio: float, agreement: float, tokens: int) -> Figures:
+    """A rung's figures for the ladder guard (the module docstring says which field holds what)."""
+    nan = float("nan")
+    return Figures(nan, nan, ratio - 1.0, nan, tokens, agreement=agreement, agreement_count=tokens)
+
+
+def _agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
+    hits = sum(int((x == y).sum()) for x, y in zip(a, b))
+    total = sum(len(x) for x in a)
+    return hits / total if total else 1.0
+
+
+@dataclass
+class CacheGuard:
+    """What the guard decided: the chosen step, each rung tried (report.json's ``guard.rungs``), the
+    fp32 cache's score, whether the tolerance held, and the ladder."""
+
+    step: DecoderStep
+    rungs: list[dict[str, Any]]
+    reference: Score
+    met: bool
+    ladder: tuple[str, ...]
+
+    @property
+    def chosen(self) -> str:
+        return self.rungs[-1]["rung"]
+
+
+def _keep_entry(ref: Score) -> dict[str, Any]:
+    return {"rung": KEEP, "status": "applied", "perplexity": ref.perplexity, "ppl_ratio": 1.0, "agreement": 1.0,
+            "reason": "fp32 cache (the ladder's last rung)"}
+
+
+def guard_cache(pass_: CachePass | None, profile: Profile | None, step32: DecoderStep, stats: CacheStats,
+                held: list[list[int]], pad: int, tol: DecoderTolerance) -> CacheGuard:
+    """Step the cache down ``pass_``'s ladder (``verify.ladder_guard``) on the held-out texts; no pass
+    (``surgeon export``): the fp32 cache, measured for the report."""
+    ref = score(TorchStepRunner(step32), held, pad_id=pad)
+    if pass_ is None:
+        return CacheGuard(step32, [_keep_entry(ref)], ref, True, (KEEP,))
+    ladder = pass_.rungs(profile)
+    measured: dict[str, tuple[DecoderStep, Score]] = {}
+
+    def measure(rung: str) -> Figures:
+        if rung not in measured:
+            step = pass_.apply(step32, stats, rung)
+            measured[rung] = (step, score(TorchStepRunner(step), held, pad_id=pad))
+        s = measured[rung][1]
+        return figures(s.perplexity / ref.perplexity, _agreement(s.argmax, ref.argmax), s.tokens)
+
+    exact = figures(1.0, 1.0, ref.tokens)
+    record = SiteRecord(SITE, SITE, "", pass_.name, [], rungs=tuple(r for r in ladder if r != KEEP))
+    result = ladder_guard([record], lambda site, rung: measure(rung),
+                          lambda config: measure(config[SITE]) if SITE in config else exact, exact, tol.bounds())
+    chosen = result.rungs.get(SITE, KEEP)
+    rungs = []
+    for rung in ladder[:ladder.index(chosen)]:
+        if rung in measured:
+            rungs.append(_entry(rung, *measured[rung], ref, tol, "rolled_back"))
+    if chosen == KEEP:
+        rungs.append(_keep_entry(ref))
+        return CacheGuard(pass_.apply(step32, stats, KEEP), rungs, ref, result.met, ladder)
+    rungs.append(_entry(chosen, *measured[chosen], ref, tol, "applied"))
+    return CacheGuard(measured[chosen][0], rungs, ref, result.met, ladder)
+
+
+def _entry(rung: str, step: DecoderStep, s: Score, ref: Score, tol: DecoderTolerance, status: str) -> dict[str, Any]:
+    ratio, agree = s.perplexity / ref.perplexity, _agreement(s.argmax, ref.argmax)
+    broken = tol.broken(ratio, agree)
+    entry = {"rung": rung, "status": status, "perplexity": s.perplexity, "ppl_ratio": ratio, "agreement": agree,
+             "reason": "; ".join(broken) if broken else "within tolerance"}
+    if step.cache_format is not None:
+        entry["cache_format"] = step.cache_format.to_json()
+    return entry
+
+
+def verify_file(runner: OrtRunner, step: DecoderStep, lm: nn.Module, prompts: list[list[int]], held: list[list[int]],
+                pad: int, eos: int | None, geometry: CacheGeometry) -> dict[str, Any]:
+    """The file in onnxruntime (``runner``): per-step logits vs torch with its own cache, greedy tokens
+    vs torch ``generate``, perplexity (file and fp32 torch), cache bytes per token (file and fp32)."""
+    gen = generate(runner, prompts, VERIFY_NEW_TOKENS, pad_id=pad, eos_id=eos, trace=True)
+    # torch with its own cache: the original LM (fp32 file), the quantized step module (8-bit file)
+    torch_ref = HfCacheRunner(lm) if step.cache_dtype is None else TorchStepRunner(step)
+    per_step = replay(torch_ref, gen.steps)
+    vs_fp32 = replay(HfCacheRunner(lm), gen.steps) if step.cache_dtype is not None else per_step
+    ref_tokens = hf_generate(lm, prompts, VERIFY_NEW_TOKENS, pad_id=pad, eos_id=eos)
+    pairs = [(a, b) for x, y in zip(gen.tokens, ref_tokens) for a, b in zip(x, y)]
+    agreement = sum(a == b for a, b in pairs) / max(len(pairs), 1)
+    file_ppl = score(runner, held, pad_id=pad).perplexity
+    torch_ppl = hf_perplexity(lm, held)
+    per_token = gen.cache_bytes / max(len(prompts) * gen.cache_tokens, 1)
+    fp32_per_token = geometry.bytes_per_token(None)
+    return {
+        "prompts": len(prompts), "new_tokens": VERIFY_NEW_TOKENS,
+        "logits_max_abs_diff_per_step": per_step,
+        "logits_max_abs_diff": max(per_step),
+        "logits_vs": "the original LM with its own DynamicCache" if step.cache_dtype is None
+                     else "the torch module of the quantized decoder (surgeon.decoder.step.DecoderStep) with its own cache",
+        "logits_max_abs_diff_vs_fp32_torch": max(vs_fp32),
+        "greedy_agreement_vs_torch_generate": agreement,
+        "greedy_identical_to_torch_generate": gen.tokens == ref_tokens,
+        "perplexity": {"file": file_ppl, "fp32_torch": torch_ppl, "ratio": file_ppl / torch_ppl,
+                       "texts": len(held), "tokens": int(sum(len(x) - 1 for x in held if len(x) >= 2))},
+        "cache_bytes_per_token": {"file": per_token, "fp32": fp32_per_token, "ratio": per_token / fp32_per_token,
+                                  "measured_on": "the present tensors ORT returned (all layers, keys and values, "
+                                                 "per sequence and token)"},
+    }

@@ -1,0 +1,246 @@
+"""The pipeline's decoder variant (``Target.model_kind == "decoder"``, ``--target onnx-decoder``): a
+causal LM's decode step with its key/value cache, the cache format chosen by the ladder guard,
+written and verified by generation and perplexity.
+
+Stages (each timed by ``surgeon.pipeline.timing``): load (``AutoModelForCausalLM``, ``use_cache=True``)
+and check the cache is the standard one → texts (``--calib`` lines split into fit and held-out parts as
+``surgeon.pipeline.data.split_batches`` splits batches, or the built-in ``DEFAULT_DECODER_TEXT``) →
+cache statistics on the fit part → guard (``surgeon.decoder.check``: the cache pass's ladder, e.g.
+int8-head → fp8-head → keep, measured on the held-out part in torch against the fp32 cache) → lower
+with the target → verify the file in onnxruntime (per-step logits vs torch, greedy tokens vs torch
+``generate``, perplexity, cache bytes per token) → OUTDIR atomically (model.onnx, config.json,
+tokenizer files, report.json with the verdict of ``surgeon.verdict.decide``, report.html, README.md).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import targets  # type: ignore[attr-defined]
+from ..deploy import io_spec
+from ..errors import SurgeonError
+from ..loaders import load_decoder
+from ..pass_manager import CachePass, Pass, parse_pipeline
+from ..pipeline.data import DEFAULT_CHECK_FRACTION, split_batches
+from ..pipeline.timing import Timings
+from ..profile import KEEP
+from ..report import DECODER_SCHEMA, write_json
+from ..report_html import write_html
+from ..resources import atomic_dir, check_output_dir, publish_mode
+from ..speed import DECODE_PAST, measure_decode_step
+from ..targets import Target
+from ..verdict import decide
+from ..version import __version__
+from .check import SITE, VERIFY_NEW_TOKENS, CacheGuard, DecoderTolerance, guard_cache, verify_file
+from .generate import OrtRunner, left_pad, pad_and_eos
+from .readme import decoder_readme
+from .step import DecoderStep, check_standard_cache, collect_stats
+
+__all__ = ["DEFAULT_DECODER_TEXT", "optimize_decoder"]
+
+PROMPT_TOKENS = 8  # verification prompts: the first tokens of held-out texts
+
+# Held-out / calibration text when no --calib is given (short, varied English).
+DEFAULT_DECODER_TEXT = (
+    "The quick brown fox jumps over the lazy dog.",
+    "A decoder writes one token at a time and keeps the keys and values of every earlier token.",
+    "Inference servers keep that cache in eight bits so that more sequences fit in memory.",
+    "Perplexity measures how surprised a language model is by text it has not seen.",
+    "Greedy decoding picks the most likely next token at each step of generation.",
+    "The river was wide and slow, and the boats on it moved as if they had nowhere to be.",
+    "She opened the window, and the smell of rain came into the quiet room.",
+    "Numbers in a computer are stored with a limited number of bits, which limits their precision.",
+)
+
+
+# Calibration prompts shorter than this (tokens) get a warning with an 8-bit cache: the scales and key
+# offsets see only early positions, and RoPE rotates a key's channel pairs by an angle that grows with
+# position, so later keys can leave the calibrated ranges. On bench/data/tiny-decoder, INT8 per head
+# calibrated on ~20-token lines cost +2.7 % perplexity on 512-token windows, on ~550-token prompts
+# +0.01 % (docs/benchmarks.md, "Decoder KV cache"); the guard's held-out lines are as short as the
+# calibration's, so it cannot see this itself.
+SHORT_CALIBRATION = 256
+
+
+def short_calibration_warning(longest: int) -> str:
+    return (f"the calibration prompts are at most {longest} tokens: the cache's scales were fitted, and the "
+            f"guard checked, on positions < {longest} only; keys at later positions (rotated by RoPE) can fall "
+            f"outside those ranges. Calibrate on prompts as long as the contexts you serve (docs/decoder.md)")
+
+
+def _read_lines(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise SurgeonError(f"cannot read calibration file '{path}': " + ("it is a directory" if p.is_dir()
+                                                                         else "no such file"))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SurgeonError(f"cannot read calibration file '{path}': not UTF-8 text") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise SurgeonError(f"calibration file '{path}' is empty")
+    return lines
+
+
+def _batches(token_lists: Sequence[Sequence[int]], pad_id: int, size: int = 8) -> list[dict[str, Any]]:
+    import torch
+
+    out = []
+    for i in range(0, len(token_lists), size):
+        ids, mask = left_pad(token_lists[i:i + size], pad_id)
+        out.append({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)})
+    return out
+
+
+def _texts(tok: Any, lines: list[str], limit: int, seed: int) -> tuple[list[list[int]], list[list[int]], Any]:
+    """Token lists of the fit and held-out parts of ``lines`` and the split itself."""
+    token_lists = [list(tok(s)["input_ids"])[:limit] for s in lines]
+    # lines, not sample batches: the held-out part keeps the plain fraction (its perplexity counts tokens)
+    split = split_batches(token_lists, DEFAULT_CHECK_FRACTION, seed, min_check_samples=0)  # type: ignore[arg-type]
+    return [list(x) for x in split.fit], [list(x) for x in split.check], split
+
+
+def _cache_passes(passes: str | Sequence[Pass] | None, tgt: Target) -> tuple[list[Pass], CachePass | None]:
+    """The passes (default: the target's) and the cache pass among them; anything else is refused."""
+    spec = tgt.default_passes if passes is None else passes
+    pass_list = parse_pipeline(spec) if isinstance(spec, str) else list(spec)
+    cache = [p for p in pass_list if isinstance(p, CachePass)]
+    if len(cache) != len(pass_list) or len(pass_list) > 1:
+        raise SurgeonError(f"target {tgt.name} runs one kv-cache-quant pass (the cache is the decoder's site); "
+                           f"got {', '.join(p.name for p in pass_list)}")
+    return pass_list, cache[0] if cache else None
+
+
+def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
+                     passes: str | Sequence[Pass] | None = None, calib: str | None = None,
+                     tolerance: str | DecoderTolerance | None = None, target: str = "onnx-decoder", seed: int = 0,
+                     force: bool = False, speed: bool = True) -> dict[str, Any]:
+    """Write a verified decoder OUTDIR for the causal LM ``model`` (a Hugging Face directory or
+    ``package.module:factory``); return the report (what ``report.json`` holds).
+
+    ``passes``: a pipeline spec or list of passes (``kv-cache-quant{...}`` only; default the target's
+    default passes; ``[]``: the fp32 cache, as ``surgeon export`` writes it); ``calib``: a text file of
+    lines (calibration prompts; a seeded quarter of them is held out for perplexity and agreement),
+    else ``DEFAULT_DECODER_TEXT``; ``tolerance``: a ``DecoderTolerance`` or its spec string; ``speed``:
+    with an 8-bit cache, also write the fp32-cache file to ``bench/original.onnx`` and time one decode
+    step of each (``report["speed"]``)."""
+    timings = Timings()
+    out = Path(outdir)
+    check_output_dir(out, force)
+    tgt = targets.get_target(target)
+    pass_list, kvq = _cache_passes(passes, tgt)
+    tol = DecoderTolerance.parse(tolerance)
+    lines = _read_lines(calib) if calib else list(DEFAULT_DECODER_TEXT)
+    with timings.stage("load"):
+        loaded = load_decoder(model)
+        lm: Any = loaded.model  # a transformers PreTrainedModel: config, generation_config
+        tok = loaded.tokenizer
+        geometry = check_standard_cache(lm, loaded.source)
+    pad, eos = pad_and_eos(tok)
+    limit = geometry.max_positions or 512
+    fit, held, split = _texts(tok, lines, limit, seed)
+    warnings = list(loaded.notes)
+    if not split.independent:
+        warnings.append("a single calibration line: it is used for both calibrating and checking, so the check is "
+                        "not independent")
+    with timings.stage("calibrate"):
+        step32 = DecoderStep(lm, geometry)
+        stats = collect_stats(lm, geometry, _batches(fit, pad))
+    with timings.stage("guard"):
+        cg = guard_cache(kvq, tgt.profile, step32, stats, held, pad, tol)
+    final = cg.step
+    prompts = [x[:PROMPT_TOKENS] for x in (held + fit)[:2]]
+    if len(prompts) == 2 and len(prompts[0]) == len(prompts[1]):
+        prompts[1] = prompts[1][:-1] or prompts[1]  # different lengths: the batch is left-padded
+    if any(len(p) + VERIFY_NEW_TOKENS > limit for p in prompts):
+        raise SurgeonError(f"the model has {limit} positions, too few to verify {VERIFY_NEW_TOKENS} generated tokens")
+
+    report: dict[str, Any] = {
+        "schema": DECODER_SCHEMA, "surgeon_version": __version__,
+        "model": {"source": loaded.source, "class": type(lm).__name__, "layers": geometry.layers,
+                  "kv_heads": geometry.kv_heads, "head_dim": geometry.head_dim,
+                  "max_positions": geometry.max_positions},
+        "target": {"name": tgt.name, "profile": tgt.profile.to_json()},
+        "passes": [p.spec() for p in pass_list],
+        "tolerance": {**asdict(tol), "description": tol.describe(), "met": cg.met},
+        "calibration": {"source": calib or "built-in text (surgeon.decoder.pipeline.DEFAULT_DECODER_TEXT)",
+                        "lines": len(lines), "fit_lines": len(fit), "held_out_lines": len(held),
+                        "fit_tokens": int(sum(map(len, fit))), "held_out_tokens": int(sum(map(len, held))),
+                        "held_out_index": split.check_index, "independent": split.independent, "seed": seed,
+                        "stats_tokens": stats.tokens, "longest_fit_tokens": max(map(len, fit), default=0)},
+        "guard": {"ladder": list(cg.ladder), "measured_in": "torch (the step module the file computes)",
+                  "fp32_perplexity": cg.reference.perplexity, "rungs": cg.rungs, "chosen": cg.chosen},
+        "sites": _sites(kvq, cg),
+        "cache": final.cache_format.to_json() if final.cache_format is not None else {"dtype": "float32"},
+        "warnings": warnings,
+    }
+    longest = report["calibration"]["longest_fit_tokens"]
+    if final.cache_format is not None and longest < min(SHORT_CALIBRATION, limit):
+        warnings.append(short_calibration_warning(longest))
+    rolled = [r for r in cg.rungs if r["status"] == "rolled_back"]
+    if rolled:
+        warnings.append(f"rolled back {', '.join(r['rung'] for r in rolled)} ("
+                        + "; ".join(f"{r['rung']}: {r['reason']}" for r in rolled) + ")")
+    # the one verdict (surgeon.verdict): what stdout, stderr, report.json and the exit code all say
+    report["verdict"] = decide(report).to_json()
+    with atomic_dir(out, force) as partial:
+        with timings.stage("export"):
+            figures = tgt.lower(final, None, partial)
+            figures.pop("path", None)
+        with timings.stage("verify"):
+            runner = OrtRunner(tgt.session(partial / tgt.filename), tgt.filename, max_positions=geometry.max_positions)
+            report["verification"] = verify_file(runner, final, lm, prompts, held, pad, eos, geometry)
+        report["targets"] = {tgt.name: figures}
+        _write_model_files(partial, lm, tok, tgt, final, figures, report, title=Path(loaded.source).name)
+        if speed and final.cache_format is not None:
+            with timings.stage("speed"):
+                _time_decode_step(partial, tgt, step32, report, vocab=int(lm.config.vocab_size), limit=limit)
+        timings["total"] = timings.elapsed()
+        report["timings_s"] = timings.rounded()
+        write_json(report, partial / "report.json")
+        write_html(report, partial / "report.html")
+        for p in partial.rglob("*"):
+            if p.is_file():
+                publish_mode(p)
+    return report
+
+
+def _sites(kvq: CachePass | None, cg: CacheGuard) -> list[dict[str, Any]]:
+    """The decoder's one site, its cache, as report.json's ``sites`` (none without a cache pass)."""
+    if kvq is None:
+        return []
+    status = "rolled_back" if cg.chosen == KEEP else "applied"
+    reason = "; ".join(f"{r['rung']}: {r['reason']}" for r in cg.rungs if r["status"] == "rolled_back")
+    return [{"site": SITE, "kind": SITE, "module": "", "pass": kvq.name, "status": status, "rung": cg.chosen,
+             "reason": reason}]
+
+
+def _write_model_files(partial: Path, lm: Any, tok: Any, tgt: Target, final: DecoderStep, figures: dict[str, Any],
+                       report: dict[str, Any], *, title: str) -> None:
+    """config.json, generation_config.json, the tokenizer files and README.md beside the file."""
+    lm.config.to_json_file(str(partial / "config.json"))
+    gen_cfg = getattr(lm, "generation_config", None)
+    if gen_cfg is not None:
+        gen_cfg.to_json_file(str(partial / "generation_config.json"))
+    tok.save_pretrained(str(partial))
+    spec = io_spec(partial / tgt.filename)
+    fmt = final.cache_format
+    cache_name = "fp32" if fmt is None else f"{fmt.dtype} ({fmt.granularity} scales)"
+    report["deploy"] = {"file": tgt.filename, **spec, "session_config": figures["session_config"], "readme": "README.md"}
+    (partial / "README.md").write_text(decoder_readme(spec, cache=cache_name, session_config=figures["session_config"],
+                                                      layers=final.geometry.layers, title=f"model.onnx ({title})"),
+                                       encoding="utf-8")
+
+
+def _time_decode_step(partial: Path, tgt: Target, step32: DecoderStep, report: dict[str, Any], *, vocab: int,
+                      limit: int) -> None:
+    """What the 8-bit cache buys on this machine: its decode step against the fp32-cache file's."""
+    (partial / "bench").mkdir()
+    tgt.baseline(step32, None, partial / "bench" / "original.onnx")
+    report["speed"] = {**measure_decode_step(tgt, partial / tgt.filename, partial / "bench" / "original.onnx",
+                                             vocab=vocab, past=min(DECODE_PAST, limit - 1)),
+                       "vocab": vocab, "files": {"optimized": tgt.filename, "original": "bench/original.onnx"}}
