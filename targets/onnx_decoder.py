@@ -94,8 +94,9 @@ class DecoderTarget(Target):
 
         return session_config(path)
 
-    def export(self, step: Any, path: str | os.PathLike) -> Path:
-        """Export ``step`` to ``path`` (no check; ``lower`` checks and places it)."""
+    def export(self, step: Any, path: str | os.PathLike, cleanups: dict[str, int] | None = None) -> Path:
+        """Export ``step`` to ``path`` (no check; ``lower`` checks and places it); ``cleanups`` receives
+        how often each clean-up rule applied."""
         import onnx
 
         from surgeon.decoder.step import input_names, output_names
@@ -106,7 +107,8 @@ class DecoderTarget(Target):
         step.eval()
         with torch.no_grad():
             export_onnx(step, example_step_inputs(step), path, dynamic_shapes=_dims(step),
-                        input_names=input_names(n), output_names=output_names(n), opset=self.opset)
+                        input_names=input_names(n), output_names=output_names(n), opset=self.opset,
+                        cleanups=cleanups)
         model = onnx.load(str(path))
         _name_dims(model, n)
         onnx.save_model(model, str(path))
@@ -116,9 +118,11 @@ class DecoderTarget(Target):
         """Export, verify and atomically place ``OUTDIR/model.onnx``; return the figures (with ``path``)."""
         from surgeon.resources import placed_file
 
+        cleanups: dict[str, int] = {}
         with placed_file(outdir, self.filename, suffix=".onnx.tmp") as tmp:
-            self.export(module, tmp)
+            self.export(module, tmp, cleanups)
             figures = self.verify(tmp, module, example_inputs)
+        figures["cleanups"] = cleanups
         final = Path(outdir) / self.filename
         figures["file"], figures["path"] = final.name, str(final)
         return figures

@@ -189,6 +189,10 @@ def test_outdir_contents(outdirs: dict[str, Path], lm_dirs: dict[str, Path]) -> 
     assert not list(out.parent.glob("*.partial-*"))
     r = _report(out)
     assert r["deploy"]["inputs"][3]["dtype"] == "int8"
+    # the clean-up rules ran on the decoder's export too, each counted (targets/_cleanup/)
+    from surgeon.targets._cleanup import RULES
+
+    assert list(r["targets"]["onnx-decoder"]["cleanups"]) == list(RULES)
     assert r["calibration"]["lines"] == 16 and r["calibration"]["held_out_lines"] == 4
     assert r["calibration"]["independent"] and r["calibration"]["source"].endswith("prompts.txt")
     # one-sentence prompts calibrate an 8-bit cache for early positions only: the report says so
