@@ -157,7 +157,7 @@ def test_per_tensor_granularity() -> None:
 # --------------------------------------------------------------------------------------------------
 def _grid(s: torch.Tensor, qmax: float = 63.0):
     s64 = s.double()
-    return lambda col: torch.round(col / s64).clamp(-qmax, qmax) * s64
+    return lambda col, _k: torch.round(col / s64).clamp(-qmax, qmax) * s64
 
 
 def test_gptq_with_uncorrelated_inputs_is_nearest_rounding() -> None:
