@@ -15,7 +15,7 @@ onnxscript values while it builds the graph; they only *lower* (each custom op b
 * int8 weights (constant int8 tensors feeding ``surgeon::dequantize_int8``) stay int8 initializers
   with an int8 zero point: that is the S8 weight ORT's QDQ fusion turns into ``MatMulIntegerToFloat``.
 * weight-only int4 (``surgeon::dequantize_int4``): the one-code-a-byte int8 / uint8 constant is cast to
-  INT4 / UINT4 (the exporter's constant folding turns the Cast into a 4-bit initializer) and read by
+  INT4 / UINT4 (``fold_four_bit_casts`` then stores it as a 4-bit initializer, half a byte a code) and read by
   ``DequantizeLinear(axis=0, block_size=b)`` with a 4-bit zero point: ONNX Runtime's CPU optimizer
   fuses it with the MatMul that follows into ``MatMulNBits`` (tests/test_int4_weights.py checks).
 * integer attention (``attention-int8``): ``surgeon::quantize_uint8`` → ``QuantizeLinear`` to uint8 (its
@@ -89,6 +89,34 @@ def dequantize_int4(q: Any, scale: Any, zero_point: Any, block_size: int) -> Any
     four = onnx.TensorProto.UINT4 if getattr(q, "dtype", None) == ir.DataType.UINT8 else onnx.TensorProto.INT4
     return op.DequantizeLinear(op.Cast(q, to=four), scale, op.Cast(zero_point, to=four), axis=0,
                                block_size=int(block_size))
+
+
+def fold_four_bit_casts(model: ir.Model) -> int:
+    """Replace each ``Cast(to=INT4 | UINT4)`` of an initializer by the 4-bit initializer it computes;
+    returns how many. The exporter's constant folding skips tensors over its size limit (8k elements),
+    so a real weight would stay 8-bit in the file with a Cast in front of the DequantizeLinear, which
+    ORT's DQ → MatMulNBits fusion does not match (it wants the 4-bit initializer itself)."""
+    graph = model.graph
+    folded = 0
+    for node in list(graph):
+        four = node.attributes.get("to")
+        if node.op_type != "Cast" or node.domain not in ("", "ai.onnx") or four is None:
+            continue
+        src = node.inputs[0]
+        if four.as_int() not in (ir.DataType.INT4, ir.DataType.UINT4) or src is None or not src.is_initializer():
+            continue
+        if src.const_value is None:
+            continue
+        value = ir.Value(name=f"{src.name}_4bit", const_value=ir.Tensor(src.const_value.numpy(),
+                                                                            dtype=ir.DataType(four.as_int())))
+        value.shape, value.dtype = src.shape, ir.DataType(four.as_int())
+        graph.register_initializer(value)
+        node.outputs[0].replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        if not src.uses():
+            graph.initializers.pop(src.name)
+        folded += 1
+    return folded
 
 
 def _is_uint8(v: Any) -> bool:

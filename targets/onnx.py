@@ -45,7 +45,7 @@ from surgeon.resources import placed_file
 
 from ._cleanup import all_nodes, clean
 from ._export_form import export_form
-from ._lowering import OPSET, translation_table
+from ._lowering import OPSET, fold_four_bit_casts, translation_table
 from ._ort_checks import fp32_bytes, shape_probes, static_axes, verify_onnx
 from ._ort_session import DENORMAL_AS_ZERO, FP8_DISABLED_OPTIMIZERS, FP8_SESSION_OPTION, needs_fp8_option, session, session_config
 
@@ -282,6 +282,7 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
                 dynamo=True, opset_version=opset, dynamic_shapes=ds, external_data=False,
                 custom_translation_table=translation_table(), optimize=False, verbose=False)
             _optimize(prog.model)
+            fold_four_bit_casts(prog.model)  # int4 weights as 4-bit initializers (targets/_lowering.py)
     except SurgeonError:
         raise
     except Exception as exc:  # noqa: BLE001 - translated to a one-line user error where we can
