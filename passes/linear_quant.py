@@ -94,7 +94,8 @@ class LinearQuant(Pass):
     # its contract examples (tests/test_pass_contract.py): a model with its sites, then near-misses
     examples: ClassVar[tuple[str, ...]] = ("_pass_examples:transformer_pre", "_pass_examples:transformer_pre")
     example_spec: ClassVar[str] = "linear-quant{dtype=int8,rounding=nearest}"  # a non-default option
-    dtype: Literal["fp8", "int8", "int4", "int8w"] = "fp8"  # int4 / int8w: weight-only
+    # int4 / int8w: weight-only (the activation stays float32)
+    dtype: Literal["fp8", "int8", "int4", "int8w"] = "fp8"
     block: int = 32  # int4: input rows per scale and zero point (a power of two ≥ 16, ORT's MatMulNBits)
     symmetric: bool = False  # int4: signed codes with zero point 0, instead of uint4 with a zero point
     granularity: Literal["channel", "tensor"] = "channel"

@@ -282,7 +282,6 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
                 dynamo=True, opset_version=opset, dynamic_shapes=ds, external_data=False,
                 custom_translation_table=translation_table(), optimize=False, verbose=False)
             _optimize(prog.model)
-            fold_four_bit_casts(prog.model)  # int4 weights as 4-bit initializers (targets/_lowering.py)
     except SurgeonError:
         raise
     except Exception as exc:  # noqa: BLE001 - translated to a one-line user error where we can
@@ -314,13 +313,13 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
 
 
 def _optimize(model: Any) -> None:
-    """What ``torch.onnx.export(optimize=True)`` does (constant folding, dead code, common
-    sub-expressions) without onnxscript's opset-23 fusions: its RotaryEmbedding rule fuses a cos/sin
-    cache of batch 1 (HF Llama's position_ids) that ONNX Runtime's kernel refuses at any other batch
-    size ("Inputs 'cos_cache' and 'sin_cache' are expected to have the same shape as input 'x'")."""
+    """What ``torch.onnx.export(optimize=True)`` does (constant folding, dead code, common sub-expressions) without
+    onnxscript's opset-23 fusions: its RotaryEmbedding rule fuses a cos/sin cache of batch 1 (HF Llama's position_ids)
+    that ONNX Runtime refuses at any other batch size; then int4 weights as 4-bit initializers (targets/_lowering.py)."""
     import onnxscript.optimizer
 
     onnxscript.optimizer.optimize_ir(model)
+    fold_four_bit_casts(model)
 
 
 def _strip_node_metadata(model: Any) -> None:
