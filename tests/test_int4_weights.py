@@ -43,19 +43,18 @@ class Stack(nn.Module):
 
 
 def _data(n: int, seed: int) -> list[tuple[torch.Tensor]]:
+    """``n`` batches of 2 × 8 tokens."""
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(2, 8, 128, generator=g),) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
 def quantized() -> tuple:
-    model = Stack().eval()
-    example = _data(1, 0)[0]
-    gm = capture(model, example).gm
+    """The stack through linear-quant{dtype=int4} on ORT CPU's profile, GPTQ-fitted on 4 batches."""
+    model, (example,) = Stack().eval(), _data(1, 0)
     manager = PassManager("linear-quant{dtype=int4}")
-    gm, ctx, _ = manager.run(gm, PassContext(profile=ORT_CPU))
-    for p in manager.passes:
-        p.fit(gm, ctx, _data(4, 1))
+    gm, ctx, _ = manager.run(capture(model, example).gm, PassContext(profile=ORT_CPU))
+    manager.passes[0].fit(gm, ctx, _data(4, 1))
     return model, gm, ctx, example
 
 
