@@ -27,8 +27,9 @@ Weight-only (decoders on CPU, passes/_quant_weight.py): y = x · dq(W_q) + b wit
 ``dtype=int4``: 4-bit codes in blocks of ``block`` input rows with a scale and a zero point per block
 (asymmetric uint4 unless ``symmetric=True``: on the trained tiny decoder's weights asymmetric had
 the lower output error, see docs/passes/linear-quant.md); ``dtype=int8w``: int8 per output channel.
-Rungs ``int4-b<block>`` → coarser blocks the profile lists → ``int8w`` → keep (``linear-weight``
-ladder); ORT fuses each into ``MatMulNBits``. Convs are skipped (no 4-bit conv kernel).
+Rungs ``int4-b<block>`` → finer blocks the profile lists → ``int8w`` → keep (``linear-weight``
+ladder: int4-b128 → int4-b32 → int8w, each rung more accurate and slower than the one before; ORT
+fuses each into ``MatMulNBits``). Convs are skipped (no 4-bit conv kernel).
 
 Skipped when: the weight is not a constant (computed from an input); the constant is the left
 operand of the matmul; a conv is transposed; a table is also read by a linear (tied weights: the
@@ -62,9 +63,9 @@ INT8_RUNGS = ("int8-static", "int8-dynamic", OUTLIERS)
 # before rungs existed; a target's profile names the rungs its runtime runs.
 DEFAULT_LADDER = ("int8-static", "keep")
 WEIGHT_ONLY = ("int4", "int8w")
-# Weight-only rungs without a profile's ``linear-weight`` ladder: the finest and the coarsest block
-# measured, then 8 bits (the order the guard steps down; docs/passes/linear-quant.md has the figures).
-DEFAULT_WEIGHT_LADDER = (int4_rung(32), int4_rung(128), INT8W, "keep")
+# Weight-only rungs without a profile's ``linear-weight`` ladder: the coarsest block measured (smallest,
+# fastest), the finest, then 8 bits: error falls at each step (docs/passes/linear-quant.md has the figures).
+DEFAULT_WEIGHT_LADDER = (int4_rung(128), int4_rung(32), INT8W, "keep")
 
 
 def _safe(path: str) -> str:
@@ -96,7 +97,7 @@ class LinearQuant(Pass):
     example_spec: ClassVar[str] = "linear-quant{dtype=int8,rounding=nearest}"  # a non-default option
     # int4 / int8w: weight-only (the activation stays float32)
     dtype: Literal["fp8", "int8", "int4", "int8w"] = "fp8"
-    block: int = 32  # int4: input rows per scale and zero point (a power of two ≥ 16, ORT's MatMulNBits)
+    block: int = 128  # int4: input rows per scale and zero point (a power of two ≥ 16, ORT's MatMulNBits)
     symmetric: bool = False  # int4: signed codes with zero point 0, instead of uint4 with a zero point
     granularity: Literal["channel", "tensor"] = "channel"
     method: Literal["max", "percentile", "mse"] = "mse"  # activation clip; mse beat max and percentile on MiniLM
@@ -146,12 +147,12 @@ class LinearQuant(Pass):
         return getattr(profile, "int8_weight_bits", 7) < 8
 
     def _weight_rungs(self, profile: Any) -> tuple[str, ...]:
-        """Weight-only rungs, best first: the requested block, then the profile's coarser blocks and int8w."""
+        """Weight-only rungs, best first: the requested block, then the profile's finer blocks and int8w."""
         if self.dtype == INT8W:
             return (INT8W,)
         ladder = profile.formats("linear-weight") if profile is not None else ()
         ladder = ladder if len(ladder) > 1 else DEFAULT_WEIGHT_LADDER
-        rest = tuple(r for r in ladder if r == INT8W or (rung_block(r) or 0) > self.block)
+        rest = tuple(r for r in ladder if r == INT8W or 0 < (rung_block(r) or 0) < self.block)
         return (int4_rung(self.block), *rest)
 
     def _rungs(self, op: str, profile: Any) -> tuple[str, ...]:

@@ -89,12 +89,13 @@ class Profile:
 
 # Weight-only linears on ORT CPU (``linear-quant{dtype=int4 | int8w}``; a ladder of its own, keyed
 # "linear-weight", since the activation-quantizing "linear" ladder is another pass option's): each
-# rung is DequantizeLinear(4 / 8 bit) → MatMul, which ORT fuses into MatMulNBits. Asymmetric INT4 with
-# GPTQ in blocks of 32, then 128 (a quarter of the scales), then INT8 per channel, then float. Speed
-# (ORT 1.32, 2 threads, avx512_vnni, 8 layers 576x1536, 1 token, accuracy level 4): int4-b32 0.58 ms,
-# int8w 0.85 ms, fp32 MatMul 3.25 ms (docs/passes/linear-quant.md).
-_WEIGHT_ONLY_LINEAR = ("int4-b32", "int4-b128", "int8w", KEEP)
-_WEIGHT_ONLY_SPEED = {"int8w": 0.68}
+# rung is DequantizeLinear(4 / 8 bit) → MatMul, which ORT fuses into MatMulNBits. Each step down is
+# more accurate and slower: asymmetric INT4 (GPTQ) in blocks of 128, of 32 (4× the scales), INT8 per
+# channel, float. Speed (ORT 1.32, 2 threads, avx512_vnni, accuracy level 4, 8 layers 576x1536 at 1
+# token, one interleaved run at load ~12): int4-b128 0.53 ms, int4-b32 0.84 ms, int8w 1.13 ms, fp32
+# MatMul 5.45 ms (docs/passes/linear-quant.md).
+_WEIGHT_ONLY_LINEAR = ("int4-b128", "int4-b32", "int8w", KEEP)
+_WEIGHT_ONLY_SPEED = {"int4-b128": 1.0, "int4-b32": 0.63, "int8w": 0.47}
 
 # ------------------------------------------------------------------------------------------------
 # built-in profiles
