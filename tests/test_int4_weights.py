@@ -167,3 +167,31 @@ def test_the_guard_steps_int4_down_to_int8_when_int4_breaks_the_tolerance() -> N
     tight = surgeon.optimize(model, calib[0], calib, passes="linear-quant{dtype=int4}", tolerance=0.99995,
                              target="onnx")
     assert tight.guard.rungs and set(tight.guard.rungs.values()) == {"int8w"}
+
+
+def test_a_tiny_llama_is_matmulnbits_on_every_linear_and_matches_torch(tmp_path: Path) -> None:
+    """Llama (GQA, RoPE, SiLU MLP, untied LM head), int4-b32: every projection and the LM head run as
+    MatMulNBits, no float MatMul is left on a weight, and the logits equal the torch module's (level 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, use_cache=False)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 256, (1, 12))
+    gm = capture(model, (ids,)).gm
+    gm, ctx, _ = PassManager("linear-quant{dtype=int4,block=32,rounding=nearest}").run(gm, PassContext(profile=ORT_CPU))
+    linears = [r for r in ctx.records.values() if r.kind == "linear"]
+    assert len(linears) == 2 * 7 + 1  # q k v o gate up down per layer, the LM head
+    path = tmp_path / "llama.onnx"
+    export_onnx(gm, (ids,), path)
+    sess = session(path, nbits_accuracy=0, optimized_path=tmp_path / "opt.onnx")
+    got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
+    with torch.no_grad():
+        want = gm(ids)
+    want = (want[0] if isinstance(want, (tuple, list)) else getattr(want, "logits", want)).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+    nodes = onnx.load(str(tmp_path / "opt.onnx")).graph.node
+    assert sum(n.op_type == "MatMulNBits" for n in nodes) == len(linears)
+    weights = {t.name for t in onnx.load(str(tmp_path / "opt.onnx")).graph.initializer if len(t.dims) == 2}
+    assert not [n for n in nodes if n.op_type in ("MatMul", "Gemm", "FusedMatMul") and set(n.input) & weights]
