@@ -22,14 +22,15 @@ from torch import Tensor
 __all__ = ["gptq_round"]
 
 
-def gptq_round(w: Tensor, h: Tensor, round_column: Callable[[Tensor], Tensor], damp: float = 0.1,
+def gptq_round(w: Tensor, h: Tensor, round_column: Callable[[Tensor, int], Tensor], damp: float = 0.1,
                block: int = 128) -> Tensor:
     """Rounded ``w`` ([out, in]) under input second moments ``h`` ([in, in], e.g. XᵀX / n).
 
-    ``round_column`` maps one column ([out], float64) to its rounded (dequantized) values with the
-    layer's fixed per-output-channel scales. ``damp`` × mean(diag H) is added to the diagonal: H is
-    a sample estimate and near-singular where inputs are correlated (GPTQ uses 0.01; larger values
-    pull the result towards nearest rounding). Returns the rounded weight, float64."""
+    ``round_column(col, k)`` maps input column ``k`` ([out], float64) to its rounded (dequantized)
+    values with the layer's fixed scales (per output channel, or per block of columns: hence ``k``).
+    ``damp`` × mean(diag H) is added to the diagonal: H is a sample estimate and near-singular where
+    inputs are correlated (GPTQ uses 0.01; larger values pull the result towards nearest rounding).
+    Returns the rounded weight, float64."""
     w = w.detach().to(torch.float64).clone()
     h = h.detach().to(torch.float64).clone()
     n = h.shape[0]
@@ -48,7 +49,7 @@ def gptq_round(w: Tensor, h: Tensor, round_column: Callable[[Tensor], Tensor], d
         ub = u[start:stop, start:stop]
         for j in range(stop - start):
             col = wb[:, j]
-            q = round_column(col)
+            q = round_column(col, start + j)
             out[:, start + j] = q
             e = (col - q) / ub[j, j]
             wb[:, j + 1:] -= e[:, None] * ub[j, j + 1:][None, :]

@@ -10,7 +10,8 @@ budget), so memory does not grow with the number of batches:
 * ``smooth_layers``: SmoothQuant, s_c = amax(x_c)^α / amax(W_c)^(1−α) per input channel migrated into the
   weight, then the activation quantizers calibrated again on x / s;
 * ``gptq_layers``: E[x̃ᵀx̃] of each layer's smoothed input, accumulated with the quantized model running
-  (the inputs the layer will see), then every stored weight re-rounded by GPTQ (passes/_gptq.py).
+  (the inputs the layer will see), then every stored weight re-rounded by GPTQ (passes/_gptq.py);
+  weight-only layers (``WeightOnlyLinear``, no smoothing) re-round the codes of each of their rungs.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from surgeon.calibration import RunningAmax
 from surgeon.inputs import call
 from surgeon.passes._gptq import gptq_round
 from surgeon.passes._quant_layers import INT8_WEIGHT_MAX, QuantLinear
+from surgeon.passes._quant_weight import WeightOnlyLinear
 from surgeon.quant_ops import dequantize, quantize
 
 __all__ = ["input_amax", "mark_outliers", "smooth_layers", "gptq_layers", "round_layer"]
 
 
-def _run_with_input_hook(gm: fx.GraphModule, layers: list[QuantLinear], record: Callable[[nn.Module, tuple], None],
+def _run_with_input_hook(gm: fx.GraphModule, layers: list[Any], record: Callable[[nn.Module, tuple], None],
                          batches: list[Any]) -> None:
     """One pass over ``batches`` with ``record(layer, args)`` seeing every layer's inputs."""
     hooks = [m.register_forward_pre_hook(record) for m in layers]
@@ -100,12 +102,13 @@ def smooth_layers(gm: fx.GraphModule, layers: list[QuantLinear], amax: dict[int,
         m.act.mode = "quant" if m.act.calibrated else mode
 
 
-def gptq_layers(gm: fx.GraphModule, layers: list[QuantLinear], batches: list[Any], damp: float, hessian_mb: int) -> None:
+def gptq_layers(gm: fx.GraphModule, layers: list[QuantLinear] | list[WeightOnlyLinear], batches: list[Any], damp: float,
+                hessian_mb: int) -> None:
     """Re-round every layer's weights by GPTQ for the inputs it sees over ``batches``."""
     # XᵀX is in² float64 per layer: layers are taken in groups that fit hessian_mb, one pass
     # over the batches per group, so memory is bounded whatever the model's size.
     budget = hessian_mb * 2**20
-    groups: list[list[QuantLinear]] = [[]]
+    groups: list[list[QuantLinear | WeightOnlyLinear]] = [[]]
     used = 0
     for m in layers:
         size = m.in_features ** 2 * 8
@@ -118,7 +121,7 @@ def gptq_layers(gm: fx.GraphModule, layers: list[QuantLinear], batches: list[Any
         stats: dict[int, list] = {id(m): [None, 0] for m in group}
 
         def record(m: Any, args: tuple, stats: dict = stats) -> None:
-            x = m.smoothed(args[0].detach())
+            x = m.smoothed(args[0].detach()) if isinstance(m, QuantLinear) else args[0].detach()
             x = x.reshape(-1, x.shape[-1]).to(torch.float32)
             st = stats[id(m)]
             xtx = (x.t() @ x).to(torch.float64)  # one batch in float32 (fast), the sum in float64
@@ -128,8 +131,10 @@ def gptq_layers(gm: fx.GraphModule, layers: list[QuantLinear], batches: list[Any
         _run_with_input_hook(gm, group, record, batches)
         for m in group:
             h, n = stats.pop(id(m))
-            if h is not None and n:
+            if h is not None and n and isinstance(m, QuantLinear):
                 round_layer(m, h / n, damp)
+            elif h is not None and n:
+                m.gptq(h / n, damp)
 
 
 def round_layer(m: QuantLinear, h: Tensor, damp: float) -> None:
@@ -154,7 +159,7 @@ def _rounded(m: QuantLinear, stored: Tensor, s: Tensor, dtype: str, h: Tensor, d
     qmax = INT8_WEIGHT_MAX[m.reduce_range]
     s64 = s.double()
 
-    def round_column(col: Tensor) -> Tensor:  # one input channel: a [out] vector, scale per out
+    def round_column(col: Tensor, _k: int) -> Tensor:  # one input channel: a [out] vector, scale per out
         if dtype == "int8":  # the custom op's rounding (half to even), inline: called per column
             return torch.round(col / s64).clamp(-qmax, qmax) * s64
         return dequantize(quantize(col.float(), s, 0, "fp8"), s, 0).double()

@@ -1,4 +1,5 @@
-"""Quantize Linear / MatMul / Conv layers with a constant weight to FP8 or INT8 (weights + activations).
+"""Quantize Linear / MatMul / Conv layers with a constant weight to FP8 or INT8 (weights + activations),
+or Linear / MatMul layers weight-only to INT4 blocks or INT8 per channel (``dtype=int4`` / ``int8w``).
 
 Before:  y = x · Wᵀ + b                       (aten.linear, nn.Linear; aten.matmul x·W; conv1d/2d/3d)
 After:   y = dq(q(x; s_x)) · dq(W_q; s_W) + b
@@ -22,6 +23,14 @@ error is compensated on the columns not rounded yet through (XᵀX)⁻¹ of the 
 inputs, which recovers most of the bit the 7-bit range costs (MiniLM held-out cosine min 0.9938 →
 0.9959); ``rounding=nearest`` rounds each weight alone.
 
+Weight-only (decoders on CPU, passes/_quant_weight.py): y = x · dq(W_q) + b with x in float32;
+``dtype=int4``: 4-bit codes in blocks of ``block`` input rows with a scale and a zero point per block
+(asymmetric uint4 unless ``symmetric=True``: on the trained tiny decoder's weights asymmetric had
+the lower output error, see docs/passes/linear-quant.md); ``dtype=int8w``: int8 per output channel.
+Rungs ``int4-b<block>`` → finer blocks the profile lists → ``int8w`` → keep (``linear-weight``
+ladder: int4-b128 → int4-b32 → int8w, each rung more accurate and slower than the one before; ORT
+fuses each into ``MatMulNBits``). Convs are skipped (no 4-bit conv kernel).
+
 Skipped when: the weight is not a constant (computed from an input); the constant is the left
 operand of the matmul; a conv is transposed; a table is also read by a linear (tied weights: the
 linear owns it) or has fewer than ``min_table`` elements; the node is already quantized.
@@ -37,13 +46,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Literal, Optional
 
-import torch
 from torch import Tensor, fx, nn
 
 from surgeon.analysis import GraphView, site_id
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
 from surgeon.passes._quant_fit import gptq_layers, input_amax, mark_outliers, smooth_layers
 from surgeon.passes._quant_layers import FP8_WEIGHT, OUTLIERS, QuantEmbedding, QuantLinear
+from surgeon.passes._quant_match import match_layer
+from surgeon.passes._quant_weight import INT8W, WeightOnlyLinear, int4_rung, rung_block
 
 __all__ = ["LinearQuant", "PREFIX"]
 
@@ -52,13 +62,10 @@ INT8_RUNGS = ("int8-static", "int8-dynamic", OUTLIERS)
 # Without a target profile (the Python API without target=): the calibrated static scale alone, as
 # before rungs existed; a target's profile names the rungs its runtime runs.
 DEFAULT_LADDER = ("int8-static", "keep")
-
-
-def _target_name(node: fx.Node) -> str:
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        return t.overloadpacket.__name__
-    return getattr(t, "__name__", str(t))
+WEIGHT_ONLY = ("int4", "int8w")
+# Weight-only rungs without a profile's ``linear-weight`` ladder: the coarsest block measured (smallest,
+# fastest), the finest, then 8 bits: error falls at each step (docs/passes/linear-quant.md has the figures).
+DEFAULT_WEIGHT_LADDER = (int4_rung(128), int4_rung(32), INT8W, "keep")
 
 
 def _safe(path: str) -> str:
@@ -88,7 +95,10 @@ class LinearQuant(Pass):
     # its contract examples (tests/test_pass_contract.py): a model with its sites, then near-misses
     examples: ClassVar[tuple[str, ...]] = ("_pass_examples:transformer_pre", "_pass_examples:transformer_pre")
     example_spec: ClassVar[str] = "linear-quant{dtype=int8,rounding=nearest}"  # a non-default option
-    dtype: Literal["fp8", "int8"] = "fp8"
+    # int4 / int8w: weight-only (the activation stays float32)
+    dtype: Literal["fp8", "int8", "int4", "int8w"] = "fp8"
+    block: int = 128  # int4: input rows per scale and zero point (a power of two ≥ 16, ORT's MatMulNBits)
+    symmetric: bool = False  # int4: signed codes with zero point 0, instead of uint4 with a zero point
     granularity: Literal["channel", "tensor"] = "channel"
     method: Literal["max", "percentile", "mse"] = "mse"  # activation clip; mse beat max and percentile on MiniLM
     embeddings: bool = True  # weight-only quantization of tables no linear owns (the word embeddings)
@@ -107,8 +117,10 @@ class LinearQuant(Pass):
     hessian_mb: int = 512  # GPTQ: memory for XᵀX statistics per pass over the fit batches
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("fp8", "int8"):
-            raise ValueError(f"dtype must be fp8 or int8, got {self.dtype}")
+        if self.dtype not in ("fp8", "int8", *WEIGHT_ONLY):
+            raise ValueError(f"dtype must be fp8, int8, int4 or int8w, got {self.dtype}")
+        if self.block < 16 or self.block & (self.block - 1):
+            raise ValueError(f"block must be a power of two ≥ 16 (ORT's MatMulNBits), got {self.block}")
         if self.granularity not in ("channel", "tensor"):
             raise ValueError(f"granularity must be channel or tensor, got {self.granularity}")
         if self.method not in ("max", "percentile", "mse"):
@@ -133,6 +145,15 @@ class LinearQuant(Pass):
         if self.reduce_range is not None:
             return self.reduce_range
         return getattr(profile, "int8_weight_bits", 7) < 8
+
+    def _weight_rungs(self, profile: Any) -> tuple[str, ...]:
+        """Weight-only rungs, best first: the requested block, then the profile's finer blocks and int8w."""
+        if self.dtype == INT8W:
+            return (INT8W,)
+        ladder = profile.formats("linear-weight") if profile is not None else ()
+        ladder = ladder if len(ladder) > 1 else DEFAULT_WEIGHT_LADDER
+        rest = tuple(r for r in ladder if r == INT8W or 0 < (rung_block(r) or 0) < self.block)
+        return (int4_rung(self.block), *rest)
 
     def _rungs(self, op: str, profile: Any) -> tuple[str, ...]:
         """The substitutes a layer may take, best first (the guard steps down them before keeping it)."""
@@ -162,6 +183,11 @@ class LinearQuant(Pass):
         quantized model running (the inputs the layer will see), then each weight re-rounded
         (passes/_quant_fit.py).
         Other passes' quantizers are left as they are."""
+        if self.dtype in WEIGHT_ONLY:
+            if self.rounding == "gptq":
+                gptq_layers(gm, [m for m in gm.modules() if isinstance(m, WeightOnlyLinear) and m.active],
+                            list(batches), self.damp, self.hessian_mb)
+            return
         layers = [m for _, m in gm.named_modules()
                   if isinstance(m, QuantLinear) and m.smoothable and m.active and m.dtype == self.dtype]
         if not layers:
@@ -186,79 +212,6 @@ class LinearQuant(Pass):
         if self.rounding == "gptq":
             gptq_layers(gm, layers, batches, self.damp, self.hessian_mb)
 
-    # -- matching ---------------------------------------------------------------------------------
-    def _layer(self, gm: fx.GraphModule, view: GraphView, node: fx.Node) -> tuple[str, fx.Node, Tensor, Tensor | None, dict] | str | None:
-        """(op, x, weight, bias, conv options) for a quantizable layer, a skip reason, or None."""
-        op = view.op(node)
-        if node.op == "call_module":
-            mod = gm.get_submodule(str(node.target))
-            if isinstance(mod, nn.Linear):
-                return "linear", node.args[0], mod.weight, mod.bias, {}
-            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-                    return f"conv padding {mod.padding_mode}/{mod.padding} is not lowered by this pass"
-                return "conv", node.args[0], mod.weight, mod.bias, dict(
-                    stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups)
-            return None
-        if node.op != "call_function":
-            return None
-        name = _target_name(node)
-        if op == "linear":
-            x, w = view.arg(node, 0, "input"), view.arg(node, 1, "weight")
-            b = view.arg(node, 2, "bias")
-            wt = view.constant(w)
-            if wt is None:
-                return "weight is not a constant (computed at run time)"
-            bt = view.constant(b) if isinstance(b, fx.Node) else None
-            if isinstance(b, fx.Node) and bt is None:
-                return "bias is not a constant"
-            return "linear", x, wt, bt, {}
-        if op == "addmm" and name == "addmm":  # HF Conv1D (GPT-2): bias + x·W with W [in, out]
-            b, a, w = node.args[0], node.args[1], node.args[2]
-            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-                return "addmm with alpha or beta other than 1"
-            wt, bt = view.constant(w), view.constant(b)
-            if wt is None:
-                if view.constant(a) is not None:
-                    return "the constant is the left operand (W·x): only x·W is quantized"
-                return "weight is not a constant (computed at run time)"
-            if bt is None:
-                return "bias is not a constant"
-            return "addmm", a, wt, bt, {}
-        if op in ("matmul", "mm") and name in ("matmul", "mm"):
-            a, w = node.args[0], node.args[1]
-            wt = view.constant(w)
-            if wt is None:
-                if view.constant(a) is not None:
-                    return "the constant is the left operand (W·x): only x·W is quantized"
-                return None  # activation × activation (attention): not a layer
-            if wt.dim() != 2:
-                return f"matmul weight has {wt.dim()} dims (2 expected)"
-            return "matmul", a, wt, None, {}
-        if op in ("bmm", "einsum") and any(view.constant(a) is not None for a in node.args if isinstance(a, fx.Node)):
-            return f"{op} with a constant operand is not lowered by this pass (only linear, matmul x·W, addmm, conv)"
-        if op == "conv" and name in ("conv1d", "conv2d", "conv3d", "convolution"):
-            x, w = node.args[0], node.args[1]
-            wt = view.constant(w)
-            if wt is None:
-                return "conv weight is not a constant"
-            b = node.args[2] if len(node.args) > 2 else None
-            bt = view.constant(b) if isinstance(b, fx.Node) else None
-            if isinstance(b, fx.Node) and bt is None:
-                return "conv bias is not a constant"
-            if name == "convolution":
-                if node.args[6]:
-                    return "transposed convolution"
-                stride, padding, dilation, groups = node.args[3], node.args[4], node.args[5], node.args[8]
-            else:
-                def at(i: int, default: Any) -> Any:
-                    return node.args[i] if len(node.args) > i else default
-                stride, padding, dilation, groups = at(3, 1), at(4, 0), at(5, 1), at(6, 1)
-            if isinstance(padding, str):
-                return f"conv padding '{padding}' is not lowered by this pass"
-            return "conv", x, wt, bt, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-        return None
-
     # -- the pass -----------------------------------------------------------------------------------
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         view = GraphView(gm)
@@ -279,7 +232,7 @@ class LinearQuant(Pass):
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and str(node.target).startswith(PREFIX):
                 continue
-            found = self._layer(gm, view, node)
+            found = match_layer(gm, view, node)
             if found is None:
                 continue
             module = view.module_path(node)
@@ -291,21 +244,35 @@ class LinearQuant(Pass):
             linear_weights.add(w.untyped_storage().data_ptr())
             if not ctx.wants(site):
                 continue
-            sub = new_name(module or node.name)
             profile = getattr(ctx, "profile", None)
-            rungs = self._rungs(op, profile)
-            layer = QuantLinear(op, w, b, dtype=self.dtype, granularity=self.granularity, method=self.method,
-                                reduce_range=self._reduce_range(profile), conv=conv, name=sub, rungs=rungs)
-            benefit = {"weight_bytes": float(layer.weight_bytes_saved()), "macs": float(_macs(node, w, op))}
             speed = getattr(profile, "speed_of", lambda r: 1.0)
-            record = SiteRecord(site, "linear", module, self.name, [sub], rungs=rungs,
-                                benefit={r: {**layer.benefit(r, benefit), "speed": speed(r)} for r in rungs})
-            _swap(gm, ctx, node, sub, layer, x, record)
             shape = "x".join(map(str, w.shape))
-            bits = 7 if layer.reduce_range and self.dtype == "int8" else 8
-            diags.append(Diagnostic(self.name, site, "applied", f"{self.dtype} {op} weight[{shape}] "
-                                    f"{self.granularity} ({bits}-bit), activation per tensor: "
-                                    f"{' → '.join(rungs)} ({self.method} clip where static)", module, "linear"))
+            base = {"macs": float(_macs(node, w, op))}
+            if self.dtype in WEIGHT_ONLY:
+                if op == "conv":
+                    diags.append(Diagnostic(self.name, site, "skipped", "weight-only formats are for linear "
+                                            "layers (ORT has no 4-bit conv kernel): conv kept", module, "linear"))
+                    continue
+                sub = new_name(module or node.name)
+                rungs = self._weight_rungs(profile)
+                layer = WeightOnlyLinear(op, w, b, rungs, symmetric=self.symmetric)
+                fp32 = 4 * w.numel()
+                benefit = {r: {**base, "weight_bytes": float(fp32 - layer.stored_bytes(r)), "speed": speed(r)}
+                           for r in rungs}
+                detail = f"weight-only {op} weight[{shape}]: {' → '.join(rungs)}"
+            else:
+                sub = new_name(module or node.name)
+                rungs = self._rungs(op, profile)
+                layer = QuantLinear(op, w, b, dtype=self.dtype, granularity=self.granularity, method=self.method,
+                                    reduce_range=self._reduce_range(profile), conv=conv, name=sub, rungs=rungs)
+                base["weight_bytes"] = float(layer.weight_bytes_saved())
+                benefit = {r: {**layer.benefit(r, base), "speed": speed(r)} for r in rungs}
+                bits = 7 if layer.reduce_range and self.dtype == "int8" else 8
+                detail = (f"{self.dtype} {op} weight[{shape}] {self.granularity} ({bits}-bit), activation per "
+                          f"tensor: {' → '.join(rungs)} ({self.method} clip where static)")
+            record = SiteRecord(site, "linear", module, self.name, [sub], rungs=rungs, benefit=benefit)
+            _swap(gm, ctx, node, sub, layer, x, record)
+            diags.append(Diagnostic(self.name, site, "applied", detail, module, "linear"))
             modified = True
 
         if self.embeddings:
@@ -370,11 +337,12 @@ class LinearQuant(Pass):
             if not ctx.wants(site):
                 continue
             sub = new_name(module or node.name)
-            rung = self.dtype  # weight-only: the table is stored in 8 bits, gathered rows are dequantized
-            _swap(gm, ctx, node, sub, QuantEmbedding(table, pad, self.dtype), ids,
+            # weight-only: the table is stored in 8 bits, gathered rows are dequantized
+            rung = self.dtype if self.dtype in ("fp8", "int8") else "int8"
+            _swap(gm, ctx, node, sub, QuantEmbedding(table, pad, rung), ids,
                   SiteRecord(site, "embedding", module, self.name, [sub], rungs=(rung,),
                              benefit={rung: {"weight_bytes": 3.0 * table.numel(), "macs": 0.0}}))
-            diags.append(Diagnostic(self.name, site, "applied", f"{self.dtype} weight-only table[{'x'.join(map(str, table.shape))}]",
+            diags.append(Diagnostic(self.name, site, "applied", f"{rung} weight-only table[{'x'.join(map(str, table.shape))}]",
                                     module, "embedding"))
             modified = True
         return modified

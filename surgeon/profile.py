@@ -87,6 +87,16 @@ class Profile:
         }
 
 
+# Weight-only linears on ORT CPU (``linear-quant{dtype=int4 | int8w}``; a ladder of its own, keyed
+# "linear-weight", since the activation-quantizing "linear" ladder is another pass option's): each
+# rung is DequantizeLinear(4 / 8 bit) → MatMul, which ORT fuses into MatMulNBits. Each step down is
+# more accurate and slower: asymmetric INT4 (GPTQ) in blocks of 128, of 32 (4× the scales), INT8 per
+# channel, float. Speed (ORT 1.32, 2 threads, avx512_vnni, accuracy level 4, 8 layers 576x1536 at 1
+# token, one interleaved run at load ~12): int4-b128 0.53 ms, int4-b32 0.84 ms, int8w 1.13 ms, fp32
+# MatMul 5.45 ms (docs/passes/linear-quant.md).
+_WEIGHT_ONLY_LINEAR = ("int4-b128", "int4-b32", "int8w", KEEP)
+_WEIGHT_ONLY_SPEED = {"int4-b128": 1.0, "int4-b32": 0.63, "int8w": 0.47}
+
 # ------------------------------------------------------------------------------------------------
 # built-in profiles
 # ------------------------------------------------------------------------------------------------
@@ -104,11 +114,13 @@ TORCH = Profile(
 ORT_CPU = Profile(
     runtime="onnxruntime-cpu",
     machine="x86-64 (AVX2 or later)",
-    ladders=_freeze_ladders({"attention": ("fp8", KEEP), "linear": ("int8-static", "fp8", KEEP), "embedding": ("int8", "fp8", KEEP)}),
+    ladders=_freeze_ladders({"attention": ("fp8", KEEP), "linear": ("int8-static", "fp8", KEEP), "embedding": ("int8", "fp8", KEEP),
+                             "linear-weight": _WEIGHT_ONLY_LINEAR}),
     weight_layout="transposed",
     int8_weight_bits=7,
     uint8_activations=True,
     fuses_attention=True,  # scaled_dot_product_attention → the opset-23 Attention op (ORT ≥ 1.23 CPU kernel)
+    speed=tuple(_WEIGHT_ONLY_SPEED.items()),
 )
 
 ORT_CPU_FP8 = Profile(
@@ -148,13 +160,14 @@ ORT_CPU_INT8 = Profile(
     runtime="onnxruntime-cpu",
     machine="x86-64 (AVX2 or later): 7-bit weights, exact where u8·s8 vpmaddubsw saturates",
     # attention: int8 (attention-int8: integer Q·Kᵀ and P·V, MatMulInteger) before fp8 (dequantized on ORT CPU)
-    ladders=_freeze_ladders({"linear": _INT8_LINEAR, "embedding": ("int8", KEEP), "attention": ("int8", "fp8", KEEP)}),
+    ladders=_freeze_ladders({"linear": _INT8_LINEAR, "embedding": ("int8", KEEP), "attention": ("int8", "fp8", KEEP),
+                             "linear-weight": _WEIGHT_ONLY_LINEAR}),
     weight_layout="transposed",
     int8_weight_bits=7,
     uint8_activations=True,
     fuses_attention=True,  # scaled_dot_product_attention → the opset-23 Attention op (ORT ≥ 1.23 CPU kernel)
     graph_requirements=(INT8_FUSED, INT8_NO_FLOAT_AFTER_DQ),
-    speed=tuple(_INT8_SPEED.items()),
+    speed=tuple((_INT8_SPEED | _WEIGHT_ONLY_SPEED).items()),
 )
 
 # The same with 8-bit weights: exact only where the u8·s8 product is computed without int16
@@ -170,11 +183,12 @@ ORT_CPU_INT8_VNNI = dataclasses.replace(
 ORT_CPU_DECODER = Profile(
     runtime="onnxruntime-cpu",
     machine="x86-64 (AVX2 or later)",
-    ladders=_freeze_ladders({"kv_cache": ("int8-head", "fp8-head", KEEP)}),
+    ladders=_freeze_ladders({"kv_cache": ("int8-head", "fp8-head", KEEP), "linear-weight": _WEIGHT_ONLY_LINEAR}),
     weight_layout="transposed",
     int8_weight_bits=7,
     uint8_activations=True,
     fuses_attention=True,  # scaled_dot_product_attention -> the opset-23 Attention op
+    speed=tuple(_WEIGHT_ONLY_SPEED.items()),
     graph_requirements=("past_key_values.<i>.key/.value inputs and present.<i>.key/.value outputs in the "
                         "cache's element type (float, int8 or float8e4m3fn)",),
 )

@@ -19,6 +19,16 @@ lowers 1:1 (``QuantizeLinear`` to uint8; ``MatMulInteger`` then ``Cast`` to floa
     surgeon::matmul_integer(a, b, a_zero_point, b_zero_point)
                                                             y = float32(Σ_k (a_ik − za)(b_kj − zb))
 
+Weight-only INT4 (``linear-quant{dtype=int4}``) stores 4-bit codes one per byte (int8 for signed
+int4 codes in [-8, 7], uint8 for unsigned in [0, 15]) with a scale and a zero point per block of
+``block_size`` rows (the input dimension of a ``[in, out]`` weight), ONNX's blocked dequantize:
+
+    surgeon::dequantize_int4(q, scale, zero_point, block_size)
+                                                            y[k, n] = (float32(q[k, n]) - zp[k // b, n]) * scale[k // b, n]
+
+``targets/_lowering.py`` writes it as ``DequantizeLinear(axis=0, block_size=b)`` of an INT4 / UINT4
+initializer, the form ONNX Runtime fuses with the MatMul after it into ``MatMulNBits``.
+
 ``matmul_integer`` computes the sum exactly (in float64: every partial sum of 8-bit products is an
 integer far below 2^53) and rounds it once to float32, to nearest even — what ONNX Runtime's int32
 ``MatMulInteger`` followed by ``Cast(to=FLOAT)`` gives, bit for bit, also past 2^24 where float32
@@ -42,7 +52,8 @@ from .formats import FP8_MAX, round_half_even
 
 QDType = Literal["fp8", "int8"]
 
-__all__ = ["DECOMPOSITIONS", "QDType", "broadcast_param", "quantize", "dequantize", "quantize_uint8", "matmul_integer"]
+__all__ = ["DECOMPOSITIONS", "QDType", "broadcast_param", "quantize", "dequantize", "quantize_uint8", "matmul_integer",
+           "dequantize_int4"]
 
 
 def broadcast_param(p: Tensor, x: Tensor, axis: int, what: str) -> Tensor:
@@ -103,6 +114,15 @@ def _matmul_integer_ref(a: Tensor, b: Tensor, a_zero_point: int, b_zero_point: i
     return torch.matmul(a64, b64).to(torch.float32)
 
 
+def _dequantize_int4_ref(q: Tensor, scale: Tensor, zero_point: Tensor, block_size: int) -> Tensor:
+    # (q - zp) is a small exact integer and each block's scale is repeated over its rows, so every
+    # element is one float32 product, as DequantizeLinear computes it; a last partial block is cut.
+    rows = q.shape[0]
+    s = scale.to(torch.float32).repeat_interleave(block_size, 0)[:rows]
+    zp = zero_point.to(torch.int32).repeat_interleave(block_size, 0)[:rows]
+    return (q.to(torch.int32) - zp).to(torch.float32) * s
+
+
 def _define(name: str, ref: Callable[..., Tensor], fake: Callable[..., Tensor]) -> None:
     """Register ``surgeon::<name>`` computing ``ref``, with ``fake`` as its meta implementation (the
     output's shape and dtype), so ``torch.export`` traces the op as one node."""
@@ -118,6 +138,7 @@ _define("quantize_fp8", _quantize_fp8_ref, _like(torch.float8_e4m3fn))
 _define("dequantize_fp8", _dequantize_fp8_ref, _like(torch.float32))
 _define("quantize_int8", _quantize_int8_ref, _like(torch.int8))
 _define("dequantize_int8", _dequantize_int8_ref, _like(torch.float32))
+_define("dequantize_int4", _dequantize_int4_ref, _like(torch.float32))
 _define("quantize_uint8", _quantize_uint8_ref, _like(torch.uint8))
 _define("matmul_integer", _matmul_integer_ref, lambda a, b, *_: torch.matmul(a.to(torch.float32), b.to(torch.float32)))
 
@@ -130,6 +151,14 @@ def quantize_uint8(x: Tensor, scale: Tensor, zero_point: int = 0, axis: int = 0)
 def matmul_integer(a: Tensor, b: Tensor, a_zero_point: int = 0, b_zero_point: int = 0) -> Tensor:
     """``float32((a − za) @ (b − zb))`` of uint8 tensors, exact then rounded once (``surgeon::matmul_integer``)."""
     return torch.ops.surgeon.matmul_integer(a, b, int(a_zero_point), int(b_zero_point))
+
+
+def dequantize_int4(q: Tensor, scale: Tensor, zero_point: Tensor, block_size: int) -> Tensor:
+    """Blocked 4-bit weight codes ``q`` ([in, out], int8 signed / uint8 unsigned, one code a byte) to
+    float32, with one scale and zero point per ``block_size`` rows (``surgeon::dequantize_int4``)."""
+    if q.dtype not in (torch.int8, torch.uint8) or q.dim() != 2:
+        raise SurgeonError(f"dequantize_int4 takes 2-d int8 / uint8 codes, got {q.dtype} {tuple(q.shape)}")
+    return torch.ops.surgeon.dequantize_int4(q, scale, zero_point.to(q.dtype), int(block_size))
 
 
 def _zero_point(scale: Tensor, zero_point: Tensor | None) -> Tensor:
@@ -164,5 +193,6 @@ DECOMPOSITIONS = {
     torch.ops.surgeon.quantize_int8.default: _quantize_int8_ref,
     torch.ops.surgeon.dequantize_int8.default: _dequantize_int8_ref,
     torch.ops.surgeon.quantize_uint8.default: _quantize_uint8_ref,
+    torch.ops.surgeon.dequantize_int4.default: _dequantize_int4_ref,
     torch.ops.surgeon.matmul_integer.default: _matmul_integer_ref,
 }

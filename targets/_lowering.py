@@ -14,6 +14,10 @@ onnxscript values while it builds the graph; they only *lower* (each custom op b
   weights (``vpmaddubsw``); s8 activations are converted at run time and round differently.
 * int8 weights (constant int8 tensors feeding ``surgeon::dequantize_int8``) stay int8 initializers
   with an int8 zero point: that is the S8 weight ORT's QDQ fusion turns into ``MatMulIntegerToFloat``.
+* weight-only int4 (``surgeon::dequantize_int4``): the one-code-a-byte int8 / uint8 constant is cast to
+  INT4 / UINT4 (``fold_four_bit_casts`` then stores it as a 4-bit initializer, half a byte a code) and read by
+  ``DequantizeLinear(axis=0, block_size=b)`` with a 4-bit zero point: ONNX Runtime's CPU optimizer
+  fuses it with the MatMul that follows into ``MatMulNBits`` (tests/test_int4_weights.py checks).
 * integer attention (``attention-int8``): ``surgeon::quantize_uint8`` → ``QuantizeLinear`` to uint8 (its
   zero point a uint8 constant, per axis where the scale is), ``surgeon::matmul_integer`` →
   ``MatMulInteger(a, b, uint8 za, uint8 zb)`` → ``Cast(to=FLOAT)``; the per-head scale that follows is
@@ -79,6 +83,40 @@ def quantize_int8(x: Any, scale: Any, zero_point: Any, axis: int) -> Any:
 def dequantize_int8(q: Any, scale: Any, zero_point: Any, axis: int) -> Any:
     zp = _shifted_zero_point(zero_point) if _is_uint8(q) else zero_point
     return op.DequantizeLinear(q, scale, zp, **_axis_kw(scale, axis))
+
+
+def dequantize_int4(q: Any, scale: Any, zero_point: Any, block_size: int) -> Any:
+    four = onnx.TensorProto.UINT4 if getattr(q, "dtype", None) == ir.DataType.UINT8 else onnx.TensorProto.INT4
+    return op.DequantizeLinear(op.Cast(q, to=four), scale, op.Cast(zero_point, to=four), axis=0,
+                               block_size=int(block_size))
+
+
+def fold_four_bit_casts(model: ir.Model) -> int:
+    """Replace each ``Cast(to=INT4 | UINT4)`` of an initializer by the 4-bit initializer it computes;
+    returns how many. The exporter's constant folding skips tensors over its size limit (8k elements),
+    so a real weight would stay 8-bit in the file with a Cast in front of the DequantizeLinear, which
+    ORT's DQ → MatMulNBits fusion does not match (it wants the 4-bit initializer itself)."""
+    graph = model.graph
+    folded = 0
+    for node in list(graph):
+        four = node.attributes.get("to")
+        if node.op_type != "Cast" or node.domain not in ("", "ai.onnx") or four is None:
+            continue
+        src = node.inputs[0]
+        if four.as_int() not in (ir.DataType.INT4, ir.DataType.UINT4) or src is None or not src.is_initializer():
+            continue
+        if src.const_value is None:
+            continue
+        value = ir.Value(name=f"{src.name}_4bit", const_value=ir.Tensor(src.const_value.numpy(),
+                                                                            dtype=ir.DataType(four.as_int())))
+        value.shape, value.dtype = src.shape, ir.DataType(four.as_int())
+        graph.register_initializer(value)
+        node.outputs[0].replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        if not src.uses():
+            graph.initializers.pop(src.name)
+        folded += 1
+    return folded
 
 
 def _is_uint8(v: Any) -> bool:
@@ -150,6 +188,7 @@ def translation_table() -> dict[Callable, Callable]:
         ops.dequantize_fp8.default: dequantize_fp8,
         ops.quantize_int8.default: quantize_int8,
         ops.dequantize_int8.default: dequantize_int8,
+        ops.dequantize_int4.default: dequantize_int4,
         ops.dynamic_quantize_uint8.default: dynamic_quantize_uint8,
         ops.matmul_integer_to_float.default: matmul_integer_to_float,
         ops.quantize_uint8.default: quantize_uint8,

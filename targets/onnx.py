@@ -45,7 +45,7 @@ from surgeon.resources import placed_file
 
 from ._cleanup import all_nodes, clean
 from ._export_form import export_form
-from ._lowering import OPSET, translation_table
+from ._lowering import OPSET, fold_four_bit_casts, translation_table
 from ._ort_checks import fp32_bytes, shape_probes, static_axes, verify_onnx
 from ._ort_session import DENORMAL_AS_ZERO, FP8_DISABLED_OPTIMIZERS, FP8_SESSION_OPTION, needs_fp8_option, session, session_config
 
@@ -313,13 +313,13 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
 
 
 def _optimize(model: Any) -> None:
-    """What ``torch.onnx.export(optimize=True)`` does (constant folding, dead code, common
-    sub-expressions) without onnxscript's opset-23 fusions: its RotaryEmbedding rule fuses a cos/sin
-    cache of batch 1 (HF Llama's position_ids) that ONNX Runtime's kernel refuses at any other batch
-    size ("Inputs 'cos_cache' and 'sin_cache' are expected to have the same shape as input 'x'")."""
+    """What ``torch.onnx.export(optimize=True)`` does (constant folding, dead code, common sub-expressions) without
+    onnxscript's opset-23 fusions: its RotaryEmbedding rule fuses a cos/sin cache of batch 1 (HF Llama's position_ids)
+    that ONNX Runtime refuses at any other batch size; then int4 weights as 4-bit initializers (targets/_lowering.py)."""
     import onnxscript.optimizer
 
     onnxscript.optimizer.optimize_ir(model)
+    fold_four_bit_casts(model)
 
 
 def _strip_node_metadata(model: Any) -> None:

@@ -192,7 +192,7 @@ def test_optimize_refuses_bad_options_in_one_line(mlp: tuple[nn.Module, tuple[to
 
     _raises(run(passes="attn-fp8"), "unknown pass 'attn-fp8' (known: …")  # 14
     _raises(run(passes="attention-fp8{bits=8}"), "unknown option 'bits' for pass 'attention-fp8' (options: …")
-    _raises(run(passes="linear-quant{dtype=int4}"), "option linear-quant.dtype=int4 is not one of fp8, int8")  # 15
+    _raises(run(passes="linear-quant{dtype=int2}"), "option linear-quant.dtype=int2 is not one of fp8, int8, int4, int8w")  # 15
     _raises(run(passes="attention-fp8{p_bits=3}"),
             "pass 'attention-fp8': p_bits must be 8 (FP8 P) or 1 (binary P fitted per head), got 3")
     _raises(run(passes="linear-quant", tolerance=1.5), "tolerance cosine_mean=1.5 is not a cosine in [-1, 1]")

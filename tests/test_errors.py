@@ -253,8 +253,8 @@ CASES = [
     Case("pipeline-syntax", OPT + ["--passes", "linear-quant{dtype=int8"],
          "cannot parse pass pipeline at the end (character 24): '}' expected to close the options of 'linear-quant' "
          "opened at character 13: 'linear-quant{dtype=int8▸'", setup=_setup_calib("ok")),
-    Case("option-value", OPT + ["--passes", "linear-quant{dtype=int4}"],
-         "option linear-quant.dtype=int4 is not one of fp8, int8", setup=_setup_calib("ok")),
+    Case("option-value", OPT + ["--passes", "linear-quant{dtype=int2}"],
+         "option linear-quant.dtype=int2 is not one of fp8, int8, int4, int8w", setup=_setup_calib("ok")),
     Case("option-out-of-range", OPT + ["--passes", "attention-fp8{p_bits=3}"],
          "pass 'attention-fp8': p_bits must be 8 (FP8 P) or 1 (binary P fitted per head), got 3",
          setup=_setup_calib("ok")),

@@ -138,8 +138,8 @@ def test_tied_table_is_left_to_the_linear() -> None:
 
 
 def test_options_are_validated() -> None:
-    with pytest.raises(SurgeonError, match=r"option linear-quant.dtype=int4 is not one of fp8, int8"):
-        parse_pipeline("linear-quant{dtype=int4}")
+    with pytest.raises(SurgeonError, match=r"option linear-quant.dtype=int2 is not one of fp8, int8, int4, int8w"):
+        parse_pipeline("linear-quant{dtype=int2}")
     with pytest.raises(SurgeonError, match=r"smooth must be in \[0, 1\], got 2.0"):
         parse_pipeline("linear-quant{smooth=2}")
     (p,) = parse_pipeline("linear-quant{dtype=int8,granularity=tensor,method=max,smooth=0}")
@@ -157,7 +157,7 @@ def test_per_tensor_granularity() -> None:
 # --------------------------------------------------------------------------------------------------
 def _grid(s: torch.Tensor, qmax: float = 63.0):
     s64 = s.double()
-    return lambda col: torch.round(col / s64).clamp(-qmax, qmax) * s64
+    return lambda col, _k=0: torch.round(col / s64).clamp(-qmax, qmax) * s64
 
 
 def test_gptq_with_uncorrelated_inputs_is_nearest_rounding() -> None:
