@@ -24,7 +24,7 @@ from .version import __version__
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a .pt2 file, a Hugging Face model directory, package.module:factory, "
+    p.add_argument("model", help="a .pt2 file, a Hugging Face model directory, a .gguf file, package.module:factory, "
                                  "or a pickled nn.Module (.pt/.pth, needs --trust-pickle)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickled nn.Module (pickles can run arbitrary code)")

@@ -1,6 +1,8 @@
 """``surgeon generate OUTDIR``: the decoder file of an OUTDIR written by ``surgeon optimize --target
 onnx-decoder`` (or ``surgeon export``), loaded in onnxruntime with the tokenizer beside it, prompts
-continued by the generation loop of ``surgeon.decoder.generate``."""
+continued by the generation loop of ``surgeon.decoder.generate``. Its path imports onnxruntime, numpy and
+``tokenizers`` only (no torch, no transformers): it starts in about a second, not the several that importing
+torch costs."""
 
 from __future__ import annotations
 
@@ -12,41 +14,84 @@ from typing import Any
 
 from ..errors import SurgeonError
 from .generate import OrtRunner, Sampling, generate, pad_and_eos
+from .light_tokenizer import light_tokenizer
 
-__all__ = ["load_outdir", "run_generate_cli"]
+__all__ = ["FP8_DISABLED_OPTIMIZERS", "load_outdir", "run_generate_cli"]
+
+
+# targets' FP8_DISABLED_OPTIMIZERS (targets/_ort_session.py), repeated here because importing targets
+# imports torch; tests/test_generate_light.py checks that the two agree.
+FP8_DISABLED_OPTIMIZERS = ("ReluQuantRewrite",)
+_FP8_OPTION = "session.disable_quant_qdq"
+_NOT_DECODER = ("'{outdir}' is not a decoder OUTDIR: its model.onnx has no past_key_values.<i>.key inputs (write one "
+                "with surgeon optimize LM_DIR --target onnx-decoder -o OUTDIR)")
+
+
+def _session_config(out: Path) -> dict[str, str] | None:
+    """The session config the file was verified with, as ``report.json`` states it for servers
+    (``deploy.session_config``); ``None`` when the OUTDIR does not say."""
+    try:
+        config = json.loads((out / "report.json").read_text(encoding="utf-8"))["deploy"]["session_config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {str(k): str(v) for k, v in config.items()} if isinstance(config, dict) else None
+
+
+def _session(out: Path, path: Path, threads: int | None) -> Any:
+    """An ORT CPU session as the target opens it (``DecoderTarget.session``), built from the OUTDIR's
+    stated session config with onnxruntime alone; an OUTDIR without one goes through the target."""
+    config = _session_config(out)
+    if config is None:
+        from .. import targets  # type: ignore[attr-defined]
+
+        return targets.get_target("onnx-decoder").session(path, threads=threads)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    for key, value in config.items():
+        so.add_session_config_entry(key, value)
+    fp8 = config.get(_FP8_OPTION) == "1"
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(FP8_DISABLED_OPTIMIZERS) if fp8 else None)
+
+
+def _tokenizer(out: Path) -> Any:
+    """``tokenizers`` alone where the OUTDIR's files allow it (``light_tokenizer``), else transformers'."""
+    tok = light_tokenizer(out)
+    if tok is not None:
+        return tok
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True, trust_remote_code=False)
 
 
 def load_outdir(outdir: str | os.PathLike, *, threads: int | None = None) -> tuple[OrtRunner, Any]:
     """The decoder file of ``outdir`` (written by ``surgeon optimize --target onnx-decoder``) in ORT, and
-    the tokenizer beside it; anything else is refused in one line."""
+    the tokenizer beside it; anything else is refused in one line. Neither imports torch when the
+    OUTDIR has its ``report.json`` and a ``tokenizer.json``, as surgeon writes them."""
     out = Path(outdir)
     path = out / "model.onnx"
     if not path.is_file():
         raise SurgeonError(f"'{outdir}' is not a decoder OUTDIR: it has no model.onnx (write one with "
                            "surgeon optimize LM_DIR --target onnx-decoder -o OUTDIR)")
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    if "past_key_values.0.key" not in {i.name for i in graph.input}:
-        raise SurgeonError(f"'{outdir}' is not a decoder OUTDIR: its model.onnx has no past_key_values.<i>.key "
-                           "inputs (write one with surgeon optimize LM_DIR --target onnx-decoder -o OUTDIR)")
     max_pos = None
     try:
         cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
         max_pos = next((cfg[k] for k in ("max_position_embeddings", "n_positions") if isinstance(cfg.get(k), int)), None)
     except (OSError, ValueError):
         pass
-    from .. import targets  # type: ignore[attr-defined]
-
-    session = targets.get_target("onnx-decoder").session(path, threads=threads)
-    runner = OrtRunner(session, str(path), max_positions=max_pos)
+    session = _session(out, path, threads)
+    # the session's inputs, not onnx.load: reading a large file's proto again costs seconds and its size in memory
+    if "past_key_values.0.key" not in {i.name for i in session.get_inputs()}:
+        raise SurgeonError(_NOT_DECODER.format(outdir=outdir))
     if not (out / "tokenizer.json").is_file() and not (out / "tokenizer_config.json").is_file():
         raise SurgeonError(f"'{outdir}' has no tokenizer files (tokenizer.json): surgeon generate needs them")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True, trust_remote_code=False)
-    return runner, tok
+    return OrtRunner(session, str(path), max_positions=max_pos), _tokenizer(out)
 
 
 def run_generate_cli(args: Any) -> int:

@@ -9,6 +9,10 @@ Accepted specs, tried in the order of ``LOADERS`` (a predicate → loader table;
   unknown architecture), or the head ``task`` names, ``local_files_only=True, trust_remote_code=False``,
   ``use_cache=False``; weights missing from the checkpoint are refused. Example inputs from the tokenizer
   (text) or the config (``pixel_values`` of the configured image size).
+- ``*.gguf``, or a directory holding one GGUF and no other weights (``gguf.py``): llama.cpp's format, read
+  through transformers' GGUF support (``pip install 'surgeon[gguf]'``), dequantized to fp32, the
+  tokenizer from the file's metadata; loaded as its base model (``AutoModel``) here and as the causal LM
+  for ``onnx-decoder``. The file's quantization (Q4_1, ...) is in the load notes.
 - ``*.pt2`` (``pt2.py``): an ``ExportedProgram`` written by ``torch.export.save``; it carries its example inputs. Its
   pickled parts (example inputs, some weights) are read with the tensor-only unpickler: a file whose
   pickles hold anything else is refused (torch itself would fall back to full unpickling).
@@ -33,6 +37,7 @@ from ..errors import SurgeonError, first_line
 from ..inputs import Inputs, call, describe
 from .common import LoadedModel, size_one_notes
 from .factory import call_factory, is_factory, load_factory
+from .gguf import is_gguf, load_gguf, load_gguf_causal_lm
 from .hf import DEFAULT_TEXT, OTHER_TEXTS, LoadedDecoder, is_hf, load_hf, load_hf_causal_lm, refuse_encoder_decoder
 from .hf_heads import TASKS, check_task
 from .pickled import PICKLE_SUFFIXES, is_pickle, load_pickle
@@ -69,6 +74,7 @@ def _refuse_onnx(source: str, path: Path, **_: object) -> LoadedModel:
 LOADERS: tuple[tuple[Predicate, Loader], ...] = (
     (is_factory, load_factory),  # before any path check: 'pkg.module:name' names no file
     (_missing, _refuse_missing),
+    (is_gguf, load_gguf),  # before is_hf: a directory holding a GGUF (and no other weights) is not an HF directory
     (is_hf, load_hf),
     (is_pt2, load_pt2),
     (is_pickle, load_pickle),
@@ -125,8 +131,9 @@ def load(spec: str | os.PathLike, *, trust_pickle: bool = False, text: str | Non
 
 def load_decoder(spec: str | os.PathLike) -> LoadedDecoder:
     """A causal LM with its cache on (``use_cache=True``), for the ``onnx-decoder`` target: a Hugging Face
-    directory (``AutoModelForCausalLM``, its tokenizer) or ``package.module:factory`` returning the
-    model or ``(model, tokenizer)``. Other targets keep ``load_model`` (``AutoModel``, no cache)."""
+    directory (``AutoModelForCausalLM``, its tokenizer), a GGUF file (or a directory holding one) or
+    ``package.module:factory`` returning the model or ``(model, tokenizer)``. Other targets keep
+    ``load_model`` (``AutoModel``, no cache)."""
     source = os.fsdecode(os.fspath(spec))
     path = Path(source).expanduser()
     if is_factory(source, path):
@@ -146,6 +153,8 @@ def load_decoder(spec: str | os.PathLike) -> LoadedDecoder:
         return LoadedDecoder(model.eval().float(), tokenizer, source, None)
     if not path.exists():
         raise SurgeonError(f"model path '{source}' does not exist")
+    if is_gguf(source, path):
+        return load_gguf_causal_lm(source, path)
     if not path.is_dir():
         raise SurgeonError(f"'{source}' is not a Hugging Face model directory nor package.module:factory: "
                            "onnx-decoder needs a causal LM")

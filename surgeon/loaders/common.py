@@ -25,7 +25,7 @@ class LoadedModel:
 
     model: nn.Module
     example_inputs: Inputs  # tuple (positional) or dict (keyword), see surgeon.inputs
-    kind: str  # "pt2" | "hf" | "factory" | "pickle"
+    kind: str  # "pt2" | "hf" | "gguf" | "factory" | "pickle"
     source: str  # the spec as given
     tokenizer: Any = None  # HF tokenizer for text models, else None
     notes: list[str] = field(default_factory=list)  # what loading decided on the user's behalf

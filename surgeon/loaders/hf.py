@@ -26,7 +26,8 @@ from .common import BATCH, SEED, LoadedModel, max_positions, refuse_text, tokeni
 from .hf_files import PICKLED_WEIGHTS, hf_weights, import_transformers, load_tokenizer, no_progress_bars, quiet_load_report
 from .hf_heads import TASKS, check_task, check_weights, model_class, pooler_optional
 
-__all__ = ["DEFAULT_TEXT", "OTHER_TEXTS", "LoadedDecoder", "is_hf", "load_hf", "load_hf_causal_lm", "refuse_encoder_decoder"]
+__all__ = ["DEFAULT_TEXT", "OTHER_TEXTS", "LoadedDecoder", "example_text", "is_hf", "load_hf", "load_hf_causal_lm",
+           "refuse_encoder_decoder"]
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
 # Second sentence of the example batch; two candidates of different length so one always differs in
@@ -42,7 +43,8 @@ def is_hf(source: str, path: Path) -> bool:
     return path.is_dir()
 
 
-def _example_text(model: nn.Module, tokenizer: Any, text: str) -> dict:
+def example_text(model: nn.Module, tokenizer: Any, text: str) -> dict:
+    """The example batch: ``text`` and one of ``OTHER_TEXTS`` of another length, padded."""
     n = len(tokenizer(text, truncation=True, max_length=max_positions(model, tokenizer, None))["input_ids"])
     other = next(s for s in OTHER_TEXTS
                  if len(tokenizer(s, truncation=True, max_length=max_positions(model, tokenizer, None))["input_ids"]) != n)
@@ -138,7 +140,7 @@ def load_hf(source: str, path: Path, *, trust_pickle: bool = False, text: str | 
     tokenizer = None
     if "input_ids" in params:
         tokenizer = load_tokenizer(transformers, path, source, notes)
-        inputs.update(_example_text(model, tokenizer, DEFAULT_TEXT if text is None else text))
+        inputs.update(example_text(model, tokenizer, DEFAULT_TEXT if text is None else text))
         if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
             # AutoModel of an encoder-decoder (T5, BART) runs both stacks; teacher-forcing the same ids
             # through the decoder gives it a realistic input of the same shape.

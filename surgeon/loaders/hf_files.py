@@ -65,6 +65,11 @@ def load_tokenizer(transformers: Any, path: Path, source: str, notes: list[str])
                                                                trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         raise SurgeonError(f"could not load the tokenizer of '{source}': {first_line(exc)}") from exc
+    return pad_token(tokenizer, source, notes)
+
+
+def pad_token(tokenizer: Any, source: str, notes: list[str]) -> Any:
+    """``tokenizer`` with a pad token: its own, else its EOS (or UNK, SEP), said in ``notes``."""
     if tokenizer.pad_token is None:
         # Causal LMs (GPT-2) ship without a pad token; any existing token works since the mask hides it.
         fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.sep_token
