@@ -15,7 +15,7 @@ tokenizer files, report.json with the verdict of ``surgeon.verdict.decide``, rep
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +25,7 @@ from ..errors import SurgeonError
 from ..loaders import load_decoder
 from ..pass_manager import CachePass, Pass, parse_pipeline
 from ..pipeline.data import DEFAULT_CHECK_FRACTION, split_batches
+from ..pipeline.fit import Applied, apply_passes, fit_passes, rebuild
 from ..pipeline.timing import Timings
 from ..profile import KEEP
 from ..report import DECODER_SCHEMA, write_json
@@ -33,11 +34,13 @@ from ..resources import atomic_dir, check_output_dir, publish_mode
 from ..speed import DECODE_PAST, measure_decode_step
 from ..targets import Target
 from ..verdict import decide
+from ..verify import GuardResult
 from ..version import __version__
-from .check import SITE, VERIFY_NEW_TOKENS, CacheGuard, DecoderTolerance, guard_cache, verify_file
-from .generate import OrtRunner, left_pad, pad_and_eos
+from .check import SITE, VERIFY_NEW_TOKENS, CacheGuard, DecoderTolerance, Step, guard_cache, guard_sites, verify_file
+from .generate import OrtRunner, left_pad, pad_and_eos, score
+from .graph import GraphStep, capture_step, step_batches
 from .readme import decoder_readme
-from .step import DecoderStep, check_standard_cache, collect_stats
+from .step import DecoderStep, TorchStepRunner, check_standard_cache, collect_stats
 
 __all__ = ["DEFAULT_DECODER_TEXT", "optimize_decoder"]
 
@@ -104,15 +107,64 @@ def _texts(tok: Any, lines: list[str], limit: int, seed: int) -> tuple[list[list
     return [list(x) for x in split.fit], [list(x) for x in split.check], split
 
 
-def _cache_passes(passes: str | Sequence[Pass] | None, tgt: Target) -> tuple[list[Pass], CachePass | None]:
-    """The passes (default: the target's) and the cache pass among them; anything else is refused."""
+def _split_passes(passes: str | Sequence[Pass] | None,
+                  tgt: Target) -> tuple[list[Pass], list[Pass], CachePass | None]:
+    """The passes (default: the target's), the graph passes among them (run on the captured step, in
+    order) and the cache pass (at most one: the cache is one site)."""
     spec = tgt.default_passes if passes is None else passes
     pass_list = parse_pipeline(spec) if isinstance(spec, str) else list(spec)
     cache = [p for p in pass_list if isinstance(p, CachePass)]
-    if len(cache) != len(pass_list) or len(pass_list) > 1:
-        raise SurgeonError(f"target {tgt.name} runs one kv-cache-quant pass (the cache is the decoder's site); "
-                           f"got {', '.join(p.name for p in pass_list)}")
-    return pass_list, cache[0] if cache else None
+    if len(cache) > 1:
+        raise SurgeonError(f"target {tgt.name} runs one cache pass (the cache is the decoder's one cache site); "
+                           f"got {', '.join(p.name for p in cache)}")
+    return pass_list, [p for p in pass_list if not isinstance(p, CachePass)], cache[0] if cache else None
+
+
+@dataclass
+class _GraphSites:
+    """The graph passes' sites on the captured fp32-cache step: fitted, and the guard's verdict on them."""
+
+    gm0: Any  # the captured step, untouched (the fp32 cache's graph)
+    applied: Applied
+    verdict: GuardResult
+
+    def build(self, step: DecoderStep) -> Step:
+        """``step`` (any cache format) with the kept sites on their rungs, their fitted state copied in."""
+        if not self.verdict.kept:
+            return step
+        gm0 = self.gm0 if step.cache_format is None else capture_step(step)
+        gm, _ = rebuild(gm0, self.applied, self.verdict.kept, self.verdict.rungs)
+        return GraphStep(gm, step)
+
+    def report(self) -> list[dict[str, Any]]:
+        """report.json's ``sites`` entries (the solo figures: perplexity increase and agreement)."""
+        out = []
+        for c in self.verdict.sites:
+            r, solo = c.record, c.solo
+            out.append({"site": r.site, "kind": r.kind, "module": r.module, "pass": r.pass_name, "status": c.status,
+                        "rung": c.rung, "ladder": list(c.ladder), "reason": c.reason,
+                        "solo": {"ppl_ratio": 1.0 + solo.max_rel_err, "agreement": solo.agreement}})
+        return out
+
+
+def _guard_graph(step32: DecoderStep, passes: list[Pass], tgt: Target, fit: list[list[int]], held: list[list[int]],
+                 pad: int, tol: DecoderTolerance, seed: int, timings: Timings) -> _GraphSites:
+    """Capture the step, run the graph passes (``surgeon.pipeline.fit``), fit them on the fit texts and
+    step their sites down the ladders on the held-out texts (``check.guard_sites``)."""
+    with timings.stage("capture"):
+        gm0 = capture_step(step32)
+    with timings.stage("passes"):
+        applied = apply_passes(gm0, passes, seed, profile=tgt.profile)
+    if not applied.ctx.records:
+        spec = ",".join(p.spec() for p in passes)
+        why = "; ".join(sorted({d.reason for d in applied.diagnostics if d.reason}))[:300]
+        raise SurgeonError(f"--passes '{spec}' substituted nothing in the decoder step" + (f" ({why})" if why else ""))
+    with timings.stage("fit"):
+        fit_passes(applied, step_batches(step32, fit, pad))
+    with timings.stage("guard_sites"):
+        ref = score(TorchStepRunner(step32), held, pad_id=pad)
+        verdict = guard_sites(applied.gm, list(applied.ctx.records.values()), step32, ref, held, pad, tol)
+    return _GraphSites(gm0, applied, verdict)
 
 
 def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
@@ -132,7 +184,7 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
     out = Path(outdir)
     check_output_dir(out, force)
     tgt = targets.get_target(target)
-    pass_list, kvq = _cache_passes(passes, tgt)
+    pass_list, graph_passes, kvq = _split_passes(passes, tgt)
     tol = DecoderTolerance.parse(tolerance)
     lines = _read_lines(calib) if calib else list(DEFAULT_DECODER_TEXT)
     with timings.stage("load"):
@@ -150,9 +202,11 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
     with timings.stage("calibrate"):
         step32 = DecoderStep(lm, geometry)
         stats = collect_stats(lm, geometry, _batches(fit, pad))
+    graph = _guard_graph(step32, graph_passes, tgt, fit, held, pad, tol, seed, timings) if graph_passes else None
     with timings.stage("guard"):
-        cg = guard_cache(kvq, tgt.profile, step32, stats, held, pad, tol)
+        cg = guard_cache(kvq, tgt.profile, step32, stats, held, pad, tol, build=graph.build if graph else None)
     final = cg.step
+    met = cg.met and (graph is None or graph.verdict.met)
     prompts = [x[:PROMPT_TOKENS] for x in (held + fit)[:2]]
     if len(prompts) == 2 and len(prompts[0]) == len(prompts[1]):
         prompts[1] = prompts[1][:-1] or prompts[1]  # different lengths: the batch is left-padded
@@ -166,7 +220,7 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
                   "max_positions": geometry.max_positions},
         "target": {"name": tgt.name, "profile": tgt.profile.to_json()},
         "passes": [p.spec() for p in pass_list],
-        "tolerance": {**asdict(tol), "description": tol.describe(), "met": cg.met},
+        "tolerance": {**asdict(tol), "description": tol.describe(), "met": met},
         "calibration": {"source": calib or "built-in text (surgeon.decoder.pipeline.DEFAULT_DECODER_TEXT)",
                         "lines": len(lines), "fit_lines": len(fit), "held_out_lines": len(held),
                         "fit_tokens": int(sum(map(len, fit))), "held_out_tokens": int(sum(map(len, held))),
@@ -174,7 +228,7 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
                         "stats_tokens": stats.tokens, "longest_fit_tokens": max(map(len, fit), default=0)},
         "guard": {"ladder": list(cg.ladder), "measured_in": "torch (the step module the file computes)",
                   "fp32_perplexity": cg.reference.perplexity, "rungs": cg.rungs, "chosen": cg.chosen},
-        "sites": _sites(kvq, cg),
+        "sites": (graph.report() if graph else []) + _sites(kvq, cg),
         "cache": final.cache_format.to_json() if final.cache_format is not None else {"dtype": "float32"},
         "warnings": warnings,
     }
@@ -196,7 +250,7 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
             report["verification"] = verify_file(runner, final, lm, prompts, held, pad, eos, geometry)
         report["targets"] = {tgt.name: figures}
         _write_model_files(partial, lm, tok, tgt, final, figures, report, title=Path(loaded.source).name)
-        if speed and final.cache_format is not None:
+        if speed and (final.cache_format is not None or isinstance(final, GraphStep)):
             with timings.stage("speed"):
                 _time_decode_step(partial, tgt, step32, report, vocab=int(lm.config.vocab_size), limit=limit)
         timings["total"] = timings.elapsed()
@@ -219,7 +273,7 @@ def _sites(kvq: CachePass | None, cg: CacheGuard) -> list[dict[str, Any]]:
              "reason": reason}]
 
 
-def _write_model_files(partial: Path, lm: Any, tok: Any, tgt: Target, final: DecoderStep, figures: dict[str, Any],
+def _write_model_files(partial: Path, lm: Any, tok: Any, tgt: Target, final: Step, figures: dict[str, Any],
                        report: dict[str, Any], *, title: str) -> None:
     """config.json, generation_config.json, the tokenizer files and README.md beside the file."""
     lm.config.to_json_file(str(partial / "config.json"))
