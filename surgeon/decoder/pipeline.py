@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,21 +43,18 @@ from .graph import GraphStep, capture_step, step_batches
 from .readme import decoder_readme
 from .step import DecoderStep, TorchStepRunner, check_standard_cache, collect_stats
 
-__all__ = ["DEFAULT_DECODER_TEXT", "optimize_decoder"]
+__all__ = ["DEFAULT_DECODER_TEXT", "MIN_HELD_OUT_TOKENS", "optimize_decoder", "split_texts"]
 
 PROMPT_TOKENS = 8  # verification prompts: the first tokens of held-out texts
 
-# Held-out / calibration text when no --calib is given (short, varied English).
-DEFAULT_DECODER_TEXT = (
-    "The quick brown fox jumps over the lazy dog.",
-    "A decoder writes one token at a time and keeps the keys and values of every earlier token.",
-    "Inference servers keep that cache in eight bits so that more sequences fit in memory.",
-    "Perplexity measures how surprised a language model is by text it has not seen.",
-    "Greedy decoding picks the most likely next token at each step of generation.",
-    "The river was wide and slow, and the boats on it moved as if they had nowhere to be.",
-    "She opened the window, and the smell of rain came into the quiet room.",
-    "Numbers in a computer are stored with a limited number of bits, which limits their precision.",
-)
+# Held-out / calibration text when no --calib is given: public-domain English prose and verse (one
+# paragraph a line, ~10,000 words), long enough that the seeded quarter held out is > 2,000 tokens for a
+# 50k-vocabulary tokenizer: perplexity on a few dozen tokens says nothing (design §9: ×0.945 on 24 tokens).
+DECODER_TEXT_FILE = "decoder_text.txt"
+DEFAULT_DECODER_TEXT = tuple(line for line in (files("surgeon.data") / DECODER_TEXT_FILE).read_text(encoding="utf-8")
+                             .splitlines() if line.strip())
+# Fewer held-out tokens than this: a warning naming the number (the figures say little about other text).
+MIN_HELD_OUT_TOKENS = 512
 
 
 # Calibration prompts shorter than this (tokens) get a warning with an 8-bit cache: the scales and key
@@ -99,9 +97,9 @@ def _batches(token_lists: Sequence[Sequence[int]], pad_id: int, size: int = 8) -
     return out
 
 
-def _texts(tok: Any, lines: list[str], limit: int, seed: int) -> tuple[list[list[int]], list[list[int]], Any]:
+def split_texts(tok: Any, lines: list[str], limit: int, seed: int) -> tuple[list[list[int]], list[list[int]], Any]:
     """Token lists of the fit and held-out parts of ``lines`` and the split itself."""
-    token_lists = [list(tok(s)["input_ids"])[:limit] for s in lines]
+    token_lists = [list(tok(s, truncation=True, max_length=limit)["input_ids"]) for s in lines]
     # lines, not sample batches: the held-out part keeps the plain fraction (its perplexity counts tokens)
     split = split_batches(token_lists, DEFAULT_CHECK_FRACTION, seed, min_check_samples=0)  # type: ignore[arg-type]
     return [list(x) for x in split.fit], [list(x) for x in split.check], split
@@ -194,7 +192,7 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
         geometry = check_standard_cache(lm, loaded.source)
     pad, eos = pad_and_eos(tok)
     limit = geometry.max_positions or 512
-    fit, held, split = _texts(tok, lines, limit, seed)
+    fit, held, split = split_texts(tok, lines, limit, seed)
     warnings = list(loaded.notes)
     if not split.independent:
         warnings.append("a single calibration line: it is used for both calibrating and checking, so the check is "
@@ -221,7 +219,7 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
         "target": {"name": tgt.name, "profile": tgt.profile.to_json()},
         "passes": [p.spec() for p in pass_list],
         "tolerance": {**asdict(tol), "description": tol.describe(), "met": met},
-        "calibration": {"source": calib or "built-in text (surgeon.decoder.pipeline.DEFAULT_DECODER_TEXT)",
+        "calibration": {"source": calib or f"built-in text (surgeon/data/{DECODER_TEXT_FILE})",
                         "lines": len(lines), "fit_lines": len(fit), "held_out_lines": len(held),
                         "fit_tokens": int(sum(map(len, fit))), "held_out_tokens": int(sum(map(len, held))),
                         "held_out_index": split.check_index, "independent": split.independent, "seed": seed,
@@ -232,6 +230,10 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
         "cache": final.cache_format.to_json() if final.cache_format is not None else {"dtype": "float32"},
         "warnings": warnings,
     }
+    held_tokens = report["calibration"]["held_out_tokens"]
+    if held_tokens < MIN_HELD_OUT_TOKENS:
+        warnings.append(f"the guard's held-out text is {held_tokens} tokens (fewer than {MIN_HELD_OUT_TOKENS}): its "
+                        "perplexity and agreement say little about other text; give a longer --calib")
     longest = report["calibration"]["longest_fit_tokens"]
     if final.cache_format is not None and longest < min(SHORT_CALIBRATION, limit):
         warnings.append(short_calibration_warning(longest))
