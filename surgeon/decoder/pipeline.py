@@ -5,8 +5,10 @@ written and verified by generation and perplexity.
 Stages (each timed by ``surgeon.pipeline.timing``): load (``AutoModelForCausalLM``, ``use_cache=True``)
 and check the cache is the standard one → texts (``--calib`` lines split into fit and held-out parts as
 ``surgeon.pipeline.data.split_batches`` splits batches, or the built-in ``DEFAULT_DECODER_TEXT``) →
-cache statistics on the fit part → guard (``surgeon.decoder.check``: the cache pass's ladder, e.g.
-int8-head → fp8-head → keep, measured on the held-out part in torch against the fp32 cache) → lower
+cache statistics on the fit part → graph passes, if any (the step captured, ``surgeon/decoder/graph.py``;
+the passes run, fitted and their sites guarded as ``surgeon.pipeline.fit`` and ``check.guard_sites`` do)
+→ guard (``surgeon.decoder.check``: the cache pass's ladder, e.g. int8-head → fp8-head → keep, with the
+kept graph sites on, measured on the held-out part in torch against the fp32 cache) → lower
 with the target → verify the file in onnxruntime (per-step logits vs torch, greedy tokens vs torch
 ``generate``, perplexity, cache bytes per token) → OUTDIR atomically (model.onnx, config.json,
 tokenizer files, report.json with the verdict of ``surgeon.verdict.decide``, report.html, README.md).
@@ -172,12 +174,13 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
     """Write a verified decoder OUTDIR for the causal LM ``model`` (a Hugging Face directory or
     ``package.module:factory``); return the report (what ``report.json`` holds).
 
-    ``passes``: a pipeline spec or list of passes (``kv-cache-quant{...}`` only; default the target's
-    default passes; ``[]``: the fp32 cache, as ``surgeon export`` writes it); ``calib``: a text file of
+    ``passes``: a pipeline spec or list of passes (graph passes such as ``linear-quant{...}``, run on the
+    captured step, and at most one cache pass, ``kv-cache-quant{...}``; default the target's default
+    passes; ``[]``: the fp32 cache, as ``surgeon export`` writes it); ``calib``: a text file of
     lines (calibration prompts; a seeded quarter of them is held out for perplexity and agreement),
     else ``DEFAULT_DECODER_TEXT``; ``tolerance``: a ``DecoderTolerance`` or its spec string; ``speed``:
-    with an 8-bit cache, also write the fp32-cache file to ``bench/original.onnx`` and time one decode
-    step of each (``report["speed"]``)."""
+    with an 8-bit cache or kept graph sites, also write the fp32-cache file to ``bench/original.onnx``
+    and time the decode step and prefill of each (``report["speed"]``)."""
     timings = Timings()
     out = Path(outdir)
     check_output_dir(out, force)
@@ -294,7 +297,7 @@ def _write_model_files(partial: Path, lm: Any, tok: Any, tgt: Target, final: Ste
 
 def _time_decode_step(partial: Path, tgt: Target, step32: DecoderStep, report: dict[str, Any], *, vocab: int,
                       limit: int) -> None:
-    """What the 8-bit cache buys on this machine: its decode step against the fp32-cache file's."""
+    """What the file buys on this machine: its decode step and prefill against the fp32-cache file's."""
     (partial / "bench").mkdir()
     tgt.baseline(step32, None, partial / "bench" / "original.onnx")
     report["speed"] = {**measure_decode_step(tgt, partial / tgt.filename, partial / "bench" / "original.onnx",
