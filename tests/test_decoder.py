@@ -209,6 +209,15 @@ def test_outdir_contents(outdirs: dict[str, Path], lm_dirs: dict[str, Path]) -> 
     assert sp["decode_step_ms"]["optimized"] > 0 and sp["decode_step_ms"]["original"] > 0 and sp["batch"] == 4
     assert sp["latency_ratio"] == pytest.approx(sp["decode_step_ms"]["optimized"] / sp["decode_step_ms"]["original"],
                                                 rel=1e-2)
+    # batch 1 as tokens per second, and the prefill of a prompt as long as the past (the model's 127 positions)
+    assert sp["prefill_tokens"] == sp["past_length"] == 127
+    for key in ("original", "optimized"):
+        tps, spread = sp["decode_tokens_per_s_batch1"][key], sp["decode_step_ms_batch1_spread"][key]
+        assert tps == pytest.approx(1e3 / spread["median"], rel=1e-2)
+        for name in ("decode_step_ms_spread", "decode_step_ms_batch1_spread", "prefill_ms_spread"):
+            t = sp[name][key]
+            assert 0 < t["min"] <= t["median"] <= t["max"]
+        assert sp["prefill_ms"][key] == sp["prefill_ms_spread"][key]["median"]
     original = onnx.load(str(out / "bench" / "original.onnx"), load_external_data=False)
     assert original.graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert "speed" not in _report(outdirs["llama"]) and not (outdirs["llama"] / "bench").exists()  # fp32: nothing bought
@@ -265,6 +274,7 @@ def test_surgeon_bench_times_a_decoder_outdir_again(outdirs: dict[str, Path], ca
     assert figures["reported"]["cache_ratio"] == 0.25 and figures["decode_step_ms"]["optimized"] > 0
     code, stdout, _ = run_cli(["bench", str(outdirs["llama-int8"]), "--runs", "2"], capsys)
     assert code == 0 and "one decode step at past 127, batch 4" in stdout and "cache 0.25×" in stdout, stdout
+    assert "tokens/s; prefill of 127 tokens" in stdout, stdout
 
 
 def test_generate_refuses_a_prompt_longer_than_the_positions(outdirs: dict[str, Path],

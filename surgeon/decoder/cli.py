@@ -82,4 +82,6 @@ def speed_line(sp: dict[str, Any]) -> str:
             f"step at past {sp['past_length']}, batch {sp['batch']}): latency {sp['latency_ratio']:.2f}× the "
             f"fp32-cache file ({lat['optimized']:.2f} ms vs {lat['original']:.2f} ms, median of {sp['runs']}), "
             f"cache {sp['cache_ratio']:.2f}× ({sp['cache_bytes']['optimized'] / 1e6:.1f} MB vs "
-            f"{sp['cache_bytes']['original'] / 1e6:.1f} MB)")
+            f"{sp['cache_bytes']['original'] / 1e6:.1f} MB); batch 1: {sp['decode_tokens_per_s_batch1']['optimized']:.1f} "
+            f"vs {sp['decode_tokens_per_s_batch1']['original']:.1f} tokens/s; prefill of {sp['prefill_tokens']} tokens "
+            f"{sp['prefill_ms']['optimized']:.1f} vs {sp['prefill_ms']['original']:.1f} ms")
