@@ -140,12 +140,18 @@ DECODE_PAST = 512  # the cache length a decoder OUTDIR's decode step is timed at
 DECODE_BATCH = 4
 
 
+def _spread(timed: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    return {k: {q: round(v[f"{q}_ms"], 3) for q in ("min", "median", "max")} for k, v in timed.items()}
+
+
 def measure_decode_step(target: Any, optimized: str | os.PathLike, original: str | os.PathLike, *, vocab: int,
                         past: int = DECODE_PAST, batch: int = DECODE_BATCH, runs: int = DEFAULT_RUNS,
                         threads: int = DEFAULT_THREADS) -> dict[str, Any]:
     """``report["speed"]`` of a decoder OUTDIR: one decode step (one new token per row, after a cache of
     ``past`` tokens that each file's own prefill wrote) of ``optimized`` against ``original`` (the
     fp32-cache file), round robin in one process like ``measure``, plus the cache each holds then;
+    the same at batch 1 as decode tokens per second, and the prefill of a ``past``-token prompt at batch
+    1 (``max(3, runs // 4)`` runs: it is ``past`` times the work); each with min / median / max.
     ``target`` is the decoder target that wrote them (its sessions run them)."""
     import numpy as np
 
@@ -153,25 +159,37 @@ def measure_decode_step(target: Any, optimized: str | os.PathLike, original: str
 
     ids = (np.arange(batch * (past + 1), dtype=np.int64).reshape(batch, past + 1) * 7919) % vocab
     mask = np.ones((batch, past + 1), dtype=np.int64)
-    pos = np.broadcast_to(np.arange(past + 1, dtype=np.int64), (batch, past + 1))
-    runners: dict[str, Callable[[], Any]] = {}
+    pos = np.ascontiguousarray(np.broadcast_to(np.arange(past + 1, dtype=np.int64), (batch, past + 1)))
+    files = {"original": original, "optimized": optimized}
+    sessions = {k: OrtRunner(target.session(p, threads=threads, spinning=False), str(p)) for k, p in files.items()}
     cache: dict[str, int] = {}
-    for key, path in (("original", original), ("optimized", optimized)):
-        runner = OrtRunner(target.session(path, threads=threads, spinning=False), str(path))
-        _, present = runner.step(ids[:, :past], mask[:, :past], np.ascontiguousarray(pos[:, :past]),
-                                 runner.empty_past(batch))
-        cache[key] = OrtRunner.cache_nbytes(present)
-        runners[key] = functools.partial(runner.step, ids[:, past:], mask, np.ascontiguousarray(pos[:, past:]), present)
-    timed = side_by_side(runners, runs=runs)
+    steps: dict[int, dict[str, Callable[[], Any]]] = {batch: {}, 1: {}}
+    prefill: dict[str, Callable[[], Any]] = {}
+    for key, runner in sessions.items():
+        for b in steps:
+            _, present = runner.step(ids[:b, :past], mask[:b, :past], pos[:b, :past], runner.empty_past(b))
+            if b == batch:
+                cache[key] = OrtRunner.cache_nbytes(present)
+            steps[b][key] = functools.partial(runner.step, ids[:b, past:], mask[:b], pos[:b, past:], present)
+        prefill[key] = functools.partial(runner.step, ids[:1, :past], mask[:1, :past], pos[:1, :past],
+                                         runner.empty_past(1))
+    timed = side_by_side(steps[batch], runs=runs)
+    single = side_by_side(steps[1], runs=runs)
+    pre = side_by_side(prefill, runs=max(3, runs // 4), warmup=1)
     o, n = timed["original"]["median_ms"], timed["optimized"]["median_ms"]
-    size = {k: Path(p).stat().st_size for k, p in (("original", original), ("optimized", optimized))}
+    size = {k: Path(p).stat().st_size for k, p in files.items()}
     return {
         "target": target.name, "runtime": target.runtime,
         "decode_step_ms": {k: round(v["median_ms"], 3) for k, v in timed.items()},
+        "decode_step_ms_spread": _spread(timed),
         "latency_ratio": round(n / o, 4) if o > 0 else None,
+        "decode_tokens_per_s_batch1": {k: round(1e3 / v["median_ms"], 2) for k, v in single.items()},
+        "decode_step_ms_batch1_spread": _spread(single),
+        "prefill_ms": {k: round(v["median_ms"], 3) for k, v in pre.items()}, "prefill_ms_spread": _spread(pre),
+        "prefill_tokens": past,
         "cache_bytes": cache, "cache_ratio": round(cache["optimized"] / cache["original"], 4) if cache["original"] else None,
         "bytes": size, "past_length": past, "batch": batch, "threads": threads, "runs": runs,
-        "statistic": "median of one decode step, round robin in one process", "cpu": cpu(),
+        "statistic": "median (and min / max) of one decode step, round robin in one process", "cpu": cpu(),
     }
 
 

@@ -44,7 +44,7 @@ def example_step_inputs(step: Any, batch: int = 2, past: int = 3, new: int = 4, 
 
     The past is the step's own cache of ``past`` random tokens (8-bit codes for a quantized cache)."""
     g = torch.Generator().manual_seed(seed)
-    vocab = int(step.lm.config.vocab_size)
+    vocab = int(step.vocab_size)
     total = past + new
     mask = torch.ones(batch, total, dtype=torch.long)
     mask[0, 0] = 0

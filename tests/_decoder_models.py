@@ -17,6 +17,19 @@ LINES = [
     "Perplexity measures how surprised a model is by held-out text.",
     "Greedy decoding picks the most likely next token at each step.",
 ]
+# The decoder guard's built-in text before it became surgeon/data/decoder_text.txt (8 sentences): the
+# tests' figures (tests/test_decoder.py: FP8 +2.1 % perplexity on the tiny Llama) were measured on it,
+# and a tiny model's guard runs in a moment on it; passed as --calib.
+SHORT_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A decoder writes one token at a time and keeps the keys and values of every earlier token.",
+    "Inference servers keep that cache in eight bits so that more sequences fit in memory.",
+    "Perplexity measures how surprised a language model is by text it has not seen.",
+    "Greedy decoding picks the most likely next token at each step of generation.",
+    "The river was wide and slow, and the boats on it moved as if they had nowhere to be.",
+    "She opened the window, and the smell of rain came into the quiet room.",
+    "Numbers in a computer are stored with a limited number of bits, which limits their precision.",
+]
 VOCAB = 300
 POSITIONS = 128
 

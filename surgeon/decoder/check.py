@@ -12,20 +12,24 @@ descent, rollback and verdict as every other site.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from torch import nn
 
 from ..errors import SurgeonError
-from ..pass_manager import CachePass, SiteRecord
+from ..pass_manager import CachePass, SiteRecord, set_site_active, set_site_rung
 from ..profile import KEEP, Profile
-from ..verify import Figures, Tolerance, ladder_guard
+from ..verify import Figures, GuardResult, Tolerance, ladder_guard
 from .generate import OrtRunner, Score, generate, score
+from .graph import GraphStep
 from .reference import HfCacheRunner, hf_generate, hf_perplexity, replay
 from .step import CacheGeometry, CacheStats, DecoderStep, TorchStepRunner
 
-__all__ = ["SITE", "VERIFY_NEW_TOKENS", "CacheGuard", "DecoderTolerance", "guard_cache", "verify_file"]
+__all__ = ["SITE", "VERIFY_NEW_TOKENS", "CacheGuard", "DecoderTolerance", "Step", "guard_cache", "guard_sites",
+           "verify_file"]
+
+Step = DecoderStep | GraphStep  # what the guard measures and the target lowers
 
 SITE = "kv_cache"  # the decoder's one site: its key/value cache
 VERIFY_NEW_TOKENS = 16  # greedy steps the verification compares (per-step logits, tokens vs generate)
@@ -90,7 +94,7 @@ class CacheGuard:
     """What the guard decided: the chosen step, each rung tried (report.json's ``guard.rungs``), the
     fp32 cache's score, whether the tolerance held, and the ladder."""
 
-    step: DecoderStep
+    step: Step
     rungs: list[dict[str, Any]]
     reference: Score
     met: bool
@@ -101,45 +105,77 @@ class CacheGuard:
         return self.rungs[-1]["rung"]
 
 
-def _keep_entry(ref: Score) -> dict[str, Any]:
-    return {"rung": KEEP, "status": "applied", "perplexity": ref.perplexity, "ppl_ratio": 1.0, "agreement": 1.0,
-            "reason": "fp32 cache (the ladder's last rung)"}
+def _keep_entry(ref: Score, step: Step | None = None, held: list[list[int]] | None = None,
+                pad: int = 0) -> dict[str, Any]:
+    """The fp32 cache's entry; with ``step`` (other sites substituted) its figures are measured."""
+    s = ref if step is None else score(TorchStepRunner(step), held or [], pad_id=pad)  # type: ignore[arg-type]
+    return {"rung": KEEP, "status": "applied", "perplexity": s.perplexity, "ppl_ratio": s.perplexity / ref.perplexity,
+            "agreement": _agreement(s.argmax, ref.argmax), "reason": "fp32 cache (the ladder's last rung)"}
+
+
+def _vs(s: Score, ref: Score) -> Figures:
+    return figures(s.perplexity / ref.perplexity, _agreement(s.argmax, ref.argmax), s.tokens)
+
+
+def guard_sites(gm: Any, records: Sequence[SiteRecord], base: DecoderStep, ref: Score, held: list[list[int]],
+                pad: int, tol: DecoderTolerance) -> GuardResult:
+    """The graph passes' sites of a captured step (``gm``, every site fitted) down their ladders
+    (``verify.ladder_guard``), each configuration scored on the held-out texts against the fp32 step's
+    ``ref``. Solo figures are whole-model perplexity and agreement with only that site on."""
+    runner = TorchStepRunner(GraphStep(gm, base))  # type: ignore[arg-type]
+
+    def measure(config: dict[str, str]) -> Figures:
+        for r in records:
+            rung = config.get(r.site, KEEP)
+            if r.rungs:
+                set_site_rung(gm, r, rung)
+            else:
+                set_site_active(gm, r, rung != KEEP)
+        return _vs(score(runner, held, pad_id=pad), ref)
+
+    return ladder_guard(records, lambda site, rung: measure({site: rung}), measure, figures(1.0, 1.0, ref.tokens),
+                        tol.bounds())
 
 
 def guard_cache(pass_: CachePass | None, profile: Profile | None, step32: DecoderStep, stats: CacheStats,
-                held: list[list[int]], pad: int, tol: DecoderTolerance) -> CacheGuard:
+                held: list[list[int]], pad: int, tol: DecoderTolerance,
+                build: Callable[[DecoderStep], Step] | None = None) -> CacheGuard:
     """Step the cache down ``pass_``'s ladder (``verify.ladder_guard``) on the held-out texts; no pass
-    (``surgeon export``): the fp32 cache, measured for the report."""
+    (``surgeon export``): the fp32 cache, measured for the report. ``build``: the step each cache rung
+    is measured and written as (the graph passes' kept sites on it), against the fp32 step all the same."""
     ref = score(TorchStepRunner(step32), held, pad_id=pad)
+    make: Callable[[DecoderStep], Step] = build or (lambda step: step)
     if pass_ is None:
-        return CacheGuard(step32, [_keep_entry(ref)], ref, True, (KEEP,))
+        only = make(step32)
+        return CacheGuard(only, [_keep_entry(ref, None if build is None else only, held, pad)], ref, True, (KEEP,))
     ladder = pass_.rungs(profile)
-    measured: dict[str, tuple[DecoderStep, Score]] = {}
+    measured: dict[str, tuple[Step, Score]] = {}
 
     def measure(rung: str) -> Figures:
         if rung not in measured:
-            step = pass_.apply(step32, stats, rung)
-            measured[rung] = (step, score(TorchStepRunner(step), held, pad_id=pad))
-        s = measured[rung][1]
-        return figures(s.perplexity / ref.perplexity, _agreement(s.argmax, ref.argmax), s.tokens)
+            step = make(pass_.apply(step32, stats, rung))
+            measured[rung] = (step, score(TorchStepRunner(step), held, pad_id=pad))  # type: ignore[arg-type]
+        return _vs(measured[rung][1], ref)
 
     exact = figures(1.0, 1.0, ref.tokens)
     record = SiteRecord(SITE, SITE, "", pass_.name, [], rungs=tuple(r for r in ladder if r != KEEP))
     result = ladder_guard([record], lambda site, rung: measure(rung),
-                          lambda config: measure(config[SITE]) if SITE in config else exact, exact, tol.bounds())
+                          lambda config: measure(config.get(SITE, KEEP)) if SITE in config or build else exact,
+                          exact, tol.bounds())
     chosen = result.rungs.get(SITE, KEEP)
     rungs = []
     for rung in ladder[:ladder.index(chosen)]:
         if rung in measured:
             rungs.append(_entry(rung, *measured[rung], ref, tol, "rolled_back"))
     if chosen == KEEP:
-        rungs.append(_keep_entry(ref))
-        return CacheGuard(pass_.apply(step32, stats, KEEP), rungs, ref, result.met, ladder)
+        kept = measured[KEEP][0] if KEEP in measured else make(pass_.apply(step32, stats, KEEP))
+        rungs.append(_keep_entry(ref, None if build is None else kept, held, pad))
+        return CacheGuard(kept, rungs, ref, result.met, ladder)
     rungs.append(_entry(chosen, *measured[chosen], ref, tol, "applied"))
     return CacheGuard(measured[chosen][0], rungs, ref, result.met, ladder)
 
 
-def _entry(rung: str, step: DecoderStep, s: Score, ref: Score, tol: DecoderTolerance, status: str) -> dict[str, Any]:
+def _entry(rung: str, step: Step, s: Score, ref: Score, tol: DecoderTolerance, status: str) -> dict[str, Any]:
     ratio, agree = s.perplexity / ref.perplexity, _agreement(s.argmax, ref.argmax)
     broken = tol.broken(ratio, agree)
     entry = {"rung": rung, "status": status, "perplexity": s.perplexity, "ppl_ratio": ratio, "agreement": agree,
@@ -149,16 +185,20 @@ def _entry(rung: str, step: DecoderStep, s: Score, ref: Score, tol: DecoderToler
     return entry
 
 
-def verify_file(runner: OrtRunner, step: DecoderStep, lm: nn.Module, prompts: list[list[int]], held: list[list[int]],
+def verify_file(runner: OrtRunner, step: Step, lm: nn.Module, prompts: list[list[int]], held: list[list[int]],
                 pad: int, eos: int | None, geometry: CacheGeometry) -> dict[str, Any]:
     """The file in onnxruntime (``runner``): per-step logits vs torch with its own cache, greedy tokens
     vs torch ``generate``, perplexity (file and fp32 torch), cache bytes per token (file and fp32)."""
     gen = generate(runner, prompts, VERIFY_NEW_TOKENS, pad_id=pad, eos_id=eos, trace=True)
-    # torch with its own cache: the original LM (fp32 file), the quantized step module (8-bit file)
-    torch_ref = HfCacheRunner(lm) if step.cache_dtype is None else TorchStepRunner(step)
+    # torch with its own cache: the original LM (a file of it as it is), else the torch module of the file
+    original = isinstance(step, DecoderStep) and step.cache_dtype is None
+    torch_ref = HfCacheRunner(lm) if original else TorchStepRunner(step)  # type: ignore[arg-type]
     per_step = replay(torch_ref, gen.steps)
-    vs_fp32 = replay(HfCacheRunner(lm), gen.steps) if step.cache_dtype is not None else per_step
+    vs_fp32 = per_step if original else replay(HfCacheRunner(lm), gen.steps)
     ref_tokens = hf_generate(lm, prompts, VERIFY_NEW_TOKENS, pad_id=pad, eos_id=eos)
+    # the file's own torch module greedy (its substitutes move the tokens away from the original's legitimately)
+    module_tokens = ref_tokens if original else generate(TorchStepRunner(step), prompts,  # type: ignore[arg-type]
+                                                         VERIFY_NEW_TOKENS, pad_id=pad, eos_id=eos).tokens
     pairs = [(a, b) for x, y in zip(gen.tokens, ref_tokens) for a, b in zip(x, y)]
     agreement = sum(a == b for a, b in pairs) / max(len(pairs), 1)
     file_ppl = score(runner, held, pad_id=pad).perplexity
@@ -169,11 +209,13 @@ def verify_file(runner: OrtRunner, step: DecoderStep, lm: nn.Module, prompts: li
         "prompts": len(prompts), "new_tokens": VERIFY_NEW_TOKENS,
         "logits_max_abs_diff_per_step": per_step,
         "logits_max_abs_diff": max(per_step),
-        "logits_vs": "the original LM with its own DynamicCache" if step.cache_dtype is None
-                     else "the torch module of the quantized decoder (surgeon.decoder.step.DecoderStep) with its own cache",
+        "logits_vs": "the original LM with its own DynamicCache" if original
+                     else ("the torch module of the quantized decoder (surgeon.decoder.step.DecoderStep, or its "
+                           "captured graph with the passes' sites) with its own cache"),
         "logits_max_abs_diff_vs_fp32_torch": max(vs_fp32),
         "greedy_agreement_vs_torch_generate": agreement,
         "greedy_identical_to_torch_generate": gen.tokens == ref_tokens,
+        "greedy_identical_to_torch_module": gen.tokens == module_tokens,
         "perplexity": {"file": file_ppl, "fp32_torch": torch_ppl, "ratio": file_ppl / torch_ppl,
                        "texts": len(held), "tokens": int(sum(len(x) - 1 for x in held if len(x) >= 2))},
         "cache_bytes_per_token": {"file": per_token, "fp32": fp32_per_token, "ratio": per_token / fp32_per_token,

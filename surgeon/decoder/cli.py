@@ -33,6 +33,12 @@ def run_decoder_cli(args: argparse.Namespace) -> int:
     for r in g["rungs"]:
         print(f"kv cache {r['rung']}: {r['status']} — perplexity ×{r['ppl_ratio']:.4f}, greedy agreement "
               f"{r['agreement']:.4f} ({r['reason']})")
+    sites = [s for s in report["sites"] if s["site"] != "kv_cache"]
+    if sites:
+        kept = [s for s in sites if s["status"] == "applied"]
+        rungs = sorted({s["rung"] for s in kept})
+        print(f"graph sites: {len(kept)} of {len(sites)} kept" + (f" ({', '.join(rungs)})" if rungs else "")
+              + (f", {len(sites) - len(kept)} rolled back (report.json sites: why)" if len(kept) < len(sites) else ""))
     for w in report["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     c = v["cache_bytes_per_token"]
@@ -43,7 +49,10 @@ def run_decoder_cli(args: argparse.Namespace) -> int:
     if sp:
         print(f"bought: cache {sp['cache_ratio']:.2f}× the fp32 cache's bytes; decode step {sp['latency_ratio']:.2f}× "
               f"the fp32-cache file's ({sp['decode_step_ms']['optimized']:.2f} vs {sp['decode_step_ms']['original']:.2f} ms "
-              f"at past {sp['past_length']}, batch {sp['batch']}, this machine; surgeon bench OUTDIR times it again)")
+              f"at past {sp['past_length']}, batch {sp['batch']}, this machine; surgeon bench OUTDIR times it again); "
+              f"batch 1: {sp['decode_tokens_per_s_batch1']['optimized']:.1f} vs "
+              f"{sp['decode_tokens_per_s_batch1']['original']:.1f} tokens/s, prefill of {sp['prefill_tokens']} tokens "
+              f"{sp['prefill_ms']['optimized']:.1f} vs {sp['prefill_ms']['original']:.1f} ms")
     out = Path(args.output)
     print(f"written: {out / 'model.onnx'} ({out / 'report.json'}, {out / 'report.html'})")
     verdict = report["verdict"]
@@ -73,4 +82,6 @@ def speed_line(sp: dict[str, Any]) -> str:
             f"step at past {sp['past_length']}, batch {sp['batch']}): latency {sp['latency_ratio']:.2f}× the "
             f"fp32-cache file ({lat['optimized']:.2f} ms vs {lat['original']:.2f} ms, median of {sp['runs']}), "
             f"cache {sp['cache_ratio']:.2f}× ({sp['cache_bytes']['optimized'] / 1e6:.1f} MB vs "
-            f"{sp['cache_bytes']['original'] / 1e6:.1f} MB)")
+            f"{sp['cache_bytes']['original'] / 1e6:.1f} MB); batch 1: {sp['decode_tokens_per_s_batch1']['optimized']:.1f} "
+            f"vs {sp['decode_tokens_per_s_batch1']['original']:.1f} tokens/s; prefill of {sp['prefill_tokens']} tokens "
+            f"{sp['prefill_ms']['optimized']:.1f} vs {sp['prefill_ms']['original']:.1f} ms")

@@ -5,8 +5,10 @@ written and verified by generation and perplexity.
 Stages (each timed by ``surgeon.pipeline.timing``): load (``AutoModelForCausalLM``, ``use_cache=True``)
 and check the cache is the standard one → texts (``--calib`` lines split into fit and held-out parts as
 ``surgeon.pipeline.data.split_batches`` splits batches, or the built-in ``DEFAULT_DECODER_TEXT``) →
-cache statistics on the fit part → guard (``surgeon.decoder.check``: the cache pass's ladder, e.g.
-int8-head → fp8-head → keep, measured on the held-out part in torch against the fp32 cache) → lower
+cache statistics on the fit part → graph passes, if any (the step captured, ``surgeon/decoder/graph.py``;
+the passes run, fitted and their sites guarded as ``surgeon.pipeline.fit`` and ``check.guard_sites`` do)
+→ guard (``surgeon.decoder.check``: the cache pass's ladder, e.g. int8-head → fp8-head → keep, with the
+kept graph sites on, measured on the held-out part in torch against the fp32 cache) → lower
 with the target → verify the file in onnxruntime (per-step logits vs torch, greedy tokens vs torch
 ``generate``, perplexity, cache bytes per token) → OUTDIR atomically (model.onnx, config.json,
 tokenizer files, report.json with the verdict of ``surgeon.verdict.decide``, report.html, README.md).
@@ -15,7 +17,8 @@ tokenizer files, report.json with the verdict of ``surgeon.verdict.decide``, rep
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +28,7 @@ from ..errors import SurgeonError
 from ..loaders import load_decoder
 from ..pass_manager import CachePass, Pass, parse_pipeline
 from ..pipeline.data import DEFAULT_CHECK_FRACTION, split_batches
+from ..pipeline.fit import Applied, apply_passes, fit_passes, rebuild
 from ..pipeline.timing import Timings
 from ..profile import KEEP
 from ..report import DECODER_SCHEMA, write_json
@@ -33,27 +37,26 @@ from ..resources import atomic_dir, check_output_dir, publish_mode
 from ..speed import DECODE_PAST, measure_decode_step
 from ..targets import Target
 from ..verdict import decide
+from ..verify import GuardResult
 from ..version import __version__
-from .check import SITE, VERIFY_NEW_TOKENS, CacheGuard, DecoderTolerance, guard_cache, verify_file
-from .generate import OrtRunner, left_pad, pad_and_eos
+from .check import SITE, VERIFY_NEW_TOKENS, CacheGuard, DecoderTolerance, Step, guard_cache, guard_sites, verify_file
+from .generate import OrtRunner, left_pad, pad_and_eos, score
+from .graph import GraphStep, capture_step, step_batches
 from .readme import decoder_readme
-from .step import DecoderStep, check_standard_cache, collect_stats
+from .step import DecoderStep, TorchStepRunner, check_standard_cache, collect_stats
 
-__all__ = ["DEFAULT_DECODER_TEXT", "optimize_decoder"]
+__all__ = ["DEFAULT_DECODER_TEXT", "MIN_HELD_OUT_TOKENS", "optimize_decoder", "split_texts"]
 
 PROMPT_TOKENS = 8  # verification prompts: the first tokens of held-out texts
 
-# Held-out / calibration text when no --calib is given (short, varied English).
-DEFAULT_DECODER_TEXT = (
-    "The quick brown fox jumps over the lazy dog.",
-    "A decoder writes one token at a time and keeps the keys and values of every earlier token.",
-    "Inference servers keep that cache in eight bits so that more sequences fit in memory.",
-    "Perplexity measures how surprised a language model is by text it has not seen.",
-    "Greedy decoding picks the most likely next token at each step of generation.",
-    "The river was wide and slow, and the boats on it moved as if they had nowhere to be.",
-    "She opened the window, and the smell of rain came into the quiet room.",
-    "Numbers in a computer are stored with a limited number of bits, which limits their precision.",
-)
+# Held-out / calibration text when no --calib is given: public-domain English prose and verse (one
+# paragraph a line, ~10,000 words), long enough that the seeded quarter held out is > 2,000 tokens for a
+# 50k-vocabulary tokenizer: perplexity on a few dozen tokens says nothing (design §9: ×0.945 on 24 tokens).
+DECODER_TEXT_FILE = "decoder_text.txt"
+DEFAULT_DECODER_TEXT = tuple(line for line in (files("surgeon.data") / DECODER_TEXT_FILE).read_text(encoding="utf-8")
+                             .splitlines() if line.strip())
+# Fewer held-out tokens than this: a warning naming the number (the figures say little about other text).
+MIN_HELD_OUT_TOKENS = 512
 
 
 # Calibration prompts shorter than this (tokens) get a warning with an 8-bit cache: the scales and key
@@ -96,23 +99,72 @@ def _batches(token_lists: Sequence[Sequence[int]], pad_id: int, size: int = 8) -
     return out
 
 
-def _texts(tok: Any, lines: list[str], limit: int, seed: int) -> tuple[list[list[int]], list[list[int]], Any]:
+def split_texts(tok: Any, lines: list[str], limit: int, seed: int) -> tuple[list[list[int]], list[list[int]], Any]:
     """Token lists of the fit and held-out parts of ``lines`` and the split itself."""
-    token_lists = [list(tok(s)["input_ids"])[:limit] for s in lines]
+    token_lists = [list(tok(s, truncation=True, max_length=limit)["input_ids"]) for s in lines]
     # lines, not sample batches: the held-out part keeps the plain fraction (its perplexity counts tokens)
     split = split_batches(token_lists, DEFAULT_CHECK_FRACTION, seed, min_check_samples=0)  # type: ignore[arg-type]
     return [list(x) for x in split.fit], [list(x) for x in split.check], split
 
 
-def _cache_passes(passes: str | Sequence[Pass] | None, tgt: Target) -> tuple[list[Pass], CachePass | None]:
-    """The passes (default: the target's) and the cache pass among them; anything else is refused."""
+def _split_passes(passes: str | Sequence[Pass] | None,
+                  tgt: Target) -> tuple[list[Pass], list[Pass], CachePass | None]:
+    """The passes (default: the target's), the graph passes among them (run on the captured step, in
+    order) and the cache pass (at most one: the cache is one site)."""
     spec = tgt.default_passes if passes is None else passes
     pass_list = parse_pipeline(spec) if isinstance(spec, str) else list(spec)
     cache = [p for p in pass_list if isinstance(p, CachePass)]
-    if len(cache) != len(pass_list) or len(pass_list) > 1:
-        raise SurgeonError(f"target {tgt.name} runs one kv-cache-quant pass (the cache is the decoder's site); "
-                           f"got {', '.join(p.name for p in pass_list)}")
-    return pass_list, cache[0] if cache else None
+    if len(cache) > 1:
+        raise SurgeonError(f"target {tgt.name} runs one cache pass (the cache is the decoder's one cache site); "
+                           f"got {', '.join(p.name for p in cache)}")
+    return pass_list, [p for p in pass_list if not isinstance(p, CachePass)], cache[0] if cache else None
+
+
+@dataclass
+class _GraphSites:
+    """The graph passes' sites on the captured fp32-cache step: fitted, and the guard's verdict on them."""
+
+    gm0: Any  # the captured step, untouched (the fp32 cache's graph)
+    applied: Applied
+    verdict: GuardResult
+
+    def build(self, step: DecoderStep) -> Step:
+        """``step`` (any cache format) with the kept sites on their rungs, their fitted state copied in."""
+        if not self.verdict.kept:
+            return step
+        gm0 = self.gm0 if step.cache_format is None else capture_step(step)
+        gm, _ = rebuild(gm0, self.applied, self.verdict.kept, self.verdict.rungs)
+        return GraphStep(gm, step)
+
+    def report(self) -> list[dict[str, Any]]:
+        """report.json's ``sites`` entries (the solo figures: perplexity increase and agreement)."""
+        out = []
+        for c in self.verdict.sites:
+            r, solo = c.record, c.solo
+            out.append({"site": r.site, "kind": r.kind, "module": r.module, "pass": r.pass_name, "status": c.status,
+                        "rung": c.rung, "ladder": list(c.ladder), "reason": c.reason,
+                        "solo": {"ppl_ratio": 1.0 + solo.max_rel_err, "agreement": solo.agreement}})
+        return out
+
+
+def _guard_graph(step32: DecoderStep, passes: list[Pass], tgt: Target, fit: list[list[int]], held: list[list[int]],
+                 pad: int, tol: DecoderTolerance, seed: int, timings: Timings) -> _GraphSites:
+    """Capture the step, run the graph passes (``surgeon.pipeline.fit``), fit them on the fit texts and
+    step their sites down the ladders on the held-out texts (``check.guard_sites``)."""
+    with timings.stage("capture"):
+        gm0 = capture_step(step32)
+    with timings.stage("passes"):
+        applied = apply_passes(gm0, passes, seed, profile=tgt.profile)
+    if not applied.ctx.records:
+        spec = ",".join(p.spec() for p in passes)
+        why = "; ".join(sorted({d.reason for d in applied.diagnostics if d.reason}))[:300]
+        raise SurgeonError(f"--passes '{spec}' substituted nothing in the decoder step" + (f" ({why})" if why else ""))
+    with timings.stage("fit"):
+        fit_passes(applied, step_batches(step32, fit, pad))
+    with timings.stage("guard_sites"):
+        ref = score(TorchStepRunner(step32), held, pad_id=pad)
+        verdict = guard_sites(applied.gm, list(applied.ctx.records.values()), step32, ref, held, pad, tol)
+    return _GraphSites(gm0, applied, verdict)
 
 
 def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
@@ -122,17 +174,18 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
     """Write a verified decoder OUTDIR for the causal LM ``model`` (a Hugging Face directory or
     ``package.module:factory``); return the report (what ``report.json`` holds).
 
-    ``passes``: a pipeline spec or list of passes (``kv-cache-quant{...}`` only; default the target's
-    default passes; ``[]``: the fp32 cache, as ``surgeon export`` writes it); ``calib``: a text file of
+    ``passes``: a pipeline spec or list of passes (graph passes such as ``linear-quant{...}``, run on the
+    captured step, and at most one cache pass, ``kv-cache-quant{...}``; default the target's default
+    passes; ``[]``: the fp32 cache, as ``surgeon export`` writes it); ``calib``: a text file of
     lines (calibration prompts; a seeded quarter of them is held out for perplexity and agreement),
     else ``DEFAULT_DECODER_TEXT``; ``tolerance``: a ``DecoderTolerance`` or its spec string; ``speed``:
-    with an 8-bit cache, also write the fp32-cache file to ``bench/original.onnx`` and time one decode
-    step of each (``report["speed"]``)."""
+    with an 8-bit cache or kept graph sites, also write the fp32-cache file to ``bench/original.onnx``
+    and time the decode step and prefill of each (``report["speed"]``)."""
     timings = Timings()
     out = Path(outdir)
     check_output_dir(out, force)
     tgt = targets.get_target(target)
-    pass_list, kvq = _cache_passes(passes, tgt)
+    pass_list, graph_passes, kvq = _split_passes(passes, tgt)
     tol = DecoderTolerance.parse(tolerance)
     lines = _read_lines(calib) if calib else list(DEFAULT_DECODER_TEXT)
     with timings.stage("load"):
@@ -142,7 +195,7 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
         geometry = check_standard_cache(lm, loaded.source)
     pad, eos = pad_and_eos(tok)
     limit = geometry.max_positions or 512
-    fit, held, split = _texts(tok, lines, limit, seed)
+    fit, held, split = split_texts(tok, lines, limit, seed)
     warnings = list(loaded.notes)
     if not split.independent:
         warnings.append("a single calibration line: it is used for both calibrating and checking, so the check is "
@@ -150,9 +203,11 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
     with timings.stage("calibrate"):
         step32 = DecoderStep(lm, geometry)
         stats = collect_stats(lm, geometry, _batches(fit, pad))
+    graph = _guard_graph(step32, graph_passes, tgt, fit, held, pad, tol, seed, timings) if graph_passes else None
     with timings.stage("guard"):
-        cg = guard_cache(kvq, tgt.profile, step32, stats, held, pad, tol)
+        cg = guard_cache(kvq, tgt.profile, step32, stats, held, pad, tol, build=graph.build if graph else None)
     final = cg.step
+    met = cg.met and (graph is None or graph.verdict.met)
     prompts = [x[:PROMPT_TOKENS] for x in (held + fit)[:2]]
     if len(prompts) == 2 and len(prompts[0]) == len(prompts[1]):
         prompts[1] = prompts[1][:-1] or prompts[1]  # different lengths: the batch is left-padded
@@ -166,18 +221,22 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
                   "max_positions": geometry.max_positions, "load_notes": list(loaded.notes)},
         "target": {"name": tgt.name, "profile": tgt.profile.to_json()},
         "passes": [p.spec() for p in pass_list],
-        "tolerance": {**asdict(tol), "description": tol.describe(), "met": cg.met},
-        "calibration": {"source": calib or "built-in text (surgeon.decoder.pipeline.DEFAULT_DECODER_TEXT)",
+        "tolerance": {**asdict(tol), "description": tol.describe(), "met": met},
+        "calibration": {"source": calib or f"built-in text (surgeon/data/{DECODER_TEXT_FILE})",
                         "lines": len(lines), "fit_lines": len(fit), "held_out_lines": len(held),
                         "fit_tokens": int(sum(map(len, fit))), "held_out_tokens": int(sum(map(len, held))),
                         "held_out_index": split.check_index, "independent": split.independent, "seed": seed,
                         "stats_tokens": stats.tokens, "longest_fit_tokens": max(map(len, fit), default=0)},
         "guard": {"ladder": list(cg.ladder), "measured_in": "torch (the step module the file computes)",
                   "fp32_perplexity": cg.reference.perplexity, "rungs": cg.rungs, "chosen": cg.chosen},
-        "sites": _sites(kvq, cg),
+        "sites": (graph.report() if graph else []) + _sites(kvq, cg),
         "cache": final.cache_format.to_json() if final.cache_format is not None else {"dtype": "float32"},
         "warnings": warnings,
     }
+    held_tokens = report["calibration"]["held_out_tokens"]
+    if held_tokens < MIN_HELD_OUT_TOKENS:
+        warnings.append(f"the guard's held-out text is {held_tokens} tokens (fewer than {MIN_HELD_OUT_TOKENS}): its "
+                        "perplexity and agreement say little about other text; give a longer --calib")
     longest = report["calibration"]["longest_fit_tokens"]
     if final.cache_format is not None and longest < min(SHORT_CALIBRATION, limit):
         warnings.append(short_calibration_warning(longest))
@@ -196,7 +255,7 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
             report["verification"] = verify_file(runner, final, lm, prompts, held, pad, eos, geometry)
         report["targets"] = {tgt.name: figures}
         _write_model_files(partial, lm, tok, tgt, final, figures, report, title=Path(loaded.source).name)
-        if speed and final.cache_format is not None:
+        if speed and (final.cache_format is not None or isinstance(final, GraphStep)):
             with timings.stage("speed"):
                 _time_decode_step(partial, tgt, step32, report, vocab=int(lm.config.vocab_size), limit=limit)
         timings["total"] = timings.elapsed()
@@ -219,7 +278,7 @@ def _sites(kvq: CachePass | None, cg: CacheGuard) -> list[dict[str, Any]]:
              "reason": reason}]
 
 
-def _write_model_files(partial: Path, lm: Any, tok: Any, tgt: Target, final: DecoderStep, figures: dict[str, Any],
+def _write_model_files(partial: Path, lm: Any, tok: Any, tgt: Target, final: Step, figures: dict[str, Any],
                        report: dict[str, Any], *, title: str) -> None:
     """config.json, generation_config.json, the tokenizer files and README.md beside the file."""
     lm.config.to_json_file(str(partial / "config.json"))
@@ -238,7 +297,7 @@ def _write_model_files(partial: Path, lm: Any, tok: Any, tgt: Target, final: Dec
 
 def _time_decode_step(partial: Path, tgt: Target, step32: DecoderStep, report: dict[str, Any], *, vocab: int,
                       limit: int) -> None:
-    """What the 8-bit cache buys on this machine: its decode step against the fp32-cache file's."""
+    """What the file buys on this machine: its decode step and prefill against the fp32-cache file's."""
     (partial / "bench").mkdir()
     tgt.baseline(step32, None, partial / "bench" / "original.onnx")
     report["speed"] = {**measure_decode_step(tgt, partial / tgt.filename, partial / "bench" / "original.onnx",

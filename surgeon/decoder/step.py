@@ -255,7 +255,7 @@ def _step_layer_class() -> type:
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
-            return int(self.codes_k.shape[-2])
+            return self.codes_k.shape[-2]  # no int(): a SymInt keeps the past length dynamic when captured
 
     return StepLayer
 
@@ -283,6 +283,11 @@ class DecoderStep(nn.Module):
             self.register_buffer("key_scale", cache_format.key_scale.reshape(n, 1, -1, 1, 1).clone())
             self.register_buffer("value_scale", cache_format.value_scale.reshape(n, 1, -1, 1, 1).clone())
             self.register_buffer("key_offset", cache_format.key_offset.reshape(n, 1, h, 1, -1).clone())
+
+    @property
+    def vocab_size(self) -> int:
+        lm: Any = self.lm  # a transformers PreTrainedModel
+        return int(lm.config.vocab_size)
 
     @property
     def cache_torch_dtype(self) -> torch.dtype:
