@@ -99,7 +99,7 @@ def measure(target: Any, optimized: str | os.PathLike, original: str | os.PathLi
     runners = {"original": target.runner(original, inputs, threads=threads),
                "optimized": target.runner(optimized, inputs, threads=threads)}
     timed = side_by_side(runners, runs=runs)
-    size = {k: Path(p).stat().st_size for k, p in (("original", original), ("optimized", optimized))}
+    size = _sizes(original, optimized)
     o, n = timed["original"]["median_ms"], timed["optimized"]["median_ms"]
     memory = _memory(target, {"original": original, "optimized": optimized}, inputs, threads)
     return {
@@ -118,6 +118,13 @@ def measure(target: Any, optimized: str | os.PathLike, original: str | os.PathLi
         **({"peak_memory": memory} if memory else {}),
         "cpu": cpu(),
     }
+
+
+def _sizes(original: str | os.PathLike, optimized: str | os.PathLike) -> dict[str, int]:
+    """Bytes of each file, an ONNX file's external data included (``targets/_external_data.py``)."""
+    from .targets._external_data import onnx_bytes  # type: ignore[import-not-found]
+
+    return {"original": onnx_bytes(original), "optimized": onnx_bytes(optimized)}
 
 
 def _memory(target: Any, files: Mapping[str, str | os.PathLike], inputs: Any, threads: int) -> dict[str, Any]:
@@ -164,7 +171,7 @@ def measure_decode_step(target: Any, optimized: str | os.PathLike, original: str
         runners[key] = functools.partial(runner.step, ids[:, past:], mask, np.ascontiguousarray(pos[:, past:]), present)
     timed = side_by_side(runners, runs=runs)
     o, n = timed["original"]["median_ms"], timed["optimized"]["median_ms"]
-    size = {k: Path(p).stat().st_size for k, p in (("original", original), ("optimized", optimized))}
+    size = _sizes(original, optimized)
     return {
         "target": target.name, "runtime": target.runtime,
         "decode_step_ms": {k: round(v["median_ms"], 3) for k, v in timed.items()},

@@ -27,6 +27,7 @@ from surgeon.errors import SurgeonError
 
 from ._base import ModelKind, Target
 from ._cleanup import all_nodes
+from ._external_data import onnx_bytes
 
 __all__ = ["DecoderTarget", "ONNX_DECODER", "CACHE_ELEM_TYPES"]
 
@@ -109,17 +110,18 @@ class DecoderTarget(Target):
             export_onnx(step, example_step_inputs(step), path, dynamic_shapes=_dims(step),
                         input_names=input_names(n), output_names=output_names(n), opset=self.opset,
                         cleanups=cleanups)
-        model = onnx.load(str(path))
+        # the graph alone: external data (a model past ~1.8 GB) stays where export_onnx wrote it
+        model = onnx.load(str(path), load_external_data=False)
         _name_dims(model, n)
         onnx.save_model(model, str(path))
         return Path(path)
 
     def lower(self, module: Any, example_inputs: Any, outdir: str | os.PathLike, **kw: Any) -> dict[str, Any]:
         """Export, verify and atomically place ``OUTDIR/model.onnx``; return the figures (with ``path``)."""
-        from surgeon.resources import placed_file
+        from ._external_data import placed_onnx
 
         cleanups: dict[str, int] = {}
-        with placed_file(outdir, self.filename, suffix=".onnx.tmp") as tmp:
+        with placed_onnx(outdir, self.filename) as tmp:
             self.export(module, tmp, cleanups)
             figures = self.verify(tmp, module, example_inputs)
         figures["cleanups"] = cleanups
@@ -158,7 +160,7 @@ class DecoderTarget(Target):
                           if module.cache_dtype else None)
             diffs[f"past{past}_new{new}"] = {"logits_max_abs_diff": float(np.abs(a - b).max()),
                                              "present_bytes_equal": same_cache}
-        return {"target": self.name, "file": path.name, "bytes": path.stat().st_size, "opset": self.opset,
+        return {"target": self.name, "file": path.name, "bytes": onnx_bytes(path), "opset": self.opset,
                 "cache_elem_type": {1: "float", 3: "int8", 17: "float8e4m3fn"}[want],
                 "ops": sorted({n.op_type for n in all_nodes(model.graph)}), "ort_ops": self.ort_ops(path),
                 "session_config": self.session_config(path), "ort_vs_torch": diffs,
