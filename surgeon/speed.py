@@ -122,9 +122,9 @@ def measure(target: Any, optimized: str | os.PathLike, original: str | os.PathLi
 
 def _sizes(original: str | os.PathLike, optimized: str | os.PathLike) -> dict[str, int]:
     """Bytes of each file, an ONNX file's external data included (``targets/_external_data.py``)."""
-    from .targets._external_data import onnx_bytes  # type: ignore[import-not-found]
+    from .resources import file_bytes
 
-    return {"original": onnx_bytes(original), "optimized": onnx_bytes(optimized)}
+    return {"original": file_bytes(original), "optimized": file_bytes(optimized)}
 
 
 def _memory(target: Any, files: Mapping[str, str | os.PathLike], inputs: Any, threads: int) -> dict[str, Any]:

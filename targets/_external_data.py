@@ -21,17 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from surgeon.resources import data_file
+from surgeon.resources import file_bytes as onnx_bytes
+
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "data_file", "onnx_bytes", "placed_onnx", "save_onnx", "tensor_bytes"]
 
 # below protobuf's 2 GiB with room for the graph itself (names, shapes, attributes); tests patch it
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _MIN_EXTERNAL_TENSOR = 1024  # smaller tensors (shapes, scalars) stay inline, where shape inference reads them
-
-
-def data_file(path: str | os.PathLike) -> Path:
-    """The external-data file that belongs to the ONNX file ``path`` (whether or not it exists)."""
-    path = Path(path)
-    return path.with_name(path.name + ".data")
 
 
 def tensor_bytes(model: Any) -> int:
@@ -57,12 +54,6 @@ def save_onnx(model: Any, path: str | os.PathLike) -> Path:
     else:
         onnx.save_model(model, str(path))
     return path
-
-
-def onnx_bytes(path: str | os.PathLike) -> int:
-    """Bytes of an ONNX file with its external data file, when it has one."""
-    data = data_file(path)
-    return Path(path).stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 @contextlib.contextmanager
