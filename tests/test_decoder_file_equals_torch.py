@@ -9,8 +9,8 @@ off), and the values it quantizes agree to fp32 noise (the fp32-cache file's pre
 ≤ 1e-6 of their magnitude). Codes differ where such a value lies within that noise of a rounding
 boundary: ORT's GEMMs sum in another order than torch's, and the value lands on the other side. In a
 prefill step a flipped code is read by the later positions' attention: a change of one quantization
-step, far above fp32 noise, so the next layers flip more codes and the logits drift (0.2 on
-SmolLM2's 30 layers). The test pins that: in the first layer every code that differs is a neighbour
+step, far above fp32 noise, so the next layers flip more codes and the logits drift (the 0.2 seen on
+SmolLM2's 30 layers, as far as random weights show). The test pins that: in the first layer every code that differs is a neighbour
 of torch's at a value within fp32 noise of the boundary between them; a later layer differs only after
 an earlier one did; a step whose codes all agree has logits within 1e-4 of their scale.
 """
