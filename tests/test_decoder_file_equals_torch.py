@@ -10,8 +10,8 @@ off), and the values it quantizes agree to fp32 noise (the fp32-cache file's pre
 boundary: ORT's GEMMs sum in another order than torch's, and the value lands on the other side. In a
 prefill step a flipped code is read by the later positions' attention: a change of one quantization
 step, far above fp32 noise, so the next layers flip more codes and the logits drift (the 0.2 seen on
-SmolLM2's 30 layers, as far as random weights show). The test pins that: in the first layer every code that differs is a neighbour
-of torch's at a value within fp32 noise of the boundary between them; a later layer differs only after
+SmolLM2's 30 layers, as far as random weights show). The test pins that: in the first layer every
+code that differs is a neighbour of torch's at a value within fp32 noise of the boundary between them; a later layer differs only after
 an earlier one did; a step whose codes all agree has logits within 1e-4 of their scale.
 """
 
@@ -49,10 +49,12 @@ def test_file_equals_its_torch_step(dtype: str, tmp_path, monkeypatch) -> None:
     lm = _smollm2_shape(2)
     geometry = check_standard_cache(lm, "smollm2-shape")
     ids = torch.randint(0, 49152, (2, 64))
-    fmt = collect_stats(lm, geometry, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]).cache_format(dtype, "head")
+    stats = collect_stats(lm, geometry, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    fmt = stats.cache_format(dtype, "head")
     module = DecoderStep(lm, geometry, fmt).eval()
     ONNX_DECODER.export(module, tmp_path / "model.onnx")
-    ort_runner, torch_runner = OrtRunner(ONNX_DECODER.session(tmp_path / "model.onnx"), "model.onnx"), TorchStepRunner(module)
+    ort_runner = OrtRunner(ONNX_DECODER.session(tmp_path / "model.onnx"), "model.onnx")
+    torch_runner = TorchStepRunner(module)
 
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x, scale) of every tensor torch quantizes
     quantize = step_mod.quantize_cache
