@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .errors import SurgeonError
 
-__all__ = ["atomic_dir", "check_output_dir", "clean_stale", "placed_file", "publish_mode"]
+__all__ = ["atomic_dir", "check_output_dir", "clean_stale", "data_file", "file_bytes", "placed_file", "publish_mode"]
 
 
 def publish_mode(path: str | os.PathLike) -> None:
@@ -35,6 +35,19 @@ def publish_mode(path: str | os.PathLike) -> None:
     mask = os.umask(0)
     os.umask(mask)  # reading the umask means setting it: put it straight back
     os.chmod(path, 0o666 & ~mask)
+
+
+def data_file(path: str | os.PathLike) -> Path:
+    """The external-data file that belongs to the ONNX file ``path``, whether or not it exists (an ONNX
+    file past protobuf's 2 GB keeps its weights in ``model.onnx.data``: ``targets/_external_data.py``)."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Bytes of an output file with its external data file, when it has one."""
+    data = data_file(path)
+    return Path(path).stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 @contextlib.contextmanager

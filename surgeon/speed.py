@@ -99,7 +99,7 @@ def measure(target: Any, optimized: str | os.PathLike, original: str | os.PathLi
     runners = {"original": target.runner(original, inputs, threads=threads),
                "optimized": target.runner(optimized, inputs, threads=threads)}
     timed = side_by_side(runners, runs=runs)
-    size = {k: Path(p).stat().st_size for k, p in (("original", original), ("optimized", optimized))}
+    size = _sizes(original, optimized)
     o, n = timed["original"]["median_ms"], timed["optimized"]["median_ms"]
     memory = _memory(target, {"original": original, "optimized": optimized}, inputs, threads)
     return {
@@ -118,6 +118,13 @@ def measure(target: Any, optimized: str | os.PathLike, original: str | os.PathLi
         **({"peak_memory": memory} if memory else {}),
         "cpu": cpu(),
     }
+
+
+def _sizes(original: str | os.PathLike, optimized: str | os.PathLike) -> dict[str, int]:
+    """Bytes of each file, an ONNX file's external data included (``targets/_external_data.py``)."""
+    from .resources import file_bytes
+
+    return {"original": file_bytes(original), "optimized": file_bytes(optimized)}
 
 
 def _memory(target: Any, files: Mapping[str, str | os.PathLike], inputs: Any, threads: int) -> dict[str, Any]:
@@ -177,7 +184,7 @@ def measure_decode_step(target: Any, optimized: str | os.PathLike, original: str
     single = side_by_side(steps[1], runs=runs)
     pre = side_by_side(prefill, runs=max(3, runs // 4), warmup=1)
     o, n = timed["original"]["median_ms"], timed["optimized"]["median_ms"]
-    size = {k: Path(p).stat().st_size for k, p in files.items()}
+    size = _sizes(original, optimized)
     return {
         "target": target.name, "runtime": target.runtime,
         "decode_step_ms": {k: round(v["median_ms"], 3) for k, v in timed.items()},

@@ -24,6 +24,7 @@ from surgeon.inputs import Inputs, as_args_kwargs, call, tensors_of
 from surgeon.metrics import cosine_per_sample, position_mask
 
 from ._cleanup import all_nodes
+from ._external_data import onnx_bytes
 from ._lowering import OPSET
 from ._ort_session import FP8_DISABLED_OPTIMIZERS, FP8_SESSION_OPTION, needs_fp8_option, run_ort, session, session_config
 
@@ -229,7 +230,7 @@ def verify_onnx(path: str | os.PathLike, module: Any, inputs: Inputs, *, origina
     written = onnx.load(str(path), load_external_data=False)  # read once: its opset and its ops
     figures: dict[str, Any] = {
         "file": path.name,
-        "bytes": path.stat().st_size,
+        "bytes": onnx_bytes(path),  # with its external data file, when it has one
         "opset": next((int(o.version) for o in written.opset_import if o.domain in ("", "ai.onnx")), OPSET),
         "max_abs_diff": _max_abs(ort_out, ref),
         "p999_abs_diff": _quantile_abs(ort_out, ref, 0.999),

@@ -17,6 +17,8 @@ import torch
 from surgeon.errors import SurgeonError
 from surgeon.inputs import Inputs, as_args_kwargs
 
+from ._external_data import data_file
+
 FP8_SESSION_OPTION = ("session.disable_quant_qdq", "1")
 # ORT's (1.31, 1.32) level-2 rule ReluQuantRewrite drops a Relu feeding a QuantizeLinear whose zero point is
 # the bottom of the quantized range; for FLOAT8E4M3FN (signed) that is false, Q(relu(x)) != Q(x) for
@@ -48,7 +50,7 @@ def needs_fp8_option(model_or_path: Any) -> bool:
     flag also switches off the INT8 fusion."""
     import onnx
 
-    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    model = onnx.load(str(model_or_path), load_external_data=False) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
     fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
            onnx.TensorProto.FLOAT8E5M2FNUZ}
     fp8_values = {t.name for t in model.graph.initializer if t.data_type in fp8}
@@ -96,6 +98,9 @@ def session(path: str | os.PathLike, *, threads: int | None = None, fp8: bool | 
         so.add_session_config_entry(key, value)
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
+        if data_file(path).exists():  # past 2 GB ORT must write the optimized weights beside it too
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                        data_file(optimized_path).name)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=list(FP8_DISABLED_OPTIMIZERS) if use_fp8 else None)
 

@@ -19,8 +19,9 @@ Every file written is verified before it replaces anything:
    is exported again as static (every axis, once the batch fails), so no file claims a dynamic axis it
    cannot run at; ``shape_check`` in the figures says what was fixed and why.
 
-The file is written to a temporary name in the output directory and renamed over ``model.onnx``
-only once all of that holds, so a crash never leaves a half-written file behind.
+The file (and its external data past ~1.8 GB, ``targets/_external_data.py``) is written under a
+temporary directory in the output directory and renamed over ``model.onnx`` only once all of that
+holds, so a crash never leaves a half-written file behind.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ from torch import fx, nn
 from surgeon.capture import auto_dynamic_shapes
 from surgeon.errors import SurgeonError, first_line
 from surgeon.inputs import Inputs, as_args_kwargs, call
-from surgeon.resources import placed_file
 
 from ._cleanup import all_nodes, clean
 from ._export_form import export_form
+from ._external_data import placed_onnx, save_onnx
 from ._lowering import OPSET, fold_four_bit_casts, translation_table
 from ._ort_checks import fp32_bytes, shape_probes, static_axes, verify_onnx
 from ._ort_session import DENORMAL_AS_ZERO, FP8_DISABLED_OPTIMIZERS, FP8_SESSION_OPTION, needs_fp8_option, session, session_config
@@ -252,7 +253,8 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
                 output_names: Sequence[str] | None = None, opset: int = OPSET,
                 original: nn.Module | None = None, cleanup: bool = True,
                 cleanups: dict[str, int] | None = None) -> Path:
-    """Export ``module_or_ep`` (nn.Module / GraphModule / ExportedProgram) to ``path`` (one file).
+    """Export ``module_or_ep`` (nn.Module / GraphModule / ExportedProgram) to ``path`` (with
+    ``path.data`` beside it past ``_external_data.EXTERNAL_DATA_THRESHOLD``).
 
     ``dynamic_shapes="auto"`` marks every input dim ``Dim.AUTO`` (batch and sequence stay dynamic
     where the model allows); ``None`` exports static shapes. Inputs keep the original's names
@@ -262,8 +264,6 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
     ``targets/_cleanup/`` stay), e.g. for a baseline that surgeon did not touch; ``cleanups``, when
     given, receives how many times each clean-up rule applied.
     Raises ``SurgeonError`` naming the operator and its module when an op has no ONNX lowering."""
-    import onnx
-
     path = Path(path)
     is_ep = isinstance(module_or_ep, torch.export.ExportedProgram)
     if isinstance(module_or_ep, nn.Module) and not isinstance(module_or_ep, fx.GraphModule):
@@ -308,8 +308,7 @@ def export_onnx(module_or_ep: Any, example_inputs: Inputs, path: str | os.PathLi
         if not (set(outs) & taken):
             _rename_values(model, {vi.name: n for vi, n in zip(model.graph.output, outs)})
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path))
-    return path
+    return save_onnx(model, path)  # past ~1.8 GB of tensors with its data beside it (targets/_external_data.py)
 
 
 def _optimize(model: Any) -> None:
@@ -357,7 +356,7 @@ def write_onnx(module: Any, example_inputs: Inputs, outdir: str | os.PathLike, *
 
     ``tolerance`` (max abs diff ORT vs torch module), when given, must hold or nothing is written."""
     cleanups: dict[str, int] = {}
-    with placed_file(outdir, filename, suffix=".onnx.tmp") as tmp:
+    with placed_onnx(outdir, filename) as tmp:
         export_onnx(module, example_inputs, tmp, input_names=input_names, original=original, opset=opset,
                     cleanups=cleanups)
         vin = verify_inputs if verify_inputs is not None else example_inputs

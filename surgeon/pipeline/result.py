@@ -103,9 +103,11 @@ class Result:
         clock = Timings()  # report.json holds the save's seconds, so they are read before it is written
         with atomic_dir(out, force) as partial:
             if self.staged is not None and self.staged_target == target and self.staged.is_dir():
-                # the files the verdict was measured on, not a second export of the module
+                # the files the verdict was measured on, not a second export of the module (an ONNX
+                # file's external data too); linked where they share a file system: past 2 GB a copy
+                # costs seconds and doubles the disk used
                 for f in self.staged.iterdir():
-                    shutil.copy2(f, partial / f.name)
+                    _place_copy(f, partial / f.name)
                 outputs = dict(self.staged_outputs)
             else:
                 outputs = self._write_files(partial, target)
@@ -209,6 +211,13 @@ class Result:
         figures["files"] = {"optimized": written.name, "original": f"bench/{original.name}", "inputs": "bench/inputs.pt"}
         outputs["bench_original"], outputs["bench_inputs"] = f"bench/{original.name}", "bench/inputs.pt"
         return figures
+
+
+def _place_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # nobody writes a staged file again: sharing its inode is safe
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def check_target(name: str) -> None:
