@@ -53,4 +53,10 @@ def light_tokenizer(outdir: Path) -> LightTokenizer | None:
         return None
     from tokenizers import Tokenizer
 
-    return LightTokenizer(Tokenizer.from_file(str(path)), config)
+    backend = Tokenizer.from_file(str(path))
+    # tokenizer.json keeps whatever truncation / padding the last call before save_pretrained set (the
+    # pipeline truncates its calibration lines); transformers resets both on every call that does not ask
+    # for them, so a prompt is encoded whole here as well
+    backend.no_truncation()
+    backend.no_padding()
+    return LightTokenizer(backend, config)
