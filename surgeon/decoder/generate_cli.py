@@ -13,16 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SurgeonError
+from ..ort_options import FP8_DISABLED_OPTIMIZERS, FP8_SESSION_OPTION
 from .generate import OrtRunner, Sampling, generate, pad_and_eos
 from .light_tokenizer import light_tokenizer
 
 __all__ = ["FP8_DISABLED_OPTIMIZERS", "load_outdir", "run_generate_cli"]
 
 
-# targets' FP8_DISABLED_OPTIMIZERS (targets/_ort_session.py), repeated here because importing targets
-# imports torch; tests/test_generate_light.py checks that the two agree.
-FP8_DISABLED_OPTIMIZERS = ("ReluQuantRewrite",)
-_FP8_OPTION = "session.disable_quant_qdq"
 _NOT_DECODER = ("'{outdir}' is not a decoder OUTDIR: its model.onnx has no past_key_values.<i>.key inputs (write one "
                 "with surgeon optimize LM_DIR --target onnx-decoder -o OUTDIR)")
 
@@ -54,7 +51,7 @@ def _session(out: Path, path: Path, threads: int | None) -> Any:
         so.inter_op_num_threads = 1
     for key, value in config.items():
         so.add_session_config_entry(key, value)
-    fp8 = config.get(_FP8_OPTION) == "1"
+    fp8 = config.get(FP8_SESSION_OPTION[0]) == FP8_SESSION_OPTION[1]
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=list(FP8_DISABLED_OPTIMIZERS) if fp8 else None)
 
