@@ -27,6 +27,7 @@ from ..deploy import io_spec
 from ..errors import SurgeonError
 from ..loaders import load_decoder
 from ..pass_manager import CachePass, Pass, parse_pipeline
+from ..pipeline.calib_read import read_lines
 from ..pipeline.data import DEFAULT_CHECK_FRACTION, split_batches
 from ..pipeline.fit import Applied, apply_passes, fit_passes, rebuild
 from ..pipeline.timing import Timings
@@ -79,14 +80,7 @@ def _read_lines(path: str) -> list[str]:
     if not p.is_file():
         raise SurgeonError(f"cannot read calibration file '{path}': " + ("it is a directory" if p.is_dir()
                                                                          else "no such file"))
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SurgeonError(f"cannot read calibration file '{path}': not UTF-8 text") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise SurgeonError(f"calibration file '{path}' is empty")
-    return lines
+    return read_lines(path)
 
 
 def _batches(token_lists: Sequence[Sequence[int]], pad_id: int, size: int = 8) -> list[dict[str, Any]]:

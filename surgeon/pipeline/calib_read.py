@@ -46,16 +46,21 @@ def read_calibration(path: str, loaded: Any, *, batch_size: int = TEXT_BATCH,
     if loaded is None or not loaded.is_text:
         raise SurgeonError(f"calibration file '{path}' is not a .pt file: a model without a tokenizer needs a .pt "
                            "file holding a list of input tuples (text files need a Hugging Face text model)")
+    return text_batches(read_lines(path), loaded, batch_size, max_length, f"calibration file '{path}'", force)
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """The non-blank lines of the UTF-8 text file ``path``, stripped; anything else is one line of error."""
     try:
-        text = p.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise SurgeonError(f"cannot read calibration file '{path}': not UTF-8 text") from None
     except OSError as exc:
         raise SurgeonError(f"cannot read calibration file '{path}': {exc.strerror or exc}") from None
-    sentences = [line.strip() for line in text.splitlines() if line.strip()]
-    if not sentences:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
         raise SurgeonError(f"calibration file '{path}' is empty")
-    return text_batches(sentences, loaded, batch_size, max_length, f"calibration file '{path}'", force)
+    return lines
 
 
 
