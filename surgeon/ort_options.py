@@ -20,9 +20,9 @@ FP8_DISABLED_OPTIMIZERS = ("ReluQuantRewrite",)
 DENORMAL_AS_ZERO = ("session.set_denormal_as_zero", "1")
 # The compute type of the MatMulNBits kernels ORT makes of DequantizeLinear(4- or 8-bit, blocked /
 # per axis) → MatMul (its DQ→MatMulNBits fusion). 4: activations quantized to int8 per block, int8
-# products (VNNI). Measured (ORT 1.32, 2 threads, avx512_vnni, 8 layers 576x1536 at 1 token): int4 0.58 ms
-# at 4 vs 1.60 ms at 0 (fp32 compute; fp32 MatMul 3.25 ms), int8 weights 0.85 ms at 4 vs 26.8 ms at 0 —
-# level 0's 8-bit path is slower than fp32. ORT 1.32's default is 4 already; written explicitly so the
+# products (VNNI). Measured (ORT 1.32, 2 threads, avx512_vnni, 8 layers 576x1536 at 1 token, quiet machine,
+# bench/int4_kernels.py): int4-b32 0.12 ms at 4 vs 0.32 ms at 0 (fp32 MatMul 0.43 ms), int8 weights 0.19 ms
+# at 4 vs 3.5 ms at 0 — level 0's 8-bit path is slower than fp32. ORT 1.32's default is 4 already; written explicitly so the
 # file runs the same kernels whatever the default. The cost: the activation's int8 rounding (~0.5% of
 # the output's range, docs/passes/linear-quant.md); level 0 computes the torch module's dequantized
 # weights exactly (``session(nbits_accuracy=0)``, as the tests check the file with).
