@@ -28,7 +28,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/surgeon optimize $(MINILM) -o out/minilm --calib surgeon/data/calib_sentences.txt --force
 
 # Lint (ruff, rules in pyproject.toml) and a type check of the public API fail the run like a test.
-TYPED := surgeon/__init__.py surgeon/pipeline surgeon/profile.py surgeon/speed.py surgeon/verify.py \
+TYPED := surgeon/__init__.py surgeon/pipeline surgeon/profile.py surgeon/speed.py surgeon/verify.py surgeon/descent.py \
          surgeon/tolerance.py surgeon/metrics.py surgeon/tap.py surgeon/pass_manager.py surgeon/errors.py \
          surgeon/inputs.py surgeon/registry.py surgeon/decoder
 
