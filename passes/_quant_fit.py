@@ -102,9 +102,16 @@ def smooth_layers(gm: fx.GraphModule, layers: list[QuantLinear], amax: dict[int,
         m.act.mode = "quant" if m.act.calibrated else mode
 
 
+# Rows of each layer's input that its second moments E[xᵀx] are estimated from, over all batches (a
+# seeded subset of each batch's rows beyond its share): a d×d estimate needs thousands of rows, and the
+# product costs rows × d² per layer — a 30-layer decoder's 8 × 512-token batches made it most of the run.
+MAX_MOMENT_ROWS = 32768
+
+
 def gptq_layers(gm: fx.GraphModule, layers: list[QuantLinear] | list[WeightOnlyLinear], batches: list[Any], damp: float,
-                hessian_mb: int) -> None:
-    """Re-round every layer's weights by GPTQ for the inputs it sees over ``batches``."""
+                hessian_mb: int, *, rounding: bool = True) -> None:
+    """Re-round every layer's weights by GPTQ for the inputs it sees over ``batches`` (weight-only layers
+    with ``rounding=False``: only their ``local_error`` from those inputs' moments, codes as they are)."""
     # XᵀX is in² float64 per layer: layers are taken in groups that fit hessian_mb, one pass
     # over the batches per group, so memory is bounded whatever the model's size.
     budget = hessian_mb * 2**20
@@ -117,16 +124,30 @@ def gptq_layers(gm: fx.GraphModule, layers: list[QuantLinear] | list[WeightOnlyL
             used = 0
         groups[-1].append(m)
         used += size
+    per_batch = -(-MAX_MOMENT_ROWS // max(len(batches), 1))
     for group in groups:
         stats: dict[int, list] = {id(m): [None, 0] for m in group}
+        shared: dict[int, tuple[Tensor, Tensor, int]] = {}  # this batch's moments by input tensor
+        gen = torch.Generator().manual_seed(0)
 
-        def record(m: Any, args: tuple, stats: dict = stats) -> None:
-            x = m.smoothed(args[0].detach()) if isinstance(m, QuantLinear) else args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        def record(m: Any, args: tuple, stats: dict = stats, shared: dict = shared, gen: torch.Generator = gen) -> None:
+            key = id(args[0])
+            if isinstance(m, QuantLinear) or key not in shared or shared[key][0] is not args[0]:
+                x = m.smoothed(args[0].detach()) if isinstance(m, QuantLinear) else args[0].detach()
+                x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+                if x.shape[0] > per_batch:  # a seeded subset of the rows: H's estimate needs thousands, not all
+                    x = x[torch.randperm(x.shape[0], generator=gen)[:per_batch]]
+                xtx = (x.t() @ x).to(torch.float64)  # one batch in float32 (fast), the sum in float64
+                if not isinstance(m, QuantLinear):  # q/k/v and gate/up read one tensor: one XᵀX for all
+                    if len(shared) > 8:  # only the last few inputs can be read again (one block's)
+                        shared.clear()
+                    shared[key] = (args[0], xtx, x.shape[0])
+                rows = x.shape[0]
+            else:
+                _, xtx, rows = shared[key]
             st = stats[id(m)]
-            xtx = (x.t() @ x).to(torch.float64)  # one batch in float32 (fast), the sum in float64
             st[0] = xtx if st[0] is None else st[0] + xtx
-            st[1] += x.shape[0]
+            st[1] += rows
 
         _run_with_input_hook(gm, group, record, batches)
         for m in group:
@@ -134,7 +155,7 @@ def gptq_layers(gm: fx.GraphModule, layers: list[QuantLinear] | list[WeightOnlyL
             if h is not None and n and isinstance(m, QuantLinear):
                 round_layer(m, h / n, damp)
             elif h is not None and n:
-                m.gptq(h / n, damp)
+                m.gptq(h / n, damp, rounding=rounding)
 
 
 def round_layer(m: QuantLinear, h: Tensor, damp: float) -> None:

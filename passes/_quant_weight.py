@@ -82,6 +82,9 @@ class WeightOnlyLinear(nn.Module):
         self.active: bool = True
         self.rungs = rungs
         self.rung: str = rungs[0]
+        # rung → relative output error on the fit inputs (``output_error``), once the fit has seen them
+        self.local_error: dict[str, float] = {}
+        self._dq_cache: dict[str, Tensor] = {}  # rung → dequantized weight (eager runs; see _weight)
         self.register_buffer("weight", weight.detach())  # for rollback; not traced while active
         self.register_buffer("bias", None if bias is None else bias.detach())
         stored = self.stored_weight()
@@ -127,11 +130,12 @@ class WeightOnlyLinear(nn.Module):
         bits = 8 if rung_block(rung) is None else 4
         return (q.numel() * bits + z.numel() * bits) // 8 + 4 * s.numel()
 
-    def gptq(self, h: Tensor, damp: float) -> None:
+    def gptq(self, h: Tensor, damp: float, *, rounding: bool = True) -> None:
         """Re-round every rung's codes by GPTQ for input moments ``h`` = E[xᵀx] (passes/_gptq.py);
-        scales and zero points stay, so input column k uses its block's (or the column's) grid."""
+        scales and zero points stay, so input column k uses its block's (or the column's) grid.
+        ``rounding=False`` keeps the codes. Either way each rung's ``local_error`` is set from ``h``."""
         stored = self.stored_weight()
-        for rung in self.rungs:
+        for rung in self.rungs if rounding else ():
             q, s, z = self.codes(rung)
             block = rung_block(rung) or stored.shape[0]  # int8w: one "block" spanning every row
             lo, hi = _code_range(self.symmetric) if rung_block(rung) else (-127.0, 127.0)
@@ -146,15 +150,38 @@ class WeightOnlyLinear(nn.Module):
             rep = min(block, stored.shape[0])
             codes = (w / s64.repeat_interleave(rep, 0)[: w.shape[0]]).round() + z64.repeat_interleave(rep, 0)[: w.shape[0]]
             setattr(self, self._key(rung, "q"), codes.clamp(lo, hi).to(q.dtype))
+        self._dq_cache.clear()
+        self.local_error = {rung: self.output_error(h, rung) for rung in self.rungs}
+
+    def output_error(self, h: Tensor, rung: str) -> float:
+        """This layer's relative output error on ``rung`` for inputs of second moments ``h`` = E[xᵀx]:
+        E‖x·ΔW‖² / E‖x·W‖² = tr(ΔWᵀ h ΔW) / tr(Wᵀ h W) (stored layout [in, out], ΔW = dq(W_q) − W): the
+        error where the layer acts, measured without running the model (the guard's solo figure at scale)."""
+        w = self.stored_weight().double()
+        dw = self.dequantized_weight(rung).double()[: w.shape[0]] - w
+        h = h.double()
+        den = float(((h @ w) * w).sum())
+        return float(((h @ dw) * dw).sum()) / den if den > 0 else 0.0
 
     def _exact(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight) if self.op == "linear" else torch.matmul(x, self.weight)
         return y if self.bias is None else y + self.bias
 
+    def _weight(self, x: Tensor) -> Tensor:
+        """The dequantized weight of the current rung; in eager runs (the fit's and the guard's many
+        forwards) kept per rung until the codes change, since dequantizing every Linear on every call
+        was most of a decoder's fit time. Traced (export, fx), the dequantize op itself is recorded."""
+        if torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy):
+            return self.dequantized_weight()
+        w = self._dq_cache.get(self.rung)
+        if w is None:
+            w = self._dq_cache[self.rung] = self.dequantized_weight()
+        return w
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.active:
             return self._exact(x)
-        y = torch.matmul(x, self.dequantized_weight())
+        y = torch.matmul(x, self._weight(x))
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -184,9 +184,9 @@ class LinearQuant(Pass):
         (passes/_quant_fit.py).
         Other passes' quantizers are left as they are."""
         if self.dtype in WEIGHT_ONLY:
-            if self.rounding == "gptq":
-                gptq_layers(gm, [m for m in gm.modules() if isinstance(m, WeightOnlyLinear) and m.active],
-                            list(batches), self.damp, self.hessian_mb)
+            # nearest rounding too: the inputs' moments give each rung's error where the layer acts
+            gptq_layers(gm, [m for m in gm.modules() if isinstance(m, WeightOnlyLinear) and m.active],
+                        list(batches), self.damp, self.hessian_mb, rounding=self.rounding == "gptq")
             return
         layers = [m for _, m in gm.named_modules()
                   if isinstance(m, QuantLinear) and m.smoothable and m.active and m.dtype == self.dtype]
