@@ -28,7 +28,8 @@ def run_decoder_cli(args: argparse.Namespace) -> int:
     _refuse_task(args)
     report = optimize_decoder(args.model, args.output, passes=args.passes, calib=args.calib,
                               tolerance=args.tolerance, target=args.target, seed=getattr(args, "seed", 0),
-                              force=getattr(args, "force", False), speed=getattr(args, "speed", True))
+                              force=getattr(args, "force", False), speed=getattr(args, "speed", True),
+                              progress=sys.stderr.isatty())  # stage lines on a terminal (the module variant's bars too)
     g, v = report["guard"], report["verification"]
     for r in g["rungs"]:
         print(f"kv cache {r['rung']}: {r['status']} — perplexity ×{r['ppl_ratio']:.4f}, greedy agreement "

@@ -17,6 +17,7 @@ tokenizer files, report.json with the verdict of ``surgeon.verdict.decide``, rep
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -40,7 +41,7 @@ from ..targets import Target
 from ..verdict import decide
 from ..verify import GuardResult
 from ..version import __version__
-from .check import SITE, VERIFY_NEW_TOKENS, CacheGuard, DecoderTolerance, Step, guard_cache, guard_sites, verify_file
+from .check import SITE, VERIFY_NEW_TOKENS, CacheGuard, DecoderTolerance, Step, guard_cache, guard_sites, local_error, verify_file
 from .generate import OrtRunner, left_pad, pad_and_eos, score
 from .graph import GraphStep, capture_step, step_batches
 from .readme import decoder_readme
@@ -131,13 +132,17 @@ class _GraphSites:
         return GraphStep(gm, step)
 
     def report(self) -> list[dict[str, Any]]:
-        """report.json's ``sites`` entries (the solo figures: perplexity increase and agreement)."""
+        """report.json's ``sites`` entries. Solo figures: the relative output error where the site acts
+        on each rung measured (``local_rel_err``, what the guard ranked by), or the whole-model perplexity
+        ratio and agreement with only that site on (sites without a local figure)."""
         out = []
         for c in self.verdict.sites:
             r, solo = c.record, c.solo
+            local = {rung: local_error(self.applied.gm, r, rung) for rung in c.ladder if rung != KEEP}
+            figures = ({"local_rel_err": local} if all(v is not None for v in local.values()) else
+                       {"ppl_ratio": 1.0 + solo.max_rel_err, "agreement": solo.agreement})
             out.append({"site": r.site, "kind": r.kind, "module": r.module, "pass": r.pass_name, "status": c.status,
-                        "rung": c.rung, "ladder": list(c.ladder), "reason": c.reason,
-                        "solo": {"ppl_ratio": 1.0 + solo.max_rel_err, "agreement": solo.agreement}})
+                        "rung": c.rung, "ladder": list(c.ladder), "reason": c.reason, "solo": figures})
         return out
 
 
@@ -157,14 +162,16 @@ def _guard_graph(step32: DecoderStep, passes: list[Pass], tgt: Target, fit: list
         fit_passes(applied, step_batches(step32, fit, pad))
     with timings.stage("guard_sites"):
         ref = score(TorchStepRunner(step32), held, pad_id=pad)
-        verdict = guard_sites(applied.gm, list(applied.ctx.records.values()), step32, ref, held, pad, tol)
+        timings.say(f"guard: {len(applied.ctx.records)} site(s), {sum(map(len, held))} held-out tokens")
+        verdict = guard_sites(applied.gm, list(applied.ctx.records.values()), step32, ref, held, pad, tol,
+                              progress=timings.say)
     return _GraphSites(gm0, applied, verdict)
 
 
 def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
                      passes: str | Sequence[Pass] | None = None, calib: str | None = None,
                      tolerance: str | DecoderTolerance | None = None, target: str = "onnx-decoder", seed: int = 0,
-                     force: bool = False, speed: bool = True) -> dict[str, Any]:
+                     force: bool = False, speed: bool = True, progress: bool = False) -> dict[str, Any]:
     """Write a verified decoder OUTDIR for the causal LM ``model`` (a Hugging Face directory or
     ``package.module:factory``); return the report (what ``report.json`` holds).
 
@@ -174,8 +181,11 @@ def optimize_decoder(model: str | os.PathLike, outdir: str | os.PathLike, *,
     lines (calibration prompts; a seeded quarter of them is held out for perplexity and agreement),
     else ``DEFAULT_DECODER_TEXT``; ``tolerance``: a ``DecoderTolerance`` or its spec string; ``speed``:
     with an 8-bit cache or kept graph sites, also write the fp32-cache file to ``bench/original.onnx``
-    and time the decode step and prefill of each (``report["speed"]``)."""
+    and time the decode step and prefill of each (``report["speed"]``); ``progress``: each stage and
+    each guard measurement as a line on stderr, with the seconds since the start."""
     timings = Timings()
+    if progress:
+        timings.announce = lambda text: print(f"[{timings.elapsed():6.0f} s] {text}", file=sys.stderr, flush=True)
     out = Path(outdir)
     check_output_dir(out, force)
     tgt = targets.get_target(target)

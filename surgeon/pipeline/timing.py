@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 __all__ = ["Timings"]
 
@@ -17,15 +17,24 @@ class Timings(dict[str, float]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.started = time.perf_counter()
+        # told "<stage> ..." as each stage starts (a long run's progress on stderr); None: silent
+        self.announce: Callable[[str], None] | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time the block and add its seconds to ``name``."""
         start = time.perf_counter()
+        if self.announce is not None:
+            self.announce(f"{name} ...")
         try:
             yield
         finally:
             self[name] = self.get(name, 0.0) + time.perf_counter() - start
+
+    def say(self, text: str) -> None:
+        """Pass ``text`` to ``announce`` (progress inside a stage), if anyone listens."""
+        if self.announce is not None:
+            self.announce(text)
 
     def elapsed(self) -> float:
         """Seconds since the run started (``total``, or a stage whose figure is written before it ends)."""
