@@ -31,6 +31,7 @@ from surgeon.quant_ops import dequantize, dequantize_int4, quantize
 __all__ = ["WeightOnlyLinear", "INT8W", "int4_rung", "rung_block", "quantize_int4"]
 
 INT8W = "int8w"
+ERROR_COLUMNS = 4096  # output columns ``output_error`` estimates a layer's relative error over
 _INT4 = re.compile(r"int4-b(\d+)$")
 
 
@@ -156,10 +157,16 @@ class WeightOnlyLinear(nn.Module):
     def output_error(self, h: Tensor, rung: str) -> float:
         """This layer's relative output error on ``rung`` for inputs of second moments ``h`` = E[xᵀx]:
         E‖x·ΔW‖² / E‖x·W‖² = tr(ΔWᵀ h ΔW) / tr(Wᵀ h W) (stored layout [in, out], ΔW = dq(W_q) − W): the
-        error where the layer acts, measured without running the model (the guard's solo figure at scale)."""
-        w = self.stored_weight().double()
-        dw = self.dequantized_weight(rung).double()[: w.shape[0]] - w
+        error where the layer acts, measured without running the model (the guard's solo figure at scale).
+        Over at most ``ERROR_COLUMNS`` output columns (a seeded subset, the same for both traces): an LM
+        head's 49k columns cost in² × out multiply-adds per rung otherwise."""
+        w = self.stored_weight()
+        dw = self.dequantized_weight(rung)[: w.shape[0]] - w
+        if w.shape[1] > ERROR_COLUMNS:
+            cols = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(0))[:ERROR_COLUMNS]
+            w, dw = w[:, cols], dw[:, cols]
         h = h.double()
+        w, dw = w.double(), dw.double()
         den = float(((h @ w) * w).sum())
         return float(((h @ dw) * dw).sum()) / den if den > 0 else 0.0
 
