@@ -32,12 +32,15 @@ __all__ = ["input_amax", "mark_outliers", "smooth_layers", "gptq_layers", "round
 
 
 def _run_with_input_hook(gm: fx.GraphModule, layers: list[Any], record: Callable[[nn.Module, tuple], None],
-                         batches: list[Any]) -> None:
-    """One pass over ``batches`` with ``record(layer, args)`` seeing every layer's inputs."""
+                         batches: list[Any], index: list[int] | None = None) -> None:
+    """One pass over ``batches`` with ``record(layer, args)`` seeing every layer's inputs (``index[0]``:
+    the batch being run, for a hook that must count a batch once)."""
     hooks = [m.register_forward_pre_hook(record) for m in layers]
     try:
         with torch.no_grad():
-            for b in batches:
+            for i, b in enumerate(batches):
+                if index is not None:
+                    index[0] = i
                 call(gm, b)
     finally:
         for h in hooks:
@@ -112,50 +115,65 @@ def gptq_layers(gm: fx.GraphModule, layers: list[QuantLinear] | list[WeightOnlyL
                 hessian_mb: int, *, rounding: bool = True) -> None:
     """Re-round every layer's weights by GPTQ for the inputs it sees over ``batches`` (weight-only layers
     with ``rounding=False``: only their ``local_error`` from those inputs' moments, codes as they are)."""
-    # XᵀX is in² float64 per layer: layers are taken in groups that fit hessian_mb, one pass
-    # over the batches per group, so memory is bounded whatever the model's size.
-    budget = hessian_mb * 2**20
-    groups: list[list[QuantLinear | WeightOnlyLinear]] = [[]]
-    used = 0
+    # XᵀX is in² per input: weight-only layers that read one tensor (q/k/v, gate/up) share one matrix
+    # (float32 sums, as GPTQ keeps them), a smoothed INT8 layer has its own (float64 sums: its input is
+    # its own x / s). Inputs are taken in groups that fit hessian_mb, one pass over the batches per
+    # group, so memory is bounded whatever the model's size.
+    slot = _input_slots(gm, layers)
+    sizes: dict[Any, int] = {}
     for m in layers:
-        size = m.in_features ** 2 * 8
+        sizes[slot[id(m)]] = m.in_features ** 2 * (8 if isinstance(m, QuantLinear) else 4)
+    budget = hessian_mb * 2**20
+    groups: list[list[Any]] = [[]]
+    used = 0
+    for key, size in sizes.items():
         if groups[-1] and used + size > budget:
             groups.append([])
             used = 0
-        groups[-1].append(m)
+        groups[-1].append(key)
         used += size
     per_batch = -(-MAX_MOMENT_ROWS // max(len(batches), 1))
+    batch = [0]
     for group in groups:
-        stats: dict[int, list] = {id(m): [None, 0] for m in group}
-        shared: dict[int, tuple[Tensor, Tensor, int]] = {}  # this batch's moments by input tensor
+        keys = set(group)
+        members = [m for m in layers if slot[id(m)] in keys]
+        stats: dict[Any, list] = {k: [None, 0, -1] for k in group}  # [Σ xᵀx, rows, last batch added]
         gen = torch.Generator().manual_seed(0)
 
-        def record(m: Any, args: tuple, stats: dict = stats, shared: dict = shared, gen: torch.Generator = gen) -> None:
-            key = id(args[0])
-            if isinstance(m, QuantLinear) or key not in shared or shared[key][0] is not args[0]:
-                x = m.smoothed(args[0].detach()) if isinstance(m, QuantLinear) else args[0].detach()
-                x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-                if x.shape[0] > per_batch:  # a seeded subset of the rows: H's estimate needs thousands, not all
-                    x = x[torch.randperm(x.shape[0], generator=gen)[:per_batch]]
-                xtx = (x.t() @ x).to(torch.float64)  # one batch in float32 (fast), the sum in float64
-                if not isinstance(m, QuantLinear):  # q/k/v and gate/up read one tensor: one XᵀX for all
-                    if len(shared) > 8:  # only the last few inputs can be read again (one block's)
-                        shared.clear()
-                    shared[key] = (args[0], xtx, x.shape[0])
-                rows = x.shape[0]
-            else:
-                _, xtx, rows = shared[key]
-            st = stats[id(m)]
+        def record(m: Any, args: tuple, stats: dict = stats, gen: torch.Generator = gen) -> None:
+            st = stats[slot[id(m)]]
+            if st[2] == batch[0]:  # another layer on the same input added this batch's moments
+                return
+            x = m.smoothed(args[0].detach()) if isinstance(m, QuantLinear) else args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            if x.shape[0] > per_batch:  # a seeded subset of the rows: H's estimate needs thousands, not all
+                x = x[torch.randperm(x.shape[0], generator=gen)[:per_batch]]
+            xtx = x.t() @ x  # one batch in float32 (fast); an INT8 layer's sum in float64
+            xtx = xtx.to(torch.float64) if isinstance(m, QuantLinear) else xtx
             st[0] = xtx if st[0] is None else st[0] + xtx
-            st[1] += rows
+            st[1] += x.shape[0]
+            st[2] = batch[0]
 
-        _run_with_input_hook(gm, group, record, batches)
-        for m in group:
-            h, n = stats.pop(id(m))
+        _run_with_input_hook(gm, members, record, batches, batch)
+        for m in members:
+            h, n, _ = stats[slot[id(m)]]
             if h is not None and n and isinstance(m, QuantLinear):
                 round_layer(m, h / n, damp)
             elif h is not None and n:
-                m.gptq(h / n, damp, rounding=rounding)
+                m.gptq(h.double() / n, damp, rounding=rounding)
+
+
+def _input_slots(gm: fx.GraphModule, layers: list[Any]) -> dict[int, Any]:
+    """Which input each layer's moments are taken on (by ``id(layer)``): the graph node feeding it for
+    weight-only layers (so q/k/v share one), the layer itself for smoothed INT8 layers."""
+    wanted = {id(m) for m in layers}
+    slot: dict[int, Any] = {id(m): id(m) for m in layers}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.args and isinstance(node.args[0], fx.Node):
+            m = gm.get_submodule(str(node.target))
+            if id(m) in wanted and not isinstance(m, QuantLinear):
+                slot[id(m)] = ("input", node.args[0].name)
+    return slot
 
 
 def round_layer(m: QuantLinear, h: Tensor, damp: float) -> None:

@@ -200,23 +200,25 @@ class Score:
 
 
 def score(runner: Runner, token_lists: Sequence[Sequence[int]], *, pad_id: int, batch_size: int = 8) -> Score:
-    """Perplexity and argmax predictions of ``token_lists`` in one prefill step per batch (left-padded)."""
-    nll, count, argmax = 0.0, 0, []
-    for b in range(0, len(token_lists), batch_size):
-        chunk = [list(x) for x in token_lists[b:b + batch_size] if len(x) >= 2]
-        if not chunk:
-            continue
+    """Perplexity and argmax predictions of ``token_lists`` in one prefill step per batch (left-padded;
+    the texts batched by length, so little padding is run; ``argmax`` in the order of ``token_lists``)."""
+    nll, count = 0.0, 0
+    order = [i for i in sorted(range(len(token_lists)), key=lambda i: len(token_lists[i])) if len(token_lists[i]) >= 2]
+    found: dict[int, np.ndarray] = {}
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        chunk = [list(token_lists[i]) for i in idx]
         ids, mask = left_pad(chunk, pad_id)
         logits, _ = runner.step(ids, mask, _positions(mask), runner.empty_past(len(chunk)))
         t = ids.shape[1]
-        for r, x in enumerate(chunk):
+        for r, (i, x) in enumerate(zip(idx, chunk)):
             lg = logits[r, t - len(x):-1].astype(np.float64)  # predictions of tokens 1 … n−1
             lg = lg - lg.max(axis=-1, keepdims=True)
             logp = lg - np.log(np.exp(lg).sum(axis=-1, keepdims=True))
             nll -= float(logp[np.arange(len(x) - 1), x[1:]].sum())
             count += len(x) - 1
-            argmax.append(np.argmax(lg, axis=-1))
-    return Score(nll, count, argmax)
+            found[i] = np.argmax(lg, axis=-1)
+    return Score(nll, count, [found[i] for i in sorted(found)])
 
 
 def pad_and_eos(tokenizer: Any) -> tuple[int, int | None]:

@@ -82,8 +82,10 @@ class GraphStep(nn.Module):
 
 def step_batches(step: DecoderStep, token_lists: Sequence[Sequence[int]], pad_id: int,
                  size: int = 8) -> list[tuple[torch.Tensor, ...]]:
-    """Prefill batches (left-padded, empty past) of ``token_lists``: the graph's calibration inputs."""
+    """Prefill batches (left-padded, empty past) of ``token_lists``, by length (less padding to run):
+    the graph's calibration inputs."""
     out = []
+    token_lists = sorted(token_lists, key=len)
     for i in range(0, len(token_lists), size):
         chunk = [list(x) for x in token_lists[i:i + size] if x]
         if not chunk:

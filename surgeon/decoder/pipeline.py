@@ -88,6 +88,7 @@ def _batches(token_lists: Sequence[Sequence[int]], pad_id: int, size: int = 8) -
     import torch
 
     out = []
+    token_lists = sorted(token_lists, key=len)  # batches of similar lengths: less padding to run
     for i in range(0, len(token_lists), size):
         ids, mask = left_pad(token_lists[i:i + size], pad_id)
         out.append({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)})
