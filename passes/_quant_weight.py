@@ -31,7 +31,7 @@ from surgeon.quant_ops import dequantize, dequantize_int4, quantize
 __all__ = ["WeightOnlyLinear", "INT8W", "int4_rung", "rung_block", "quantize_int4"]
 
 INT8W = "int8w"
-ERROR_COLUMNS = 4096  # output columns ``output_error`` estimates a layer's relative error over
+ERROR_COLUMNS = 1024  # output columns ``output_error`` estimates a layer's relative error over
 _INT4 = re.compile(r"int4-b(\d+)$")
 
 
@@ -152,27 +152,31 @@ class WeightOnlyLinear(nn.Module):
             codes = (w / s64.repeat_interleave(rep, 0)[: w.shape[0]]).round() + z64.repeat_interleave(rep, 0)[: w.shape[0]]
             setattr(self, self._key(rung, "q"), codes.clamp(lo, hi).to(q.dtype))
         self._dq_cache.clear()
-        self.local_error = {rung: self.output_error(h, rung) for rung in self.rungs}
+        self.local_error = self.output_errors(h, self.rungs)
 
     def output_error(self, h: Tensor, rung: str) -> float:
         """This layer's relative output error on ``rung`` for inputs of second moments ``h`` = E[xᵀx]:
         E‖x·ΔW‖² / E‖x·W‖² = tr(ΔWᵀ h ΔW) / tr(Wᵀ h W) (stored layout [in, out], ΔW = dq(W_q) − W): the
         error where the layer acts, measured without running the model (the guard's solo figure at scale).
-        Over at most ``ERROR_COLUMNS`` output columns (a seeded subset, the same for both traces): an LM
-        head's 49k columns cost in² × out multiply-adds per rung otherwise."""
+        Over at most ``ERROR_COLUMNS`` output columns (a seeded subset, the same for both traces), in
+        float32: it costs in² × columns multiply-adds per rung, and ranks sites (a few digits suffice)."""
+        return self.output_errors(h, (rung,))[rung]
+
+    def output_errors(self, h: Tensor, rungs: tuple[str, ...]) -> dict[str, float]:
+        """``output_error`` of each of ``rungs``, the denominator computed once."""
         w = self.stored_weight()
-        dw = self.dequantized_weight(rung)[: w.shape[0]] - w
+        rows, cols = w.shape[0], None
         if w.shape[1] > ERROR_COLUMNS:
             cols = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(0))[:ERROR_COLUMNS]
-            w, dw = w[:, cols], dw[:, cols]
-        h = h.double()
-        w, dw = w.double(), dw.double()
+            w = w[:, cols]
+        h = h.float()
         den = float(((h @ w) * w).sum())
-        return float(((h @ dw) * dw).sum()) / den if den > 0 else 0.0
-
-    def _exact(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight) if self.op == "linear" else torch.matmul(x, self.weight)
-        return y if self.bias is None else y + self.bias
+        out = {}
+        for rung in rungs:
+            dq = self.dequantized_weight(rung)[:rows]
+            dw = (dq if cols is None else dq[:, cols]) - w
+            out[rung] = float(((h @ dw) * dw).sum()) / den if den > 0 else 0.0
+        return out
 
     def _weight(self, x: Tensor) -> Tensor:
         """The dequantized weight of the current rung; in eager runs (the fit's and the guard's many

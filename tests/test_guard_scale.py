@@ -26,7 +26,7 @@ from surgeon.passes._quant_weight import WeightOnlyLinear
 from surgeon.profile import ORT_CPU
 
 
-@pytest.mark.parametrize("out,rel", [(48, 1e-9), (6000, 0.05)])  # 6000 > ERROR_COLUMNS: a column subset
+@pytest.mark.parametrize("out,rel", [(48, 1e-5), (6000, 0.1)])  # 6000 > ERROR_COLUMNS: a column subset
 def test_output_error_is_the_relative_output_error_on_those_inputs(out: int, rel: float) -> None:
     torch.manual_seed(0)
     lin = nn.Linear(64, out)
