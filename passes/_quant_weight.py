@@ -178,6 +178,10 @@ class WeightOnlyLinear(nn.Module):
             out[rung] = float(((h @ dw) * dw).sum()) / den if den > 0 else 0.0
         return out
 
+    def _exact(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight) if self.op == "linear" else torch.matmul(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
     def _weight(self, x: Tensor) -> Tensor:
         """The dequantized weight of the current rung; in eager runs (the fit's and the guard's many
         forwards) kept per rung until the codes change, since dequantizing every Linear on every call

@@ -5,8 +5,9 @@ this module decides. While a configuration violates the tolerance, the move take
 the most error removed per unit of benefit given up: for each site on a rung and each lower rung of
 its ladder (``keep`` last), gain = solo error at the current rung − solo error at the lower one (for
 the first violated criterion; 0 for ``keep``), cost = benefit lost (``_Benefit``). With ``gallop``
-(hundreds of sites: a decoder's every Linear) 1, 2, 4, ... of the best-ranked moves are taken per
-measurement, so the cost is O(log sites) measurements rather than one per site.
+(hundreds of sites: a decoder's every Linear) the order of moves is fixed from the solo figures and
+the shortest prefix of it that holds the tolerance is searched (1, 2, 4, ... moves, then a bisection),
+so the cost is O(log moves) measurements rather than one per move.
 """
 
 from __future__ import annotations
@@ -153,9 +154,9 @@ def ladder_guard(records: Sequence[SiteRecord], solo: Callable[[str, str], Figur
     decoder's cache): ``solo(site, rung)`` the figures with only ``site`` on at ``rung``, ``measure(config)``
     those of a configuration (site → rung; the sites not in it exact), ``exact`` those of no error.
     Solo figures below a site's first rung are measured lazily, when the descent first ranks them.
-    ``gallop``: while the tolerance is broken, take 1, 2, 4, ... of the best-ranked moves per
-    measurement (hundreds of sites: O(log n) measurements; the last batch may step down up to twice
-    the sites a one-at-a-time descent would have)."""
+    ``gallop``: the moves in the order the solo figures give, the shortest prefix that holds the
+    tolerance searched (1, 2, 4, ... moves, then a bisection): hundreds of sites cost O(log n)
+    measurements; the figures of configurations between the measured ones are not seen."""
     records = list(records)
     checks = {}
     for r in records:
@@ -178,7 +179,7 @@ class _Stepper:
                  measure: Callable[[dict[str, str], _Progress], Figures],
                  configure: Callable[[dict[str, str]], None], *, gallop: bool = False) -> None:
         # measure: the figures of a configuration (site → rung); configure: leave the model in one;
-        # gallop: take 1, 2, 4, ... ranked moves per measurement (``ladder_guard``'s many-site descent)
+        # gallop: a prefix search over the ranked moves (``ladder_guard``'s many-site descent, ``_search``)
         self.records, self.checks, self.exact, self.all_fig = records, checks, exact, all_fig
         self.gallop = gallop
         self.measure, self.configure = measure, configure
@@ -251,26 +252,87 @@ class _Stepper:
             c.rung = config[site] = to
         return site, to
 
+    def _record(self, fig: Figures, done: list[tuple[str, str]]) -> None:
+        """Note a measured configuration (the current one) and the moves that led to it."""
+        config = self.config
+        self.configs.append((dict(config), fig))
+        for site, to in done:
+            self.steps.append({"kept": list(config), "rungs": dict(config), "end_to_end": fig.to_json(),
+                               "rolled_back": site if to == KEEP else None,
+                               "stepped": None if to == KEEP else {"site": site, "to": to}})
+
+    def _search(self, criterion: str, fig: Figures, tolerance: Tolerance, bar: _Progress) -> Figures:
+        """The galloping descent for ``criterion``: the order of moves is decided by the solo figures
+        alone (the best move of the configuration each previous move leaves, until every site is kept
+        exact), then the shortest prefix of that order whose configuration holds ``criterion`` is found
+        with 1, 2, 4, ... moves and a bisection between the last prefix that broke it and the first that
+        held: O(log n) measurements for n moves (more moves, less error: assumed, as the descent does).
+        The moves of that prefix are taken; returns its figures."""
+        start = dict(self.config)
+        order: list[tuple[float, float, str, str]] = []
+        try:
+            while self.config:
+                moves = self._moves(criterion)
+                best = moves[0] if moves else None
+                site = best[2] if best else max(self.config, key=lambda s: self.loss(s, self.config[s], criterion))
+                to = best[3] if best else KEEP
+                order.append(best if best else (0.0, 0.0, site, KEEP))
+                if to == KEEP:
+                    del self.config[site]
+                else:
+                    self.config[site] = to
+        finally:
+            self.config.clear()
+            self.config.update(start)
+
+        def config_at(k: int) -> dict[str, str]:
+            cfg = dict(start)
+            for _, _, site, to in order[:k]:
+                if to == KEEP:
+                    cfg.pop(site, None)
+                else:
+                    cfg[site] = to
+            return cfg
+
+        measured: dict[int, Figures] = {0: fig}
+
+        def holds(k: int) -> bool:
+            if k not in measured:
+                measured[k] = self.measure(config_at(k), bar)
+                self.configs.append((config_at(k), measured[k]))
+            return criterion not in tolerance.violations(measured[k])
+
+        lo, hi = 0, 1  # order[:lo] breaks the criterion; find the first hi that holds it
+        while hi < len(order) and not holds(hi):
+            lo, hi = hi, min(hi * 2, len(order))
+        hi = min(hi, len(order))
+        if not holds(hi):
+            lo = hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if holds(mid) else (mid, hi)
+        broke = measured[lo]  # the figures the taken moves were decided against
+        on = len(start)
+        # a placeholder (gain 0: no move removed error) is the worst site going to keep, as _apply_move(None) picks
+        done = [self._apply_move(None if best[1] == 0.0 else best, criterion, broke, tolerance, on)
+                for best in order[:hi] if best is not None]
+        self._record(measured[hi], done)
+        return measured[hi]
+
     def run(self, tolerance: Tolerance, *, progress: bool = False, batches: int = 0, samples: int = 0) -> GuardResult:
         checks, config, benefit = self.checks, self.config, self.benefit
         fig = self.fig
         with _Progress(progress, "verifying") as bar, torch.no_grad():
-            batch = 1
             while config and (bad := tolerance.violations(fig)):
                 criterion = bad[0]
+                if self.gallop:
+                    fig = self._search(criterion, fig, tolerance, bar)
+                    continue
                 moves = self._moves(criterion)
-                # gallop (many sites): 1, 2, 4, ... moves per measurement while the tolerance stays
-                # broken, so reaching the i-th ranked move costs O(log i) measurements, not i
-                taken: list[tuple[float, float, str, str] | None] = list(moves[:batch]) if moves else [None]
-                batch = batch * 2 if self.gallop else 1
                 on = len(config)
-                done = [self._apply_move(best, criterion, fig, tolerance, on) for best in taken]
+                site, to = self._apply_move(moves[0] if moves else None, criterion, fig, tolerance, on)
                 fig = self.measure(dict(config), bar)
-                self.configs.append((dict(config), fig))
-                for site, to in done:
-                    self.steps.append({"kept": list(config), "rungs": dict(config), "end_to_end": fig.to_json(),
-                                       "rolled_back": site if to == KEEP else None,
-                                       "stepped": None if to == KEEP else {"site": site, "to": to}})
+                self._record(fig, [(site, to)])
         self.fig = fig
         met = not tolerance.violations(fig)
         chosen = dict(config)

@@ -122,13 +122,14 @@ def local_error(gm: Any, record: SiteRecord, rung: str) -> float | None:
     ``local_error``, e.g. a weight-only Linear's E‖xΔW‖² / E‖xW‖² on the fit inputs); None where a
     submodule has none."""
     errs = [getattr(gm.get_submodule(n), "local_error", {}).get(rung) for n in record.submodules]
-    return float(sum(errs)) if errs and all(e is not None for e in errs) else None
+    known = [float(e) for e in errs if e is not None]
+    return sum(known) if errs and len(known) == len(errs) else None
 
 
 def guard_sites(gm: Any, records: Sequence[SiteRecord], base: DecoderStep, ref: Score, held: list[list[int]],
                 pad: int, tol: DecoderTolerance, progress: Callable[[str], None] | None = None) -> GuardResult:
     """The graph passes' sites of a captured step (``gm``, every site fitted) down their ladders
-    (``verify.ladder_guard``, galloping: 1, 2, 4, ... sites a step), each configuration scored on the
+    (``verify.ladder_guard`` with ``gallop``: a prefix search over the ranked moves), each configuration scored on the
     held-out texts against the fp32 step's ``ref``.
 
     Solo figures: a site whose submodules know their error where they act (``local_error``) is ranked
