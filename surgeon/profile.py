@@ -202,6 +202,9 @@ ORT_CPU_DECODER = Profile(
 # per channel in 8 bits (VNNI / AMX multiply u8·s8 without the int16 saturation ORT's 7-bit weights
 # avoid on AVX2; an AVX2-only CPU was not measured). What stays float runs
 # in bf16 where the CPU has it (the deploy config's inference precision hint, verified with it).
+# Opset 21: attention as MatMul → Softmax → MatMul, which the plugin fuses into its attention
+# subgraph; the opset-23 Attention op with the mask-elided If (ORT's form) reached it as six If
+# bodies that the plugin compiled apart and did not fuse (MiniLM, OpenVINO 2026.4).
 OPENVINO_INT8_FC = "every linear with an INT8 weight runs as an int8 FullyConnected in OpenVINO's runtime model"
 
 OPENVINO_CPU_INT8 = Profile(
@@ -211,6 +214,7 @@ OPENVINO_CPU_INT8 = Profile(
     weight_layout="transposed",
     int8_weight_bits=8,
     uint8_activations=False,
-    fuses_attention=True,  # the plugin fuses scaled dot-product attention (ScaledDotProductAttention node)
+    fuses_attention=True,  # the plugin fuses MatMul → Softmax → MatMul into its own attention subgraph
+    onnx_opset=21,
     graph_requirements=(OPENVINO_INT8_FC,),
 )
