@@ -20,7 +20,7 @@ Accuracy: sentence-embedding cosine (mean pooling over the attention mask) of ea
 runtime, against the fp32 torch model, on bench/data/heldout_sentences.txt (in no calibration set),
 batches of 8 at ≤ 128 tokens; and on 512-token documents (held-out sentences concatenated), batch 4.
 Latency: every file round robin in one process (load on the machine hits them alike), 2 threads,
-median of ``--runs``; 8×128 and 4×512 unpadded, 4×512 with the last quarter of each row padded.
+median of ``--runs`` (the order rotating each round); 8×128 and 4×512 unpadded, 4×512 with the last quarter of each row padded.
 """
 
 from __future__ import annotations
@@ -203,10 +203,13 @@ def latency(files: dict[str, dict[str, Any]], runs: int) -> dict[str, dict[str, 
         times: dict[str, list[float]] = {name: [] for name in files}
         for run in runners.values():
             run(feeds), run(feeds)
-        for _ in range(runs):
-            for name, run in runners.items():
+        names = list(runners)
+        for r in range(runs):
+            # the order rotates each round: no file always follows the same one (OpenVINO's and ORT's
+            # thread pools wind down differently after a call)
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 t = time.perf_counter()
-                run(feeds)
+                runners[name](feeds)
                 times[name].append((time.perf_counter() - t) * 1e3)
         for name, ts in times.items():
             out[name][label] = round(statistics.median(ts), 2)
@@ -260,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--work", type=Path, default=None, help="keep the files here (default: a temporary directory)")
+    ap.add_argument("--reuse", action="store_true", help="measure the files an earlier run left in --work again")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu_runtimes")
     args = ap.parse_args(argv)
     torch.set_num_threads(THREADS)
@@ -267,7 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        files = build(work, model_dir)
+        listing = work / "files.json"
+        if args.reuse:
+            files = {k: {**v, "path": work / v["path"]} for k, v in json.loads(listing.read_text()).items()}
+        else:
+            files = build(work, model_dir)
+            listing.write_text(json.dumps({k: {**v, "path": str(Path(v["path"]).relative_to(work))}
+                                           for k, v in files.items()}, indent=2, default=str))
         acc = accuracy(files, model_dir)
         before = Path("/proc/loadavg").read_text().split()[:3]
         lat = latency(files, args.runs)
