@@ -17,7 +17,8 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["Profile", "TORCH", "ORT_CPU", "ORT_CPU_DECODER", "ORT_CPU_FP8", "ORT_CPU_INT8", "ORT_CPU_INT8_VNNI", "KEEP"]
+__all__ = ["Profile", "TORCH", "ORT_CPU", "ORT_CPU_DECODER", "ORT_CPU_FP8", "ORT_CPU_INT8", "ORT_CPU_INT8_VNNI", "OPENVINO_CPU_INT8",
+           "KEEP"]
 
 KEEP = "keep"  # the last rung of every ladder: the site stays as it is, computing what the original computed
 
@@ -191,4 +192,29 @@ ORT_CPU_DECODER = Profile(
     speed=tuple(_WEIGHT_ONLY_SPEED.items()),
     graph_requirements=("past_key_values.<i>.key/.value inputs and present.<i>.key/.value outputs in the "
                         "cache's element type (float, int8 or float8e4m3fn)",),
+)
+
+# OpenVINO's CPU plugin (targets/openvino_int8.py): static INT8 only. Its low-precision
+# transformations turn an activation FakeQuantize (QuantizeLinear → DequantizeLinear with a constant
+# scale) and an int8 weight into an int8 FullyConnected (brgemm with VNNI / AMX, the bias folded in);
+# a dynamic quantization (DynamicQuantizeLinear + MatMulInteger) stays fp32 there (issue 28: 42 of
+# 44 layers of onnx-int8's MiniLM file ran fp32), so the ladder has no dynamic rung. Weights symmetric
+# per channel in 8 bits (VNNI / AMX multiply u8·s8 without the int16 saturation ORT's 7-bit weights
+# avoid on AVX2; an AVX2-only CPU was not measured). What stays float runs
+# in bf16 where the CPU has it (the deploy config's inference precision hint, verified with it).
+# Opset 21: attention as MatMul → Softmax → MatMul, which the plugin fuses into its attention
+# subgraph; the opset-23 Attention op with the mask-elided If (ORT's form) reached it as six If
+# bodies that the plugin compiled apart and did not fuse (MiniLM, OpenVINO 2026.4).
+OPENVINO_INT8_FC = "every linear with an INT8 weight runs as an int8 FullyConnected in OpenVINO's runtime model"
+
+OPENVINO_CPU_INT8 = Profile(
+    runtime="openvino-cpu",
+    machine="x86-64 with AVX512-VNNI, AVX-VNNI or AMX (int8 brgemm); bf16 where AVX512-BF16 / AMX",
+    ladders=_freeze_ladders({"linear": ("int8-static", KEEP), "embedding": ("int8", KEEP)}),
+    weight_layout="transposed",
+    int8_weight_bits=8,
+    uint8_activations=False,
+    fuses_attention=True,  # the plugin fuses MatMul → Softmax → MatMul into its own attention subgraph
+    onnx_opset=21,
+    graph_requirements=(OPENVINO_INT8_FC,),
 )

@@ -45,8 +45,9 @@ def data_file(path: str | os.PathLike) -> Path:
 
 
 def file_bytes(path: str | os.PathLike) -> int:
-    """Bytes of an output file with its external data file, when it has one."""
-    data = data_file(path)
+    """Bytes of an output file with its external data file, when it has one (an OpenVINO IR's
+    ``model.xml`` keeps its weights in ``model.bin``)."""
+    data = Path(path).with_suffix(".bin") if Path(path).suffix == ".xml" else data_file(path)
     return Path(path).stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 

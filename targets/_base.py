@@ -48,6 +48,10 @@ class Target:
             return None
         return f"no {self.quantized} quantization"
 
+    def require_runtime(self) -> None:
+        """Raise a one-line ``SurgeonError`` naming what to install where the target's runtime is an
+        optional dependency that is missing (called before any work; default: nothing is missing)."""
+
     def lower(self, module: Any, example_inputs: Any, outdir: str | os.PathLike, **kw: Any) -> dict[str, Any]:
         """Write ``OUTDIR/<filename>`` for ``module``, verified; return the figures (with ``path``)."""
         raise NotImplementedError

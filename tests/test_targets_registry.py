@@ -24,9 +24,9 @@ def test_registered_targets_are_described() -> None:
     for name in registered():
         t = get_target(name)
         assert isinstance(t, Target) and t.name == name
-        assert t.format in ("pt2", "onnx") and t.runtime == t.profile.runtime
+        assert t.format in ("pt2", "onnx", "openvino-ir") and t.runtime == t.profile.runtime
         assert t.description and "\n" not in t.description
-        assert t.default_passes and t.filename.endswith("." + t.format)
+        assert t.default_passes and t.filename.endswith("." + {"openvino-ir": "xml"}.get(t.format, t.format))
         assert isinstance(t.profile, Profile) and t.profile.ladders
         for kind in t.profile.kinds():
             assert t.profile.formats(kind)[-1] == KEEP
@@ -35,14 +35,15 @@ def test_registered_targets_are_described() -> None:
     assert get_target("onnx-int8").default_passes == "linear-quant{dtype=int8}"
     assert get_target("onnx-fp8").default_passes == "attention-fp8,linear-quant{dtype=fp8}"
     assert get_target("torch").default_passes == get_target("onnx").default_passes == "attention-fp8"
-    assert [n for n in registered() if get_target(n).needs_passes] == ["onnx-fp8", "onnx-int8", "onnx-int8-vnni"]
+    assert [n for n in registered() if get_target(n).needs_passes] == ["onnx-fp8", "onnx-int8", "onnx-int8-vnni",
+                                                                        "openvino-int8"]
     assert get_target("onnx-int8").profile.int8_weight_bits == 7 and get_target("onnx-int8-vnni").profile.int8_weight_bits == 8
 
 
 def test_check_target_message() -> None:
     with pytest.raises(SurgeonError) as info:
         check_target("nope")
-    assert str(info.value) == "unknown target 'nope' (known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni, onnx-decoder)"
+    assert str(info.value) == "unknown target 'nope' (known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni, onnx-decoder, openvino-int8)"
     with pytest.raises(SurgeonError):
         get_target("nope")
 

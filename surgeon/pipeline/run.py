@@ -172,6 +172,7 @@ def optimize(model: nn.Module, example_inputs: Inputs, calib: Iterable[Any] | No
         from .. import targets  # type: ignore[attr-defined]
 
         deploy = targets.get_target(target)  # an unknown name fails here, before any work
+        deploy.require_runtime()  # so does a runtime that is not installed (an optional extra)
     pass_list = resolve_passes(passes if passes is not None else
                                (deploy.default_passes if deploy is not None else DEFAULT_PASSES))
     tol = parse_tolerance(tolerance, has_metric=metric is not None)
