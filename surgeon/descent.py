@@ -91,7 +91,7 @@ class _Benefit:
         return self._raw(r, rung) if r.benefit else self.default
 
 
-class _Progress:
+class Progress:
     """A rich progress bar when asked for, a no-op otherwise."""
 
     def __init__(self, enabled: bool, desc: str) -> None:
@@ -99,7 +99,7 @@ class _Progress:
         self.bar: Any = None
         self.task: Any = None
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> "Progress":
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -164,19 +164,19 @@ def ladder_guard(records: Sequence[SiteRecord], solo: Callable[[str, str], Figur
         checks[r.site] = SiteCheck(r, {}, solo_rungs[ladder(r)[0]], rung=ladder(r)[0], ladder=ladder(r),
                                    solo_rungs=solo_rungs)
     all_fig = measure({r.site: ladder(r)[0] for r in records})
-    stepper = _Stepper(records, checks, exact, all_fig, lambda config, bar: measure(config), lambda config: None,
+    stepper = Stepper(records, checks, exact, all_fig, lambda config, bar: measure(config), lambda config: None,
                        gallop=gallop)
     return stepper.run(tolerance)
 
 
-class _Stepper:
+class Stepper:
     """The guard's descent, resumable: the solo figures measured once, then configurations stepped
     down until a tolerance holds. ``run`` starts from every site on its first rung, or from where
     the last ``run`` ended (``GuardResult.resume``: the written file missed a tolerance the torch
     module met, so the pipeline asks for a tighter one)."""
 
     def __init__(self, records: list[SiteRecord], checks: dict[str, SiteCheck], exact: Figures, all_fig: Figures,
-                 measure: Callable[[dict[str, str], _Progress], Figures],
+                 measure: Callable[[dict[str, str], Progress], Figures],
                  configure: Callable[[dict[str, str]], None], *, gallop: bool = False) -> None:
         # measure: the figures of a configuration (site → rung); configure: leave the model in one;
         # gallop: a prefix search over the ranked moves (``ladder_guard``'s many-site descent, ``_search``)
@@ -261,7 +261,7 @@ class _Stepper:
                                "rolled_back": site if to == KEEP else None,
                                "stepped": None if to == KEEP else {"site": site, "to": to}})
 
-    def _search(self, criterion: str, fig: Figures, tolerance: Tolerance, bar: _Progress) -> Figures:
+    def _search(self, criterion: str, fig: Figures, tolerance: Tolerance, bar: Progress) -> Figures:
         """The galloping descent for ``criterion``: the order of moves is decided by the solo figures
         alone (the best move of the configuration each previous move leaves, until every site is kept
         exact), then the shortest prefix of that order whose configuration holds ``criterion`` is found
@@ -322,7 +322,7 @@ class _Stepper:
     def run(self, tolerance: Tolerance, *, progress: bool = False, batches: int = 0, samples: int = 0) -> GuardResult:
         checks, config, benefit = self.checks, self.config, self.benefit
         fig = self.fig
-        with _Progress(progress, "verifying") as bar, torch.no_grad():
+        with Progress(progress, "verifying") as bar, torch.no_grad():
             while config and (bad := tolerance.violations(fig)):
                 criterion = bad[0]
                 if self.gallop:

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch import fx
 
-from .descent import GuardResult, SiteCheck, _Progress, _Stepper, ladder, ladder_guard
+from .descent import GuardResult, Progress, SiteCheck, Stepper, ladder, ladder_guard
 from .errors import SurgeonError
 from .inputs import Inputs, call
 from .metrics import EndToEnd, Figures, Metric, PairStats, combine_ranks, first_float, total_over_ranks
@@ -54,7 +54,7 @@ def _configure(gm: fx.GraphModule, records: Sequence[SiteRecord], active: "set[s
 
 def measure_config(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord],
                    active: "set[str] | dict[str, str]",
-                   check: Sequence[Inputs], metric: Metric | None = None, progress: _Progress | None = None,
+                   check: Sequence[Inputs], metric: Metric | None = None, progress: Progress | None = None,
                    *, distributed: bool | None = None) -> Figures:
     """End-to-end figures of ``gm`` with the sites in ``active`` on (others exact) against ``gm0``;
     ``active`` a set (first rungs) or a dict site → rung."""
@@ -107,7 +107,7 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
     exact_acc = EndToEnd(metric)  # the original against itself: the figures of "no error"
     refs = [r.reference for r in records if r.probe and r.reference]
     samples = 0
-    with _Progress(progress, "verifying") as bar, torch.no_grad():
+    with Progress(progress, "verifying") as bar, torch.no_grad():
         bar.add(len(check) * (len(solo_acc) + 2))
         for batch in check:
             ref_out, ref_vals = run_tapped(gm0, batch, refs)
@@ -142,9 +142,9 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
     if tolerance.agreement is not None and exact.agreement is None:
         raise SurgeonError(AGREEMENT_NEEDS_LOGITS)
 
-    def measure(config: dict[str, str], bar: _Progress) -> Figures:
+    def measure(config: dict[str, str], bar: Progress) -> Figures:
         bar.add(len(check), f"verifying ({len(config)} site(s) on)")
         return measure_config(gm0, gm, records, config, check, metric, bar, distributed=distributed)
 
-    stepper = _Stepper(records, checks, exact, all_fig, measure, lambda config: _configure(gm, records, config))
+    stepper = Stepper(records, checks, exact, all_fig, measure, lambda config: _configure(gm, records, config))
     return stepper.run(tolerance, progress=progress, batches=n_check, samples=samples)
