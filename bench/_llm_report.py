@@ -107,9 +107,11 @@ def write_markdown(out: dict[str, Any], path: Path) -> str:
             lines.append(f"* warning: {w}")
     lines += ["", "Targets (issue 27), surgeon's default output:", ""]
     for t in out["targets"]:
-        verdict = {True: "**met**", False: "**missed**", None: "not measured"}[t["met"]]
+        if t["met"] is None:
+            lines.append(f"* {t['target']}: {t['measured']}")
+            continue
         note = f" ({Q4_NOTE})" if "perplexity" in t["target"] else ""
-        lines.append(f"* {t['target']}: {verdict} — {t['measured']}{note}")
+        lines.append(f"* {t['target']}: {'**met**' if t['met'] else '**missed**'} — {t['measured']}{note}")
     lines += ["", "Builds:", ""]
     for name, b in out["builds"].items():
         lines.append(f"* {name}: `{b.get('command')}` — wall {b.get('wall_s')} s, peak RSS {b.get('peak_rss_mb')} MB")

@@ -213,13 +213,60 @@ class LlamaCppSubject:
 
     def decode(self, prompts: list[list[int]], new: int) -> float:
         if len(prompts) != 1:
-            raise NotImplementedError("llama-cpp-python's Llama runs one sequence per context")
+            return self._decode_batched(prompts, new)
         stamps = []
         for _tok in self.llm.generate(prompts[0], top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
                                      reset=True):
             stamps.append(time.perf_counter())
             if len(stamps) == new:
                 break
+        return stamps[-1] - stamps[0]
+
+    def _decode_batched(self, prompts: list[list[int]], new: int) -> float:
+        """Several sequences in one context, greedy: ``Llama`` runs one sequence, so this is llama.cpp's
+        own C API for parallel decoding (as its ``batched`` example and ``llama-server`` use it) through
+        llama-cpp-python's bindings: one ``llama_decode`` of every prompt (a sequence id each), then one
+        per step with a token of every sequence."""
+        import llama_cpp as lc
+
+        n, length = len(prompts), len(prompts[0])
+        params = lc.llama_context_default_params()
+        params.n_ctx = n * (length + new + 1)  # split evenly among the sequences
+        params.n_batch = params.n_ubatch = n * length
+        params.n_seq_max = n
+        params.n_threads = params.n_threads_batch = self.kw["n_threads"]
+        ctx = lc.llama_init_from_model(self.llm.model, params)
+        batch = lc.llama_batch_init(n * length, 0, n)
+        vocab = self.llm.n_vocab()
+
+        def put(j: int, token: int, pos: int, seq: int, logits: bool) -> None:
+            batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, pos, 1
+            batch.seq_id[j][0], batch.logits[j] = seq, logits
+
+        def run() -> np.ndarray:
+            if lc.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            return np.stack([np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, j), shape=(vocab,)).argmax()
+                             for j in rows])
+
+        try:
+            rows = [r * length + length - 1 for r in range(n)]  # each prompt's last position
+            for r, p in enumerate(prompts):
+                for i, t in enumerate(p):
+                    put(r * length + i, t, i, r, i == length - 1)
+            batch.n_tokens = n * length
+            nxt = run()
+            stamps = [time.perf_counter()]
+            rows = list(range(n))
+            for k in range(new - 1):
+                for r in range(n):
+                    put(r, int(nxt[r]), length + k, r, True)
+                batch.n_tokens = n
+                nxt = run()
+                stamps.append(time.perf_counter())
+        finally:
+            lc.llama_batch_free(batch)
+            lc.llama_free(ctx)
         return stamps[-1] - stamps[0]
 
     def prefill(self, ids: list[int]) -> float:

@@ -25,8 +25,9 @@ and fed as the same ids to every runtime:
   the log-softmax of each runtime's own logits (``surgeon.decoder.generate.score`` for the ONNX files,
   llama.cpp's ``logits_all`` scores through the same formula);
 * decode tokens/s at batch 1 and 4: 128-token prompts, 128 new tokens, greedy, no early stop, in each
-  runtime's own generation loop (surgeon's ``generate``, ``og.Generator``, ``Llama.generate``); the decode
-  phase only: ``batch × 127`` tokens over the time from the first new token to the last;
+  runtime's own generation loop (surgeon's ``generate``, ``og.Generator``, ``Llama.generate``; llama.cpp's
+  batch 4 through its C API's ``llama_decode`` with a sequence id per row, as ``Llama`` runs one sequence);
+  the decode phase only: ``batch × 127`` tokens over the time from the first new token to the last;
 * prefill: one forward of a 512-token prompt from an empty cache, ms;
 * the file's MB, the cache's bytes per token (per sequence, all layers), build wall and peak RSS.
 
@@ -177,8 +178,7 @@ def measure(names: list[str], work: Path, gguf: Path, ids: list[int], rounds: in
         for n in order:
             s = subjects[n]
             times[n]["b1"].append(1 * (NEW - 1) / s.decode(p1, NEW))
-            if not isinstance(s, rt.LlamaCppSubject):
-                times[n]["b4"].append(4 * (NEW - 1) / s.decode(p4, NEW))
+            times[n]["b4"].append(4 * (NEW - 1) / s.decode(p4, NEW))
             times[n]["prefill"].append(1000 * s.prefill(prefill_ids))
             print(f"round {r + 1}/{rounds} {n}: b1 {times[n]['b1'][-1]:.1f} tok/s"
                   + (f", b4 {times[n]['b4'][-1]:.1f} tok/s" if times[n]["b4"] else "")
@@ -187,7 +187,8 @@ def measure(names: list[str], work: Path, gguf: Path, ids: list[int], rounds: in
         res[n].update(decode_tok_s_b1=_spread(times[n]["b1"]), decode_tok_s_b4=_spread(times[n]["b4"]),
                       prefill_ms=_spread(times[n]["prefill"]), cache_bytes_per_token=s.cache_bytes_per_token)
         if isinstance(s, rt.LlamaCppSubject):
-            res[n]["decode_b4_note"] = "n/a: llama-cpp-python's Llama API runs one sequence per context"
+            res[n]["decode_b4_note"] = ("batch 4 through llama.cpp's C API (llama_decode with 4 sequence ids, "
+                                        "llama-cpp-python's bindings): Llama.generate runs one sequence")
             res[n]["cache_note"] = "from the GGUF's shapes: llama.cpp's default f16 cache"
     res["_load_after_timing"] = _load()
     return res
