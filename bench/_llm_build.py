@@ -63,7 +63,9 @@ def _fresh(out: Path) -> None:
 def to_hf(gguf: Path, out: Path, logs: Path) -> dict[str, Any]:
     """The GGUF dequantized into a Hugging Face directory by surgeon's loader (for genai's builder)."""
     _fresh(out)
-    return timed([sys.executable, "-c", _TO_HF, str(gguf), str(out)], logs / "to_hf.log")
+    run = timed([sys.executable, "-c", _TO_HF, str(gguf), str(out)], logs / "to_hf.log")
+    run["command"] = f"python -c '<load_gguf_causal_lm, save_pretrained>' {gguf} {out}"
+    return run
 
 
 def surgeon_export(gguf: Path, out: Path, logs: Path) -> dict[str, Any]:
@@ -99,8 +101,10 @@ def _report_summary(path: Path) -> dict[str, Any]:
         rungs[str(key)] = rungs.get(str(key), 0) + 1
     g, v = r.get("guard", {}), r.get("verification", {})
     return {"passes": r.get("passes"), "sites": len(sites), "rungs": rungs, "kv_cache": g.get("chosen"),
-            "verdict": (r.get("verdict") or {}).get("message"), "warnings": r.get("warnings", []),
-            "verification_perplexity": v.get("perplexity"), "speed": r.get("speed")}
+            "verdict": " ".join(str(x) for x in ((r.get("verdict") or {}).get("status"),
+                                                 (r.get("verdict") or {}).get("message")) if x),
+            "warnings": r.get("warnings", []), "verification_perplexity": v.get("perplexity"),
+            "logits_max_abs_diff": v.get("logits_max_abs_diff"), "speed": r.get("speed")}
 
 
 def genai_build(hf: Path, out: Path, logs: Path, precision: str) -> dict[str, Any]:

@@ -55,6 +55,13 @@ def _four_bit(name: str, sub: dict[str, Any], builds: dict[str, Any]) -> bool:
     return any("int4" in str(k) for k in (summary.get("rungs") or {}))
 
 
+def _guard_ppl(summ: dict[str, Any]) -> str:
+    p = summ.get("verification_perplexity") or {}
+    if not p.get("file"):
+        return "not stated"
+    return f"{p['file']:.3f} vs fp32 torch {p['fp32_torch']:.3f} (×{p['ratio']:.4f}) on {p.get('tokens')} tokens"
+
+
 def table(out: dict[str, Any]) -> str:
     s, builds = out["subjects"], out["builds"]
     fp32 = _ppl(s, FP32)
@@ -102,7 +109,8 @@ def write_markdown(out: dict[str, Any], path: Path) -> str:
     if summ:
         lines += ["", f"surgeon optimize (`{opt.get('command')}`, exit {opt.get('exit')}): passes {summ.get('passes')}; "
                   f"{summ.get('sites')} graph sites, {summ.get('rungs')}; kv cache {summ.get('kv_cache')}; "
-                  f"verdict: {summ.get('verdict')}"]
+                  f"verdict: {summ.get('verdict')}; its own check on surgeon's text: perplexity "
+                  f"{_guard_ppl(summ)}, logits max |Δ| vs its torch module {summ.get('logits_max_abs_diff') or float('nan'):.3g}"]
         for w in summ.get("warnings") or []:
             lines.append(f"* warning: {w}")
     lines += ["", "Targets (issue 27), surgeon's default output:", ""]

@@ -137,6 +137,9 @@ def build(gguf: Path, work: Path, passes: str | None, skipped: dict[str, str], r
             print(f"building: genai {p} …", flush=True)
             out[f"genai {p}"] = b.genai_build(work / "hf", work / f"genai-{p}", logs, p)
     out["llama.cpp Q4_1"] = {"command": "none: llama.cpp runs the GGUF as shipped", "wall_s": None, "peak_rss_mb": None}
+    rel = str(gguf.relative_to(ROOT)) if gguf.is_relative_to(ROOT) else str(gguf)
+    for run in out.values():  # the commands as the docs show them
+        run["command"] = run["command"].replace(str(gguf), "GGUF").replace(rel, "GGUF").replace(str(work), "WORK")
     record.write_text(json.dumps(out, indent=2))
     return out
 
