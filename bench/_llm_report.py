@@ -89,7 +89,8 @@ def write_markdown(out: dict[str, Any], path: Path) -> str:
         f"per runtime; load average {out['load_start']} at the start, {out['load_before_timing']} before the timing "
         f"rounds, {out['load_after_timing']} after them (the machine was shared: the ratios of one interleaved run "
         "mean more than the absolute figures).",
-        f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}. surgeon's passes: {out['surgeon_passes']}.",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}. surgeon's passes: {out['surgeon_passes']}."
+        + (f" llama.cpp's build: `{m['llama_cpp_system_info']}`." if m.get("llama_cpp_system_info") else ""),
         "",
         f"Perplexity: {out['heldout_tokens']} tokens of `bench/data/llm_heldout.txt`, windows of {out['window']} "
         f"inputs from an empty cache ({next(iter(out['subjects'].values()))['scored_tokens']} scored tokens, the same "

@@ -85,8 +85,14 @@ def machine() -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     model = re.search(r"model name\s*:\s*(.+)", cpuinfo)
     flags = sorted(set(re.findall(r"\b(avx512_vnni|avx_vnni|avx512_bf16|amx_int8|avx512f|avx2)\b", cpuinfo)))
-    return {"cpu": model[1].strip() if model else platform.processor(), "cores": os.cpu_count(), "flags": flags,
-            "python": platform.python_version(), "versions": _versions()}
+    out = {"cpu": model[1].strip() if model else platform.processor(), "cores": os.cpu_count(), "flags": flags,
+           "python": platform.python_version(), "versions": _versions()}
+    if importlib.util.find_spec("llama_cpp") is not None:
+        import llama_cpp
+
+        # which CPU kernels llama.cpp was built with (a generic x86-64 build has no AVX-512 / VNNI paths)
+        out["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    return out
 
 
 def _versions() -> dict[str, str]:
