@@ -102,7 +102,7 @@ def write_markdown(out: dict[str, Any], path: Path) -> str:
     for name, why in out["skipped"].items():
         lines.append(f"* {name}: skipped — {why}")
     for name, sub in out["subjects"].items():
-        for key in ("decode_b4_note", "cache_note"):
+        for key in ("decode_b4_note", "decode_b4_error", "cache_note"):
             if key in sub:
                 lines.append(f"* {name}: {sub[key]}")
     opt = out["builds"].get(DEFAULT) or {}
