@@ -213,4 +213,4 @@ ONNX_DECODER = DecoderTarget(
     name="onnx-decoder", format="onnx", runtime=_profile.ORT_CPU_DECODER.runtime, profile=_profile.ORT_CPU_DECODER,
     description="a causal LM's decode step with its KV cache as inputs/outputs (Optimum names; "
                 "INT8/FP8 cache), for inference servers; surgeon generate runs it",
-    default_passes="kv-cache-quant")
+    default_passes="linear-quant{dtype=int4},kv-cache-quant")
