@@ -6,8 +6,8 @@ cost is O(log sites) whole-model measurements, not sites × rungs.
   (checked against the layer's outputs computed directly);
 * the fit sets it for every rung, with GPTQ rounding and with nearest rounding;
 * on a tiny Llama with 15 weight sites, a tolerance that every int4 rung breaks costs the guard at
-  most 2 + 2⌈log2(15 × rungs)⌉ measurements (a prefix search over the ranked moves) (the old descent measured 15 solo figures first), and what it
-  keeps meets the tolerance.
+  most 2 + 2⌈log2(15 × rungs)⌉ measurements (a prefix search over the ranked moves; the old descent
+  measured 15 solo figures first), and what it keeps meets the tolerance.
 """
 
 from __future__ import annotations
