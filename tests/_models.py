@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -255,3 +256,20 @@ class NormflowsFlow(nn.Module):
             x, step = f(x)
             ld = ld + step
         return (x, ld) if self.logdet else x
+
+
+def tiny_bert(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0) -> nn.Module:
+    """A random-weight BertModel (2 heads, FFN 2 × hidden, 64 positions) in eval mode."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=2 * hidden, max_position_embeddings=64)
+    return BertModel(cfg).eval()
+
+
+def save_bert_dir(out: Path, tokenizer: Any, hidden: int = 32, layers: int = 2) -> Path:
+    """A Hugging Face directory at ``out``: ``tiny_bert`` and ``tokenizer``."""
+    tiny_bert(len(tokenizer), hidden, layers).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

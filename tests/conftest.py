@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from _models import tiny_bert
 
 # Tests never reach a model hub (set before transformers is imported anywhere).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,17 +55,7 @@ def save_hf(tmp_path: Path, hf_tokenizer: Any) -> Callable[..., Path]:
     return save
 
 
-def _tiny_bert(vocab_size: int, seed: int = 0) -> torch.nn.Module:
-    """A random-weight 2-layer BertModel (hidden 32) in eval mode."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    return BertModel(cfg).eval()
-
-
 @pytest.fixture
 def tiny_bert_dir(save_hf: Callable[..., Path], hf_tokenizer: Any) -> Path:
     """A Hugging Face directory holding a random 2-layer BertModel and a BERT tokenizer."""
-    return save_hf(_tiny_bert(len(hf_tokenizer)), "tiny-bert")
+    return save_hf(tiny_bert(len(hf_tokenizer)), "tiny-bert")

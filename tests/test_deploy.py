@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 from _cli import run_cli
+from _models import save_bert_dir
 
 from surgeon import cli
 
@@ -171,15 +172,7 @@ def test_force_passes_writes_what_was_asked(workdir: Path, capsys: pytest.Captur
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory: pytest.TempPathFactory, hf_tokenizer: Any) -> Path:
     """A Hugging Face directory: a random 1-layer BertModel (hidden 16) and a BERT tokenizer."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(hf_tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=64)
-    out = tmp_path_factory.mktemp("deploy") / "bert"
-    BertModel(cfg).eval().save_pretrained(out)
-    hf_tokenizer.save_pretrained(out)
-    return out
+    return save_bert_dir(tmp_path_factory.mktemp("deploy") / "bert", hf_tokenizer, hidden=16, layers=1)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 from _cli import run_cli
+from _models import save_bert_dir
 
 from surgeon import cli
 
@@ -43,15 +44,7 @@ needs_openvino = pytest.mark.skipif(not _have_openvino(), reason="openvino is no
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory: pytest.TempPathFactory, hf_tokenizer: Any) -> Path:
     """A Hugging Face directory: a random 2-layer BertModel (hidden 64) and a BERT tokenizer."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(hf_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=128, max_position_embeddings=64)
-    out = tmp_path_factory.mktemp("ov") / "bert"
-    BertModel(cfg).eval().save_pretrained(out)
-    hf_tokenizer.save_pretrained(out)
-    return out
+    return save_bert_dir(tmp_path_factory.mktemp("ov") / "bert", hf_tokenizer, hidden=64, layers=2)
 
 
 @pytest.fixture(scope="module")
