@@ -178,6 +178,13 @@ class WeightOnlyLinear(nn.Module):
             out[rung] = float(((h @ dw) * dw).sum()) / den if den > 0 else 0.0
         return out
 
+    def __getstate__(self) -> dict:
+        # a copy (the pipeline deep-copies fitted layers into the rebuilt graph) or a pickle carries the
+        # codes, not the dequantized weights derived from them: a copy of those is the model's size again
+        state = self.__dict__.copy()
+        state["_dq_cache"] = {}
+        return state
+
     def _exact(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight) if self.op == "linear" else torch.matmul(x, self.weight)
         return y if self.bias is None else y + self.bias

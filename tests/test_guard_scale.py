@@ -42,6 +42,20 @@ def test_output_error_is_the_relative_output_error_on_those_inputs(out: int, rel
     assert layer.output_error(h, "int8w") < layer.output_error(h, "int4-b32") / 10
 
 
+def test_a_copy_does_not_carry_the_dequantized_weights() -> None:
+    import copy
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    layer = WeightOnlyLinear("linear", lin.weight, lin.bias, ("int4-b32", "int8w"))
+    x = torch.randn(3, 64)
+    y = layer(x)
+    assert set(layer._dq_cache) == {"int4-b32"}
+    twin = copy.deepcopy(layer)
+    assert twin._dq_cache == {} and layer._dq_cache
+    assert torch.equal(twin(x), y)
+
+
 @pytest.mark.parametrize("rounding", ["gptq", "nearest"])
 def test_the_fit_sets_each_rungs_local_error(rounding: str) -> None:
     torch.manual_seed(0)
