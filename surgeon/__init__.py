@@ -19,9 +19,15 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from .version import __version__
+
+# torch 2.13's own GraphModule codegen holds pytree LeafSpecs; every deepcopy of a captured graph (the
+# guard copies it per rung) re-creates them through the deprecated constructor and warns in the
+# user's terminal about torch's code, not theirs.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ imports them
     from .analysis import Analysis, NearMiss, Site, analyze

@@ -42,7 +42,7 @@ from .errors import SurgeonError, first_line
 
 __all__ = ["DEFAULT_TIMEOUT_S", "PeerLost", "init_from_env", "active", "rank", "world_size", "is_writer",
            "shard", "all_reduce", "all_reduce_optional", "all_gather_object", "broadcast_object",
-           "broadcast_module_state", "barrier", "agree", "timeout_s"]
+           "broadcast_module_state", "barrier", "agree", "timeout_s", "leave"]
 
 DEFAULT_TIMEOUT_S = 300.0
 LEAVE_TIMEOUT_S = 10.0  # how long a rank waits at exit for its peers before it tears the group down
@@ -128,27 +128,48 @@ def init_from_env(timeout: float | None = None) -> bool:
                        f"group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {t:g} s: "
                        f"{first_line(exc, trim=True)}") from None
     _timeout = t
-    atexit.register(_leave)
+    atexit.register(leave)
     return active()
 
 
-def _leave() -> None:
+def leave() -> None:
+    """Tear down the group ``init_from_env`` joined, every rank together, rank 0 last (run at exit)."""
     # Left to the interpreter's teardown, gloo's worker threads are destroyed while still joinable and
     # the process aborts ("terminate called without an active exception", exit -6) after a run that
     # succeeded; destroying the group joins them. (A rank that lost its peers leaves by os._exit.)
     # The ranks meet first: a rank that tears its group down while a peer's last message is still in
     # flight left that peer aborting the same way (seen once more in test_two_ranks_equal_one_process).
     # A monitored barrier has its own timeout, so a peer that is gone costs seconds, not a hang.
+    # Rank 0 hosts the rendezvous store and leaves last: it waits until every peer has torn its group
+    # down (a key each sets in the store), so no peer's teardown talks to a store that is gone (the
+    # abort was seen a third time with the barrier alone, in a loaded CI run).
     dist = _dist()
     try:
         if dist.is_available() and dist.is_initialized():
+            store = _store(dist)
+            me, world = dist.get_rank(), dist.get_world_size()
             try:
                 dist.monitored_barrier(timeout=datetime.timedelta(seconds=LEAVE_TIMEOUT_S))
             except Exception:  # noqa: BLE001 - a peer already gone: destroy all the same
                 pass
+            if me == 0 and store is not None:
+                try:
+                    store.wait([f"surgeon/left/{r}" for r in range(1, world)], datetime.timedelta(seconds=LEAVE_TIMEOUT_S))
+                except Exception:  # noqa: BLE001 - a peer gone without a word: leave all the same
+                    pass
             dist.destroy_process_group()
+            if me != 0 and store is not None:
+                store.set(f"surgeon/left/{me}", "1")
     except Exception:  # noqa: BLE001 - nothing left to report to at exit
         pass
+
+
+def _store(dist: Any) -> Any:
+    """The default group's rendezvous store, or None where this torch keeps it elsewhere."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - a private accessor: without it the ranks leave unordered
+        return None
 
 
 _LOST = re.compile(r"timed out|timeout|connection|closed|reset by peer|broken pipe|socket", re.IGNORECASE)

@@ -133,10 +133,14 @@ def run_cli(args: Any) -> int:
     created = not (tdist.is_available() and tdist.is_initialized())
     joined = distributed.init_from_env(getattr(args, "dist_timeout", None))
     try:
-        return _run_cli(args, distributed.is_writer())
-    finally:
+        code = _run_cli(args, distributed.is_writer())
+    except BaseException:
         if joined and created:
             tdist.destroy_process_group()
+        raise
+    if joined and created:
+        distributed.leave()
+    return code
 
 
 def _run_cli(args: Any, writer: bool) -> int:
