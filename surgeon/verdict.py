@@ -49,10 +49,11 @@ def decide(report: dict[str, Any]) -> Verdict:
     desc = tol["description"]
     sites = [s for s in report.get("sites", []) if s["status"] in ("applied", "rolled_back") and not s.get("exact")]
     kept = [s for s in sites if s["status"] == "applied"]
-    cosine = _cos((report.get("end_to_end") or {}).get("cosine_mean"))
+    e2e = report.get("end_to_end") or {}
+    figure = (f"perplexity ×{e2e['ppl_ratio']:.4f}, agreement {e2e['agreement']:.4f}" if "ppl_ratio" in e2e  # a decoder's file
+              else f"cosine mean {_cos(e2e.get('cosine_mean'))}")
     if not tol["met"]:
-        return Verdict("not_met", "NOT met",
-                       f"tolerance not met ({desc}): best model kept {len(kept)} site(s), cosine mean {cosine}",
+        return Verdict("not_met", "NOT met", f"tolerance not met ({desc}): best model kept {len(kept)} site(s), {figure}",
                        TOLERANCE_EXIT)
     if sites and not kept:
         return Verdict("met_by_rollback", f"met only by rolling back all {len(sites)} substitution(s)",

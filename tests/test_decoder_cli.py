@@ -69,7 +69,7 @@ def test_bad_tolerance(lms: dict[str, Path], tmp_path: Path, capsys: pytest.Capt
                             "--tolerance", "cosine_mean=0.99"], capsys)
     assert code == 2
     assert err.strip() == ("surgeon: error: cannot parse decoder tolerance 'cosine_mean=0.99': give ppl_increase=X "
-                           "and/or agreement=Y (e.g. ppl_increase=0.01,agreement=0.95)")
+                           "and/or agreement=Y (e.g. ppl_increase=0.01,agreement=0.95; margin=0 judges as measured)")
 
 
 def test_generate_refuses_what_is_not_a_decoder_outdir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from test_report import _report
 
-from surgeon.report_html import model_name, render_html, short_source
+from surgeon.report_html import render_html
+from surgeon.report_names import model_name, short_source
 from surgeon.report_plots import STEPS_MAX_TICKS, plot_sites, site_groups, sites_figure, steps_figure
 
 WIDTH = 1300

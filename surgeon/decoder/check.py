@@ -7,6 +7,13 @@ within ``1 + ppl_increase`` and teacher-forced greedy next-token agreement ≥ `
 figures are ``surgeon.verify.Figures`` with the perplexity's relative increase (ratio − 1) as
 ``max_rel_err`` and the greedy agreement as ``agreement``, judged as measured (no margin): the same
 descent, rollback and verdict as every other site.
+
+The verdict is the written file's (``file_figures``): its perplexity and agreement measured in
+onnxruntime on the held-out texts against the fp32 torch step, judged under the margin rule (the
+perplexity ratio at the one-sided 95 % upper bound of a paired bootstrap over the held-out texts,
+the agreement at its binomial lower bound; docs/report.md). Where the file misses what the torch
+module met, the pipeline tightens the bounds by the gap (``surgeon.tolerance.tighten``) and the guard
+steps further down.
 """
 
 from __future__ import annotations
@@ -26,13 +33,15 @@ from .graph import GraphStep
 from .reference import HfCacheRunner, hf_generate, hf_perplexity, replay
 from .step import CacheGeometry, CacheStats, DecoderStep, TorchStepRunner
 
-__all__ = ["SITE", "VERIFY_NEW_TOKENS", "CacheGuard", "DecoderTolerance", "Step", "guard_cache", "guard_sites",
-           "local_error", "verify_file"]
+__all__ = ["SITE", "VERIFY_NEW_TOKENS", "CacheGuard", "DecoderTolerance", "Step", "file_figures", "guard_cache",
+           "guard_sites", "local_error", "verify_file"]
 
 Step = DecoderStep | GraphStep  # what the guard measures and the target lowers
 
 SITE = "kv_cache"  # the decoder's one site: its key/value cache
 VERIFY_NEW_TOKENS = 16  # greedy steps the verification compares (per-step logits, tokens vs generate)
+BOOTSTRAP_RESAMPLES = 1000  # resamples of the held-out texts for the perplexity ratio's interval (seed 0)
+MARGIN_Z = 1.645  # one-sided 95 %: the agreement's binomial lower bound (as surgeon.tolerance's)
 
 
 @dataclass(frozen=True)
@@ -41,18 +50,25 @@ class DecoderTolerance:
 
     ppl_increase: float = 0.01  # perplexity at most (1 + ppl_increase) × the fp32 cache's
     agreement: float = 0.95  # greedy next-token agreement (teacher-forced) at least this
+    margin: bool = True  # the file judged under the margin rule (``file_figures``); False: as measured
 
     @classmethod
     def parse(cls, spec: "str | DecoderTolerance | None") -> "DecoderTolerance":
-        """``None`` → the defaults; ``"ppl_increase=0.02,agreement=0.9"`` → those keys (others default)."""
+        """``None`` → the defaults; ``"ppl_increase=0.02,agreement=0.9"`` → those keys (others default;
+        ``margin=0`` judges the file's figures as measured)."""
         if spec is None or isinstance(spec, DecoderTolerance):
             return spec or cls()
-        values: dict[str, float] = {}
+        values: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in str(spec).split(","))):
             key, sep, raw = (s.strip() for s in part.partition("="))
-            if not sep or key not in ("ppl_increase", "agreement"):
+            if not sep or key not in ("ppl_increase", "agreement", "margin"):
                 raise SurgeonError(f"cannot parse decoder tolerance '{spec}': give ppl_increase=X and/or agreement=Y "
-                                   "(e.g. ppl_increase=0.01,agreement=0.95)")
+                                   "(e.g. ppl_increase=0.01,agreement=0.95; margin=0 judges as measured)")
+            if key == "margin":
+                if raw not in ("0", "1"):
+                    raise SurgeonError(f"decoder tolerance margin={raw}: give margin=0 or margin=1")
+                values[key] = raw == "1"
+                continue
             try:
                 values[key] = float(raw)
             except ValueError:
@@ -63,7 +79,14 @@ class DecoderTolerance:
         return tol
 
     def describe(self) -> str:
-        return f"perplexity ≤ (1 + {self.ppl_increase:g}) × fp32, greedy next-token agreement ≥ {self.agreement:g}"
+        return (f"perplexity ≤ (1 + {self.ppl_increase:g}) × fp32, greedy next-token agreement ≥ {self.agreement:g}"
+                + ("" if self.margin else ", judged as measured"))
+
+    def tightened(self, bounds: Tolerance) -> "DecoderTolerance":
+        """This tolerance with the guard's bounds ``bounds`` (``surgeon.tolerance.tighten`` of ``bounds()``)."""
+        return DecoderTolerance(ppl_increase=float(bounds.max_rel_err if bounds.max_rel_err is not None else self.ppl_increase),
+                                agreement=float(bounds.agreement if bounds.agreement is not None else self.agreement),
+                                margin=self.margin)
 
     def bounds(self) -> Tolerance:
         """The ladder guard's tolerance on ``figures``: as measured, there is no margin rule for perplexity."""
@@ -81,6 +104,40 @@ def figures(ratio: float, agreement: float, tokens: int) -> Figures:
     """A rung's figures for the ladder guard (the module docstring says which field holds what)."""
     nan = float("nan")
     return Figures(nan, nan, ratio - 1.0, nan, tokens, agreement=agreement, agreement_count=tokens)
+
+
+def file_figures(file: Score, ref: Score, tol: DecoderTolerance, seed: int = 0) -> dict[str, Any]:
+    """The written file's held-out figures (``file``, scored in its runtime) against the fp32 torch step
+    (``ref``, the same texts), with their spread and the values the tolerance judges.
+
+    The held-out texts are a sample of what the file will read, so under ``tol.margin`` the perplexity
+    ratio is judged at the one-sided 95 % upper bound of a paired bootstrap over the texts (each
+    resample: exp((ΣNLL_file − ΣNLL_fp32) / Σtokens) over the texts drawn; ``BOOTSTRAP_RESAMPLES``,
+    seeded) and the agreement p at p − 1.645·√(p(1−p)/n) over its n tokens."""
+    ratio = file.perplexity / ref.perplexity
+    agree = _agreement(file.argmax, ref.argmax)
+    n_tok = sum(len(x) for x in ref.argmax)
+    gap = np.asarray(file.text_nll, dtype=np.float64) - np.asarray(ref.text_nll, dtype=np.float64)
+    counts = np.asarray([len(x) for x in ref.argmax], dtype=np.float64)
+    if len(gap) > 1:
+        idx = np.random.default_rng(seed).integers(0, len(gap), size=(BOOTSTRAP_RESAMPLES, len(gap)))
+        ratios = np.exp(gap[idx].sum(axis=1) / np.maximum(counts[idx].sum(axis=1), 1.0))
+        lo, hi, upper = (float(v) for v in np.quantile(ratios, [0.025, 0.975, 0.95]))
+    else:  # one text: nothing to resample, the figure as measured
+        lo = hi = upper = ratio
+    per_text = np.exp(gap / np.maximum(counts, 1.0)) if len(gap) else np.asarray([ratio])
+    judged_ratio = max(ratio, upper) if tol.margin else ratio
+    judged_agree = (agree - MARGIN_Z * float(np.sqrt(max(agree * (1.0 - agree), 0.0) / n_tok))
+                    if tol.margin and n_tok else agree)
+    judged = figures(judged_ratio, judged_agree, n_tok)
+    return {"ppl_ratio": ratio, "agreement": agree, "perplexity": file.perplexity, "fp32_perplexity": ref.perplexity,
+            "texts": len(ref.argmax), "tokens": n_tok,
+            "spread": {"ppl_ratio_ci95": [lo, hi], "resamples": BOOTSTRAP_RESAMPLES if len(gap) > 1 else 0, "seed": seed,
+                       "per_text_ppl_ratio": {"p05": float(np.quantile(per_text, 0.05)),
+                                              "median": float(np.median(per_text)),
+                                              "p95": float(np.quantile(per_text, 0.95))}},
+            "judged": {"ppl_ratio": judged_ratio, "agreement": judged_agree}, "margin": tol.margin,
+            "violations": tol.broken(judged_ratio, judged_agree), "_figures": judged}
 
 
 def _agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
@@ -209,9 +266,11 @@ def _entry(rung: str, step: Step, s: Score, ref: Score, tol: DecoderTolerance, s
 
 
 def verify_file(runner: OrtRunner, step: Step, lm: nn.Module, prompts: list[list[int]], held: list[list[int]],
-                pad: int, eos: int | None, geometry: CacheGeometry) -> dict[str, Any]:
+                pad: int, eos: int | None, geometry: CacheGeometry, ref: Score,
+                tol: DecoderTolerance) -> tuple[dict[str, Any], dict[str, Any]]:
     """The file in onnxruntime (``runner``): per-step logits vs torch with its own cache, greedy tokens
-    vs torch ``generate``, perplexity (file and fp32 torch), cache bytes per token (file and fp32)."""
+    vs torch ``generate``, perplexity (file and fp32 torch), cache bytes per token (file and fp32); and
+    the file's held-out figures against the fp32 torch step's score ``ref`` (``file_figures``)."""
     gen = generate(runner, prompts, VERIFY_NEW_TOKENS, pad_id=pad, eos_id=eos, trace=True)
     # torch with its own cache: the original LM (a file of it as it is), else the torch module of the file
     original = isinstance(step, DecoderStep) and step.cache_dtype is None
@@ -224,7 +283,8 @@ def verify_file(runner: OrtRunner, step: Step, lm: nn.Module, prompts: list[list
                                                          VERIFY_NEW_TOKENS, pad_id=pad, eos_id=eos).tokens
     pairs = [(a, b) for x, y in zip(gen.tokens, ref_tokens) for a, b in zip(x, y)]
     agreement = sum(a == b for a, b in pairs) / max(len(pairs), 1)
-    file_ppl = score(runner, held, pad_id=pad).perplexity
+    file_score = score(runner, held, pad_id=pad)
+    file_ppl = file_score.perplexity
     torch_ppl = hf_perplexity(lm, held)
     per_token = gen.cache_bytes / max(len(prompts) * gen.cache_tokens, 1)
     fp32_per_token = geometry.bytes_per_token(None)
@@ -244,4 +304,4 @@ def verify_file(runner: OrtRunner, step: Step, lm: nn.Module, prompts: list[list
         "cache_bytes_per_token": {"file": per_token, "fp32": fp32_per_token, "ratio": per_token / fp32_per_token,
                                   "measured_on": "the present tensors ORT returned (all layers, keys and values, "
                                                  "per sequence and token)"},
-    }
+    }, file_figures(file_score, ref, tol)

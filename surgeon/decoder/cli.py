@@ -46,6 +46,11 @@ def run_decoder_cli(args: argparse.Namespace) -> int:
     print(f"file: cache {g['chosen']}, {c['file']:.0f} bytes/token ({c['ratio']:.2f}× fp32); perplexity "
           f"{v['perplexity']['file']:.4g} (fp32 torch {v['perplexity']['fp32_torch']:.4g}); greedy tokens vs torch "
           f"generate {v['greedy_agreement_vs_torch_generate']:.3f}; logits max |Δ| {v['logits_max_abs_diff']:.3g}")
+    e = report["end_to_end"]
+    lo, hi = e["spread"]["ppl_ratio_ci95"]
+    print(f"tolerance ({report['tolerance']['description']}) {report['verdict']['summary']} on {e['measured_on']['file']} "
+          f"in onnxruntime: perplexity ×{e['ppl_ratio']:.4f} (95 % interval {lo:.4f}–{hi:.4f} over {e['texts']} held-out "
+          f"texts, judged ×{e['judged']['ppl_ratio']:.4f}), agreement {e['agreement']:.4f} on {e['tokens']} tokens")
     sp = report.get("speed")
     if sp:
         print(f"bought: cache {sp['cache_ratio']:.2f}× the fp32 cache's bytes; decode step {sp['latency_ratio']:.2f}× "

@@ -188,11 +188,13 @@ def generate(runner: Runner, token_lists: Sequence[Sequence[int]], max_new_token
 @dataclass
 class Score:
     """Teacher-forced next-token figures of texts: summed negative log-likelihood (nats), token count,
-    and each text's argmax predictions (for agreement between two decoders)."""
+    each text's argmax predictions (for agreement between two decoders) and each text's summed NLL
+    (``text_nll``, in the order of ``argmax``: what a bootstrap over texts resamples)."""
 
     nll: float
     tokens: int
     argmax: list[np.ndarray]
+    text_nll: list[float] = field(default_factory=list)
 
     @property
     def perplexity(self) -> float:
@@ -205,6 +207,7 @@ def score(runner: Runner, token_lists: Sequence[Sequence[int]], *, pad_id: int, 
     nll, count = 0.0, 0
     order = [i for i in sorted(range(len(token_lists)), key=lambda i: len(token_lists[i])) if len(token_lists[i]) >= 2]
     found: dict[int, np.ndarray] = {}
+    per_text: dict[int, float] = {}
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         chunk = [list(token_lists[i]) for i in idx]
@@ -215,10 +218,12 @@ def score(runner: Runner, token_lists: Sequence[Sequence[int]], *, pad_id: int, 
             lg = logits[r, t - len(x):-1].astype(np.float64)  # predictions of tokens 1 … n−1
             lg = lg - lg.max(axis=-1, keepdims=True)
             logp = lg - np.log(np.exp(lg).sum(axis=-1, keepdims=True))
-            nll -= float(logp[np.arange(len(x) - 1), x[1:]].sum())
+            text = -float(logp[np.arange(len(x) - 1), x[1:]].sum())
+            nll += text
             count += len(x) - 1
             found[i] = np.argmax(lg, axis=-1)
-    return Score(nll, count, [found[i] for i in sorted(found)])
+            per_text[i] = text
+    return Score(nll, count, [found[i] for i in sorted(found)], [per_text[i] for i in sorted(per_text)])
 
 
 def pad_and_eos(tokenizer: Any) -> tuple[int, int | None]:

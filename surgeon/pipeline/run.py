@@ -16,7 +16,7 @@ from ..inputs import Inputs, batch_size, call, describe
 from ..metrics import Figures, Metric, logits_outputs
 from ..pass_manager import Pass
 from ..report import json_safe
-from ..tolerance import AGREEMENT_NEEDS_LOGITS, Tolerance, parse_tolerance, tighten
+from ..tolerance import AGREEMENT_NEEDS_LOGITS, FILE_ROUNDS, Tolerance, parse_tolerance, tighten
 from ..verdict import decide
 from ..verify import GuardResult, guard, measure_model
 from ..version import __version__
@@ -29,7 +29,6 @@ from .timing import Timings
 __all__ = ["DEFAULT_PASSES", "FILE_ROUNDS", "optimize"]
 
 DEFAULT_PASSES = "attention-fp8"
-FILE_ROUNDS = 3  # files written and measured at most: the first, then two further descents of the guard
 MIN_CHECK_WARN = 32  # fewer check samples than this: a warning (docs/report.md, "the check set")
 
 
