@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, tuple[list[str], bool]] = {
     "distributed": ([], True),            # issue 8: calibration wall time, 1 vs 2 processes
     "decoder_kv": ([], True),             # issue 17: onnx-decoder files, fp32 vs INT8 vs FP8 KV cache
     "heldout_minilm": ([], True),         # issue 25: the demo's model.onnx on sentences neither calibration nor check saw
+    "guard_scale": ([], True),            # issue 27: the module guard at BERT-base vs BERT-large size
     "llm": ([], True),                    # issue 27: SmolLM2-135M, surgeon vs onnxruntime-genai vs llama.cpp (skips what is absent)
 }
 

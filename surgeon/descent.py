@@ -40,6 +40,9 @@ class SiteCheck:
     ladder: tuple[str, ...] = ()  # its rungs, best first, ending in "keep"
     solo_rungs: dict[str, Figures] = field(default_factory=dict)  # solo figures at each rung
     steps: list[str] = field(default_factory=list)  # why it left each rung it left
+    # many-site guards (surgeon.local_solo): the solo figures stand in for the relative output error where
+    # the site acts, by rung; None where the solo figures were measured end to end
+    solo_local: dict[str, float] | None = None
 
 
 @dataclass
@@ -235,10 +238,11 @@ class Stepper:
         now, bound = tolerance.judged(fig, criterion), tolerance.bounds()[criterion]
         cmp = "<" if CRITERIA[criterion] else ">"
         c = checks[site]
-        solo_value = c.solo_rungs[config[site]].get(criterion)
+        solo_value = c.solo_rungs[config[site]].get(criterion) if c.solo_local is None else None
         judged = " (with the margin)" if tolerance.margin and now != fig.get(criterion) else ""
         text = (f"end-to-end {criterion}{judged} {_fmt(now)} {cmp} {bound:g} with {sites_on} site(s) on; "
-                f"with only this site on {criterion} is {_fmt(solo_value)}")
+                + (f"with only this site on {criterion} is {_fmt(solo_value)}" if c.solo_local is None else
+                   f"its relative output error where it acts is {_fmt(c.solo_local.get(config[site]))} (the ranking figure)"))
         worst = max(config, key=lambda s: loss(s, config[s], criterion))
         if to == KEEP:
             c.status, c.rung = "rolled_back", KEEP

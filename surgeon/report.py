@@ -47,13 +47,16 @@ def site_entries(guard: GuardResult, diagnostics: Iterable[Diagnostic], variants
     for c in guard.sites:
         r = c.record
         entry: dict[str, Any] = {"id": r.site, "kind": r.kind, "module": r.module, "variant": variants.get(r.site),
-                                 "pass": r.pass_name, "status": c.status, "metrics": dict(c.metrics),
-                                 "solo_end_to_end": c.solo.to_json()}
+                                 "pass": r.pass_name, "status": c.status, "metrics": dict(c.metrics)}
+        if c.solo_local is None:
+            entry["solo_end_to_end"] = c.solo.to_json()
+        else:  # many sites: ranked by the error where each acts (surgeon.local_solo), not measured end to end
+            entry["solo_local_rel_err"] = dict(c.solo_local)
         if c.ladder:
             # the rung it ended on, its ladder, and its solo figures on each rung (rung → cosine mean, ...)
             entry["rung"] = c.rung
             entry["ladder"] = list(c.ladder)
-            if len(c.solo_rungs) > 1:
+            if len(c.solo_rungs) > 1 and c.solo_local is None:
                 entry["solo_end_to_end_by_rung"] = {k: v.to_json() for k, v in c.solo_rungs.items()}
             if r.benefit:
                 entry["benefit"] = dict(r.benefit.get(c.rung, next(iter(r.benefit.values()))))

@@ -33,6 +33,7 @@ from torch import fx
 from .descent import GuardResult, Progress, SiteCheck, Stepper, ladder, ladder_guard
 from .errors import SurgeonError
 from .inputs import Inputs, call
+from .local_solo import LOCAL_SOLO_SITES, local_solo_errors
 from .metrics import EndToEnd, Figures, Metric, PairStats, combine_ranks, first_float, total_over_ranks
 from .pass_manager import SiteRecord, set_site_active, set_site_rung
 from .profile import KEEP
@@ -101,6 +102,11 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
     n_check = total_over_ranks(len(check), distributed)
     if not n_check:
         raise SurgeonError("no check batches to verify on")
+    if len(records) > LOCAL_SOLO_SITES and metric is None:
+        local = local_solo_errors(gm, records, check, distributed_run=distributed)
+        if local is not None:
+            return _guard_local(gm0, gm, records, check, tolerance, local, n_check, progress=progress,
+                                distributed=distributed)
     site_stats = {r.site: PairStats() for r in records}
     solo_acc = {(r.site, rung): EndToEnd(metric) for r in records for rung in ladder(r)[:-1]}
     all_acc = EndToEnd(metric)
@@ -147,4 +153,51 @@ def guard(gm0: fx.GraphModule, gm: fx.GraphModule, records: Sequence[SiteRecord]
         return measure_config(gm0, gm, records, config, check, metric, bar, distributed=distributed)
 
     stepper = Stepper(records, checks, exact, all_fig, measure, lambda config: _configure(gm, records, config))
+    return stepper.run(tolerance, progress=progress, batches=n_check, samples=samples)
+
+
+def _local_figures(err: float, exact: Figures) -> Figures:
+    """Figures standing in for a site's solo figures from its local error ``err``, for ranking only:
+    each criterion's loss (``Stepper.loss``) is ``err``."""
+    agreement = None if exact.agreement is None else exact.agreement * (1.0 - err)
+    return Figures(1.0 - err, 1.0 - err, err, float("nan"), exact.samples, agreement=agreement,
+                   agreement_count=exact.agreement_count)
+
+
+def _guard_local(gm0: fx.GraphModule, gm: fx.GraphModule, records: list[SiteRecord], check: Sequence[Inputs],
+                 tolerance: Tolerance, local: dict[tuple[str, str], float], n_check: int, *, progress: bool,
+                 distributed: bool | None) -> GuardResult:
+    """``guard`` over many sites: the solo figures are the sites' local errors (``surgeon.local_solo``),
+    and the descent gallops (a prefix search over the ranked moves), so whole-model measurements are
+    every site on, no site on, and O(log moves) configurations — not sites × rungs."""
+    exact_acc, all_acc = EndToEnd(None), EndToEnd(None)
+    samples = 0
+    with Progress(progress, "verifying") as bar, torch.no_grad():
+        bar.add(len(check))
+        _configure(gm, records, {r.site for r in records})
+        for batch in check:
+            ref_out = call(gm0, batch)
+            exact_acc.update(ref_out, ref_out, batch)
+            all_acc.update(ref_out, call(gm, batch), batch)
+            first = first_float(ref_out)
+            samples += int(first.shape[0]) if first is not None and first.dim() >= 2 else 1
+            bar.advance()
+        combine_ranks([all_acc, exact_acc], distributed)
+        samples = total_over_ranks(samples, distributed)
+    exact, all_fig = exact_acc.figures(), all_acc.figures()
+    if tolerance.agreement is not None and exact.agreement is None:
+        raise SurgeonError(AGREEMENT_NEEDS_LOGITS)
+    checks = {}
+    for r in records:
+        errs = {rung: local[(r.site, rung)] for rung in ladder(r)[:-1]}
+        solo = {rung: _local_figures(e, exact) for rung, e in errs.items()}
+        checks[r.site] = SiteCheck(r, {"local_rel_err": errs[ladder(r)[0]]}, solo[ladder(r)[0]], rung=ladder(r)[0],
+                                   ladder=ladder(r), solo_rungs=solo, solo_local=errs)
+
+    def measure(config: dict[str, str], bar: Progress) -> Figures:
+        bar.add(len(check), f"verifying ({len(config)} site(s) on)")
+        return measure_config(gm0, gm, records, config, check, None, bar, distributed=distributed)
+
+    stepper = Stepper(records, checks, exact, all_fig, measure, lambda config: _configure(gm, records, config),
+                      gallop=True)
     return stepper.run(tolerance, progress=progress, batches=n_check, samples=samples)

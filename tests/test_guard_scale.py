@@ -116,3 +116,57 @@ def test_the_decoder_guard_costs_log_sites_measurements(llama: Path, tmp_path: P
     assert len(calls) <= 2 + 2 * math.ceil(math.log2(15 * rungs)), len(calls)
     # the guard's own figures (torch) met it; the file's (MatMulNBits quantizes activations) may flip a token
     assert report["tolerance"]["met_in_torch"] is True
+
+
+class _Deep(nn.Module):
+    """60 residual Linear blocks on [batch, 32]: more sites than ``LOCAL_SOLO_SITES``."""
+
+    def __init__(self, n: int = 60, d: int = 32) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + 0.2 * torch.tanh(layer(x))
+        return x
+
+
+def test_many_site_module_guard_ranks_where_sites_act_and_gallops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module guard over 60 Linear sites: the solo figures are each site's relative output error
+    where it acts (one forward with every site off), and the whole-model measurements are every site
+    on plus O(log moves) configurations — not 60 × rungs solo forwards."""
+    import surgeon
+    from surgeon import verify
+    from surgeon.local_solo import LOCAL_SOLO_SITES
+
+    calls: list[int] = []
+    real = verify.measure_config
+    monkeypatch.setattr(verify, "measure_config", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(4, 32, generator=g),) for _ in range(40)]
+    model = _Deep().eval()
+    result = surgeon.optimize(model, (torch.randn(4, 32),), calib, passes="linear-quant",
+                              tolerance="cosine_mean=0.9999,margin=0", threads=1)
+    sites = result.report["sites"]
+    assert len(sites) == 60 > LOCAL_SOLO_SITES
+    assert all("solo_local_rel_err" in s and "solo_end_to_end" not in s for s in sites)
+    rungs = len(sites[0]["ladder"]) - 1
+    moved = [s for s in sites if s["rung"] != s["ladder"][0]]
+    assert moved, "the tolerance was meant to make the guard step down"
+    assert len(calls) <= 2 * math.ceil(math.log2(60 * rungs)) + 2, len(calls)
+    assert result.report["tolerance"]["met"] and result.report["end_to_end"]["cosine_mean"] >= 0.9999
+    # the ranking figure is the layer's relative output error on the check inputs (as the original model
+    # feeds them), measured directly on a layer written at its first rung
+    gm = result.module
+    check = [b for i, b in enumerate(calib) if i in set(result.report["calibration"]["check_index"])]
+    site = next(s for s in sites if s["status"] == "applied" and s["rung"] == s["ladder"][0])
+    k = int(site["module"].rsplit(".", 1)[-1])
+    sub = next(c for c in result.guard.sites if c.record.site == site["id"]).record.submodules[0]
+    x = torch.cat([b[0] for b in check])
+    with torch.no_grad():
+        for layer in model.layers[:k]:
+            x = x + 0.2 * torch.tanh(layer(x))
+        ref, out = model.layers[k](x).double(), gm.get_submodule(sub)(x).double()
+    direct = float((out - ref).pow(2).sum() / ref.pow(2).sum())
+    assert site["solo_local_rel_err"][site["rung"]] == pytest.approx(direct, rel=1e-6)
