@@ -80,13 +80,19 @@ def test_outdir_holds_the_ir_its_deploy_config_and_the_verdict_measured_with_it(
 
 @needs_openvino
 def test_the_plugin_runs_every_quantized_linear_in_int8(ov_out: Path) -> None:
-    from surgeon.targets._openvino_runtime import compile_file, runtime_layers
+    from surgeon.targets._openvino_runtime import compile_file, layer_kind, runtime_layers
 
     rep = json.loads((ov_out / "report.json").read_text())
-    expected = rep["targets"]["openvino-int8"]["openvino_cpu"]["int8_linears_in_module"]
+    ov_cpu = rep["targets"]["openvino-int8"]["openvino_cpu"]
     layers = runtime_layers(compile_file(ov_out / "model.xml"))
     fc = [row for row in layers if row["type"] == "FullyConnected"]
-    assert len([r for r in fc if r["precision"] in ("u8", "i8")]) == expected == len(fc), fc
+    # static sites as int8 layers, weight-only sites with compressed int8 weights, as the report says
+    rungs = [s["rung"] for s in rep["sites"] if s["kind"] == "linear" and s["status"] == "applied"]
+    in_module = (ov_cpu["int8_linears_in_module"], ov_cpu["int8_weight_linears_in_module"])
+    assert in_module == (rungs.count("int8-static"), rungs.count("int8-weight"))
+    kinds = [layer_kind(r) for r in fc]
+    assert (kinds.count("int8"), kinds.count("int8-weight")) == in_module
+    assert len(rungs) == len(fc), fc
     # the original, converted the same way, runs them in the float precision of the deploy config
     plain = runtime_layers(compile_file(ov_out / "bench" / "original.xml"))
     hint = json.loads((ov_out / "openvino_config.json").read_text())["compile_properties"]["INFERENCE_PRECISION_HINT"]
