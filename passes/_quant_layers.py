@@ -25,13 +25,19 @@ from surgeon.quant import Quantizer
 from surgeon.quant_dynamic import dynamic_int8_linear
 from surgeon.quant_ops import dequantize, quantize
 
-__all__ = ["QuantLinear", "QuantEmbedding", "OUTLIERS", "FP8_WEIGHT", "INT8_WEIGHT_MAX", "quantize_weight"]
+__all__ = ["QuantLinear", "QuantEmbedding", "OUTLIERS", "FP8_WEIGHT", "INT8_WEIGHT", "INT8_WEIGHT_MAX", "quantize_weight"]
 
 OUTLIERS = "int8-dynamic-outliers"
 # Weight-only FP8: the weight stored and dequantized as on fp8-static, the activation left in float.
 # It keeps the bytes a table-heavy file saves (4 → 1 per weight) where quantizing the activation too
 # breaks the tolerance; nothing is multiplied in 8 bits.
 FP8_WEIGHT = "fp8-weight"
+# Weight-only INT8: y = x · dq(W_q) + b, the activation in float, W_q the *unsmoothed* weight per output
+# channel (the int8-dynamic rung's codes, GPTQ-rounded under the unsmoothed input's moments): a layer
+# whose activation range an outlier ruins keeps its 4× smaller weight, and the file needs no smoothing
+# Mul in front of it. It is computed as OpenVINO's weight-compressed FullyConnected computes it: the
+# weight dequantized (f32(q) · s) before a float product.
+INT8_WEIGHT = "int8-weight"
 INT8_WEIGHT_MAX = {True: 63.0, False: 127.0}  # reduce_range → 7-bit weights (passes/linear_quant.py says why)
 
 
@@ -77,7 +83,8 @@ class QuantLinear(nn.Module):
     ``rung`` selects the substitute while active: ``int8-static`` / ``fp8-static`` (calibrated
     activation scale, SmoothQuant-scaled weight) or ``int8-dynamic`` (activation range computed at run
     time per tensor, ``surgeon.quant_dynamic``; its own unsmoothed weight, so the file needs no
-    smoothing Mul). ``rungs`` lists those this layer can take, best first."""
+    smoothing Mul) or ``int8-weight`` (that unsmoothed weight, the activation float). ``rungs`` lists
+    those this layer can take, best first."""
 
     def __init__(self, op: str, weight: Tensor, bias: Tensor | None, *, dtype: str = "fp8",
                  granularity: str = "channel", method: str = "max", reduce_range: bool = True,
@@ -97,7 +104,7 @@ class QuantLinear(nn.Module):
         self.rung: str = self.rungs[0]
         self._set_weight(self.stored_weight())
         self.act = Quantizer(dtype=dtype, axis=None, method=method, name=name)
-        if "int8-dynamic" in self.rungs:
+        if "int8-dynamic" in self.rungs or INT8_WEIGHT in self.rungs:
             q, s, _ = quantize_weight(self.stored_weight(smoothed=False), self.axis, "int8", reduce_range)
             self.register_buffer("dqweight", q)
             self.register_buffer("dwscale", s)
@@ -162,7 +169,7 @@ class QuantLinear(nn.Module):
     def benefit(self, rung: str, base: dict[str, float]) -> dict[str, float]:
         """``base`` (the whole layer in 8 bits) less what the outlier rung keeps in float: k weight
         rows stored twice (int8 zeros and float) and their k/in share of the multiply-adds."""
-        if rung == FP8_WEIGHT:
+        if rung in (FP8_WEIGHT, INT8_WEIGHT):  # the multiply-adds stay float
             return {**base, "macs": 0.0}
         if rung != OUTLIERS or not self.outlier_count:
             return dict(base)
@@ -216,6 +223,9 @@ class QuantLinear(nn.Module):
             return dynamic_int8_linear(x, self.dqweight, self.dwscale, self.bias)
         if self.rung == FP8_WEIGHT:  # x·diag(1/s) against diag(s)·W: the smoothing stays exact in float
             return self._apply_op(self.smoothed(x), self.dequantized_weight(), transposed=self.op == "linear")
+        if self.rung == INT8_WEIGHT:
+            w = dequantize(self.dqweight, self.dwscale, self.axis or 0)
+            return self._apply_op(x, w, transposed=self.op == "linear")
         if self.rung == OUTLIERS:
             if not self.outlier_count:  # no outlier found: the same as int8-dynamic
                 return dynamic_int8_linear(x, self.dqweight, self.dwscale, self.bias)

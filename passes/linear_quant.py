@@ -13,7 +13,9 @@ After:   y = dq(q(x; s_x)) · dq(W_q; s_W) + b
          in the file too (passes/_quant_layers.py's ``QuantEmbedding`` says where the dequantize sits and why).
 Rungs (the guard steps a layer down them before it keeps the layer in float; the target's profile
 names those its runtime runs): INT8 ``int8-dynamic`` → ``int8-dynamic-outliers`` → ``int8-static``
-(``QuantLinear``); FP8 ``fp8-static`` → ``fp8-weight`` (onnx-fp8), the weight-only step:
+(``QuantLinear``; onnx-int8), ``int8-static`` → ``int8-weight`` (openvino-int8: the weight-only step,
+y = x · dq(W_q; s_W) + b with 8-bit per-channel codes, which OpenVINO runs as its weight-compressed
+FullyConnected); FP8 ``fp8-static`` → ``fp8-weight`` (onnx-fp8), the weight-only step:
 y = x · dq(W_q; s_W) + b, the activation in float, the bytes still saved.
 INT8 weights use 7 bits (|q| ≤ 63) unless ``reduce_range=False``: x86 CPUs without VNNI multiply u8
 activations by s8 weights with ``vpmaddubsw``, whose int16 pair sums saturate when 2·255·|w| > 32767;
@@ -51,14 +53,14 @@ from torch import Tensor, fx, nn
 from surgeon.analysis import GraphView, site_id
 from surgeon.pass_manager import Diagnostic, Pass, PassContext, PassResult, SiteRecord
 from surgeon.passes._quant_fit import gptq_layers, input_amax, mark_outliers, smooth_layers
-from surgeon.passes._quant_layers import FP8_WEIGHT, OUTLIERS, QuantEmbedding, QuantLinear
+from surgeon.passes._quant_layers import FP8_WEIGHT, INT8_WEIGHT, OUTLIERS, QuantEmbedding, QuantLinear
 from surgeon.passes._quant_match import match_layer
 from surgeon.passes._quant_weight import INT8W, WeightOnlyLinear, int4_rung, rung_block
 
 __all__ = ["LinearQuant", "PREFIX"]
 
 PREFIX = "surgeon_linear_quant_"
-INT8_RUNGS = ("int8-static", "int8-dynamic", OUTLIERS)
+INT8_RUNGS = ("int8-static", "int8-dynamic", OUTLIERS, INT8_WEIGHT)
 # Without a target profile (the Python API without target=): the calibrated static scale alone, as
 # before rungs existed; a target's profile names the rungs its runtime runs.
 DEFAULT_LADDER = ("int8-static", "keep")
@@ -161,8 +163,8 @@ class LinearQuant(Pass):
             ladder = tuple(profile.formats("linear")) if profile is not None else ()
             return ("fp8-static", FP8_WEIGHT) if FP8_WEIGHT in ladder and op != "conv" else ("fp8-static",)
         ladder = tuple(profile.formats("linear")) if profile is not None else DEFAULT_LADDER
-        if self.activations == "static":
-            ladder = tuple(r for r in ladder if r == "int8-static") or ("int8-static",)
+        if self.activations == "static":  # int8-weight quantizes no activation: it stays
+            ladder = tuple(r for r in ladder if r in ("int8-static", INT8_WEIGHT)) or ("int8-static",)
         elif self.activations == "dynamic":
             ladder = tuple(r for r in ladder if r.startswith("int8-dynamic")) or ("int8-dynamic",)
         if self.outliers == 0 or self.max_outliers == 0:

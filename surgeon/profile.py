@@ -194,7 +194,7 @@ ORT_CPU_DECODER = Profile(
                         "cache's element type (float, int8 or float8e4m3fn)",),
 )
 
-# OpenVINO's CPU plugin (targets/openvino_int8.py): static INT8 only. Its low-precision
+# OpenVINO's CPU plugin (targets/openvino_int8.py): static INT8, then weight-only INT8. Its low-precision
 # transformations turn an activation FakeQuantize (QuantizeLinear → DequantizeLinear with a constant
 # scale) and an int8 weight into an int8 FullyConnected (brgemm with VNNI / AMX, the bias folded in);
 # a dynamic quantization (DynamicQuantizeLinear + MatMulInteger) stays fp32 there (issue 28: 42 of
@@ -205,16 +205,27 @@ ORT_CPU_DECODER = Profile(
 # Opset 21: attention as MatMul → Softmax → MatMul, which the plugin fuses into its attention
 # subgraph; the opset-23 Attention op with the mask-elided If (ORT's form) reached it as six If
 # bodies that the plugin compiled apart and did not fuse (MiniLM, OpenVINO 2026.4).
+# int8-weight (a layer whose activation range breaks the tolerance in 8 bits): the int8 weight alone,
+# DequantizeLinear(W_q) → MatMul, which the plugin runs as its weight-compressed FullyConnected (i8
+# weight decompressed in the kernel, the activation float); it keeps the 4× smaller weight where
+# rolling back would keep fp32. Speed relative to int8-static: bench/openvino_rungs.py, one
+# FullyConnected of MiniLM's shapes (384→1536, 1536→384 at 8×128 and 4×512 tokens) on each rung,
+# OpenVINO 2026.4, 2 threads, hint f32, AMD EPYC with AVX2 only (no VNNI / bf16): the median of the
+# four shapes' ratios (docs/openvino.md has the table).
 OPENVINO_INT8_FC = "every linear with an INT8 weight runs as an int8 FullyConnected in OpenVINO's runtime model"
+OPENVINO_INT8_WEIGHT_FC = ("every weight-only INT8 linear runs as a FullyConnected with its int8 weight compressed "
+                           "(a float activation) in OpenVINO's runtime model")
+_OPENVINO_SPEED = {"int8-static": 1.0, "int8-weight": 0.96}
 
 OPENVINO_CPU_INT8 = Profile(
     runtime="openvino-cpu",
     machine="x86-64 with AVX512-VNNI, AVX-VNNI or AMX (int8 brgemm); bf16 where AVX512-BF16 / AMX",
-    ladders=_freeze_ladders({"linear": ("int8-static", KEEP), "embedding": ("int8", KEEP)}),
+    ladders=_freeze_ladders({"linear": ("int8-static", "int8-weight", KEEP), "embedding": ("int8", KEEP)}),
     weight_layout="transposed",
     int8_weight_bits=8,
     uint8_activations=False,
     fuses_attention=True,  # the plugin fuses MatMul → Softmax → MatMul into its own attention subgraph
     onnx_opset=21,
-    graph_requirements=(OPENVINO_INT8_FC,),
+    graph_requirements=(OPENVINO_INT8_FC, OPENVINO_INT8_WEIGHT_FC),
+    speed=tuple(_OPENVINO_SPEED.items()),
 )

@@ -21,7 +21,7 @@ from typing import Any
 from surgeon.errors import SurgeonError
 
 __all__ = ["CONFIG_FILE", "EXTRA_HINT", "require_openvino", "precision_hint", "deploy_config", "read_config",
-           "compile_file", "feeds_for", "infer", "runtime_layers", "int8_layers"]
+           "compile_file", "feeds_for", "infer", "runtime_layers", "layer_kind", "int8_layers"]
 
 EXTRA_HINT = "pip install 'surgeon[openvino]'"
 CONFIG_FILE = "openvino_config.json"  # the compile properties beside model.xml (deploy config)
@@ -114,8 +114,8 @@ def infer(compiled: Any, feeds: dict[str, Any], request: Any = None) -> list[Any
 
 
 def runtime_layers(compiled: Any) -> list[dict[str, str]]:
-    """What the CPU plugin runs: per node of the runtime model its name, layer type and execution
-    precision (``rt_info`` ``layerType`` / ``runtimePrecision``)."""
+    """What the CPU plugin runs: per node of the runtime model its name, layer type, execution
+    precision (``rt_info`` ``layerType`` / ``runtimePrecision``) and its inputs' element types."""
     def get(info: Any, key: str) -> str:
         return str(info[key].astype(str)) if key in info else ""
 
@@ -123,17 +123,31 @@ def runtime_layers(compiled: Any) -> list[dict[str, str]]:
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         rows.append({"name": op.get_friendly_name(), "type": get(info, "layerType"),
-                     "precision": get(info, "runtimePrecision")})
+                     "precision": get(info, "runtimePrecision"),
+                     "inputs": [i.get_element_type().get_type_name() for i in op.inputs()]})
     return rows
 
 
+def layer_kind(row: dict[str, Any]) -> str:
+    """``int8`` (an int8 activation times an int8 weight), ``int8-weight`` (a float activation times a
+    compressed u8/i8 weight, dequantized in the kernel) or the float precision a layer runs in. The
+    plugin reports ``i8`` as the precision of both int8 kinds; the activation's type tells them apart."""
+    inputs = row.get("inputs") or []
+    if row["precision"] not in ("u8", "i8"):
+        return row["precision"] or "?"
+    return "int8-weight" if inputs and inputs[0] not in ("u8", "i8") else "int8"
+
+
 def int8_layers(compiled: Any) -> dict[str, Any]:
-    """How many FullyConnected / MatMul / Convolution layers run in int8 (u8/i8) and how many in float."""
+    """How many FullyConnected / MatMul / Convolution layers run in int8 (u8/i8 activation and weight),
+    how many with compressed int8 weights and a float activation, and how many in float."""
     counts: dict[str, dict[str, int]] = {}
     for row in runtime_layers(compiled):
         if row["type"] in ("FullyConnected", "MatMul", "Convolution"):
-            kind = "int8" if row["precision"] in ("u8", "i8") else (row["precision"] or "?")
+            kind = layer_kind(row)
             counts.setdefault(row["type"], {}).setdefault(kind, 0)
             counts[row["type"]][kind] += 1
     int8 = sum(c.get("int8", 0) for c in counts.values())
-    return {"layers": counts, "int8": int8, "float": sum(sum(c.values()) for c in counts.values()) - int8}
+    weight = sum(c.get("int8-weight", 0) for c in counts.values())
+    return {"layers": counts, "int8": int8, "int8_weight": weight,
+            "float": sum(sum(c.values()) for c in counts.values()) - int8 - weight}

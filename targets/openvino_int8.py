@@ -6,16 +6,19 @@ symmetric per-channel int8 weights, a calibrated per-tensor activation scale), t
 ``openvino.convert_model`` and written as IR (``save_model``, weights kept fp32 where they are
 float). OpenVINO turns each activation QuantizeLinear → DequantizeLinear pair into a FakeQuantize and
 each DequantizeLinear of an int8 weight into a compressed weight; its low-precision transformations
-then run the layer as an int8 FullyConnected (brgemm, VNNI / AMX) with the bias folded in. A
-*dynamic* quantization (DynamicQuantizeLinear + MatMulInteger, what onnx-int8 writes) is not turned
-into int8 there, so the profile's ladder has the static rung only. IR rather than the Q/DQ ONNX file:
+then run the layer as an int8 FullyConnected (brgemm, VNNI / AMX) with the bias folded in. A layer on
+the weight-only rung (``int8-weight``: DequantizeLinear of its int8 weight → MatMul, no activation
+Q/DQ) becomes a FullyConnected with a compressed i8 weight, dequantized in the kernel. A *dynamic*
+quantization (DynamicQuantizeLinear + MatMulInteger, what onnx-int8 writes) is not turned into int8
+there, so the profile's ladder is static → weight-only → keep. IR rather than the Q/DQ ONNX file:
 the two compile to the same runtime graph (same int8 layers, latency within noise, docs/openvino.md),
 IR loads without the ONNX frontend and is what OpenVINO's model server reads.
 
 Verification runs the IR in OpenVINO with the precision hint it is served with (``bf16`` on CPUs
 with bf16 arithmetic, else ``f32``: ``targets/_openvino_runtime.py``), against the torch module and
-the original; the figures also say how many layers the plugin runs in int8 (its runtime model's
-execution precisions). ``openvino`` is the optional extra ``surgeon[openvino]``, imported on first use.
+the original; the figures also say how many layers the plugin runs in int8 and with compressed int8
+weights (its runtime model's execution precisions and input types). ``openvino`` is the optional
+extra ``surgeon[openvino]``, imported on first use.
 """
 
 from __future__ import annotations
@@ -59,14 +62,19 @@ def save_ir(onnx_path: str | os.PathLike, xml_path: str | os.PathLike, config: d
         encoding="utf-8")
 
 
-def _int8_linears(module: Any) -> int:
+WEIGHT_RUNG = "int8-weight"  # linear-quant's weight-only INT8 rung (the profile's ladder names it)
+
+
+def _int8_linears(module: Any, *, weight_only: bool = False) -> int:
     """Linear / matmul layers of ``module`` that compute with an INT8 weight and activation (the passes'
-    ``QuantLinear`` on an int8 rung, rolled-back ones left out): each should be an int8 layer in OpenVINO."""
+    ``QuantLinear`` on an int8 rung, rolled-back ones left out): each should be an int8 layer in OpenVINO;
+    ``weight_only``: those on the weight-only rung instead, each a weight-compressed layer there."""
     import torch
 
     return sum(1 for _, m in module.named_modules()
                if type(m).__name__ == "QuantLinear" and getattr(m, "active", True)
-               and getattr(m, "dtype", None) == "int8" and isinstance(getattr(m, "qweight", None), torch.Tensor))
+               and getattr(m, "dtype", None) == "int8" and isinstance(getattr(m, "qweight", None), torch.Tensor)
+               and (getattr(m, "rung", None) == WEIGHT_RUNG) == weight_only)
 
 
 def _torch_outputs(module: Any, inputs: Any) -> list[Any]:
@@ -165,11 +173,14 @@ class OpenVINOTarget(Target):
             names = [o.get_any_name() for o in compiled.outputs]
             figures["cosine_by_output"] = cosine_by_output(names, got, orig, inputs)
         if self.quantized == "int8":
-            linears = _int8_linears(module)
-            figures["openvino_cpu"]["int8_linears_in_module"] = linears
-            met = linears > 0 and figures["openvino_cpu"]["int8"] >= linears
-            figures["graph_requirements"] = [{"requirement": r, "met": met} for r in self.profile.graph_requirements]
-            figures["graph_requirements_met"] = met
+            ov_cpu = figures["openvino_cpu"]
+            linears, weight_only = _int8_linears(module), _int8_linears(module, weight_only=True)
+            ov_cpu["int8_linears_in_module"], ov_cpu["int8_weight_linears_in_module"] = linears, weight_only
+            met = {_profile.OPENVINO_INT8_FC: linears + weight_only > 0 and ov_cpu["int8"] >= linears,
+                   _profile.OPENVINO_INT8_WEIGHT_FC: ov_cpu["int8_weight"] >= weight_only}
+            figures["graph_requirements"] = [{"requirement": r, "met": met.get(r, False)}
+                                             for r in self.profile.graph_requirements]
+            figures["graph_requirements_met"] = all(r["met"] for r in figures["graph_requirements"])
         return figures
 
     def baseline(self, original: Any, example_inputs: Any, path: str | os.PathLike) -> None:

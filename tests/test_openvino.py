@@ -80,13 +80,19 @@ def test_outdir_holds_the_ir_its_deploy_config_and_the_verdict_measured_with_it(
 
 @needs_openvino
 def test_the_plugin_runs_every_quantized_linear_in_int8(ov_out: Path) -> None:
-    from surgeon.targets._openvino_runtime import compile_file, runtime_layers
+    from surgeon.targets._openvino_runtime import compile_file, layer_kind, runtime_layers
 
     rep = json.loads((ov_out / "report.json").read_text())
-    expected = rep["targets"]["openvino-int8"]["openvino_cpu"]["int8_linears_in_module"]
+    ov_cpu = rep["targets"]["openvino-int8"]["openvino_cpu"]
     layers = runtime_layers(compile_file(ov_out / "model.xml"))
     fc = [row for row in layers if row["type"] == "FullyConnected"]
-    assert len([r for r in fc if r["precision"] in ("u8", "i8")]) == expected == len(fc), fc
+    # static sites as int8 layers, weight-only sites with compressed int8 weights, as the report says
+    rungs = [s["rung"] for s in rep["sites"] if s["kind"] == "linear" and s["status"] == "applied"]
+    in_module = (ov_cpu["int8_linears_in_module"], ov_cpu["int8_weight_linears_in_module"])
+    assert in_module == (rungs.count("int8-static"), rungs.count("int8-weight"))
+    kinds = [layer_kind(r) for r in fc]
+    assert (kinds.count("int8"), kinds.count("int8-weight")) == in_module
+    assert len(rungs) == len(fc), fc
     # the original, converted the same way, runs them in the float precision of the deploy config
     plain = runtime_layers(compile_file(ov_out / "bench" / "original.xml"))
     hint = json.loads((ov_out / "openvino_config.json").read_text())["compile_properties"]["INFERENCE_PRECISION_HINT"]
@@ -163,3 +169,99 @@ def test_without_openvino_one_line_names_the_extra(tmp_path: Path, capsys: pytes
     assert errors == ["surgeon: error: the openvino targets need OpenVINO, which is not installed: "
                       "pip install 'surgeon[openvino]'"], err
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+# -- the weight-only rung (int8-weight): static int8 → weight-only int8 → keep ------------------------
+class OutlierBlock(torch.nn.Module):
+    """Two linears; ``down``'s input is 1000× larger on the few tokens whose first feature is over 2 (a
+    "massive activation", as on BERT's [SEP]), its output scaled back. The per-tensor int8 activation
+    scale then leaves the other tokens under one level: static int8 misses there, and SmoothQuant, per
+    channel, cannot move a per-token range into the weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        massive = 1.0 + 999.0 * (x[..., :1] > 2.0).float()
+        return self.down(torch.relu(self.up(x)) * massive) / massive
+
+
+def _batches(n: int, seed: int, shape: tuple[int, int] = (4, 16)) -> list[tuple[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, 64, generator=g),) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def outlier_guarded() -> tuple:
+    """OutlierBlock through linear-quant{dtype=int8} with the openvino-int8 profile, fitted and guarded."""
+    import copy
+
+    from surgeon.calibration import calibrate
+    from surgeon.capture import capture
+    from surgeon.pass_manager import PassContext, PassManager
+    from surgeon.profile import OPENVINO_CPU_INT8
+    from surgeon.tolerance import Tolerance
+    from surgeon.verify import guard
+
+    gm0 = capture(OutlierBlock().eval(), _batches(1, 0)[0]).gm
+    manager = PassManager("linear-quant{dtype=int8}")
+    gm, ctx, _ = manager.run(copy.deepcopy(gm0), PassContext(profile=OPENVINO_CPU_INT8))
+    fit = _batches(8, 1)
+    calibrate(gm, fit, progress=False)
+    for p in manager.passes:
+        p.fit(gm, ctx, fit)
+    res = guard(gm0, gm, list(ctx.records.values()), _batches(4, 2), Tolerance(cosine_mean=0.999))
+    return gm0, gm, res
+
+
+def test_a_site_that_misses_on_static_int8_lands_on_weight_only_not_keep(outlier_guarded: tuple) -> None:
+    _, gm, res = outlier_guarded
+    by_module = {c.record.module: c for c in res.sites}
+    assert by_module["up"].ladder == ("int8-static", "int8-weight", "keep")  # the profile's ladder
+    assert res.met and res.rungs == {"linear:up:linear": "int8-static", "linear:down:linear_1": "int8-weight"}, res.rungs
+    down = by_module["down"]
+    assert down.status == "applied" and down.reason.startswith("int8-static → int8-weight")
+    # the static rung alone breaks the tolerance; the weight-only rung alone does not
+    assert down.solo_rungs["int8-static"].cosine_mean < 0.999 <= down.solo_rungs["int8-weight"].cosine_mean
+
+
+def _ir(gm: torch.nn.Module, path: Path) -> Any:
+    from surgeon.targets import get_target
+    from surgeon.targets._openvino_runtime import compile_file, deploy_config
+    from surgeon.targets.onnx import export_onnx
+    from surgeon.targets.openvino_int8 import save_ir
+
+    export_onnx(gm, _batches(1, 0)[0], path.with_suffix(".onnx"), opset=get_target("openvino-int8").opset)
+    save_ir(path.with_suffix(".onnx"), path, deploy_config("f32"))
+    return compile_file(path)
+
+
+@needs_openvino
+def test_a_weight_only_site_runs_compressed_and_matches_its_torch_simulation(outlier_guarded: tuple, tmp_path: Path) -> None:
+    import copy
+
+    import numpy as np
+
+    from surgeon.targets._openvino_runtime import infer, int8_layers, runtime_layers
+
+    _, gm, _ = outlier_guarded
+    compiled = _ir(gm, tmp_path / "guarded.xml")
+    # up: int8 activation × int8 weight; down: float activation × compressed i8 weight (no f32 copy)
+    fc = [r for r in runtime_layers(compiled) if r["type"] == "FullyConnected"]
+    assert sorted((r["precision"], r["inputs"][0], r["inputs"][1]) for r in fc) == [("i8", "f32", "i8"), ("i8", "i8", "i8")], fc
+    assert (int8_layers(compiled)["int8"], int8_layers(compiled)["int8_weight"], int8_layers(compiled)["float"]) == (1, 1, 0)
+    # the weight-only site alone (up kept exact): OpenVINO computes f32(q)·s and a float product, as
+    # torch does, at a batch and length the export did not see; only the summation order differs
+    alone = copy.deepcopy(gm)
+    for m in alone.modules():
+        if type(m).__name__ == "QuantLinear" and m.rung == "int8-static":
+            m.active = False
+    compiled = _ir(alone, tmp_path / "alone.xml")
+    assert int8_layers(compiled)["int8_weight"] == 1 and int8_layers(compiled)["int8"] == 0
+    x = _batches(1, 3, (3, 40))[0][0]
+    got = infer(compiled, {compiled.inputs[0].get_any_name(): x.numpy()})[0]
+    with torch.no_grad():
+        want = alone(x).numpy()
+    assert np.abs(got - want).max() <= 1e-5, np.abs(got - want).max()  # outputs ~1: float rounding only
