@@ -30,7 +30,7 @@ class LoadedSeq2Seq:
     notes: list[str] = field(default_factory=list)
 
 
-def check_seq2seq_dir(source: str) -> tuple[Any, type]:
+def check_seq2seq_dir(source: str) -> tuple[Any, Any]:
     """The config and model class of ``source`` if ``onnx-seq2seq`` can handle it; else a one-line
     ``SurgeonError`` naming what is missing. Reads config.json only (no weight, no tokenizer)."""
     path = Path(source)
@@ -47,8 +47,9 @@ def check_seq2seq_dir(source: str) -> tuple[Any, type]:
     if not getattr(config, "is_encoder_decoder", False):
         raise SurgeonError(f"'{source}' is not an encoder-decoder ({arch}): {_HOW}; a causal LM takes "
                            "--target onnx-decoder, an encoder-only model the module targets (onnx, onnx-int8, …)")
-    cls = getattr(transformers, arch, None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) and cls.can_generate()):
+    found = getattr(transformers, arch, None)
+    cls: Any = found if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel) else None
+    if cls is None or not cls.can_generate():
         raise SurgeonError(f"'{source}' is an encoder-decoder without a generative head ({arch}): {_HOW}, whose "
                            "decoder ends in logits over the vocabulary")
     if cls.main_input_name != "input_ids":

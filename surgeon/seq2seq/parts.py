@@ -61,6 +61,7 @@ def _layer_class() -> type:
         def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
             super().__init__()
             self.keys, self.values = keys, values
+            self.k, self.v = keys, values  # typed copies (DynamicLayer's may be None)
             self.heads = int(keys.shape[1])
             self.is_initialized = True
             self.dtype, self.device = keys.dtype, keys.device
@@ -70,12 +71,13 @@ def _layer_class() -> type:
             def fix(t: torch.Tensor) -> torch.Tensor:
                 return t.reshape(t.shape[0], self.heads, t.shape[2], t.shape[3])
 
-            self.keys = torch.cat([self.keys, fix(key_states)], dim=-2)
-            self.values = torch.cat([self.values, fix(value_states)], dim=-2)
-            return self.keys, self.values
+            keys, values = torch.cat([self.k, fix(key_states)], dim=-2), torch.cat([self.v, fix(value_states)], dim=-2)
+            self.k, self.v = keys, values
+            self.keys, self.values = keys, values
+            return keys, values
 
         def get_seq_length(self) -> int:
-            return self.keys.shape[-2]  # no int(): a SymInt keeps the past length dynamic when captured
+            return self.k.shape[-2]  # no int(): a SymInt keeps the past length dynamic when captured
 
     return PastLayer
 
@@ -137,7 +139,8 @@ class DecoderWithPast(nn.Module):
         self.model = model
         self.layers = layers
         self._kw = _cache_kw(model)
-        self.hidden_size = int(model.config.d_model)  # type: ignore[union-attr]
+        config: Any = model.config
+        self.hidden_size = int(config.d_model)
 
     def forward(self, input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:

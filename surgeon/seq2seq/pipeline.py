@@ -26,7 +26,6 @@ from ..version import __version__
 from .check import VERIFY_NEW_TOKENS, verify_files
 from .export import FILES
 from .load import check_seq2seq_dir, load_seq2seq
-from .parts import DecoderFirst
 from .readme import seq2seq_readme
 from .runner import GreedyConfig, Seq2SeqRunner
 
@@ -83,15 +82,20 @@ def optimize_seq2seq(source: str, out: str | os.PathLike, *, passes: str | Seque
     with timings.stage("load"):
         check_seq2seq_dir(source)  # config only: the refusals come before any weight is read
         loaded = load_seq2seq(source)
-    model, tok = loaded.model, loaded.tokenizer
+    model: Any = loaded.model  # a transformers PreTrainedModel
+    tok = loaded.tokenizer
     cfg = greedy_config(model)
     lines = _prompt_lines(calib)
-    prompts = [list(tok(s, truncation=True, max_length=n)["input_ids"]) for s, n in zip(lines, PROMPT_TOKENS)]
+    # cut by hand, keeping the closing special token: truncation=True would set a fast tokenizer's truncation
+    # state, which save_pretrained writes into OUTDIR/tokenizer.json
+    prompts = [(ids[:n - 1] + ids[-1:]) if len(ids) > n else ids
+               for ids, n in ((list(tok(s)["input_ids"]), n) for s, n in zip(lines, PROMPT_TOKENS))]
     vocab = int(model.config.vocab_size)
-    with torch.no_grad():
-        ids = torch.tensor([[cfg.decoder_start_token_id]])
-        hidden = torch.zeros(1, 2, int(model.config.d_model))
-        layers = (len(DecoderFirst(model, 0)(ids, hidden, torch.ones(1, 2, dtype=torch.long))) - 1) // 4
+    with torch.no_grad():  # the decoder's layer count as its cache sees it (configs name it differently)
+        ids = torch.tensor([[cfg.decoder_start_token_id, cfg.decoder_start_token_id]])
+        out_ = model(input_ids=ids, decoder_input_ids=ids, use_cache=True)
+        cache = out_["cache"] if "cache" in out_ else out_["past_key_values"]  # (transformers 5.24 renamed it)
+        layers = len(cache.self_attention_cache.layers)
     report: dict[str, Any] = {
         "schema": SEQ2SEQ_SCHEMA, "surgeon_version": __version__,
         "model": {"source": loaded.source, "class": type(model).__name__, "decoder_layers": layers, "vocab": vocab,

@@ -14,6 +14,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+PROMPT = "translate this"
+MAX_NEW_TOKENS = 32
 so = ort.SessionOptions()
 enc, dec, dec_past = (ort.InferenceSession(f, so, providers=["CPUExecutionProvider"]) for f in
                       ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"))
@@ -31,6 +33,8 @@ for step in range(MAX_NEW_TOKENS):
     nxt = int(out[0][0, -1].argmax())
     if step == 0 and cfg.get("forced_bos_token_id") is not None:
         nxt = cfg["forced_bos_token_id"]
+    if step == MAX_NEW_TOKENS - 1 and cfg.get("forced_eos_token_id") is not None:
+        nxt = cfg["forced_eos_token_id"]  # as transformers' generate ends a sequence cut at the length limit
     tokens.append(nxt)
     if nxt == cfg.get("eos_token_id"):
         break
@@ -55,8 +59,7 @@ def seq2seq_readme(specs: dict[str, dict[str, Any]], *, layers: int, title: str)
         if layers > 1:
             lines.append(f"| … | (every layer 0 … {layers - 1}) | | |")
         lines.append("")
-    snippet = GREEDY_SNIPPET.replace("PROMPT", '"translate this"').replace("MAX_NEW_TOKENS", "32")
     lines += ["`surgeon generate OUTDIR --prompt \"…\"` runs them; greedy decoding with onnxruntime, numpy and "
               "tokenizers only (where `tokenizer.json` is written; `greedy_config.json` holds the ids transformers' "
-              "generate uses):", "", "```python", snippet.rstrip("\n"), "```", ""]
+              "generate uses):", "", "```python", GREEDY_SNIPPET.rstrip("\n"), "```", ""]
     return "\n".join(lines)
