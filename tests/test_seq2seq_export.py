@@ -170,6 +170,14 @@ def _whisper(path: Path) -> Path:
     return path
 
 
+def _bart_base(path: Path) -> Path:
+    cfg = transformers.BartConfig(vocab_size=len(WORDS), d_model=32, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=64, architectures=["BartModel"])
+    transformers.BartModel(cfg).save_pretrained(path)
+    return path
+
+
 def _marian_no_tokenizer(path: Path) -> Path:
     cfg = transformers.MarianConfig(vocab_size=len(WORDS), d_model=32, encoder_layers=1, decoder_layers=1,
                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
@@ -190,6 +198,9 @@ REFUSALS = [
                    "--target onnx-seq2seq exports text encoder-decoders (BART, T5, Marian …ForConditionalGeneration) "
                    "whose encoder takes input_ids; an audio or image encoder-decoder is not supported yet (export its "
                    "encoder alone: a factory returning model.get_encoder())"),
+    (_bart_base, [], "'{d}' is an encoder-decoder without a generative head (BartModel): --target onnx-seq2seq exports "
+                     "text encoder-decoders (BART, T5, Marian …ForConditionalGeneration), whose decoder ends in logits "
+                     "over the vocabulary"),
     (_marian_no_tokenizer, [], "Hugging Face model directory '{d}' has no tokenizer files (tokenizer.json, vocab.txt, "
                                "...): a text model needs its tokenizer for example inputs"),
     (lambda p: _bart(p, _tokenizer()), ["--passes", "linear-quant"],
@@ -199,8 +210,8 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("build, extra, message", REFUSALS, ids=["gpt2", "bert", "whisper", "marian-no-tokenizer",
-                                                                 "passes", "task"])
+@pytest.mark.parametrize("build, extra, message", REFUSALS, ids=["gpt2", "bert", "whisper", "bart-base",
+                                                                 "marian-no-tokenizer", "passes", "task"])
 def test_what_onnx_seq2seq_cannot_handle_is_refused_early_in_one_line(build: Any, extra: list[str], message: str,
                                                                       tmp_path: Path, capsys: Any,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
