@@ -96,6 +96,16 @@ def test_files_have_optimums_names_and_greedy_equals_transformers(outdir: tuple[
         f"past_key_values.{i}.{p}.{kv}" for i in range(2) for p in ("decoder", "encoder") for kv in ("key", "value")]
     assert names["decoder_with_past_model.onnx"][1] == ["logits"] + [f"present.{i}.decoder.{kv}" for i in range(2)
                                                                     for kv in ("key", "value")]
+    # Optimum's axis names; the encoder's and the decoder's lengths never share one (ORT reads equal names as equal sizes)
+    past = ort.InferenceSession(str(out / "decoder_with_past_model.onnx"), providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in past.get_inputs()} | {o.name: o.shape for o in past.get_outputs()}
+    assert shapes["input_ids"] == ["batch", "decoder_sequence_length"]
+    assert shapes["encoder_attention_mask"] == ["batch", "encoder_sequence_length"]
+    assert shapes["past_key_values.0.decoder.key"][::2] == ["batch", "past_decoder_sequence_length"]
+    assert shapes["past_key_values.0.encoder.key"][::2] == ["batch", "encoder_sequence_length"]
+    assert shapes["present.0.decoder.key"][::2] == ["batch", "past_decoder_sequence_length + decoder_sequence_length"]
+    enc = ort.InferenceSession(str(out / "encoder_model.onnx"), providers=["CPUExecutionProvider"])
+    assert enc.get_inputs()[0].shape == ["batch", "encoder_sequence_length"]
     report = json.loads((out / "report.json").read_text())
     v = report["verification"]
     assert v["ok"] and v["greedy"]["identical_to_transformers_generate"], v

@@ -42,6 +42,38 @@ def capture(part: nn.Module, example: tuple[torch.Tensor, ...], dims: Any, what:
     return gm
 
 
+_SRC, _TGT, _PAST = "encoder_sequence_length", "decoder_sequence_length", "past_decoder_sequence_length"
+
+
+def _axis_names(name: str, file: str) -> list[str | None]:
+    """Optimum's axis names for a tensor of ``file`` (None: a static axis, left alone)."""
+    if name.startswith(("past_key_values.", "present.")):
+        if ".encoder." in name:
+            length = _SRC
+        elif name.startswith("past_key_values."):
+            length = _PAST
+        else:
+            length = f"{_PAST} + {_TGT}" if file == DECODER_WITH_PAST_FILE else _TGT
+        return ["batch", None, length, None]
+    if file == ENCODER_FILE or name.startswith("encoder_"):
+        return ["batch", _SRC, None]
+    return ["batch", _TGT, None]  # the decoder's input_ids and logits
+
+
+def name_axes(path: Path) -> None:
+    """Give the dynamic axes of the file's inputs and outputs Optimum's names: the exporter names them
+    after its own symbols, and two axes of one name (the encoder's and the decoder's lengths were both
+    ``sequence``) tell onnxruntime they are equal."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for vi in list(model.graph.input) + list(model.graph.output):
+        for d, n in zip(vi.type.tensor_type.shape.dim, _axis_names(vi.name, path.name)):
+            if n is not None and d.dim_param:
+                d.dim_param = n
+    onnx.save_model(model, str(path))
+
+
 def _examples(model: nn.Module, layers: int, vocab: int) -> tuple[tuple[torch.Tensor, ...], ...]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (2, 7), generator=g)
@@ -81,5 +113,6 @@ def export_parts(model: nn.Module, layers: int, vocab: int, outdir: str | os.Pat
         path = Path(outdir) / name
         flat = tuple(d for group in dims for d in (group if isinstance(group, tuple) else (group,)))
         export_onnx(gm, example, path, dynamic_shapes=flat, input_names=ins, output_names=outs, opset=opset)
+        name_axes(path)
         out[name] = path
     return out
