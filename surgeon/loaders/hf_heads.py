@@ -148,6 +148,11 @@ def refuse_encoder_decoder_optimize(source: str, path: Path, task: str | None = 
     arch = (getattr(config, "architectures", None) or [""])[0] or type(config).__name__
     if task is None and arch.endswith("EncoderModel"):
         return
+    cls = getattr(transformers, arch, None)
+    if getattr(cls, "main_input_name", "input_ids") != "input_ids":  # Whisper: onnx-seq2seq refuses it too
+        raise SurgeonError(f"'{source}' is an encoder-decoder ({arch}): this target writes one encoder-style file; "
+                           f"export its encoder alone (a factory returning model.get_encoder()); --target onnx-seq2seq "
+                           f"takes text encoder-decoders only (its encoder takes {cls.main_input_name})")
     raise SurgeonError(f"'{source}' is an encoder-decoder ({arch}): this target writes one encoder-style file; "
                        f"--target onnx-seq2seq writes encoder + decoder-with-cache files (or export the encoder "
                        f"alone: a T5EncoderModel directory / a factory returning model.get_encoder())")
