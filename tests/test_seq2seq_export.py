@@ -247,3 +247,17 @@ def test_generate_refuses_an_incomplete_seq2seq_outdir(tmp_path: Path, capsys: A
     assert f"surgeon: error: '{tmp_path}' is not a complete seq2seq OUTDIR: no decoder_model.onnx, " \
            "decoder_with_past_model.onnx, greedy_config.json (write one with surgeon optimize DIR --target " \
            "onnx-seq2seq -o OUTDIR)" in err.splitlines()
+
+
+def test_a_verification_miss_is_exit_3_naming_what_missed() -> None:
+    from surgeon.seq2seq.pipeline import seq2seq_verdict
+
+    ok = {"ok": True, "within_atol": True, "atol": 1e-3, "max_abs_diff": {"decoder_logits": 1e-6},
+          "greedy": {"identical_to_transformers_generate": True, "prompts": 3, "rows_identical": 3}}
+    assert seq2seq_verdict(ok)["exit_code"] == 0
+    bad = {**ok, "ok": False, "within_atol": False, "max_abs_diff": {"decoder_logits": 0.5},
+           "greedy": {"identical_to_transformers_generate": False, "prompts": 3, "rows_identical": 2}}
+    v = seq2seq_verdict(bad)
+    assert (v["status"], v["exit_code"]) == ("not_met", 3)
+    assert v["message"] == ("verification missed: max |Δ| 0.5 > 0.001; greedy tokens differ from transformers' "
+                            "generate in 1 of 3 prompts")

@@ -29,7 +29,7 @@ from .load import check_seq2seq_dir, load_seq2seq
 from .readme import seq2seq_readme
 from .runner import GreedyConfig, Seq2SeqRunner
 
-__all__ = ["SEQ2SEQ_SCHEMA", "optimize_seq2seq"]
+__all__ = ["SEQ2SEQ_SCHEMA", "optimize_seq2seq", "seq2seq_verdict"]
 
 SEQ2SEQ_SCHEMA = "surgeon.seq2seq/1"
 PROMPT_TOKENS = (12, 9, 6)  # three held-out prompts of different lengths: one padded batch of 3
@@ -114,7 +114,7 @@ def optimize_seq2seq(source: str, out: str | os.PathLike, *, passes: str | Seque
             runner = Seq2SeqRunner.open(partial)
             report["verification"] = verify_files(runner, model, layers, vocab, prompts, cfg, VERIFY_NEW_TOKENS)
         _write_files(partial, model, tok, report, layers, title=Path(loaded.source).name)
-        report["verdict"] = _verdict(report["verification"])
+        report["verdict"] = seq2seq_verdict(report["verification"])
         timings["total"] = timings.elapsed()
         report["timings_s"] = timings.rounded()
         write_json(report, partial / "report.json")
@@ -124,7 +124,9 @@ def optimize_seq2seq(source: str, out: str | os.PathLike, *, passes: str | Seque
     return report
 
 
-def _verdict(v: dict[str, Any]) -> dict[str, Any]:
+def seq2seq_verdict(v: dict[str, Any]) -> dict[str, Any]:
+    """report.json's ``verdict`` from ``verification``: exit 0 when every figure holds, else 3 (the files
+    are still written, as for every target) with what missed."""
     if v["ok"]:
         return {"status": "met", "exit_code": 0, "message": "every file within its tolerance, greedy tokens identical"}
     why = []
