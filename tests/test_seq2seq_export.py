@@ -261,3 +261,18 @@ def test_a_verification_miss_is_exit_3_naming_what_missed() -> None:
     assert (v["status"], v["exit_code"]) == ("not_met", 3)
     assert v["message"] == ("verification missed: max |Δ| 0.5 > 0.001; greedy tokens differ from transformers' "
                             "generate in 1 of 3 prompts")
+
+
+def test_a_failing_reference_generate_is_one_line() -> None:
+    """T5 with fewer encoder than decoder layers: transformers' generate sizes its cache by the encoder's
+    count and fails (IndexError); the files cannot be verified, said in one line (nothing is written)."""
+    from surgeon.errors import SurgeonError
+    from surgeon.seq2seq.check import reference_greedy
+    from surgeon.seq2seq.runner import GreedyConfig
+
+    cfg = transformers.T5Config(vocab_size=len(WORDS), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=2,
+                                num_heads=2, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    with pytest.raises(SurgeonError, match=r"^transformers' generate failed on T5ForConditionalGeneration \(IndexError: "
+                                           r".*\): the greedy reference the files are verified against cannot be computed$"):
+        reference_greedy(model, [[5, 6, 7, 3]], 4, GreedyConfig(0, 3, 0))

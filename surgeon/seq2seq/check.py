@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import SurgeonError, first_line
 from .parts import DecoderFirst, DecoderWithPast, EncoderPart
 from .runner import GreedyConfig, Seq2SeqRunner, pad_right
 
@@ -32,14 +33,18 @@ def reference_greedy(model: nn.Module, token_lists: Sequence[Sequence[int]], max
     """transformers' greedy ``generate`` on the same padded batch, without the decoder start token; the
     logits processors the ORT loop does not apply are switched off (``surgeon.seq2seq.runner``)."""
     ids, mask = pad_right(token_lists, cfg.pad_token_id)
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),  # type: ignore[operator]
-                             do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, min_length=0,
-                             min_new_tokens=None, no_repeat_ngram_size=0, repetition_penalty=1.0,
-                             encoder_no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None,
-                             begin_suppress_tokens=None, forced_bos_token_id=cfg.forced_bos_token_id,
-                             forced_eos_token_id=cfg.forced_eos_token_id, decoder_start_token_id=cfg.decoder_start_token_id,
-                             pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id)
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),  # type: ignore[operator]
+                                 do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, min_length=0,
+                                 min_new_tokens=None, no_repeat_ngram_size=0, repetition_penalty=1.0,
+                                 encoder_no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None,
+                                 begin_suppress_tokens=None, forced_bos_token_id=cfg.forced_bos_token_id,
+                                 forced_eos_token_id=cfg.forced_eos_token_id, decoder_start_token_id=cfg.decoder_start_token_id,
+                                 pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id)
+    except Exception as exc:  # noqa: BLE001 - the reference is transformers' own code; its failure is named
+        raise SurgeonError(f"transformers' generate failed on {type(model).__name__} ({first_line(exc)}): the greedy "
+                           "reference the files are verified against cannot be computed") from exc
     rows = [list(map(int, r[1:])) for r in out]
     # generate stops when every row is done; pad to the ORT loop's width the same way
     width = max(len(r) for r in rows)
