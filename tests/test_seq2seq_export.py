@@ -136,6 +136,14 @@ def test_surgeon_generate_prints_transformers_text(outdir: tuple[Path, Path], ca
     assert [r["output"] for r in results] == texts
     code, plain, _ = run_cli(argv, capsys)  # without --json: one line per prompt
     assert code == 0 and plain.splitlines() == [" ".join(t.split("\n")) for t in texts]
+    if "bart" in str(model_dir):  # learned positions (64): refused in one line, not in ORT
+        code, _, err = run_cli(["generate", str(out), "--prompt", "x " * 100], capsys)
+        assert code == 2 and "surgeon: error: prompt 1 has 102 tokens, more than the model's 64 positions" in err, err
+        code, _, err = run_cli(["generate", str(out), "--prompt", "x", "--max-new-tokens", "64"], capsys)
+        assert code == 2 and ("surgeon: error: --max-new-tokens 64 leaves no room in the model's 64 positions (the "
+                              "decoder start token takes one)") in err, err
+    code, _, err = run_cli(["generate", str(out), "--prompt", "x", "--sample"], capsys)
+    assert code == 2 and "surgeon: error: --sample is not supported on a seq2seq OUTDIR yet (greedy decoding only)" in err
 
 
 @pytest.mark.slow

@@ -62,6 +62,23 @@ def is_seq2seq_outdir(outdir: str) -> bool:
     return (Path(outdir) / "encoder_model.onnx").is_file()
 
 
+def _check_positions(out: Path, token_lists: list[Any], max_new_tokens: int) -> None:
+    """Refuse what would index past learned position embeddings (BART, Marian: ``max_position_embeddings``;
+    T5's relative positions have no such limit) in one line, not in an ORT Gather error."""
+    try:
+        limit = json.loads((out / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return
+    if not isinstance(limit, int):
+        return
+    for i, ids in enumerate(token_lists, 1):
+        if len(ids) > limit:
+            raise SurgeonError(f"prompt {i} has {len(ids)} tokens, more than the model's {limit} positions")
+    if max_new_tokens + 1 > limit:
+        raise SurgeonError(f"--max-new-tokens {max_new_tokens} leaves no room in the model's {limit} positions "
+                           "(the decoder start token takes one)")
+
+
 def run_seq2seq_generate_cli(args: Any) -> int:
     """``surgeon generate OUTDIR --prompt … [--max-new-tokens N] [--json]`` on a seq2seq OUTDIR (greedy;
     onnxruntime, numpy and the tokenizer only)."""
@@ -80,8 +97,10 @@ def run_seq2seq_generate_cli(args: Any) -> int:
         raise SurgeonError("give at least one --prompt")
     cfg = GreedyConfig(**json.loads((out / "greedy_config.json").read_text(encoding="utf-8")))
     tok = load_tokenizer(out)
+    token_lists = [tok(p)["input_ids"] for p in prompts]
+    _check_positions(out, token_lists, args.max_new_tokens)
     runner = Seq2SeqRunner.open(out)
-    tokens = runner.greedy([tok(p)["input_ids"] for p in prompts], args.max_new_tokens, cfg)
+    tokens = runner.greedy(token_lists, args.max_new_tokens, cfg)
     texts = [tok.decode([t for t in row if t != cfg.pad_token_id], skip_special_tokens=True) for row in tokens]
     if getattr(args, "json", False):
         print(json.dumps({"results": [{"prompt": p, "output": t, "tokens": ids}
