@@ -225,11 +225,14 @@ REFUSALS = [
      "--target onnx-seq2seq runs no pass yet (it writes fp32 weights and guards no site): drop --passes 'linear-quant'"),
     (lambda p: _bart(p, _tokenizer()), ["--task", "fill-mask"],
      "--task does not apply to --target onnx-seq2seq: it loads the config's …ForConditionalGeneration class"),
+    (lambda p: _bart(p, _tokenizer()), ["--tolerance", "cosine_mean=0.99"],
+     "--tolerance does not apply to --target onnx-seq2seq yet: no pass runs, and the files are verified against fixed "
+     "figures (max |Δ| ≤ 1e-3, greedy tokens identical)"),
 ]
 
 
 @pytest.mark.parametrize("build, extra, message", REFUSALS, ids=["gpt2", "bert", "whisper", "bart-base",
-                                                                 "marian-no-tokenizer", "passes", "task"])
+                                                                 "marian-no-tokenizer", "passes", "task", "tolerance"])
 def test_what_onnx_seq2seq_cannot_handle_is_refused_early_in_one_line(build: Any, extra: list[str], message: str,
                                                                       tmp_path: Path, capsys: Any,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,10 @@ def _refuse_options(args: argparse.Namespace) -> None:
     if getattr(args, "task", None) is not None:
         raise SurgeonError(f"--task does not apply to --target {args.target}: it loads the config's "
                            "…ForConditionalGeneration class")
+    # what this variant would silently ignore: no pass runs, so there is no tolerance to guard sites with
+    if getattr(args, "tolerance", None) is not None:
+        raise SurgeonError(f"--tolerance does not apply to --target {args.target} yet: no pass runs, and the files "
+                           "are verified against fixed figures (max |Δ| ≤ 1e-3, greedy tokens identical)")
 
 
 def _run(args: argparse.Namespace, passes: Any) -> int:
