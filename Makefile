@@ -30,7 +30,7 @@ demo: $(STAMP)
 # Lint (ruff, rules in pyproject.toml) and a type check of the public API fail the run like a test.
 TYPED := surgeon/__init__.py surgeon/pipeline surgeon/profile.py surgeon/speed.py surgeon/verify.py surgeon/descent.py \
          surgeon/tolerance.py surgeon/metrics.py surgeon/tap.py surgeon/pass_manager.py surgeon/errors.py \
-         surgeon/inputs.py surgeon/registry.py surgeon/decoder
+         surgeon/inputs.py surgeon/registry.py surgeon/decoder surgeon/seq2seq
 
 # Two pytest workers (pytest-xdist): the tests run torch on one thread each (tests/conftest.py), so two
 # processes use both cores of a CI machine; a full run took 20 min this way on a loaded 2-core machine,

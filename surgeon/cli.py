@@ -61,6 +61,10 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from .seq2seq.cli import is_seq2seq_outdir, run_seq2seq_generate_cli
+
+    if is_seq2seq_outdir(args.outdir):  # an onnx-seq2seq OUTDIR (encoder + decoder files)
+        return run_seq2seq_generate_cli(args)
     from .decoder.generate_cli import run_generate_cli
 
     return run_generate_cli(args)
@@ -185,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing OUTDIR")
     p.set_defaults(handler=_cmd_export)
 
-    p = sub.add_parser("generate", help="generate text with a decoder OUTDIR (onnx-decoder) in onnxruntime")
-    p.add_argument("outdir", metavar="OUTDIR", help="a directory written by surgeon optimize --target onnx-decoder")
+    p = sub.add_parser("generate", help="generate text with a decoder (onnx-decoder) or seq2seq (onnx-seq2seq) OUTDIR in onnxruntime")
+    p.add_argument("outdir", metavar="OUTDIR", help="a directory written by surgeon optimize --target onnx-decoder or onnx-seq2seq")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch, left-padded)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (seeded)")

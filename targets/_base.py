@@ -14,8 +14,9 @@ __all__ = ["ModelKind", "Target", "batch_shapes", "quantized_dtypes"]
 #: The kind of model a target takes, which picks the pipeline's variant (its capture, data and
 #: metrics): ``"module"`` an encoder-style module (torch.export capture, batches, end-to-end cosines),
 #: ``"decoder"`` a causal LM's decode step with its key/value cache (``surgeon.decoder``: texts,
-#: perplexity and greedy agreement). An encoder-decoder kind would be a third.
-ModelKind = Literal["module", "decoder"]
+#: perplexity and greedy agreement), ``"encoder-decoder"`` a seq2seq model written as encoder + decoder
+#: + decoder-with-past files (``surgeon.seq2seq``: texts, greedy equality with transformers' generate).
+ModelKind = Literal["module", "decoder", "encoder-decoder"]
 
 
 @dataclass(frozen=True)

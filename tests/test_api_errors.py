@@ -197,7 +197,7 @@ def test_optimize_refuses_bad_options_in_one_line(mlp: tuple[nn.Module, tuple[to
             "pass 'attention-fp8': p_bits must be 8 (FP8 P) or 1 (binary P fitted per head), got 3")
     _raises(run(passes="linear-quant", tolerance=1.5), "tolerance cosine_mean=1.5 is not a cosine in [-1, 1]")
     _raises(run(passes="linear-quant", target="tflite"),  # 16
-            "unknown target 'tflite' (known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni, onnx-decoder, openvino-int8)")
+            "unknown target 'tflite' (known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni, onnx-decoder, onnx-seq2seq, openvino-int8)")
     monkeypatch.setenv("SURGEON_MEMORY_LIMIT", "lots")  # 20
     _raises(run(passes="linear-quant"), "SURGEON_MEMORY_LIMIT='lots' is not a size (bytes, or a number with K, M, G or T)")
     monkeypatch.setenv("SURGEON_MEMORY_LIMIT", "1K")  # 19
@@ -239,7 +239,7 @@ def test_save_refuses_bad_outdirs_in_one_line(result: surgeon.Result, workdir: P
     _raises(lambda: result.save("plain.txt/out", speed=False),  # 18
             f"cannot write output directory 'plain.txt/out': '{workdir.resolve() / 'plain.txt'}' is not a directory")
     _raises(lambda: result.save("new", target="tflite", speed=False),  # 16
-            "unknown target 'tflite' (known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni, onnx-decoder, openvino-int8)")
+            "unknown target 'tflite' (known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni, onnx-decoder, onnx-seq2seq, openvino-int8)")
     assert not (workdir / "new").exists()
 
 

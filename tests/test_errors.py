@@ -261,7 +261,7 @@ CASES = [
     Case("tolerance-out-of-range", OPT + ["--tolerance", "1.5"], "tolerance cosine_mean=1.5 is not a cosine in [-1, 1]",
          setup=_setup_calib("ok")),
     Case("unknown-target", ["export", "errfac:make", "-o", "out", "--target", "tflite"],
-         "unknown target 'tflite' (known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni, onnx-decoder, openvino-int8)"),
+         "unknown target 'tflite' (known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni, onnx-decoder, onnx-seq2seq, openvino-int8)"),
     Case("export-needs-pipeline", ["export", "errfac:make", "-o", "out", "--target", "onnx-int8"],
          "surgeon export writes the model unchanged; target onnx-int8 needs the verified pipeline: "
          "surgeon optimize MODEL --target onnx-int8 --calib FILE -o OUTDIR"),

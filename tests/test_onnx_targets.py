@@ -201,7 +201,7 @@ def test_unknown_target_is_refused() -> None:
     # the registry lists every target, torch first (the same message as surgeon optimize's)
     with pytest.raises(SurgeonError,
                        match=r"^unknown target 'onnx-int4' \(known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni, "
-                             r"onnx-decoder, openvino-int8\)$"):
+                             r"onnx-decoder, onnx-seq2seq, openvino-int8\)$"):
         check_target("onnx-int4")
 
 

@@ -43,7 +43,8 @@ def test_registered_targets_are_described() -> None:
 def test_check_target_message() -> None:
     with pytest.raises(SurgeonError) as info:
         check_target("nope")
-    assert str(info.value) == "unknown target 'nope' (known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni, onnx-decoder, openvino-int8)"
+    assert str(info.value) == ("unknown target 'nope' (known: torch, onnx, onnx-fp8, onnx-int8, onnx-int8-vnni, "
+                               "onnx-decoder, onnx-seq2seq, openvino-int8)")
     with pytest.raises(SurgeonError):
         get_target("nope")
 

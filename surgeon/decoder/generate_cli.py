@@ -17,7 +17,7 @@ from ..ort_options import FP8_DISABLED_OPTIMIZERS, FP8_SESSION_OPTION
 from .generate import OrtRunner, Sampling, generate, pad_and_eos
 from .light_tokenizer import light_tokenizer
 
-__all__ = ["FP8_DISABLED_OPTIMIZERS", "load_outdir", "run_generate_cli"]
+__all__ = ["FP8_DISABLED_OPTIMIZERS", "load_outdir", "load_tokenizer", "run_generate_cli"]
 
 
 _NOT_DECODER = ("'{outdir}' is not a decoder OUTDIR: its model.onnx has no past_key_values.<i>.key inputs (write one "
@@ -56,7 +56,7 @@ def _session(out: Path, path: Path, threads: int | None) -> Any:
                                 disabled_optimizers=list(FP8_DISABLED_OPTIMIZERS) if fp8 else None)
 
 
-def _tokenizer(out: Path) -> Any:
+def load_tokenizer(out: Path) -> Any:
     """``tokenizers`` alone where the OUTDIR's files allow it (``light_tokenizer``), else transformers'."""
     tok = light_tokenizer(out)
     if tok is not None:
@@ -88,7 +88,7 @@ def load_outdir(outdir: str | os.PathLike, *, threads: int | None = None) -> tup
         raise SurgeonError(_NOT_DECODER.format(outdir=outdir))
     if not (out / "tokenizer.json").is_file() and not (out / "tokenizer_config.json").is_file():
         raise SurgeonError(f"'{outdir}' has no tokenizer files (tokenizer.json): surgeon generate needs them")
-    return OrtRunner(session, str(path), max_positions=max_pos), _tokenizer(out)
+    return OrtRunner(session, str(path), max_positions=max_pos), load_tokenizer(out)
 
 
 def run_generate_cli(args: Any) -> int:

@@ -132,9 +132,10 @@ def refuse_encoder_decoder_optimize(source: str, path: Path, task: str | None = 
 
     Such a model runs both stacks in one forward: its example and calibration inputs need
     ``decoder_input_ids`` (a ``--calib`` text file gives none, so the run failed at reading the data),
-    and one file of it is no deployable seq2seq model (that is an encoder file plus a
-    decoder-with-cache file, not supported yet). ``…EncoderModel`` directories (T5EncoderModel) load
-    as the encoder alone and pass. ``surgeon analyze`` and the Python API do not call this."""
+    and one file of it is no deployable seq2seq model (that is an encoder file plus
+    decoder-with-cache files: ``--target onnx-seq2seq``, which the CLI dispatches before this check).
+    ``…EncoderModel`` directories (T5EncoderModel) load as the encoder alone and pass. ``surgeon analyze``
+    and the Python API do not call this."""
     if not (path.is_dir() and (path / "config.json").is_file()):
         return
     transformers = import_transformers()
@@ -147,6 +148,11 @@ def refuse_encoder_decoder_optimize(source: str, path: Path, task: str | None = 
     arch = (getattr(config, "architectures", None) or [""])[0] or type(config).__name__
     if task is None and arch.endswith("EncoderModel"):
         return
-    raise SurgeonError(f"'{source}' is an encoder-decoder ({arch}): surgeon optimize writes one encoder-style file; "
-                       f"export its encoder alone (a T5EncoderModel directory / a factory returning "
-                       f"model.get_encoder()) — encoder + decoder-with-cache files are not supported yet")
+    cls = getattr(transformers, arch, None)
+    if getattr(cls, "main_input_name", "input_ids") != "input_ids":  # Whisper: onnx-seq2seq refuses it too
+        raise SurgeonError(f"'{source}' is an encoder-decoder ({arch}): this target writes one encoder-style file; "
+                           f"export its encoder alone (a factory returning model.get_encoder()); --target onnx-seq2seq "
+                           f"takes text encoder-decoders only (its encoder takes {cls.main_input_name})")
+    raise SurgeonError(f"'{source}' is an encoder-decoder ({arch}): this target writes one encoder-style file; "
+                       f"--target onnx-seq2seq writes encoder + decoder-with-cache files (or export the encoder "
+                       f"alone: a T5EncoderModel directory / a factory returning model.get_encoder())")
